@@ -1,0 +1,395 @@
+"""An elastic BERT: one nn.Module that is both the SuperPLM and a stand-alone BERT (paper §2, §3.3-3.4).
+
+A sub-model is run by *slicing* the SuperPLM's parameters (§3.4): the first `layers` layers and the top-left
+("bottom-left" in the paper's figure) block of every weight, bias, LayerNorm and embedding. Attention is sliced
+by one of the two strategies of Figure 3:
+    mha="heads"  (b) keep the head width and take the first h heads: qkv = head_dim * h   (pre-training)
+    mha="dims"   (c) keep every head and take the first qkv/H dims inside each head         (distillation)
+`extract` copies those slices into a stand-alone Bert whose outputs equal the SuperPLM run at that arch.
+"""
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- architectures and search spaces
+
+
+@dataclass(frozen=True, order=True)
+class Arch:
+    """The paper's α = {Lt, dm, dq, dk, dv, df, do} with dq = dk = dv = qkv and do = hidden (§2, §3.3).
+
+    Written as in Table 4: layers-hidden-ffn-heads-qkv, e.g. 5-564-1054-8-512."""
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    qkv: int
+
+    def __post_init__(self):
+        for name in ("layers", "hidden", "ffn", "heads", "qkv"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"Arch {name} must be a positive integer, got {v!r}")
+        if self.qkv % self.heads:
+            raise ValueError(f"Arch qkv={self.qkv} is not divisible by heads={self.heads}")
+
+    @property
+    def head_dim(self):
+        return self.qkv // self.heads
+
+    @classmethod
+    def parse(cls, text):
+        parts = str(text).strip().split("-")
+        if len(parts) != 5:
+            raise ValueError(f"arch {text!r} must have 5 fields layers-hidden-ffn-heads-qkv, e.g. 5-564-1054-8-512")
+        values = []
+        for name, p in zip(("layers", "hidden", "ffn", "heads", "qkv"), parts):
+            if not p.isdigit():
+                raise ValueError(f"arch {text!r}: {name} must be a positive integer, got {p!r}")
+            values.append(int(p))
+        return cls(*values)
+
+    def __str__(self):
+        return f"{self.layers}-{self.hidden}-{self.ffn}-{self.heads}-{self.qkv}"
+
+    @classmethod
+    def default_rule(cls, layers, hidden, heads):
+        """BERT's default rule (§1): qkv = hidden, ffn = 4 * hidden."""
+        return cls(layers, hidden, 4 * hidden, heads, hidden)
+
+
+BERT_BASE = Arch(12, 768, 3072, 12, 768)
+SUPERPLM = Arch(8, 768, 3072, 12, 768)  # §3.4
+
+
+def grid(lo, hi, step):
+    return tuple(range(lo, hi + 1, step))
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The ranges of Appendix B, Table B.1. qkv=None ties qkv = head_dim * heads (the pre-training space)."""
+    layers: tuple
+    hidden: tuple
+    ffn: tuple
+    heads: tuple
+    qkv: tuple = None
+    head_dim: int = 64
+
+    DIMS = ("layers", "hidden", "ffn", "heads", "qkv")
+
+    def choices(self, dim):
+        if dim == "qkv" and self.qkv is None:
+            return tuple(self.head_dim * h for h in self.heads)
+        return getattr(self, dim)
+
+    def size(self):
+        n = len(self.layers) * len(self.hidden) * len(self.ffn) * len(self.heads)
+        return n if self.qkv is None else n * len(self.qkv)
+
+    def sample(self, rng: random.Random) -> Arch:
+        """Uniform in every dimension (§3.4: sampling uses the search space itself)."""
+        layers, hidden, ffn, heads = (rng.choice(getattr(self, d)) for d in self.DIMS[:4])
+        qkv = self.head_dim * heads if self.qkv is None else rng.choice(self.qkv)
+        return Arch(layers, hidden, ffn, heads, qkv)
+
+    def __contains__(self, arch):
+        tied = arch.qkv == self.head_dim * arch.heads if self.qkv is None else arch.qkv in self.qkv
+        return (arch.layers in self.layers and arch.hidden in self.hidden and arch.ffn in self.ffn
+                and arch.heads in self.heads and tied)
+
+    def largest(self) -> Arch:
+        """The SuperPLM that holds every architecture of this space."""
+        return Arch(max(self.layers), max(self.hidden), max(self.ffn), max(self.heads), max(self.choices("qkv")))
+
+    def smallest(self) -> Arch:
+        heads = min(self.heads)
+        qkv = self.head_dim * heads if self.qkv is None else min(self.qkv)
+        return Arch(min(self.layers), min(self.hidden), min(self.ffn), heads, qkv)
+
+
+# Table B.1. The paper says "about 46M and 10M"; the ranges give 11.4M (pre-training) and 47.5M (distillation).
+PRETRAIN_SPACE = SearchSpace(layers=grid(1, 8, 1), hidden=grid(128, 768, 4), ffn=grid(128, 3072, 4),
+                             heads=grid(1, 12, 1))
+KD_SPACE = SearchSpace(layers=grid(1, 8, 1), hidden=grid(128, 768, 4), ffn=grid(128, 3072, 4),
+                       heads=(12,), qkv=grid(180, 768, 12))
+
+# ----------------------------------------------------------------------------- the model
+
+
+def sub(p, *sizes):
+    """The leading block of a parameter: p[:a, :b]. All of §3.4's sub-matrix extraction goes through here."""
+    return p[tuple(slice(0, s) for s in sizes)]
+
+
+class Layer(nn.Module):
+    """One post-LayerNorm Transformer layer: MHA (Eq. 1-2) then a GELU feed-forward (Eq. 3)."""
+
+    def __init__(self, arch, eps, act):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(arch.hidden, arch.qkv) for _ in range(3))
+        self.o = nn.Linear(arch.qkv, arch.hidden)  # do = dm (residual)
+        self.ln1 = nn.LayerNorm(arch.hidden, eps=eps)
+        self.fc1 = nn.Linear(arch.hidden, arch.ffn)
+        self.fc2 = nn.Linear(arch.ffn, arch.hidden)
+        self.ln2 = nn.LayerNorm(arch.hidden, eps=eps)
+        self.act = act
+
+    def qkv_weights(self, lin, H, D, h, d, hidden):
+        """Rows of the first h heads and first d dims of each head, from a weight laid out as (H*D, hidden)."""
+        w = lin.weight.view(H, D, -1)[:h, :d, :hidden].reshape(h * d, hidden)  # a view when d == D
+        b = lin.bias.view(H, D)[:h, :d].reshape(h * d)
+        return w, b
+
+    def forward(self, x, mask, H, D, arch, d, dropout, return_scores=False):
+        B, T, C = x.shape  # C = arch.hidden
+        h = arch.heads
+        q, k, v = (F.linear(x, *self.qkv_weights(lin, H, D, h, d, C)).view(B, T, h, d).transpose(1, 2)
+                   for lin in (self.q, self.k, self.v))  # (B, h, T, d)
+        scores = None
+        if return_scores:  # the last layer's pre-softmax scores, kept for distillation (TinyBERT)
+            scores = q @ k.transpose(-2, -1) / math.sqrt(d)  # (B, h, T, T)
+            att = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+            att = F.dropout(att.softmax(-1), dropout, self.training)
+            y = att @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               dropout_p=dropout if self.training else 0.0)  # (B, h, T, d)
+        y = y.transpose(1, 2).reshape(B, T, h * d)
+        wo = self.o.weight.view(-1, H, D)[:C, :h, :d].reshape(C, h * d)  # columns matching the kept rows
+        y = F.linear(y, wo, sub(self.o.bias, C))
+        x = F.layer_norm(x + F.dropout(y, dropout, self.training), (C,), sub(self.ln1.weight, C),
+                         sub(self.ln1.bias, C), self.ln1.eps)
+        f = self.act(F.linear(x, sub(self.fc1.weight, arch.ffn, C), sub(self.fc1.bias, arch.ffn)))
+        f = F.linear(f, sub(self.fc2.weight, C, arch.ffn), sub(self.fc2.bias, C))
+        x = F.layer_norm(x + F.dropout(f, dropout, self.training), (C,), sub(self.ln2.weight, C),
+                         sub(self.ln2.bias, C), self.ln2.eps)
+        return x, scores
+
+
+ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+
+
+class Bert(nn.Module):
+    """BERT encoder + tied masked-LM head. Bert(arch) is a plain BERT; run with arch=<smaller> it is a SuperPLM."""
+
+    def __init__(self, arch, vocab_size=30522, mha="heads", max_position=512, type_vocab=2, eps=1e-12,
+                 act="gelu", dropout=0.1, embedding_size=None):
+        super().__init__()
+        if mha not in ("heads", "dims"):
+            raise ValueError(f"mha must be 'heads' or 'dims', got {mha!r}")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"activation {act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+        self.arch, self.mha, self.dropout = arch, mha, dropout
+        self.cfg = dict(arch=str(arch), vocab_size=vocab_size, mha=mha, max_position=max_position,
+                        type_vocab=type_vocab, eps=eps, act=act, dropout=dropout, embedding_size=embedding_size)
+        E = embedding_size or arch.hidden
+        self.word = nn.Embedding(vocab_size, E)
+        self.position = nn.Embedding(max_position, E)
+        self.token_type = nn.Embedding(type_vocab, E)
+        self.emb_ln = nn.LayerNorm(E, eps=eps)
+        self.emb_proj = nn.Linear(E, arch.hidden) if E != arch.hidden else None  # ELECTRA-small style
+        self.layers = nn.ModuleList(Layer(arch, eps, ACTIVATIONS[act]) for _ in range(arch.layers))
+        self.mlm_dense = nn.Linear(arch.hidden, arch.hidden)  # the MLM head; its decoder is tied to `word`
+        self.mlm_ln = nn.LayerNorm(arch.hidden, eps=eps)
+        self.mlm_bias = nn.Parameter(torch.zeros(vocab_size))
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        """BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm."""
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+    def config(self):
+        return dict(self.cfg)
+
+    @classmethod
+    def from_config(cls, cfg):
+        cfg = dict(cfg)
+        return cls(Arch.parse(cfg.pop("arch")), **cfg)
+
+    # -- elastic shapes
+
+    def check(self, arch):
+        """Raise ValueError unless `arch` is a sub-model of this one under its MHA strategy (Figure 3)."""
+        if arch is None:
+            return self.arch
+        A = self.arch
+        for name in ("layers", "hidden", "ffn"):
+            if getattr(arch, name) > getattr(A, name):
+                raise ValueError(f"arch {arch} does not fit in the SuperPLM {A}: {name} {getattr(arch, name)} "
+                                 f"> {getattr(A, name)}")
+        if self.emb_proj is not None and arch.hidden != A.hidden:
+            raise ValueError("a model with an embedding projection (ELECTRA-small style) is not elastic in hidden")
+        if self.mha == "heads" and (arch.head_dim != A.head_dim or arch.heads > A.heads):
+            raise ValueError(f"arch {arch} does not fit the 'heads' strategy of {A}: it keeps head width "
+                             f"{A.head_dim}, so qkv must be {A.head_dim}*heads with heads <= {A.heads}")
+        if self.mha == "dims" and (arch.heads != A.heads or arch.head_dim > A.head_dim):
+            raise ValueError(f"arch {arch} does not fit the 'dims' strategy of {A}: it keeps all {A.heads} heads, "
+                             f"so heads must be {A.heads} and qkv <= {A.qkv}")
+        return arch
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, arch=None, return_scores=False):
+        """Last hidden states (B, T, arch.hidden); with return_scores also the last layer's pre-softmax attention
+        scores (B, heads, T, T), without the padding mask."""
+        arch = self.check(arch)
+        B, T = input_ids.shape
+        C = arch.hidden if self.emb_proj is None else self.word.embedding_dim
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        pos = torch.arange(T, device=input_ids.device)
+        x = (F.embedding(input_ids, sub(self.word.weight, self.word.num_embeddings, C))
+             + F.embedding(pos, sub(self.position.weight, self.position.num_embeddings, C))
+             + F.embedding(token_type_ids, sub(self.token_type.weight, self.token_type.num_embeddings, C)))
+        x = F.layer_norm(x, (C,), sub(self.emb_ln.weight, C), sub(self.emb_ln.bias, C), self.emb_ln.eps)
+        x = F.dropout(x, self.dropout, self.training)  # (B, T, C)
+        if self.emb_proj is not None:
+            x = self.emb_proj(x)
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T) keys
+        H, D, d = self.arch.heads, self.arch.head_dim, arch.head_dim
+        scores = None
+        for i, layer in enumerate(self.layers[:arch.layers]):
+            x, scores = layer(x, mask, H, D, arch, d, self.dropout, return_scores and i == arch.layers - 1)
+        return (x, scores) if return_scores else x
+
+    def mlm_logits(self, hidden, arch=None):
+        """Masked-LM logits (..., vocab) of hidden states (..., arch.hidden); pass only the masked positions."""
+        C = self.check(arch).hidden
+        x = F.linear(hidden, sub(self.mlm_dense.weight, C, C), sub(self.mlm_dense.bias, C))
+        x = F.layer_norm(self.layers[0].act(x), (C,), sub(self.mlm_ln.weight, C), sub(self.mlm_ln.bias, C),
+                         self.mlm_ln.eps)
+        return F.linear(x, sub(self.word.weight, self.word.num_embeddings, C), self.mlm_bias)
+
+    # -- Hugging Face layout (paper Appendix A: `qkv_size` sets the Q/K/V width)
+
+    def hf_state_dict(self, prefix="bert."):
+        ours = self.state_dict()
+        out = {(hf if hf.startswith("cls.") else prefix + hf): ours[name]
+               for name, hf in _hf_names(self.arch.layers, self.emb_proj is not None)}
+        out["cls.predictions.decoder.weight"] = ours["word.weight"]
+        out["cls.predictions.decoder.bias"] = ours["mlm_bias"]
+        return out
+
+    def save_pretrained(self, folder):
+        """Write config.json + model.safetensors as transformers' BertForMaskedLM does."""
+        from safetensors.torch import save_file
+        from common import atomic_write, save_json
+        a, c = self.arch, self.cfg
+        config = dict(architectures=["BertForMaskedLM"], model_type="bert", vocab_size=c["vocab_size"],
+                      hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.heads,
+                      intermediate_size=a.ffn, hidden_act=c["act"], hidden_dropout_prob=c["dropout"],
+                      attention_probs_dropout_prob=c["dropout"], max_position_embeddings=c["max_position"],
+                      type_vocab_size=c["type_vocab"], layer_norm_eps=c["eps"], initializer_range=0.02,
+                      pad_token_id=0)
+        if a.qkv != a.hidden:
+            config["qkv_size"] = a.qkv
+        if c["embedding_size"]:
+            config["embedding_size"] = c["embedding_size"]
+        tensors = {k: v.detach().contiguous().clone() for k, v in self.hf_state_dict().items()
+                   if k != "cls.predictions.decoder.weight"}  # tied: safetensors stores no shared tensors
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(folder) / "model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+        save_json(config, Path(folder) / "config.json")
+
+    @classmethod
+    def from_pretrained(cls, folder, mha="heads", dropout=None):
+        """Load a BERT or ELECTRA(-discriminator) folder written by transformers, or by save_pretrained."""
+        config, state = read_pretrained(folder)
+        qkv = config.get("qkv_size") or config["hidden_size"]
+        arch = Arch(config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"],
+                    config["num_attention_heads"], qkv)
+        emb = config.get("embedding_size")
+        model = cls(arch, vocab_size=config["vocab_size"], mha=mha,
+                    max_position=config.get("max_position_embeddings", 512),
+                    type_vocab=config.get("type_vocab_size", 2), eps=config.get("layer_norm_eps", 1e-12),
+                    act=config.get("hidden_act", "gelu"),
+                    dropout=config.get("hidden_dropout_prob", 0.1) if dropout is None else dropout,
+                    embedding_size=emb if emb and emb != arch.hidden else None)
+        ours = {}
+        for name, hf in _hf_names(arch.layers, model.emb_proj is not None):
+            for key in (hf, "bert." + hf, "electra." + hf, hf.replace("weight", "gamma").replace("bias", "beta")):
+                if key in state:
+                    ours[name] = state[key]
+                    break
+        missing = [n for n in model.state_dict() if n not in ours and not n.startswith("mlm")]
+        if missing:
+            raise ValueError(f"{folder} is not a complete BERT/ELECTRA checkpoint: missing weights for {missing[:3]}")
+        model.load_state_dict(ours, strict=False)  # a discriminator has no MLM head: it keeps its fresh init
+        model.has_mlm_head = "mlm_dense.weight" in ours
+        return model
+
+
+def read_pretrained(folder):
+    """(config dict, state dict) of a Hugging Face BERT/ELECTRA folder; never unpickles code."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist: expected a folder with config.json and "
+                                "model.safetensors or pytorch_model.bin")
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} has no config.json: expected a Hugging Face BERT/ELECTRA folder")
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") not in ("bert", "electra"):
+        raise ValueError(f"{folder} holds a {config.get('model_type')!r} model: expected model_type 'bert' "
+                         "or 'electra'")
+    if (folder / "model.safetensors").exists():
+        from safetensors.torch import load_file
+        state = load_file(folder / "model.safetensors")
+    elif (folder / "pytorch_model.bin").exists():
+        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin")
+    return config, state
+
+
+def _hf_names(layers, emb_proj):
+    """(our parameter name, Hugging Face name without the 'bert.'/'electra.' prefix)."""
+    pairs = [("word.weight", "embeddings.word_embeddings.weight"),
+             ("position.weight", "embeddings.position_embeddings.weight"),
+             ("token_type.weight", "embeddings.token_type_embeddings.weight"),
+             ("emb_ln.weight", "embeddings.LayerNorm.weight"), ("emb_ln.bias", "embeddings.LayerNorm.bias")]
+    if emb_proj:
+        pairs += [(f"emb_proj.{p}", f"embeddings_project.{p}") for p in ("weight", "bias")]
+    parts = [("q", "attention.self.query"), ("k", "attention.self.key"), ("v", "attention.self.value"),
+             ("o", "attention.output.dense"), ("ln1", "attention.output.LayerNorm"),
+             ("fc1", "intermediate.dense"), ("fc2", "output.dense"), ("ln2", "output.LayerNorm")]
+    for i in range(layers):
+        pairs += [(f"layers.{i}.{a}.{p}", f"encoder.layer.{i}.{b}.{p}") for a, b in parts for p in ("weight", "bias")]
+    pairs += [("mlm_dense.weight", "cls.predictions.transform.dense.weight"),
+              ("mlm_dense.bias", "cls.predictions.transform.dense.bias"),
+              ("mlm_ln.weight", "cls.predictions.transform.LayerNorm.weight"),
+              ("mlm_ln.bias", "cls.predictions.transform.LayerNorm.bias"), ("mlm_bias", "cls.predictions.bias")]
+    return pairs
+
+
+# ----------------------------------------------------------------------------- extraction (§3.4)
+
+
+@torch.no_grad()
+def extract(superplm: Bert, arch: Arch) -> Bert:
+    """A stand-alone Bert holding copies of exactly the slices that superplm(arch=arch) uses."""
+    arch = superplm.check(arch)
+    cfg = superplm.config()
+    cfg["arch"] = str(arch)
+    model = Bert.from_config(cfg)
+    H, D, C, d = superplm.arch.heads, superplm.arch.head_dim, arch.hidden, arch.head_dim
+    src = dict(superplm.named_parameters())
+    for name, p in model.named_parameters():
+        s, leaf = src[name], name.split(".")[-2:]
+        if len(leaf) == 2 and leaf[0] in ("q", "k", "v"):
+            w = s.view(H, D, -1)[:arch.heads, :d, :C] if leaf[1] == "weight" else s.view(H, D)[:arch.heads, :d]
+            p.copy_(w.reshape(p.shape))
+        elif leaf == ["o", "weight"]:
+            p.copy_(s.view(-1, H, D)[:C, :arch.heads, :d].reshape(p.shape))
+        else:  # every other tensor: its leading block
+            p.copy_(sub(s, *p.shape))
+    return model.train(superplm.training)
