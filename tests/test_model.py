@@ -1,0 +1,268 @@
+import json
+import random
+
+import pytest
+import torch
+
+from model import (BERT_BASE, KD_SPACE, PRETRAIN_SPACE, SUPERPLM, Arch, Bert, SearchSpace, extract, grid,
+                   read_pretrained)
+
+VOCAB = 97
+
+
+def batch(B=2, T=12, vocab=VOCAB, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, T // 2:] = 0  # one padded sequence in the batch
+    types = torch.zeros(B, T, dtype=torch.long)
+    types[:, T // 3:] = 1
+    return ids, mask, types
+
+
+@pytest.fixture(scope="module", params=["heads", "dims"])
+def superplm(request):
+    torch.manual_seed(0)
+    return Bert(SUPERPLM, vocab_size=VOCAB, mha=request.param, max_position=64).eval()
+
+
+def space_of(model):
+    return PRETRAIN_SPACE if model.mha == "heads" else KD_SPACE
+
+
+# ----------------------------------------------------------------------------- Arch and SearchSpace
+
+def test_arch_roundtrip_and_rules():
+    for text in ("5-564-1054-8-512", "4-396-624-6-384", "12-768-3072-12-768"):
+        assert str(Arch.parse(text)) == text
+    assert Arch.parse("5-564-1054-8-512").head_dim == 64
+    assert Arch.default_rule(4, 512, 8) == Arch(4, 512, 2048, 8, 512)
+
+
+@pytest.mark.parametrize("text, field", [
+    ("5-564-1054-8", "5 fields"), ("5-564-1054-8-512-1", "5 fields"), ("", "5 fields"),
+    ("5-564-x-8-512", "ffn"), ("5-564-10.5-8-512", "ffn"), ("5--1054-8-512", "hidden"),
+    ("0-564-1054-8-512", "layers"), ("5-564-1054-0-512", "heads"), ("5-564-1054-7-512", "divisible"),
+])
+def test_arch_parse_errors_name_the_field(text, field):
+    with pytest.raises(ValueError, match=field):
+        Arch.parse(text)
+
+
+def test_arch_rejects_non_positive_values():
+    with pytest.raises(ValueError, match="layers"):
+        Arch(-1, 64, 64, 1, 64)
+    with pytest.raises(ValueError, match="qkv"):
+        Arch(1, 64, 64, 1, 0)
+
+
+def test_space_sizes_are_the_product_of_the_ranges():
+    assert PRETRAIN_SPACE.size() == 8 * len(range(128, 769, 4)) * len(range(128, 3073, 4)) * 12
+    assert KD_SPACE.size() == 8 * len(range(128, 769, 4)) * len(range(128, 3073, 4)) * len(range(180, 769, 12))
+    tiny = SearchSpace(layers=(1, 2), hidden=(8, 16, 24), ffn=(8,), heads=(1, 2), head_dim=4)
+    assert tiny.size() == len(list(_enumerate(tiny))) == 12
+
+
+def _enumerate(space):
+    for L in space.layers:
+        for C in space.hidden:
+            for f in space.ffn:
+                for h in space.heads:
+                    for q in ([space.head_dim * h] if space.qkv is None else space.qkv):
+                        yield Arch(L, C, f, h, q)
+
+
+def test_samples_lie_in_the_space_and_cover_every_value():
+    rng = random.Random(0)
+    for space in (PRETRAIN_SPACE, KD_SPACE):
+        archs = [space.sample(rng) for _ in range(3000)]
+        assert all(a in space for a in archs)
+        for dim in ("layers", "heads"):
+            assert {getattr(a, dim) for a in archs} == set(space.choices(dim))
+    assert Arch(5, 564, 1056, 8, 512) in PRETRAIN_SPACE and Arch(5, 564, 1056, 8, 512) not in KD_SPACE
+    assert Arch(5, 564, 1054, 8, 512) not in PRETRAIN_SPACE  # Table 4's S1 has an ffn off Table B.1's grid
+    assert Arch(5, 564, 1024, 12, 528) in KD_SPACE and Arch(5, 564, 1024, 12, 192) in KD_SPACE and Arch(5, 564, 1024, 12, 168) not in KD_SPACE
+    assert Arch(5, 564, 1024, 8, 448) not in PRETRAIN_SPACE  # qkv must be 64 * heads
+    assert PRETRAIN_SPACE.largest() == SUPERPLM and KD_SPACE.largest() == SUPERPLM
+    assert grid(180, 768, 12)[-1] == 768
+
+
+# ----------------------------------------------------------------------------- extraction equals slicing (§3.4)
+
+def test_extraction_equals_slicing_for_random_archs(superplm):
+    rng = random.Random(1)
+    ids, mask, types = batch()
+    archs = [space_of(superplm).sample(rng) for _ in range(25)]
+    for arch in archs:
+        with torch.no_grad():
+            want = superplm(ids, mask, types, arch=arch)
+            sub = extract(superplm, arch)
+            got = sub(ids, mask, types)
+            assert got.shape == (2, 12, arch.hidden)
+            assert (got - want).abs().max() <= 1e-5, arch
+            logits = sub.mlm_logits(got[mask.bool()])
+            assert (logits - superplm.mlm_logits(want[mask.bool()], arch)).abs().max() <= 1e-5, arch
+
+
+def test_extraction_edges(superplm):
+    space = space_of(superplm)
+    ids, mask, types = batch(T=20)
+    smallest = space.smallest()
+    one_layer = Arch(1, 768, 3072, 12, 768)
+    with torch.no_grad():
+        for arch in (smallest, one_layer, SUPERPLM):
+            got = extract(superplm, arch)(ids, mask, types)
+            assert (got - superplm(ids, mask, types, arch=arch)).abs().max() <= 1e-5, arch
+        full = superplm(ids, mask, types)
+        assert torch.equal(full, superplm(ids, mask, types, arch=SUPERPLM))
+        assert (extract(superplm, SUPERPLM)(ids, mask, types) - full).abs().max() <= 1e-5
+
+
+def test_extracted_blocks_are_the_expected_sub_matrices(superplm):
+    arch = Arch(3, 200, 500, 5, 320) if superplm.mha == "heads" else Arch(3, 200, 500, 12, 216)
+    sub = extract(superplm, arch)
+    d, C = arch.head_dim, arch.hidden
+    for i in range(arch.layers):
+        big, small = superplm.layers[i], sub.layers[i]
+        for name in ("q", "k", "v"):
+            W, b = getattr(big, name).weight, getattr(big, name).bias
+            if superplm.mha == "heads":  # Figure 3(b): a contiguous top-left block
+                want_w, want_b = W[:arch.qkv, :C], b[:arch.qkv]
+            else:  # Figure 3(c): the first d rows of each of the 12 per-head blocks of 64
+                want_w = torch.cat([W[64 * j:64 * j + d, :C] for j in range(12)])
+                want_b = torch.cat([b[64 * j:64 * j + d] for j in range(12)])
+            assert torch.equal(getattr(small, name).weight, want_w)
+            assert torch.equal(getattr(small, name).bias, want_b)
+        Wo = big.o.weight
+        want_o = Wo[:C, :arch.qkv] if superplm.mha == "heads" else \
+            torch.cat([Wo[:C, 64 * j:64 * j + d] for j in range(12)], dim=1)
+        assert torch.equal(small.o.weight, want_o)
+        assert torch.equal(small.fc1.weight, big.fc1.weight[:arch.ffn, :C])
+        assert torch.equal(small.fc2.weight, big.fc2.weight[:C, :arch.ffn])
+        assert torch.equal(small.ln2.bias, big.ln2.bias[:C])
+    assert torch.equal(sub.word.weight, superplm.word.weight[:, :C])
+    assert torch.equal(sub.mlm_dense.weight, superplm.mlm_dense.weight[:C, :C])
+    assert len(sub.layers) == arch.layers
+
+
+def test_archs_that_do_not_fit_are_rejected(superplm):
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    bad = [Arch(9, 768, 3072, 12, 768), Arch(2, 800, 1024, 12, 768), Arch(2, 512, 4000, 12, 768)]
+    bad += [Arch(2, 512, 1024, 8, 256)] if superplm.mha == "heads" else [Arch(2, 512, 1024, 8, 512)]
+    bad += [Arch(2, 512, 1024, 12, 1536)]
+    for arch in bad:
+        with pytest.raises(ValueError, match="does not fit"):
+            superplm(ids, arch=arch)
+        with pytest.raises(ValueError, match="does not fit"):
+            extract(superplm, arch)
+
+
+def test_scores_path_matches_the_fused_attention_path(superplm):
+    ids, mask, types = batch()
+    arch = space_of(superplm).sample(random.Random(3))
+    with torch.no_grad():
+        h, scores = superplm(ids, mask, types, arch=arch, return_scores=True)
+        assert scores.shape == (2, arch.heads, 12, 12)
+        assert (h - superplm(ids, mask, types, arch=arch)).abs().max() <= 1e-5
+
+
+def test_padding_does_not_change_the_real_tokens():
+    torch.manual_seed(0)
+    model = Bert(Arch(2, 64, 128, 4, 64), vocab_size=VOCAB, max_position=64).eval()
+    ids, _, _ = batch(B=1, T=10)
+    padded = torch.cat([ids, torch.zeros(1, 6, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 6)], 1).long()
+    with torch.no_grad():
+        assert (model(padded, mask)[:, :10] - model(ids)).abs().max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- Hugging Face layout (Appendix A)
+
+transformers = pytest.importorskip("transformers")
+TINY = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+            max_position_embeddings=64)
+
+
+def _hf_equal(hf_model, ours, T=12):
+    ids, mask, types = batch(T=T)
+    with torch.no_grad():
+        ref = hf_model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        return (ours(ids, mask, types) - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["bert", "electra", "electra-projected", "bert-bin"])
+def test_loads_transformers_checkpoints(tmp_path, kind):
+    torch.manual_seed(0)
+    if kind.startswith("electra"):
+        cfg = transformers.ElectraConfig(**TINY, embedding_size=32 if kind == "electra-projected" else 64)
+        hf = transformers.ElectraForPreTraining(cfg).eval()
+        body = hf.electra
+    else:
+        hf = transformers.BertForMaskedLM(transformers.BertConfig(**TINY)).eval()
+        body = hf.bert
+    hf.save_pretrained(tmp_path, safe_serialization=kind != "bert-bin")
+    ours = Bert.from_pretrained(tmp_path).eval()
+    assert _hf_equal(body, ours) <= 1e-5
+    if kind.startswith("bert"):  # the MLM head came along too
+        ids, mask, types = batch()
+        with torch.no_grad():
+            ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+            assert (ours.mlm_logits(ours(ids, mask, types)) - ref).abs().max() <= 1e-4
+
+
+def test_save_pretrained_loads_in_transformers(tmp_path):
+    torch.manual_seed(0)
+    ours = Bert(Arch(2, 64, 96, 4, 64), vocab_size=VOCAB, max_position=64).eval()
+    ours.save_pretrained(tmp_path)
+    assert "qkv_size" not in json.loads((tmp_path / "config.json").read_text())
+    hf = transformers.BertForMaskedLM.from_pretrained(tmp_path).eval()
+    assert _hf_equal(hf.bert, ours) <= 1e-5
+    ids, mask, types = batch()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        assert (ours.mlm_logits(ours(ids, mask, types)) - ref).abs().max() <= 1e-4
+
+
+def test_qkv_different_from_hidden_round_trips_exactly(tmp_path):
+    torch.manual_seed(0)
+    ours = Bert(Arch(2, 80, 96, 4, 48), vocab_size=VOCAB, max_position=64).eval()
+    ours.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["qkv_size"] == 48
+    back = Bert.from_pretrained(tmp_path).eval()
+    assert back.arch == ours.arch
+    for (n, a), (_, b) in zip(ours.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), n
+    ids, mask, types = batch()
+    with torch.no_grad():
+        assert torch.equal(back(ids, mask, types), ours(ids, mask, types))
+
+
+def test_bad_model_folders_get_one_line_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Bert.from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Bert.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="expected model_type"):
+        Bert.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(model_type="bert", **{
+        "vocab_size": VOCAB, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 96})))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        Bert.from_pretrained(tmp_path)
+    from safetensors.torch import save_file
+    save_file({"bert.embeddings.word_embeddings.weight": torch.zeros(VOCAB, 64)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="missing weights"):
+        Bert.from_pretrained(tmp_path)
+    config, state = read_pretrained(tmp_path)
+    assert config["hidden_size"] == 64 and list(state) == ["bert.embeddings.word_embeddings.weight"]
+
+
+def test_config_round_trip_and_bert_base_size():
+    model = Bert(Arch(2, 64, 96, 4, 64), vocab_size=VOCAB, mha="dims", max_position=64)
+    again = Bert.from_config(model.config())
+    assert again.config() == model.config() and again.mha == "dims"
+    with torch.device("meta"):
+        base = Bert(BERT_BASE)
+    encoder = sum(p.numel() for n, p in base.named_parameters() if not n.startswith("mlm"))
+    assert encoder == 109_482_240 - 768 * 768 - 768  # bert-base-uncased's BertModel, less its pooler
