@@ -124,9 +124,36 @@ KD_SPACE = SearchSpace(layers=grid(1, 8, 1), hidden=grid(128, 768, 4), ffn=grid(
 # ----------------------------------------------------------------------------- the model
 
 
-def sub(p, *sizes):
-    """The leading block of a parameter: p[:a, :b]. All of §3.4's sub-matrix extraction goes through here."""
-    return p[tuple(slice(0, s) for s in sizes)]
+def sub(p, *sizes, shape=None):
+    """The leading block p.view(shape)[:a, :b, ...]. All of §3.4's sub-matrix extraction goes through here.
+
+    Autograd gives a slice a full-size gradient, zero outside the block, then adds all of it to p.grad. When p
+    already holds a .grad (superplm.py keeps them in one flat buffer), the block's gradient is added straight into
+    the same block of p.grad instead, so a sub-model trains through the SuperPLM as fast as alone
+    (bench/superplm_speed.py). Such gradients bypass autograd's accumulation: torch.autograd.grad and DDP's hooks
+    do not see them."""
+    shape = p.shape if shape is None else shape
+    index = tuple(slice(0, s) for s in sizes)
+    block = p.view(shape)[index]
+    if p.grad is None or not (p.requires_grad and torch.is_grad_enabled()) or block.numel() == p.numel():
+        return block
+    return _AddToGrad.apply(p, shape, index)
+
+
+class _AddToGrad(torch.autograd.Function):
+    """p.view(shape)[index], whose backward adds the block's gradient into p.grad in place (see `sub`)."""
+
+    @staticmethod
+    def forward(ctx, p, shape, index):
+        ctx.p, ctx.shape, ctx.index = p, shape, index
+        return p.view(shape)[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.p.grad is None:  # cleared between forward and backward
+            ctx.p.grad = torch.zeros_like(ctx.p)
+        ctx.p.grad.view(ctx.shape)[ctx.index].add_(grad)
+        return None, None, None
 
 
 class Layer(nn.Module):
@@ -144,8 +171,8 @@ class Layer(nn.Module):
 
     def qkv_weights(self, lin, H, D, h, d, hidden):
         """Rows of the first h heads and first d dims of each head, from a weight laid out as (H*D, hidden)."""
-        w = lin.weight.view(H, D, -1)[:h, :d, :hidden].reshape(h * d, hidden)  # a view when d == D
-        b = lin.bias.view(H, D)[:h, :d].reshape(h * d)
+        w = sub(lin.weight, h, d, hidden, shape=(H, D, -1)).reshape(h * d, hidden)  # a view when d == D
+        b = sub(lin.bias, h, d, shape=(H, D)).reshape(h * d)
         return w, b
 
     def forward(self, x, mask, H, D, arch, d, dropout, return_scores=False):
@@ -163,7 +190,7 @@ class Layer(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                dropout_p=dropout if self.training else 0.0)  # (B, h, T, d)
         y = y.transpose(1, 2).reshape(B, T, h * d)
-        wo = self.o.weight.view(-1, H, D)[:C, :h, :d].reshape(C, h * d)  # columns matching the kept rows
+        wo = sub(self.o.weight, C, h, d, shape=(-1, H, D)).reshape(C, h * d)  # columns matching the kept rows
         y = F.linear(y, wo, sub(self.o.bias, C))
         x = F.layer_norm(x + F.dropout(y, dropout, self.training), (C,), sub(self.ln1.weight, C),
                          sub(self.ln1.bias, C), self.ln1.eps)
@@ -386,10 +413,10 @@ def extract(superplm: Bert, arch: Arch) -> Bert:
     for name, p in model.named_parameters():
         s, leaf = src[name], name.split(".")[-2:]
         if len(leaf) == 2 and leaf[0] in ("q", "k", "v"):
-            w = s.view(H, D, -1)[:arch.heads, :d, :C] if leaf[1] == "weight" else s.view(H, D)[:arch.heads, :d]
-            p.copy_(w.reshape(p.shape))
+            shape, sizes = ((H, D, -1), (arch.heads, d, C)) if leaf[1] == "weight" else ((H, D), (arch.heads, d))
+            p.copy_(sub(s, *sizes, shape=shape).reshape(p.shape))
         elif leaf == ["o", "weight"]:
-            p.copy_(s.view(-1, H, D)[:C, :arch.heads, :d].reshape(p.shape))
+            p.copy_(sub(s, C, arch.heads, d, shape=(-1, H, D)).reshape(p.shape))
         else:  # every other tensor: its leading block
             p.copy_(sub(s, *p.shape))
     return model.train(superplm.training)

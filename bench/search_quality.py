@@ -1,0 +1,219 @@
+"""How good are the searches of search.py at equal evaluations? Regret to the best architecture and win rate against
+random search, on objectives whose best architecture is known.
+
+Synthetic (default): the paper's pre-training space (Table B.1, 11.4M archs) is brute-forced in numpy for every
+objective. The objective is GLUE-like: it grows with the parameter count with diminishing returns, loses points for
+shapes away from a preferred ffn/hidden, qkv/hidden and hidden/layers ratio (drawn anew for every seed, so the
+§4.4 rule is not baked in), and carries a fixed per-arch noise of 0.3 points (fine-tuning seeds). Latency is a
+FLOPs model of one 128-token input (Eq. 1-3) plus per-layer and per-head overheads, so BERT-base = 1x.
+Regret is measured on the noise-free objective of the arch each search ranks first.
+
+    python bench/search_quality.py                                   # 20 seeds x 4 targets, a few minutes
+    python bench/search_quality.py --superplm runs/superplm-tiny     # + a SuperPLM's mlm evaluator, brute-forced
+                                                                     #   on a coarse grid of its space
+"""
+
+import dataclasses
+import json
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import search  # noqa: E402
+from common import config_from_args, config_parser, run_main, save_json  # noqa: E402
+from model import BERT_BASE, PRETRAIN_SPACE, Arch, SearchSpace  # noqa: E402
+
+
+@dataclass
+class Config:
+    seeds: int = field(default=20, metadata={"help": "objective instances (and search seeds) per target"})
+    targets: list[float] = field(default_factory=lambda: [4.0, 7.0, 15.0, 30.0],
+                                 metadata={"help": "speedups over BERT-base (Table 4 spans 4x-30x)"})
+    noise: float = field(default=0.3, metadata={"help": "synthetic: std of the fixed per-arch noise (points)"})
+    superplm: str = field(default="", metadata={"help": "also study the mlm evaluator of this SuperPLM run"})
+    mlm_targets: list[float] = field(default_factory=lambda: [2.0, 3.0, 5.0],
+                                     metadata={"help": "mlm: speedups over the SuperPLM itself"})
+    eval_rows: int = field(default=64, metadata={"help": "mlm: sequences per evaluation"})
+    cache: str = field(default="bench/out/mlm_table.json", metadata={"help": "mlm: brute-force scores kept here"})
+    out: str = field(default="bench/out/search_quality.json", metadata={"help": "results (JSON)"})
+
+
+# Every method at 100 scored archs (Fast: one per layer count). The ablations separate evolve-elite's changes.
+METHODS = {
+    "evolve (Algorithm 2)": search.evolve,
+    "evolve-elite": search.evolve_elite,
+    "  elite w/o window": partial(search.evolve_elite, window=0.0),
+    "random": search.random_search,
+    "random + window": partial(search.random_search, window=search.ELITE["window"]),
+    "fast (§4.4)": search.fast_search,
+}
+
+# ----------------------------------------------------------------------------- the synthetic objective
+
+
+def latency_ms(L, d, f, h, q, T=128):
+    """FLOPs of one T-token input (Eq. 1-3: QKV + output projections, FFN, attention) + overheads; numpy or float."""
+    return 5 + L * (T * (4 * d * q + 2 * d * f) + 2 * T * T * q) / 1e7 + L * (1 + 0.1 * h)
+
+
+def objective(L, d, f, h, q, rf, rq, dl):
+    """GLUE-like points: diminishing returns in parameters (millions), minus squared log-distances of the shape from
+    the instance's preferred ratios (ffn/hidden rf, qkv/hidden rq, hidden/layers dl) and of the head width from 64."""
+    P = L * (4 * d * q + 2 * d * f) / 1e6
+    return (85 - 25 * P ** -0.45 - 6 * (np.log(f / d / rf)) ** 2 - 6 * (np.log(q / d / rq)) ** 2
+            - 1.5 * (np.log(d / L / dl)) ** 2 - 2 * (np.log(q / h / 64)) ** 2)
+
+
+def instance(seed):
+    r = random.Random(seed)
+    return dict(rf=r.uniform(1.2, 2.6), rq=r.uniform(0.6, 1.1), dl=float(np.exp(r.uniform(np.log(60), np.log(200)))))
+
+
+def grid_arrays(space):
+    """Every arch of a (tied-qkv) space as flat arrays L, d, f, h, q."""
+    L, d, f, h = (a.ravel() for a in np.meshgrid(*(np.array(space.choices(k), float) for k in search.SearchSpace.DIMS[:4]),
+                                                 indexing="ij"))
+    return L, d, f, h, space.head_dim * h
+
+
+def of(arch):
+    return arch.layers, arch.hidden, arch.ffn, arch.heads, arch.qkv
+
+
+# ----------------------------------------------------------------------------- running the methods
+
+
+def regrets(space, true, noisy, latency, best_at, budgets, seed):
+    """{method: {target: regret}} of one objective instance; best_at(budget) is its brute-forced optimum."""
+    out = {}
+    for name, method in METHODS.items():
+        out[name] = {}
+        for target, budget in budgets.items():
+            try:
+                found = method(space, noisy, latency, budget, seed=seed)
+            except ValueError:  # fast on a grid without an arch of its rule
+                out[name][target] = (float("nan"), 0)
+                continue
+            out[name][target] = (best_at(budget) - true(found[0].arch), len(found))
+    return out
+
+
+def synthetic(cfg):
+    space = PRETRAIN_SPACE
+    arrays = grid_arrays(space)
+    lat_all = latency_ms(*arrays)
+    base = latency_ms(*of(BERT_BASE))
+    budgets = {f"{t:g}x": base / t for t in cfg.targets}
+    runs = []
+    for seed in range(cfg.seeds):
+        p = instance(seed)
+        score_all = objective(*arrays, **p)
+
+        def true(a, p=p):
+            return float(objective(*of(a), **p))
+
+        def noisy(a, p=p, seed=seed):
+            return true(a, p) + random.Random(f"{seed}:{a}").gauss(0, cfg.noise)
+
+        runs.append(regrets(space, true, noisy, lambda a: float(latency_ms(*of(a))),
+                            lambda b, s=score_all: float(s[lat_all <= b].max()), budgets, seed))
+    return runs
+
+
+# ----------------------------------------------------------------------------- a SuperPLM's mlm evaluator
+
+
+def coarse(space, n=7):
+    """About n values of hidden and ffn (evenly spaced along their grids), every layer count and head count."""
+    pick = lambda g: tuple(sorted({g[round(i * (len(g) - 1) / (n - 1))] for i in range(n)}))  # noqa: E731
+    return SearchSpace(space.layers, pick(space.hidden), pick(space.ffn), space.heads, space.qkv, space.head_dim)
+
+
+def mlm_table(cfg, space, model, tokenizer, ckpt):
+    """-(masked-LM loss) of every arch of the coarse space, computed once and cached."""
+    path = Path(cfg.cache)
+    key = f"{Path(cfg.superplm).resolve()}|{ckpt['step']}|{cfg.eval_rows}"
+    if path.exists() and json.loads(path.read_text()).get("key") == key:
+        return {Arch.parse(a): s for a, s in json.loads(path.read_text())["scores"].items()}
+    c = ckpt["config"]
+    score = search.MLMScore(model, tokenizer, c["corpus"], c["seq_len"], c["cache_dir"], cfg.eval_rows)
+    archs = [search.with_values(space, dict(layers=L, hidden=d, ffn=f, heads=h, qkv=0))
+             for L in space.layers for d in space.hidden for f in space.ffn for h in space.heads]
+    t0, table = time.time(), {}
+    for i, a in enumerate(archs):
+        table[a] = score(a)
+        if i % 100 == 0:
+            print(f"mlm table: {i}/{len(archs)} archs, {time.time() - t0:.0f}s", file=sys.stderr)
+    save_json(dict(key=key, scores={str(a): s for a, s in table.items()}), path)
+    return table
+
+
+def mlm(cfg):
+    import superplm
+    from common import torch_load
+    model, full_space, tokenizer = superplm.load_superplm(cfg.superplm)
+    if full_space.qkv is not None:
+        raise ValueError("the mlm study covers pre-training SuperPLMs (tied qkv); this one was trained by distillation")
+    path = Path(cfg.superplm)
+    space = coarse(full_space)
+    table = mlm_table(cfg, space, model, tokenizer, torch_load(path / "checkpoint.pt" if path.is_dir() else path))
+    lat = {a: float(latency_ms(*of(a))) for a in table}
+    top = lat[space.largest()]
+    budgets = {f"{t:g}x": top / t for t in cfg.mlm_targets}
+    return space, [regrets(space, table.__getitem__, table.__getitem__, lat.__getitem__,
+                           lambda b: max(s for a, s in table.items() if lat[a] <= b), budgets, seed)
+                   for seed in range(cfg.seeds)]
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def report(title, runs):
+    targets = list(next(iter(runs[0].values())))
+    print(f"\n{title}: {len(runs)} seeds x targets {', '.join(targets)}")
+    print(f"{'method':24s} {'evals':>5} {'mean regret':>12} {'median':>8} {'found best':>10} "
+          f"{'win vs random':>14} {'win vs random+window':>21}")
+    rows = {}
+    for name in METHODS:
+        r = np.array([[run[name][t][0] for t in targets] for run in runs])  # (seeds, targets)
+        rnd = np.array([[run["random"][t][0] for t in targets] for run in runs])
+        rw = np.array([[run["random + window"][t][0] for t in targets] for run in runs])
+        evals = np.mean([[run[name][t][1] for t in targets] for run in runs])
+        win = lambda other: float(np.mean((r < other - 1e-9) + 0.5 * (np.abs(r - other) <= 1e-9)))  # noqa: E731
+        rows[name] = dict(evals=float(evals), mean_regret=float(r.mean()), median_regret=float(np.median(r)),
+                          found_best=float(np.mean(r <= 1e-9)), win_vs_random=win(rnd), win_vs_random_window=win(rw),
+                          per_target={t: float(r[:, i].mean()) for i, t in enumerate(targets)})
+        x = rows[name]
+        print(f"{name:24s} {evals:5.0f} {x['mean_regret']:12.3f} {x['median_regret']:8.3f} {x['found_best']:10.0%} "
+              f"{x['win_vs_random']:14.0%} {x['win_vs_random_window']:21.0%}")
+    print("regret by target: " + "; ".join(
+        f"{n.strip()} " + " ".join(f"{t} {v:.2f}" for t, v in rows[n]["per_target"].items())
+        for n in ("evolve (Algorithm 2)", "evolve-elite", "random")))
+    return rows
+
+
+def main(argv=None):
+    cfg = config_from_args(Config, config_parser(Config, __doc__.split("\n")[0]).parse_args(argv))
+    warnings.simplefilter("ignore")
+    t0 = time.time()
+    results = dict(config=dataclasses.asdict(cfg))
+    results["synthetic"] = report("synthetic objective, pre-training space (11.4M archs, optimum by brute force), "
+                                  f"noise {cfg.noise}", synthetic(cfg))
+    if cfg.superplm:
+        space, runs = mlm(cfg)
+        results["mlm"] = report(f"mlm evaluator of {cfg.superplm} on a coarse grid of its space ({space.size()} archs, "
+                                "optimum by brute force), FLOPs latency", runs)
+    save_json(results, cfg.out)
+    print(f"\nwin = the arch the method ranks first is truly better than random search's at the same seed and target "
+          f"(ties count half); {time.time() - t0:.0f}s; wrote {cfg.out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

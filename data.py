@@ -1,0 +1,386 @@
+"""Data for the SuperPLM (paper §3.4, §4.1): a BERT WordPiece tokenizer, a corpus packed into fixed-length
+sequences cached on disk, BERT's masked-LM corruption, and each rank's share of every batch (Algorithm 1).
+
+The paper pre-trains on BooksCorpus + English Wikipedia. Those need a download, so the default corpus is one that
+every Python install carries: the docstrings of the standard library (~1.8 MB of English, harvested with `ast`).
+A corpus is named by a spec:
+    stdlib                          the default
+    path/to/file.txt | .json | .jsonl | .parquet, or a folder of such files (read with `datasets`)
+    wikipedia:20220301.en,bookcorpus  hub datasets (name[:config]), comma-separated, where the machine is online
+
+    python data.py --corpus stdlib --vocab-size 30522     # tokenise and cache once, print what came out
+"""
+
+import ast
+import functools
+import hashlib
+import json
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tqdm import tqdm
+
+from common import UserError, atomic_write, config_parser, config_from_args, run_main, save_json
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT's, in the ids a trained vocabulary gets
+FORMAT = 1  # bump when the packed layout changes: old caches are then rebuilt
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _bert_text(tok, lowercase=True):
+    """BERT's (uncased) normalisation and word splitting, and WordPiece decoding."""
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def _with_templates(tok):
+    """BERT's `[CLS] A [SEP]` and `[CLS] A [SEP] B [SEP]` (B with token type 1); no truncation or padding."""
+    tok.no_truncation()
+    tok.no_padding()
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    if cls is None or sep is None:
+        raise UserError("the vocabulary has no [CLS] or [SEP] token: use a BERT WordPiece vocabulary")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
+
+
+def load_tokenizer(path):
+    """A BERT tokenizer from a vocab.txt, a tokenizer.json, or a folder holding either (tokenizer.json first)."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ("tokenizer.json", "vocab.txt") if (path / n).exists()]
+        if not found:
+            raise FileNotFoundError(f"{path} has no tokenizer.json or vocab.txt: point to a BERT vocabulary")
+        path = found[0]
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer {path} does not exist: give a vocab.txt, a tokenizer.json or a folder")
+    if path.suffix == ".json":
+        return _with_templates(Tokenizer.from_file(str(path)))
+    vocab = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            vocab.setdefault(line.rstrip("\n"), len(vocab))  # one token per line, id = line number
+    config = path.parent / "tokenizer_config.json"  # a Hugging Face folder records the casing there
+    lowercase = json.loads(config.read_text()).get("do_lower_case", True) if config.exists() else True
+    return _with_templates(_bert_text(Tokenizer(models.WordPiece(vocab, unk_token="[UNK]")), lowercase))
+
+
+def train_tokenizer(texts, vocab_size, out_folder):
+    """Train an uncased WordPiece vocabulary on `texts`; save tokenizer.json and vocab.txt in out_folder."""
+    tok = _bert_text(Tokenizer(models.WordPiece(unk_token="[UNK]")))
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                        show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok = _with_templates(tok)
+    save_tokenizer(tok, out_folder)
+    return tok
+
+
+def save_tokenizer(tok, out_folder):
+    """tokenizer.json (exact) and vocab.txt (for BERT tools), written atomically."""
+    out = Path(out_folder)
+    atomic_write(out / "tokenizer.json", lambda tmp: tok.save(tmp))
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    atomic_write(out / "vocab.txt", lambda tmp: Path(tmp).write_text("".join(t + "\n" for t, _ in vocab),
+                                                                      encoding="utf-8"))
+    return out / "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class Specials:
+    """The ids masked LM needs: special tokens are never masked; [PAD] marks padding."""
+    pad: int
+    unk: int
+    cls: int
+    sep: int
+    mask: int
+    vocab_size: int
+
+    @classmethod
+    def of(cls, tok):
+        ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise UserError(f"the vocabulary lacks {missing}: use a BERT WordPiece vocabulary")
+        return cls(*ids.values(), tok.get_vocab_size())
+
+    def ids(self):
+        return torch.tensor([self.pad, self.unk, self.cls, self.sep, self.mask])
+
+
+# ----------------------------------------------------------------------------- corpora
+
+
+def _docstrings(node):
+    """Docstrings of a module, its classes and functions, in source order."""
+    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        doc = ast.get_docstring(node)
+        if doc:
+            yield doc
+    for child in ast.iter_child_nodes(node):
+        yield from _docstrings(child)
+
+
+def stdlib_corpus():
+    """The default corpus: every docstring of the standard library (tests excluded), files in sorted order."""
+    return list(_stdlib_docs())
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_docs():  # parsing ~700 files takes seconds: once per process
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if parts[0] in ("site-packages", "dist-packages") or {"test", "tests", "idle_test"} & set(parts):
+            continue
+        try:
+            docs.extend(_docstrings(ast.parse(path.read_text(encoding="utf-8"))))
+        except (SyntaxError, UnicodeDecodeError, ValueError):  # a few files are deliberately broken
+            continue
+    return tuple(docs)
+
+
+BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def _files(path):
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.suffix in BUILDERS) if path.is_dir() else [path]
+    kinds = {BUILDERS.get(p.suffix) for p in files}
+    if not files or None in kinds or len(kinds) > 1:
+        raise UserError(f"corpus {path}: expected .txt, .json, .jsonl or .parquet files of one kind, "
+                        f"found {sorted(p.suffix for p in files)[:5] or 'none'}")
+    return files, kinds.pop()
+
+
+def corpus_key(spec):
+    """What identifies a corpus's contents for the cache: local files by path, size and modification time."""
+    parts = [f"stdlib-{sys.version_info[:2]}" if spec == "stdlib" else spec]
+    for one in spec.split(","):
+        if Path(one).exists():
+            parts += [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in _files(one)[0]]
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _text_column(ds, name):
+    if "text" in ds.column_names:
+        return ds.select_columns(["text"])
+    strings = [c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"]
+    if len(strings) != 1:
+        raise UserError(f"corpus {name} has columns {ds.column_names}: give it a 'text' column")
+    return ds.select_columns(strings).rename_column(strings[0], "text")
+
+
+def load_corpus(spec, cache_dir=None):
+    """The documents of a corpus spec (see the module docstring): a list, or a `datasets` Dataset of 'text'."""
+    if spec == "stdlib":
+        return stdlib_corpus()
+    import datasets
+    parts = []
+    for one in spec.split(","):
+        if Path(one).exists():
+            files, builder = _files(one)
+            extra = {"sample_by": "paragraph"} if builder == "text" else {}
+            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                                       cache_dir=cache_dir, **extra)
+        else:  # a hub name such as wikipedia:20220301.en (needs the network once, then the datasets cache)
+            name, _, config = one.partition(":")
+            try:
+                ds = datasets.load_dataset(name, config or None, split="train", cache_dir=cache_dir)
+            except (FileNotFoundError, ConnectionError, ValueError) as e:
+                raise UserError(f"corpus {one!r} is neither a local file/folder nor a reachable hub dataset "
+                                f"({type(e).__name__}): give a path, 'stdlib', or go online once") from None
+        parts.append(_text_column(ds, one))
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def cached_tokenizer(spec, vocab_size, cache_dir):
+    """Path of a WordPiece vocabulary trained on the corpus, trained once and kept in cache_dir."""
+    folder = Path(cache_dir) / f"tokenizer-{corpus_key(spec)}-{vocab_size}"
+    if not (folder / "tokenizer.json").exists():
+        docs = load_corpus(spec, cache_dir)
+        texts = docs if isinstance(docs, list) else (row["text"] for row in docs)
+        print(f"training a {vocab_size}-token WordPiece vocabulary on {spec}", file=sys.stderr)
+        train_tokenizer(texts, vocab_size, folder)
+    return folder / "tokenizer.json"
+
+
+# ----------------------------------------------------------------------------- packed, memory-mapped sequences
+
+
+class PackedDataset:
+    """N sequences of seq_len token ids, memory-mapped: `ids` is a read-only (N, seq_len) array on disk."""
+
+    def __init__(self, path, meta):
+        self.path, self.meta = Path(path), meta
+        self.seq_len = meta["seq_len"]
+        self.specials = Specials(**meta["specials"])
+        self.ids = np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["rows"], self.seq_len))
+
+    def __len__(self):
+        return self.ids.shape[0]
+
+    def __getitem__(self, rows):
+        return torch.from_numpy(self.ids[rows].astype(np.int64))  # (len(rows), seq_len)
+
+
+def pack(chunks, tok, seq_len, sp):
+    """Yield rows `[CLS] tokens [SEP]` of exactly seq_len ids from the token stream of chunks of documents.
+
+    Documents follow each other, split where a row ends, with a [SEP] between two documents inside a row (one
+    segment per row, no next-sentence task, as the authors'). The last row is padded with [PAD]."""
+    body, buf = seq_len - 2, []
+    for texts in chunks:
+        for enc in tok.encode_batch(texts, add_special_tokens=False):
+            if not enc.ids:
+                continue
+            if buf:
+                buf.append(sp.sep)
+            buf.extend(enc.ids)
+            n = len(buf) // body
+            for i in range(n):
+                yield [sp.cls] + buf[i * body:(i + 1) * body] + [sp.sep]
+            buf = buf[n * body:]
+    if buf:
+        yield [sp.cls] + buf + [sp.sep] + [sp.pad] * (body - len(buf))
+
+
+def _chunks(docs, bar, size=1000):
+    """Lists of texts from a list or a `datasets` Dataset, ticking the progress bar."""
+    for s in range(0, len(docs), size):
+        texts = docs[s:s + size] if isinstance(docs, list) else docs[s:s + size]["text"]
+        bar.update(len(texts))
+        yield texts
+
+
+def build_dataset(corpus_spec, tokenizer, seq_len, cache_dir):
+    """Tokenise and pack the corpus once into cache_dir (a progress bar while it runs); later calls map the cache.
+
+    The cache is keyed by the corpus, the tokenizer and seq_len, and written atomically (a killed run leaves none)."""
+    if seq_len < 3:
+        raise UserError(f"--seq-len {seq_len} is too short: a packed row needs [CLS], a token and [SEP]")
+    sp = Specials.of(tokenizer)
+    key = hashlib.sha1(f"{FORMAT}|{corpus_key(corpus_spec)}|{seq_len}|{tokenizer.to_str()}".encode()).hexdigest()
+    cache = Path(cache_dir)
+    path, meta_path = cache / f"packed-{key[:16]}.bin", cache / f"packed-{key[:16]}.json"
+    if meta_path.exists() and path.exists():
+        return PackedDataset(path, json.loads(meta_path.read_text()))
+    docs = load_corpus(corpus_spec, str(cache / "hf"))
+    dtype = np.uint16 if sp.vocab_size <= 2**16 else np.int32
+    rows = 0
+    bar = tqdm(total=len(docs), desc=f"tokenising {corpus_spec}", unit="doc", file=sys.stderr)
+
+    def write(tmp):
+        nonlocal rows
+        with open(tmp, "wb") as f:
+            chunk = []
+            for row in pack(_chunks(docs, bar), tokenizer, seq_len, sp):
+                chunk.append(row)
+                if len(chunk) == 8192:
+                    np.asarray(chunk, dtype=dtype).tofile(f)
+                    rows, chunk = rows + len(chunk), []
+            np.asarray(chunk, dtype=dtype).reshape(-1, seq_len).tofile(f)
+            rows += len(chunk)
+
+    atomic_write(path, write)
+    bar.close()
+    if rows == 0:
+        path.unlink()
+        raise UserError(f"corpus {corpus_spec} holds no text: give a corpus with documents in it")
+    meta = dict(format=FORMAT, corpus=corpus_spec, seq_len=seq_len, rows=rows, dtype=np.dtype(dtype).name,
+                specials=vars(sp), tokenizer_sha1=hashlib.sha1(tokenizer.to_str().encode()).hexdigest())
+    save_json(meta, meta_path)
+    return PackedDataset(path, meta)
+
+
+# ----------------------------------------------------------------------------- masked LM and batches
+
+
+def derive_seed(*parts):
+    """One 63-bit seed from several integers (seed, epoch, row, ...): independent streams, reproducible."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def mask_tokens(ids, specials, generator, prob=0.15):
+    """BERT's masked LM (Devlin et al. 2019): choose `prob` of the tokens, never special tokens or padding; of
+    those, 80% become [MASK], 10% a random token and 10% stay. Returns (input_ids, labels), labels -100 elsewhere."""
+    sp = specials if isinstance(specials, Specials) else Specials.of(specials)
+    chosen = (torch.rand(ids.shape, generator=generator) < prob) & ~torch.isin(ids, sp.ids())  # (B, T)
+    labels = torch.where(chosen, ids, -100)
+    r = torch.rand(ids.shape, generator=generator)
+    inputs = ids.masked_fill(chosen & (r < 0.8), sp.mask)
+    rand = chosen & (r >= 0.8) & (r < 0.9)
+    inputs[rand] = torch.randint(sp.vocab_size, (int(rand.sum()),), generator=generator)
+    return inputs, labels
+
+
+def steps_per_epoch(dataset, batch_size):
+    """Whole batches per epoch (the incomplete last one is dropped, so every rank takes as many steps)."""
+    if len(dataset) < batch_size:
+        raise UserError(f"the corpus gives {len(dataset)} sequences, fewer than one batch of {batch_size}: "
+                        "lower --batch-size or use a larger corpus")
+    return len(dataset) // batch_size
+
+
+def batches(dataset, batch_size, epoch, seed, rank=0, world=1, start=0):
+    """This rank's sub-batches of one epoch, from batch number `start` on (Algorithm 1, lines 2-4).
+
+    Every rank draws the same shuffle of the rows (seeded by seed and epoch), splits each batch of `batch_size`
+    rows into `world` equal sub-batches and keeps sub-batch `rank`. A row's mask depends only on (seed, epoch, row),
+    so masks are redrawn every epoch and do not depend on the number of ranks."""
+    if batch_size % world:
+        raise UserError(f"--batch-size {batch_size} does not split into {world} equal sub-batches: "
+                        f"use a multiple of {world}")
+    b = batch_size // world
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(derive_seed(seed, epoch)))
+    for i in range(start, steps_per_epoch(dataset, batch_size)):
+        rows = order[i * batch_size + rank * b: i * batch_size + (rank + 1) * b].sort().values.numpy()
+        ids = dataset[rows]  # (b, T)
+        masked = [mask_tokens(row[None], dataset.specials,
+                              torch.Generator().manual_seed(derive_seed(seed, epoch, r)))
+                  for row, r in zip(ids, rows)]
+        yield dict(input_ids=torch.cat([m[0] for m in masked]), labels=torch.cat([m[1] for m in masked]),
+                   attention_mask=(ids != dataset.specials.pad).long())
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@dataclass
+class DataConfig:
+    corpus: str = field(default="stdlib", metadata={"help": "stdlib, a .txt/.json/.jsonl/.parquet file or folder, "
+                                                            "or hub dataset names name[:config],..."})
+    tokenizer: str = field(default="", metadata={"help": "vocab.txt / tokenizer.json / folder; empty: train one"})
+    vocab_size: int = field(default=30522, metadata={"help": "size of a vocabulary trained on the corpus"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per packed sequence (§4.1)"})
+    cache_dir: str = field(default="data_cache", metadata={"help": "where packed corpora and vocabularies go"})
+
+
+def prepare(cfg):
+    """(tokenizer path, tokenizer, PackedDataset) for a DataConfig-like object; everything cached."""
+    tok_path = cfg.tokenizer or cached_tokenizer(cfg.corpus, cfg.vocab_size, cfg.cache_dir)
+    tok = load_tokenizer(tok_path)
+    return Path(tok_path), tok, build_dataset(cfg.corpus, tok, cfg.seq_len, cfg.cache_dir)
+
+
+def main(argv=None):
+    cfg = config_from_args(DataConfig, config_parser(DataConfig, __doc__.split("\n")[0]).parse_args(argv))
+    tok_path, tok, ds = prepare(cfg)
+    n = int((ds.ids != ds.specials.pad).sum())
+    print(f"{ds.path}: {len(ds)} sequences x {ds.seq_len} = {n:,} tokens, vocabulary {tok_path} "
+          f"({tok.get_vocab_size()} tokens)")
+    print("first sequence:", tok.decode(ds[0][0].tolist(), skip_special_tokens=False)[:300])
+
+
+if __name__ == "__main__":
+    run_main(main)

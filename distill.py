@@ -1,0 +1,196 @@
+"""Task-agnostic distillation (paper §4.1, Table 2): TinyBERT's general stage restricted to the last layer.
+
+In the paper's second setting the SuperPLM and the searched models learn from a teacher (ELECTRA-base) instead of
+masked LM. The loss is the first (general) stage of TinyBERT (Jiao et al. 2020) with only the last layer's terms:
+
+    L = MSE(A_student, A_teacher) + MSE(H_student W, H_teacher)
+
+A are the last layer's attention scores before the softmax (every head), H the last hidden states and W one learned
+linear projection from the student's width to the teacher's. Comparing attention head by head needs as many student
+heads as teacher heads, which is why the distillation SuperPLM keeps every head and slices inside them (mha="dims",
+Figure 3(c), KD_SPACE). With an elastic student width the projection is elastic too: a sub-model of width dm uses
+the first dm input columns of the one shared W, so W trains along with the SuperPLM (§3.4).
+
+This file holds the teacher and the loss; superplm.py runs Algorithm 1 with them (`--objective kd --teacher DIR`).
+    python distill.py make-teacher --out runs/teacher      # a tiny random teacher for demos and tests
+    python distill.py check --teacher path/to/electra-base-discriminator
+"""
+
+import argparse
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+
+from common import UserError, config_from_args, config_parser, run_main, seed_everything
+from data import load_tokenizer, stdlib_corpus, train_tokenizer
+from model import Arch, Bert, sub
+
+# Where a Hugging Face folder keeps its vocabulary; tokenizer.json first, as it also records the casing.
+VOCAB_FILES = ("tokenizer.json", "vocab.txt")
+TINY_TEACHER = Arch(2, 256, 1024, 4, 256)  # the demo teacher: BERT-S3's shape (Table 4) in two layers
+
+# ----------------------------------------------------------------------------- the teacher
+
+
+def load_teacher(folder):
+    """(frozen teacher Bert, path of its vocabulary) from a BERT/ELECTRA(-discriminator) folder (§4.1).
+
+    Every problem is reported before training starts: a folder that is not a BERT-shaped model, one without a
+    vocabulary (the student must read the corpus with the teacher's token ids), a vocabulary the teacher cannot
+    embed."""
+    folder = Path(folder)
+    try:
+        teacher = Bert.from_pretrained(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"--teacher: {e}") from None
+    except KeyError as e:
+        raise UserError(f"--teacher: {folder}/config.json has no {e}: expected a BERT/ELECTRA config") from None
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError) as e:
+        raise UserError(f"--teacher: the weights in {folder} do not load ({str(e).splitlines()[0]}): "
+                        "download or save the model again") from None
+    vocab = next((folder / name for name in VOCAB_FILES if (folder / name).exists()), None)
+    if vocab is None:
+        raise UserError(f"--teacher: {folder} has no vocab.txt or tokenizer.json: copy the teacher's vocabulary "
+                        "there (the student reads the corpus with the teacher's token ids)")
+    n = load_tokenizer(vocab).get_vocab_size()
+    if n > teacher.word.num_embeddings:
+        raise UserError(f"--teacher: {vocab} has {n} tokens but the teacher embeds only "
+                        f"{teacher.word.num_embeddings}: use the vocabulary the teacher was trained with")
+    teacher.requires_grad_(False)  # frozen: no gradient is ever computed for it (the authors' code did)
+    return teacher.eval(), str(vocab)
+
+
+def check_compatible(teacher, student, space=None):
+    """Raise UserError unless every sub-model of `student` (a Bert, or SuperPLM with sampling `space`) can be
+    distilled from `teacher`: attention distillation compares head by head, so the head counts must match (§3.4)."""
+    H, a = teacher.arch.heads, student.arch
+    if a.heads != H:
+        like = f", e.g. {Arch(a.layers, a.hidden, a.ffn, H, a.qkv)}" if a.qkv % H == 0 else ""
+        raise UserError(f"the teacher has {H} attention heads but the student {a} has {a.heads}: attention "
+                        f"distillation needs equal head counts, so give the student {H} heads{like}")
+    if space is not None and set(space.heads) != {H}:
+        raise UserError(f"the search space samples heads {list(space.heads)} but the teacher has {H}: distil with "
+                        f"heads fixed at {H} and mha='dims' (Figure 3(c), KD_SPACE)")
+
+
+def make_tiny_teacher(folder, arch=TINY_TEACHER, vocab_size=4096, texts=None, seed=0):
+    """A random BERT teacher with its own WordPiece vocabulary, for demos and tests (it teaches nothing useful)."""
+    seed_everything(seed)
+    tokenizer = train_tokenizer(stdlib_corpus() if texts is None else texts, vocab_size, folder)
+    Bert(arch, vocab_size=tokenizer.get_vocab_size()).save_pretrained(folder)
+    return Path(folder)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def masked_mse(a, b, keep):
+    """Mean squared error over the entries where `keep` (broadcast to a's shape) is True."""
+    return F.mse_loss(a.float().masked_select(keep), b.float().masked_select(keep))
+
+
+class KDObjective(nn.Module):
+    """TinyBERT's general-distillation loss on the last layer (§4.1), with the superplm.py objective signature
+    objective(model, batch, arch) -> (loss, stats).
+
+    Its only parameters are the projection W (student width -> teacher width). The teacher is held outside the
+    module tree: it is not a parameter, not in state_dict() (so checkpoints keep only W), and objective.train()
+    never switches on its dropout; objective.to(device) still moves it (see _apply)."""
+
+    def __init__(self, teacher: Bert, student_hidden_max: int):
+        super().__init__()
+        object.__setattr__(self, "teacher", teacher.requires_grad_(False).eval())
+        self.proj = nn.Linear(student_hidden_max, teacher.arch.hidden)
+        nn.init.normal_(self.proj.weight, std=0.02)  # BERT's initialisation, as TinyBERT's fit_dense gets
+        nn.init.zeros_(self.proj.bias)
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .double() reach the teacher too
+        self.teacher._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def forward(self, model, batch, arch=None):
+        arch = model.check(arch)
+        if arch.heads != self.teacher.arch.heads:
+            raise ValueError(f"student {arch} has {arch.heads} heads but the teacher has {self.teacher.arch.heads}: "
+                             "attention distillation needs equal head counts")
+        ids = batch["input_ids"]  # (B, T)
+        if "labels" in batch:  # a masked-LM batch: distil on the original text, the labels hold what was masked
+            ids = torch.where(batch["labels"] != -100, batch["labels"], ids)  # (TinyBERT v2: no [MASK] corpus)
+        if ids.shape[1] > self.teacher.position.num_embeddings:
+            raise ValueError(f"sequences of {ids.shape[1]} tokens are longer than the teacher's "
+                             f"{self.teacher.position.num_embeddings} positions: lower --seq-len")
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        types = batch.get("token_type_ids")
+        # Keyword arguments throughout: the authors' wrappers passed attention_mask and token_type_ids swapped,
+        # so teacher and students ran without a padding mask.
+        with torch.no_grad():  # the teacher builds no graph (the authors' code never detached it)
+            t_hidden, t_scores = self.teacher(ids, attention_mask=mask, token_type_ids=types, return_scores=True)
+        s_hidden, s_scores = model(ids, attention_mask=mask, token_type_ids=types, arch=arch, return_scores=True)
+        keep = mask.bool()  # (B, T) real tokens
+        # Attention loss on the pre-softmax scores (B, heads, T, T), averaged over real (query, key) pairs only.
+        # TinyBERT adds the -10000 padding mask, then zeroes the entries at the mask value in both models: padded
+        # keys still count in the mean's denominator, and padded queries (rows) still count with real values, so
+        # its loss changes with the amount of padding. We exclude padded keys AND queries exactly instead: the
+        # same sentences give the same loss however they are padded.
+        pairs = keep[:, None, :, None] & keep[:, None, None, :]  # (B, 1, T, T)
+        att = masked_mse(s_scores, t_scores, pairs)
+        # Hidden loss through the projection W, sliced on its input for a sub-model of width dm (§3.4):
+        # (B, T, dm) @ W[:, :dm].T -> (B, T, teacher hidden). TinyBERT also averages over padded positions; we don't.
+        W = sub(self.proj.weight, self.proj.out_features, arch.hidden)
+        hid = masked_mse(F.linear(s_hidden, W, self.proj.bias), t_hidden, keep[..., None])
+        return att + hid, {"att": att.detach(), "hid": hid.detach()}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@dataclass
+class TeacherConfig:
+    out: str = field(default="runs/teacher", metadata={"help": "folder for the teacher (config.json, "
+                                                               "model.safetensors, tokenizer.json, vocab.txt)"})
+    arch: str = field(default=str(TINY_TEACHER), metadata={"help": "teacher layers-hidden-ffn-heads-qkv; the "
+                                                                    "paper's teacher is ELECTRA-base, 12-768-3072-12-768"})
+    vocab_size: int = field(default=4096, metadata={"help": "WordPiece vocabulary trained on the stdlib corpus"})
+    seed: int = field(default=0, metadata={"help": "seed of the random weights"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a teacher already in --out"})
+
+
+@dataclass
+class CheckConfig:
+    teacher: str = field(default="runs/teacher", metadata={"help": "a BERT/ELECTRA Hugging Face folder with its "
+                                                                   "vocab.txt or tokenizer.json"})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    config_parser(TeacherConfig, parser=commands.add_parser(
+        "make-teacher", help="write a tiny random teacher", formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    config_parser(CheckConfig, parser=commands.add_parser(
+        "check", help="load a teacher and print what a student needs",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    args = parser.parse_args(argv)
+    if args.command == "make-teacher":
+        cfg = config_from_args(TeacherConfig, args)
+        out = Path(cfg.out)
+        if (out / "config.json").exists() and not cfg.overwrite:
+            raise UserError(f"{out} already holds a model: pass --overwrite to replace it or choose another --out")
+        arch = Arch.parse(cfg.arch)
+        make_tiny_teacher(out, arch, cfg.vocab_size, seed=cfg.seed)
+        print(f"wrote a random {arch} teacher to {out}; distil into a {arch.heads}-head SuperPLM, e.g. "
+              f"python superplm.py --preset tiny --objective kd --teacher {out}")
+    else:
+        cfg = config_from_args(CheckConfig, args)
+        teacher, vocab = load_teacher(cfg.teacher)
+        print(f"teacher {teacher.arch} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M parameters), "
+              f"vocabulary {vocab}; students need {teacher.arch.heads} heads and read the corpus with that vocabulary")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,459 @@
+"""The latency evaluator lat(·) of §3.5: time sampled architectures on this CPU, fit a small MLP (HAT style).
+
+Following HAT (Wang et al. 2020), we sample architectures from a search space, time each one as a stand-alone
+BERT on the target device ("a single CPU with a single input of 128 tokens", Table 1) and fit a feed-forward
+network from architecture features to latency. Speedups are over BERT-base (12-768-3072-12-768), timed in the
+same file on the same device, and a target "7x" means lat(α) <= lat(BERT-base) / 7.
+
+On a shared machine it is drift, not the predictor, that limits accuracy (HAT's own data shows errors correlated
+in the order of measurement). So archs are timed in random order, each one interleaved pass by pass with a fixed
+reference model; both figures are stored, and the predictor learns the drift-free ratio of the two, turned back
+into ms with the reference's median latency. With one thread we time CPU time, not wall-clock (see `timings`).
+
+    python latency.py measure --space pretrain --samples 2000 --out lat.jsonl   # resumable, hours
+    python latency.py measure --samples 150 --warmup 1 --repeats 3 --out lat.jsonl   # quick demo, ~1-2 min
+    python latency.py fit --data lat.jsonl --out latency.pt
+    python latency.py table --predictor latency.pt
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import platform
+import random
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from common import (UserError, append_jsonl, config_from_args, config_parser, read_jsonl, run_main, save_json,
+                    seed_everything, torch_load, torch_save)
+from model import BERT_BASE, KD_SPACE, PRETRAIN_SPACE, Arch, Bert, SearchSpace
+
+SPACES = {"pretrain": PRETRAIN_SPACE, "kd": KD_SPACE}  # Table B.1
+REFERENCE = Arch(4, 512, 2048, 8, 512)  # re-timed every few archs; BERT-S1 of Table 4, ~1/7 of BERT-base
+BASE_EVERY = 200  # BERT-base is timed at the start of a session and every 200 archs
+
+# Table 4 (and Table F.1 for S5): (setting, model, arch, the paper's speedup over BERT-base)
+TABLE4 = [("S1", "BERT", "4-512-2048-8-512", 7.1), ("S1", "AutoTinyBERT", "5-564-1054-8-512", 7.2),
+          ("S2", "BERT", "4-320-1280-5-320", 14.8), ("S2", "AutoTinyBERT", "4-396-624-6-384", 15.7),
+          ("S3", "BERT", "4-256-1024-4-256", 20.1), ("S3", "AutoTinyBERT", "4-432-384-4-256", 20.2),
+          ("S4", "BERT", "4-192-768-3-192", 28.4), ("S4", "AutoTinyBERT", "3-320-608-4-256", 27.2),
+          ("KD-S1", "BERT", "4-512-2048-12-516", 4.9), ("KD-S1", "AutoTinyBERT", "5-564-1024-12-528", 4.6),
+          ("KD-S2", "BERT", "4-312-1200-12-312", 9.8), ("KD-S2", "AutoTinyBERT", "5-324-600-12-324", 9.0),
+          ("KD-S3", "BERT", "4-264-1056-12-264", 11.7), ("KD-S3", "AutoTinyBERT", "5-280-512-12-276", 10.7),
+          ("KD-S4", "BERT", "4-192-768-12-192", 17.0), ("KD-S4", "AutoTinyBERT", "4-256-480-12-192", 17.0),
+          ("S5", "BERT", "4-384-1536-6-384", 9.3), ("S5", "AutoTinyBERT", "5-450-636-6-384", 10.8),
+          ("S5", "AutoTinyBERT-Fast", "5-432-720-6-384", 10.3)]
+
+
+@dataclass
+class TimingCfg:
+    threads: int = field(default=1, metadata={"help": "CPU threads while timing (the paper: a single CPU)"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per input (the paper: 128)"})
+    batch: int = field(default=1, metadata={"help": "inputs per forward pass (the paper: 1)"})
+    warmup: int = field(default=3, metadata={"help": "untimed forward passes before timing"})
+    repeats: int = field(default=10, metadata={"help": "timed forward passes; their median is the latency"})
+
+
+@dataclass
+class MeasureCfg(TimingCfg):
+    space: str = field(default="pretrain", metadata={"help": "pretrain or kd (Table B.1), or a SuperPLM checkpoint "
+                                                             "whose search space to sample"})
+    samples: int = field(default=2000, metadata={"help": "distinct architectures to time"})
+    out: str = field(default="lat.jsonl", metadata={"help": "JSONL file, appended to and resumed"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampled architectures"})
+
+
+@dataclass
+class FitCfg:
+    data: str = field(default="lat.jsonl", metadata={"help": "JSONL written by `latency.py measure`"})
+    out: str = field(default="latency.pt", metadata={"help": "predictor file (metrics go beside it as .json)"})
+    holdout: float = field(default=0.2, metadata={"help": "share of archs held out for MAPE/RMSE/Kendall tau"})
+    width: int = field(default=128, metadata={"help": "hidden units of each of the MLP's 3 hidden layers"})
+    steps: int = field(default=3000, metadata={"help": "full-batch Adam steps"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (cosine decay to 0)"})
+    seed: int = field(default=0, metadata={"help": "seed of the split and the initialisation"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out"})
+
+
+@dataclass
+class TableCfg(TimingCfg):
+    predictor: Optional[str] = field(default=None, metadata={"help": "a latency.pt to add predicted speedups"})
+
+
+# ----------------------------------------------------------------------------- timing one model
+
+
+def build(arch):
+    """A stand-alone BERT of this shape, as deployed (its weights do not change its latency)."""
+    return Bert(arch).eval()
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    """torch's intra-op thread count set to n inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.inference_mode()
+def timings(models, threads=1, seq_len=128, batch=1, warmup=3, repeats=10):
+    """ms of `repeats` forward passes of each model after `warmup` untimed ones, on `threads` threads. Models take
+    turns pass by pass, so that all of them see the same state of a shared machine. With one thread we read that
+    thread's CPU time: on an idle core it equals wall-clock, and on a busy machine it leaves out the time other
+    processes hold the core (wall-clock there varies 2x from one second to the next)."""
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    out = [[] for _ in models]
+    with num_threads(threads):
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(models[0].word.num_embeddings, (batch, seq_len), generator=gen)  # (B, T), no padding
+        for n in range(warmup + repeats):
+            for model, times in zip(models, out):
+                t = clock()
+                model(ids)
+                if n >= warmup:
+                    times.append((clock() - t) * 1e3)
+    return out
+
+
+def measure(arch, threads=1, seq_len=128, batch=1, warmup=3, repeats=10):
+    """Latency in ms of `arch` as a stand-alone BERT: the median of `repeats` timed forward passes."""
+    return float(np.median(timings([build(arch)], threads, seq_len, batch, warmup, repeats)[0]))
+
+
+def cpu_model():
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_info(cfg):
+    """What a latency figure depends on besides the architecture."""
+    return dict(cpu=cpu_model(), cores=os.cpu_count(), threads=cfg.threads, torch=str(torch.__version__),
+                seq_len=cfg.seq_len, batch=cfg.batch)
+
+
+# ----------------------------------------------------------------------------- collecting data (§3.5, HAT)
+
+
+def collect(archs, cfg, start=0):
+    """Time `archs` in the given order, each interleaved pass by pass with the reference model (drift and the
+    machine's load then act on both alike); BERT-base likewise first and every BASE_EVERY archs. Yields one record
+    per timed model: its median ms and the reference's, each with its spread (relative interquartile range)."""
+    ref = build(REFERENCE)
+
+    def timed(kind, arch, **extra):
+        start = time.time()
+        ms, ref_ms = (np.percentile(t, [25, 50, 75]) for t in timings([build(arch), ref], cfg.threads, cfg.seq_len,
+                                                                        cfg.batch, cfg.warmup, cfg.repeats))
+        return dict(kind=kind, arch=str(arch), ms=float(ms[1]), spread=float((ms[2] - ms[0]) / ms[1]),
+                    ref_ms=float(ref_ms[1]), ref_spread=float((ref_ms[2] - ref_ms[0]) / ref_ms[1]),
+                    time=time.time(), seconds=time.time() - start, **extra)
+
+    for n, arch in enumerate(archs):
+        if n % BASE_EVERY == 0:
+            yield timed("base", BERT_BASE)
+        yield timed("arch", arch, i=start + n)
+
+
+def relative(record):
+    """The drift-free latency: a model's ms over the reference's ms timed alongside it."""
+    return record["ms"] / record["ref_ms"]
+
+
+def load_data(path):
+    """A measured JSONL as arrays: archs, drift-free ratios (ms / the reference's ms timed alongside), raw ms, and
+    the reference's and BERT-base's ms (medians over the file)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} does not exist: collect it with `python latency.py measure --out {path}`")
+    records = read_jsonl(path)
+    timed = [r for r in records if r["kind"] == "arch"]
+    bases = [relative(r) for r in records if r["kind"] == "base"]
+    if len(timed) < 10 or not bases:
+        raise UserError(f"{path} holds {len(timed)} timed archs: run `latency.py measure` longer (>= 10 needed)")
+    ref_ms = float(np.median([r["ref_ms"] for r in records[1:]]))
+    return dict(meta=records[0], archs=[Arch.parse(r["arch"]) for r in timed],
+                ratio=np.array([relative(r) for r in timed]), ms=np.array([r["ms"] for r in timed]),
+                ref_ms=ref_ms, base_ms=float(np.median(bases)) * ref_ms)
+
+
+def space_from(name):
+    """A search space by name (Table B.1) or the one saved in a SuperPLM checkpoint."""
+    if name in SPACES:
+        return SPACES[name]
+    if not Path(name).is_file():
+        raise UserError(f"--space {name!r} is neither {' nor '.join(SPACES)} nor a SuperPLM checkpoint file")
+    space = torch_load(name).get("space")
+    if not isinstance(space, dict):
+        raise UserError(f"{name} holds no search space: pass a checkpoint written by superplm.py")
+    return SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in space.items()})
+
+
+def sample_archs(space, n, seed):
+    """n distinct architectures in the random order they are drawn (a prefix of the same draw for a larger n)."""
+    if n > space.size():
+        raise UserError(f"the space holds only {space.size()} architectures: pass --samples <= {space.size()}")
+    rng, seen, out = random.Random(seed), set(), []
+    while len(out) < n:
+        arch = space.sample(rng)
+        if arch not in seen:
+            seen.add(arch)
+            out.append(arch)
+    return out
+
+
+def _drop_torn_tail(path):
+    """Cut a half-written last line (a killed run) so that appended lines stay readable."""
+    raw = Path(path).read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(raw.rfind(b"\n") + 1)
+
+
+def cmd_measure(cfg):
+    if cfg.seq_len > 512:
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds BERT's 512 positions: pass --seq-len <= 512")
+    meta = dict(kind="meta", space=cfg.space, seed=cfg.seed, warmup=cfg.warmup, repeats=cfg.repeats,
+                reference=str(REFERENCE), device=device_info(cfg))
+    records = []
+    if Path(cfg.out).exists():
+        _drop_torn_tail(cfg.out)
+        records = read_jsonl(cfg.out)
+    if records:
+        old = dict(records[0], **records[0].get("device", {}))
+        for key, value in dict(meta, **meta["device"]).items():
+            if key != "device" and old.get(key) != value:
+                raise UserError(f"{cfg.out} was measured with {key}={old.get(key)}, not {value}: pass the same "
+                                "flags to resume it, or another --out")
+    else:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        append_jsonl(cfg.out, meta)
+    done = sum(r["kind"] == "arch" for r in records)
+    archs = sample_archs(space_from(cfg.space), cfg.samples, cfg.seed)[done:]
+    if not archs:
+        print(f"{cfg.out} already holds {done} archs")
+        return
+    print(f"timing {len(archs)} archs ({done} done) on {meta['device']['cpu']}, {cfg.threads} thread(s) -> {cfg.out}")
+    bar = tqdm(total=len(archs), unit="arch")
+    for r in collect(archs, cfg, start=done):
+        append_jsonl(cfg.out, r)
+        bar.update(r["kind"] == "arch")
+        bar.set_postfix_str(f"{r['kind']} {r['arch']} {r['ms']:.1f}ms")
+    bar.close()
+
+
+# ----------------------------------------------------------------------------- the predictor
+
+
+def features(archs, seq_len, batch):
+    """Per-arch terms that cost time on a CPU (Eq. 1-3): the five sizes and the work of each kind of op."""
+    a = np.array([[x.layers, x.hidden, x.ffn, x.heads, x.qkv] for x in archs], dtype=np.float64)
+    L, dm, df, h, dqkv = a.T
+    T, B = seq_len, batch
+    return dict(layers=L, hidden=dm, ffn=df, heads=h, qkv=dqkv,
+                ffn_macs=B * L * T * 2 * dm * df,  # Eq. 3: two matmuls
+                proj_macs=B * L * T * 4 * dm * dqkv,  # Eq. 1-2: Q, K, V and output projections
+                attn_macs=B * L * T * T * 2 * dqkv,  # QK^T and attention x V
+                softmax=B * L * h * T * T,  # one T x T score map per head (HAT leaves heads out)
+                elementwise=B * L * T * (2 * dm + df))  # LayerNorms, residuals, GELU
+
+
+FEATURES = ("layers", "hidden", "ffn", "heads", "qkv", "ffn_macs", "proj_macs", "attn_macs", "softmax",
+            "elementwise")
+
+
+def mlp(n_in, width):
+    return nn.Sequential(nn.Linear(n_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                         nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1))
+
+
+class LatencyPredictor:
+    """lat(·) of §3.5: an MLP from log-scaled, standardised features to log(latency / reference latency)."""
+
+    def __init__(self, state):
+        self.state = state  # plain data: what save() writes
+        self.net = mlp(len(state["features"]), state["width"])
+        self.net.load_state_dict(state["net"])
+        self.net.eval()
+
+    @property
+    def base_ms(self):
+        """BERT-base's latency on the device it was measured on."""
+        return self.state["base_ms"]
+
+    @property
+    def device(self):
+        return self.state["device"]
+
+    def _inputs(self, archs):
+        s = self.state
+        f = features(archs, s["device"]["seq_len"], s["device"]["batch"])
+        x = np.log(np.stack([f[k] for k in s["features"]], 1))  # (N, F): sizes span two orders of magnitude
+        return torch.tensor((x - s["mean"]) / s["std"], dtype=torch.float32)
+
+    @torch.no_grad()
+    def predict(self, archs):
+        """Latency in ms of each arch."""
+        archs = [a if isinstance(a, Arch) else Arch.parse(a) for a in archs]
+        log_ratio = self.net(self._inputs(archs)).squeeze(1).double().numpy()  # (N,)
+        return np.exp(log_ratio * self.state["y_std"] + self.state["y_mean"]) * self.state["ref_ms"]
+
+    def __call__(self, arch):
+        return float(self.predict([arch])[0])
+
+    def speedup(self, arch):
+        return self.base_ms / self(arch)
+
+    @classmethod
+    def fit(cls, archs, ratio, ref_ms, base_ms, device, names=FEATURES, width=128, steps=3000, lr=3e-3, seed=0):
+        """Fit log(ratio) with full-batch Adam; ratio = latency / reference latency, ref_ms the reference's ms."""
+        seed_everything(seed)
+        f = features(archs, device["seq_len"], device["batch"])
+        x = np.log(np.stack([f[k] for k in names], 1))  # (N, F)
+        mean, std = x.mean(0), x.std(0) + 1e-8
+        y = np.log(ratio)
+        state = dict(features=list(names), width=width, mean=mean.tolist(), std=std.tolist(),
+                     y_mean=float(y.mean()), y_std=float(y.std() + 1e-8), ref_ms=float(ref_ms),
+                     base_ms=float(base_ms), device=dict(device))
+        net = mlp(len(names), width)
+        X = torch.tensor((x - mean) / std, dtype=torch.float32)
+        Y = torch.tensor((y - state["y_mean"]) / state["y_std"], dtype=torch.float32)[:, None]  # (N, 1)
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        with num_threads(1):  # tiny matmuls: more threads only contend on a shared machine
+            for _ in range(steps):
+                loss = ((net(X) - Y) ** 2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        state["net"] = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        return cls(state)
+
+    def save(self, path):
+        torch_save(self.state, path)
+
+    @classmethod
+    def load(cls, path):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path} does not exist: fit one with `python latency.py fit --out {path}`")
+        predictor = cls(torch_load(path))
+        if predictor.device["cpu"] != cpu_model():
+            warnings.warn(f"{path} was measured on {predictor.device['cpu']!r}, not this {cpu_model()!r}: its "
+                          "latencies describe that device; re-measure here with `latency.py measure`")
+        return predictor
+
+
+def kendall_tau(a, b):
+    """Kendall's tau-a: the share of concordant minus discordant pairs."""
+    a, b = np.asarray(a), np.asarray(b)
+    s = np.sign(a[:, None] - a[None, :]) * np.sign(b[:, None] - b[None, :])  # (N, N)
+    n = len(a)
+    return float(s[np.triu_indices(n, 1)].sum() / (n * (n - 1) / 2))
+
+
+def accuracy(pred_ms, true_ms):
+    """MAPE (%), RMSE (ms) and Kendall tau of predicted against measured latencies."""
+    p, t = np.asarray(pred_ms, dtype=np.float64), np.asarray(true_ms, dtype=np.float64)
+    return dict(mape=float(np.mean(np.abs(p - t) / t) * 100), rmse=float(np.sqrt(np.mean((p - t) ** 2))),
+                tau=kendall_tau(p, t), n=len(t))
+
+
+def fit_data(data, cfg, names=FEATURES):
+    """Fit on a random (1 - holdout) share; score the rest against the drift-free latency (ratio x reference ms)
+    and against the raw timings."""
+    n = len(data["archs"])
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    test, train = order[:max(1, int(n * cfg.holdout))], order[max(1, int(n * cfg.holdout)):]
+    meta = data["meta"]
+    device = dict(meta["device"], reference=meta["reference"], warmup=meta["warmup"], repeats=meta["repeats"])
+    pred = LatencyPredictor.fit([data["archs"][i] for i in train], data["ratio"][train], data["ref_ms"],
+                                data["base_ms"], device, names, cfg.width, cfg.steps, cfg.lr, cfg.seed)
+    p = pred.predict([data["archs"][i] for i in test])
+    metrics = dict(heldout=accuracy(p, data["ratio"][test] * data["ref_ms"]), heldout_raw=accuracy(p, data["ms"][test]),
+                   train=len(train), ref_ms=data["ref_ms"], base_ms=data["base_ms"])
+    pred.state["metrics"] = metrics
+    return pred, metrics
+
+
+def cmd_fit(cfg):
+    if Path(cfg.out).exists() and not cfg.overwrite:
+        raise UserError(f"{cfg.out} already exists: pass --overwrite to replace it or another --out")
+    t0 = time.time()
+    pred, m = fit_data(load_data(cfg.data), cfg)
+    pred.save(cfg.out)
+    save_json(dict(m, config=dataclasses.asdict(cfg)), Path(cfg.out).with_suffix(".json"))
+    h, r = m["heldout"], m["heldout_raw"]
+    print(f"fit on {m['train']} archs in {time.time() - t0:.1f}s; held-out {h['n']}: MAPE {h['mape']:.2f}%  "
+          f"RMSE {h['rmse']:.2f}ms  Kendall tau {h['tau']:.3f}  (against raw timings: MAPE {r['mape']:.2f}%, "
+          f"tau {r['tau']:.3f}); BERT-base {m['base_ms']:.1f}ms -> {cfg.out}")
+
+
+# ----------------------------------------------------------------------------- targets and Table 4
+
+
+def parse_target(text, base_ms):
+    """A latency budget in ms from "7x" / "7.5x" (speedup over BERT-base, whose latency is base_ms) or "12ms"."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(x|×|ms)\s*", str(text), re.IGNORECASE)
+    value = float(m.group(1)) if m else 0.0
+    if value <= 0:
+        raise ValueError(f"latency target {text!r} not understood: use a positive speedup over BERT-base such as "
+                         "'7x' or '7.5x', or a budget in milliseconds such as '12ms'")
+    return value if m.group(2).lower() == "ms" else base_ms / value
+
+
+def cmd_table(cfg):
+    pred = LatencyPredictor.load(cfg.predictor) if cfg.predictor else None
+    if pred:
+        for key in ("threads", "seq_len", "batch"):
+            if pred.device[key] != getattr(cfg, key):
+                raise UserError(f"{cfg.predictor} describes {key}={pred.device[key]}: pass "
+                                f"--{key.replace('_', '-')} {pred.device[key]}")
+    archs = list(dict.fromkeys(Arch.parse(a) for _, _, a, _ in TABLE4))
+    records = list(tqdm(collect(archs, cfg), total=len(archs) + 1, unit="model"))
+    base = np.median([relative(r) for r in records if r["kind"] == "base"])
+    speedup = {r["arch"]: base / relative(r) for r in records if r["kind"] == "arch"}
+    print(f"speedup over BERT-base on {cpu_model()}, {cfg.threads} thread(s), batch {cfg.batch}, "
+          f"{cfg.seq_len} tokens" + (f"; predicted by {cfg.predictor}" if pred else ""))
+    print(f"{'setting':8s} {'model':18s} {'arch':18s} {'paper':>7s} {'measured':>9s}" + (" predicted" if pred else ""))
+    for setting, name, arch, paper in TABLE4:
+        row = f"{setting:8s} {name:18s} {arch:18s} {paper:6.1f}x {speedup[arch]:8.1f}x"
+        print(row + (f" {pred.speedup(arch):8.1f}x" if pred else ""))
+
+
+# ----------------------------------------------------------------------------- command line
+
+COMMANDS = {"measure": (MeasureCfg, cmd_measure, "time sampled architectures, appending to a JSONL file"),
+            "fit": (FitCfg, cmd_fit, "fit the latency predictor on measured data"),
+            "table": (TableCfg, cmd_table, "Table 4's speedups measured here (and predicted)")}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    subs = parser.add_subparsers(dest="command", required=True)
+    for name, (Cfg, _, help_) in COMMANDS.items():
+        config_parser(Cfg, parser=subs.add_parser(name, help=help_, description=help_,
+                                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    args = parser.parse_args(argv)
+    Cfg, command, _ = COMMANDS[args.command]
+    return command(config_from_args(Cfg, args))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,549 @@
+"""Search a SuperPLM for the best architecture under a latency target (AutoTinyBERT stage 2: §3.5, App. C, §4.4).
+
+    evolve        Algorithm 2 as written: roulette-wheel parents, mutate (pm) or sample afresh (pe), T x S candidates
+    evolve-elite  the same loop with parents by rank among the best so far, a wider mutation and the authors'
+                  latency window (the default: it beats random search far more often, bench/search_quality.py)
+    random        the baseline: as many random candidates within the budget
+    fast          AutoTinyBERT-Fast (§4.4): one candidate per layer count following the paper's shape rule
+
+Every method takes plain callables `score(arch) -> float` (higher is better) and `latency(arch) -> ms`, so it can be
+studied on synthetic objectives; the CLI builds them from a SuperPLM checkpoint and a fitted latency predictor:
+
+    python search.py --target 7x --superplm runs/superplm --latency latency.pt [--method evolve] [--extract]
+
+Each scored candidate is appended to OUT/candidates.jsonl at once; --resume replays the same seeded search over
+those scores, so an interrupted search continues where it stopped and ends as an uninterrupted one would.
+"""
+
+import dataclasses
+import json
+import random
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from common import (UserError, append_jsonl, atomic_write, config_from_args, config_parser, fresh_out_dir,
+                    read_jsonl, run_main, save_json, seed_everything, torch_load)
+from model import Arch, SearchSpace, extract
+
+# ----------------------------------------------------------------------------- scored architectures
+
+
+@dataclass
+class Candidate:
+    """One scored architecture: its score (higher is better), predicted latency and the generation it entered."""
+    arch: Arch
+    score: float
+    latency: float
+    generation: int = 1
+
+    def to_dict(self):
+        return dict(arch=str(self.arch), score=self.score, latency=self.latency, generation=self.generation)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(Arch.parse(d["arch"]), d["score"], d["latency"], d.get("generation", 1))
+
+
+def ranked(candidates):
+    """Best first; ties keep the order in which they were scored (so results are deterministic)."""
+    return sorted(candidates, key=lambda c: -c.score)
+
+
+class Budget:
+    """The latency constraint of §3.5 with a cache: lat(arch) <= budget_ms, the predictor asked once per arch.
+    window=w also asks lat(arch) >= w x budget_ms (evolve-elite)."""
+
+    def __init__(self, space, latency, budget_ms, window=0.0):
+        self.latency, self.budget_ms, self.low, self.ms = latency, float(budget_ms), window * budget_ms, {}
+        smallest = space.smallest()
+        if self(smallest) > self.budget_ms:  # every arch is at least as slow as the smallest one
+            raise ValueError(f"no architecture of the search space meets the budget of {self.budget_ms:.4g} ms: "
+                             f"even the smallest, {smallest}, takes {self(smallest):.4g} ms; choose a lower "
+                             "speedup target")
+
+    def __call__(self, arch):
+        if arch not in self.ms:
+            self.ms[arch] = float(self.latency(arch))
+        return self.ms[arch]
+
+    def meets(self, arch):
+        return self(arch) <= self.budget_ms
+
+    def admits(self, arch):
+        return self.low <= self(arch) <= self.budget_ms
+
+
+class Evaluations:
+    """The evaluator of Algorithm 2 behind a cache: no architecture is scored twice. `cache` (arch -> score) holds
+    the scores of an interrupted run: re-running the same seeded search over it replays the same decisions and
+    scores only what is missing, so a resumed search equals an uninterrupted one."""
+
+    def __init__(self, score, budget, cache=None):
+        self.score, self.budget, self.cache = score, budget, dict(cache or {})
+        self.done, self.seen = [], set()  # Candidates in the order they were scored, and their archs
+
+    def __contains__(self, arch):
+        return arch in self.seen
+
+    def __call__(self, archs, generation):
+        out = []
+        for arch in archs:
+            if arch not in self.cache:
+                self.cache[arch] = float(self.score(arch))
+            out.append(Candidate(arch, self.cache[arch], self.budget(arch), generation))
+            self.seen.add(arch)
+        self.done += out
+        return out
+
+
+def fill(propose, size, budget, evals, max_draws):
+    """Draw from `propose()` until `size` new architectures within the budget (Algorithm 2, lines 4-9, with the
+    latency filter of §3.5); never one already scored. Stops after `max_draws` draws, so that a budget which only a
+    sliver of the space meets gives a short generation and a warning instead of an endless loop."""
+    chosen = []
+    for _ in range(max_draws):
+        if len(chosen) == size:
+            break
+        arch = propose()
+        if arch not in chosen and arch not in evals and budget.admits(arch):
+            chosen.append(arch)
+    if len(chosen) < size:
+        warnings.warn(f"only {len(chosen)} of {size} new architectures within {budget.budget_ms:.4g} ms found in "
+                      f"{max_draws} draws: the budget leaves little of the search space")
+    return chosen
+
+
+# ----------------------------------------------------------------------------- mutation
+
+
+def free_dims(space):
+    """The dimensions a search may change: qkv is tied to heads in the pre-training space (Table B.1)."""
+    return [d for d in SearchSpace.DIMS if len(space.choices(d)) > 1 and not (d == "qkv" and space.qkv is None)]
+
+
+def with_values(space, values):
+    """An Arch from a dict of dimension values, qkv tied to heads when the space ties it."""
+    if space.qkv is None:
+        values = dict(values, qkv=space.head_dim * values["heads"])
+    return Arch(**values)
+
+
+def mutate(arch, space, rng, scale=None):
+    """mut(·) of Algorithm 2: each free dimension moves with probability 1/2 (at least one moves) along its grid,
+    clipped to the space. scale=None: by one or two grid steps, as the authors' code does; scale=s: by a Gaussian
+    number of steps with standard deviation s x the grid's length, so that the 161 hidden sizes are explored as
+    readily as the 8 layer counts (evolve-elite)."""
+    if arch not in space:
+        raise ValueError(f"cannot mutate {arch}: it is not in the search space")
+    dims = free_dims(space)
+    for _ in range(100 if dims else 0):
+        values = dataclasses.asdict(arch)
+        for d in [d for d in dims if rng.random() < 0.5] or [rng.choice(dims)]:
+            grid_ = space.choices(d)
+            step = rng.choice((1, 2)) if scale is None else max(1, round(abs(rng.gauss(0, scale * len(grid_)))))
+            i = grid_.index(values[d]) + rng.choice((-1, 1)) * step
+            values[d] = grid_[min(max(i, 0), len(grid_) - 1)]
+        new = with_values(space, values)
+        if new != arch:
+            return new
+    return arch
+
+
+# ----------------------------------------------------------------------------- Algorithm 2 and evolve-elite
+
+
+def roulette(candidates, rng):
+    """Line 5: the Russian roulette wheel, P(parent) proportional to its score. The paper's scores (accuracy, F1)
+    are positive; when some are negative (e.g. -loss) the wheel is shifted so the worst score sits at 0."""
+    low = min(0.0, min(c.score for c in candidates))
+    weights = [c.score - low for c in candidates]
+    return rng.choices(candidates, weights=weights if sum(weights) > 0 else None)[0]
+
+
+def by_rank(candidates, rng, k):
+    """evolve-elite's parent: one of the k best so far, P proportional to k, k-1, ..., 1 (linear rank selection:
+    unlike the roulette wheel it does not care how the scores are scaled or shifted)."""
+    best = ranked(candidates)[:k]
+    return rng.choices(best, weights=range(len(best), 0, -1))[0]
+
+
+def evolve(space, score, latency, budget_ms, generations=4, population=25, p_mutate=0.5, p_explore=0.5, seed=0,
+           parents=None, scale=None, window=0.0, cache=None, on_generation=None, max_draws=None):
+    """Algorithm 2 (Appendix C): T = `generations` generations of S = `population` architectures within the latency
+    budget; returns every scored Candidate, best first. pm and pe are exclusive ("instead", §3.5): the parent is
+    mutated with probability pm, replaced by a fresh sample with probability pe, and kept otherwise (a repeat,
+    which is not scored again and so does not enter). on_generation(scored so far) runs after each generation.
+
+    The defaults are the paper's. evolve_elite changes three things, all off here: parents=k takes parents by rank
+    among the k best scored so far instead of the roulette wheel on the previous generation; scale widens the
+    mutation; window=w admits only candidates of at least w x budget_ms (the authors' code keeps 0.85-1.1x)."""
+    if not (0 <= p_mutate <= 1 and 0 <= p_explore <= 1 and p_mutate + p_explore <= 1):
+        raise ValueError(f"p_mutate={p_mutate} and p_explore={p_explore} must be probabilities summing to <= 1")
+    budget = Budget(space, latency, budget_ms, window)
+    evals = Evaluations(score, budget, cache)
+    max_draws = max_draws or 1000 * population
+    rng = random.Random(seed)
+    # Line 2: sample the first generation G1 from A; the evaluator produces its performance V1.
+    prev = evals(fill(lambda: space.sample(rng), population, budget, evals, max_draws), generation=1)
+    if not prev:
+        raise ValueError(f"no architecture within {budget_ms:.3g} ms found in {max_draws} random draws; choose a "
+                         "lower speedup target")
+    if on_generation:
+        on_generation(evals.done)
+    for t in range(2, generations + 1):  # line 3
+        scored = list(evals.done)
+
+        def propose():
+            # Line 5: a parent by the Russian roulette on G_{t-1} and V_{t-1} (evolve-elite: by rank, all so far).
+            parent = (roulette(prev, rng) if parents is None else by_rank(scored, rng, parents)).arch
+            r = rng.random()
+            if r < p_mutate:  # line 6: with probability pm, mut(α)
+                return mutate(parent, space, rng, scale)
+            if r < p_mutate + p_explore:  # line 7: with probability pe, a new architecture sampled from A
+                return space.sample(rng)
+            return parent
+
+        # Lines 4 and 8-10: G_t <- {}, append new candidates until |G_t| = S; line 11: the evaluator gives V_t.
+        prev = evals(fill(propose, population, budget, evals, max_draws), generation=t) or prev
+        if on_generation:
+            on_generation(evals.done)
+    return ranked(evals.done)  # line 13: the best first
+
+
+# Our default (bench/search_quality.py): elitist rank-based parents, wider mutation, the authors' latency window.
+ELITE = dict(p_mutate=0.8, p_explore=0.2, parents=5, scale=0.1, window=0.85)
+
+
+def evolve_elite(space, score, latency, budget_ms, **settings):
+    """Algorithm 2's loop with ELITE's settings (any of them can be overridden)."""
+    return evolve(space, score, latency, budget_ms, **{**ELITE, **settings})
+
+
+def random_search(space, score, latency, budget_ms, n=100, seed=0, window=0.0, cache=None, on_generation=None,
+                  max_draws=None):
+    """The baseline: n distinct architectures sampled uniformly from the space within the budget, all scored."""
+    budget = Budget(space, latency, budget_ms, window)
+    evals = Evaluations(score, budget, cache)
+    rng = random.Random(seed)
+    archs = fill(lambda: space.sample(rng), n, budget, evals, max_draws or 1000 * n)
+    if not archs:
+        raise ValueError(f"no architecture within {budget_ms:.3g} ms found by random sampling; choose a lower "
+                         "speedup target")
+    evals(archs, generation=1)
+    if on_generation:
+        on_generation(evals.done)
+    return ranked(evals.done)
+
+
+# ----------------------------------------------------------------------------- AutoTinyBERT-Fast (§4.4)
+
+FFN_RULE, QKV_RULE = (1.6, 1.9), (0.7, 1.0)  # §4.4: 1.6 dm <= df <= 1.9 dm and 0.7 dm <= dqkv <= 1.0 dm
+
+
+def follows_rule(arch):
+    return (FFN_RULE[0] * arch.hidden <= arch.ffn <= FFN_RULE[1] * arch.hidden
+            and QKV_RULE[0] * arch.hidden <= arch.qkv <= QKV_RULE[1] * arch.hidden)
+
+
+def fast_candidates(space, latency, budget_ms):
+    """For each layer count, the architecture of the rule nearest the budget from below (§4.4: "we only need to test
+    one architecture at each layer number"). Latency grows with every dimension, so for each (layers, hidden,
+    heads, qkv) the largest ffn within budget is found by bisection, scanning hidden from the top down and stopping
+    once a hidden's largest rule shape fits (no smaller hidden can come nearer)."""
+    budget = Budget(space, latency, budget_ms)
+    attention = sorted(((q, h) for h in space.heads for q in (space.qkv or (space.head_dim * h,)) if q % h == 0))
+    out = []
+    for layers in space.layers:
+        best = None
+        for hidden in sorted(space.hidden, reverse=True):
+            ffns = [f for f in space.ffn if FFN_RULE[0] * hidden <= f <= FFN_RULE[1] * hidden]
+            qhs = [(q, h) for q, h in attention if QKV_RULE[0] * hidden <= q <= QKV_RULE[1] * hidden]
+            shape = lambda f, qh: Arch(layers, hidden, f, qh[1], qh[0])  # noqa: E731
+            if not ffns or not qhs or not budget.meets(shape(ffns[0], qhs[0])):
+                continue  # even this hidden's smallest rule shape is too slow
+            for qh in qhs:
+                lo, hi = 0, len(ffns)  # bisection: ffns[:lo] meet the budget, ffns[hi:] do not
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    lo, hi = (mid + 1, hi) if budget.meets(shape(ffns[mid], qh)) else (lo, mid)
+                if lo and (best is None or budget(shape(ffns[lo - 1], qh)) > budget(best)):
+                    best = shape(ffns[lo - 1], qh)
+            if budget.meets(shape(ffns[-1], qhs[-1])):
+                break
+        if best is not None:
+            out.append(best)
+    return out, budget
+
+
+def fast_search(space, score, latency, budget_ms, seed=0, cache=None, on_generation=None):
+    """AutoTinyBERT-Fast (§4.4): score only the rule's candidate of each layer count and rank them."""
+    archs, budget = fast_candidates(space, latency, budget_ms)
+    if not archs:
+        raise ValueError(f"no architecture following the rule of §4.4 meets {budget_ms:.3g} ms; choose a lower "
+                         "speedup target or --method evolve")
+    evals = Evaluations(score, budget, cache)
+    evals(archs, generation=1)
+    if on_generation:
+        on_generation(evals.done)
+    return ranked(evals.done)
+
+
+METHODS = {"evolve": evolve, "evolve-elite": evolve_elite, "random": random_search, "fast": fast_search}
+
+# ----------------------------------------------------------------------------- evaluators: score(arch) from a SuperPLM
+
+
+class MLMScore:
+    """score(arch) = -(masked-LM loss) of the sub-model, run inside the SuperPLM (equal to extracting it, §3.4), on
+    `rows` fixed sequences with fixed masks. Loss rather than accuracy: it moves with every masked token instead of
+    in steps of 1/n, so close candidates are told apart. The roulette wheel shifts these negative scores (above)."""
+
+    def __init__(self, model, tokenizer_path, corpus, seq_len, cache_dir, rows=256, batch_size=32, seed=0,
+                 device="cpu"):
+        from data import build_dataset, load_tokenizer, mask_tokens
+        from superplm import MLM
+        ds = build_dataset(corpus, load_tokenizer(tokenizer_path), seq_len, cache_dir)
+        rows = min(rows, len(ds))
+        ids = ds[list(range(len(ds) - rows, len(ds)))]  # (rows, T): the corpus's last sequences
+        inputs, labels = mask_tokens(ids, ds.specials, torch.Generator().manual_seed(seed))
+        mask = (ids != ds.specials.pad).long()
+        self.batches = [dict(input_ids=inputs[i:i + batch_size].to(device), labels=labels[i:i + batch_size].to(device),
+                             attention_mask=mask[i:i + batch_size].to(device)) for i in range(0, rows, batch_size)]
+        self.model, self.objective, self.metrics = model.to(device).eval(), MLM(), {}
+
+    @torch.no_grad()
+    def __call__(self, arch):
+        loss = acc = n = 0.0
+        for batch in self.batches:
+            k = int((batch["labels"] != -100).sum())  # masked tokens: MLM averages over them
+            batch_loss, stats = self.objective(self.model, batch, arch)
+            loss, acc, n = loss + float(batch_loss) * k, acc + float(stats["acc"]) * k, n + k
+        self.metrics[arch] = dict(mlm_loss=loss / n, mlm_acc=100 * acc / n)
+        return -loss / n
+
+
+class FinetuneScore:
+    """The paper's evaluator (§3.5): extract the candidate, fine-tune it briefly on MNLI and on SQuAD v1.1 with
+    finetune.py, and score it by the average of MNLI accuracy and SQuAD F1 (both in %)."""
+
+    def __init__(self, model, tokenizer_path, work, cfg):
+        self.model, self.tokenizer, self.work, self.cfg, self.metrics = model.eval(), tokenizer_path, work, cfg, {}
+
+    def __call__(self, arch):
+        import finetune
+        folder = Path(self.work) / f"candidate-{arch}"
+        save_model(self.model, arch, self.tokenizer, folder)
+        c, scores = self.cfg, {}
+        for task, data in (("mnli", c.mnli_data), ("squad", c.squad_data)):
+            result = finetune.finetune(folder, task, data_dir=data or None, epochs=c.ft_epochs,
+                                       max_train_examples=c.ft_train_examples or None,
+                                       max_eval_examples=c.ft_eval_examples or None, seed=c.seed, device=c.device)
+            scores[task] = result["score"]
+        shutil.rmtree(folder)
+        self.metrics[arch] = dict(mnli_acc=scores["mnli"], squad_f1=scores["squad"])
+        return (scores["mnli"] + scores["squad"]) / 2
+
+
+def save_model(superplm, arch, tokenizer_path, folder):
+    """The sub-model as a stand-alone Hugging Face BERT folder with its vocabulary, ready for superplm.py --init
+    or finetune.py (§3.6)."""
+    from finetune import tokenizer_files
+    extract(superplm, arch).save_pretrained(folder)
+    for f in tokenizer_files(Path(tokenizer_path).parent):
+        shutil.copyfile(f, Path(folder) / f.name)
+    return folder
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@dataclass
+class Config:
+    target: str = field(default="7x", metadata={"help": "latency target: a speedup over BERT-base ('7x', Table 4) "
+                                                        "or a budget in ms ('40ms')"})
+    superplm: str = field(default="runs/superplm", metadata={"help": "SuperPLM run folder or checkpoint.pt "
+                                                                     "(superplm.py)"})
+    latency: str = field(default="latency.pt", metadata={"help": "latency predictor (latency.py fit)"})
+    method: str = field(default="evolve-elite", metadata={
+        "help": "evolve: Algorithm 2 as written; evolve-elite: elitist rank parents, wider mutation, latency "
+                "window (beats random search more often, bench/search_quality.py); random; fast: §4.4's rule",
+        "choices": list(METHODS)})
+    evaluator: str = field(default="mlm", metadata={
+        "help": "mlm: -(masked-LM loss) of the sub-model inside the SuperPLM (fast); finetune: the paper's average "
+                "of MNLI accuracy and SQuAD F1 after a short fine-tuning (finetune.py)", "choices": ["mlm", "finetune"]})
+    generations: int = field(default=4, metadata={"help": "T of Algorithm 2 (random search scores T x S archs)"})
+    population: int = field(default=25, metadata={"help": "S of Algorithm 2: architectures per generation"})
+    p_mutate: Optional[float] = field(default=None, metadata={
+        "help": "pm of Algorithm 2; default: the method's (evolve 0.5, evolve-elite 0.8)"})
+    p_explore: Optional[float] = field(default=None, metadata={
+        "help": "pe of Algorithm 2; default: the method's (evolve 0.5, evolve-elite 0.2)"})
+    top: int = field(default=3, metadata={"help": "architectures reported and extracted (§3.6: the top three)"})
+    extract: bool = field(default=False, metadata={"help": "save the top architectures as Hugging Face BERT "
+                                                           "folders (with the vocabulary) in OUT/top/"})
+    out: str = field(default="runs/search", metadata={"help": "run folder: results, state, figure"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted search in --out"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the search in --out"})
+    seed: int = field(default=0, metadata={"help": "seed of the search, the masks and the fine-tuning"})
+    device: str = field(default="auto", metadata={"help": "evaluator device: auto | cpu | cuda[:N]"})
+    eval_corpus: str = field(default="", metadata={"help": "mlm: corpus spec of the scored text (data.py); "
+                                                           "default: the SuperPLM's own (its last sequences)"})
+    eval_rows: int = field(default=256, metadata={"help": "mlm: sequences scored"})
+    batch_size: int = field(default=32, metadata={"help": "mlm: sequences per forward pass"})
+    mnli_data: str = field(default="", metadata={"help": "finetune: MNLI folder (GLUE layout); empty: datasets"})
+    squad_data: str = field(default="", metadata={"help": "finetune: folder of SQuAD v1.1 JSON; empty: datasets"})
+    ft_epochs: int = field(default=1, metadata={"help": "finetune: epochs per task"})
+    ft_train_examples: int = field(default=2000, metadata={"help": "finetune: training examples per task (0: all)"})
+    ft_eval_examples: int = field(default=1000, metadata={"help": "finetune: dev examples per task (0: all)"})
+
+
+def run_method(cfg, space, score, latency, budget_ms, cache, on_generation):
+    """The chosen method at T x S evaluations (random) or its own count (fast: one per layer count)."""
+    common = dict(seed=cfg.seed, cache=cache, on_generation=on_generation)
+    if cfg.method == "random":
+        return random_search(space, score, latency, budget_ms, n=cfg.generations * cfg.population, **common)
+    if cfg.method == "fast":
+        return fast_search(space, score, latency, budget_ms, **common)
+    probs = {k: v for k, v in dict(p_mutate=cfg.p_mutate, p_explore=cfg.p_explore).items() if v is not None}
+    return METHODS[cfg.method](space, score, latency, budget_ms, generations=cfg.generations,
+                               population=cfg.population, **probs, **common)
+
+
+def inputs(cfg):
+    """Fail before any work with the command that makes whatever is missing."""
+    superplm = Path(cfg.superplm)
+    if not (superplm / "checkpoint.pt" if superplm.is_dir() else superplm).exists():
+        raise UserError(f"no SuperPLM at {superplm}: train one with `python superplm.py --preset tiny --out "
+                        f"{superplm}` (or pass --superplm)")
+    if not Path(cfg.latency).exists():
+        raise UserError(f"no latency predictor at {cfg.latency}: make one with `python latency.py measure --out "
+                        f"lat.jsonl && python latency.py fit --data lat.jsonl --out {cfg.latency}`")
+    import latency
+    import superplm as stage1
+    model, space, tokenizer = stage1.load_superplm(superplm)
+    return model, space, tokenizer, torch_load(superplm / "checkpoint.pt" if superplm.is_dir() else superplm), \
+        latency.LatencyPredictor.load(cfg.latency), latency.parse_target
+
+
+def make_score(cfg, model, tokenizer, ckpt, out):
+    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.evaluator == "finetune":
+        return FinetuneScore(model, tokenizer, out, dataclasses.replace(cfg, device=device))
+    if ckpt.get("objective") != "mlm":
+        raise UserError(f"{cfg.superplm} was trained by {ckpt.get('objective')}, so its masked-LM head is untrained: "
+                        "use --evaluator finetune")
+    c = ckpt["config"]
+    return MLMScore(model, tokenizer, cfg.eval_corpus or c["corpus"], c["seq_len"], c["cache_dir"], cfg.eval_rows,
+                    cfg.batch_size, cfg.seed, device)
+
+
+def figure(candidates, top, base_ms, target_speedup, path, title):
+    """Speedup against score, as the paper's Figure 1; skipped without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    gens = sorted({c.generation for c in candidates})
+    for g in gens:
+        cs = [c for c in candidates if c.generation == g]
+        ax.scatter([base_ms / c.latency for c in cs], [c.score for c in cs], s=14, alpha=0.7,
+                   label=f"generation {g}" if len(gens) > 1 else "scored")
+    ax.scatter([base_ms / c.latency for c in top], [c.score for c in top], s=80, facecolors="none",
+               edgecolors="red", label=f"top {len(top)}")
+    for c in top:
+        ax.annotate(str(c.arch), (base_ms / c.latency, c.score), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.axvline(target_speedup, color="grey", linestyle="--", label=f"target {target_speedup:.3g}x")
+    ax.set(xlabel="speedup over BERT-base (predicted)", ylabel="score", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    cfg = config_from_args(Config, config_parser(Config, __doc__.split("\n")[0]).parse_args(argv))
+    if cfg.top < 1 or cfg.generations < 1 or cfg.population < 1:
+        raise UserError("--top, --generations and --population must be at least 1")
+    model, space, tokenizer, ckpt, predictor, parse_target = inputs(cfg)
+    budget_ms = parse_target(cfg.target, predictor.base_ms)
+    out = Path(cfg.out)
+    state = out / "candidates.jsonl"  # one line per scored architecture: what --resume replays
+    fresh_out_dir(out, cfg.resume, cfg.overwrite, marker="candidates.jsonl")
+    if cfg.resume and (out / "config.json").exists():  # the saved search wins, so that the replay is exact
+        saved = {k: v for k, v in json.loads((out / "config.json").read_text()).items() if k not in RESUMABLE}
+        cfg = dataclasses.replace(cfg, **saved)
+        budget_ms = parse_target(cfg.target, predictor.base_ms)
+    elif state.exists():
+        state.unlink()  # --overwrite
+    save_json(dataclasses.asdict(cfg), out / "config.json")
+    seed_everything(cfg.seed)
+    records = {Arch.parse(r["arch"]): r for r in (read_jsonl(state) if state.exists() else [])}
+    if records:  # rewritten whole: a torn last line from a killed run would spoil the lines appended after it
+        atomic_write(state, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records.values())))
+    score = make_score(cfg, model, tokenizer, ckpt, out)
+    score.metrics.update({a: r.get("metrics", {}) for a, r in records.items()})
+    print(f"searching {space.size():,} architectures of {model.arch} ({cfg.method}, {cfg.evaluator} evaluator) for "
+          f"{cfg.target}: latency <= {budget_ms:.4g} ms (BERT-base {predictor.base_ms:.4g} ms)"
+          + (f"; {len(records)} scored before, replayed" if records else ""))
+    n_evals = len(space.layers) if cfg.method == "fast" else cfg.generations * cfg.population
+    bar = tqdm(total=n_evals, initial=len(records), desc="scoring", unit="arch")
+
+    def scored(arch):  # every new evaluation is appended at once: an interrupted search loses at most one
+        value = score(arch)
+        append_jsonl(state, dict(arch=str(arch), score=value, latency=predictor(arch),
+                                 metrics=score.metrics.get(arch, {})))
+        bar.update()
+        return value
+
+    def rows(candidates):
+        return [dict(c.to_dict(), speedup=predictor.base_ms / c.latency, **score.metrics.get(c.arch, {}))
+                for c in candidates]
+
+    def on_generation(done):
+        save_json(rows(ranked(done)), out / "scored.json")
+        bar.write(f"generation {max(c.generation for c in done)}: {len(done)} scored, best "
+                  f"{ranked(done)[0].arch} score {ranked(done)[0].score:.4f}")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        results = run_method(cfg, space, scored, predictor, budget_ms, {a: r["score"] for a, r in records.items()},
+                             on_generation)
+    bar.close()
+    top = results[:cfg.top]
+    save_json(rows(results), out / "scored.json")
+    save_json(dict(target=cfg.target, budget_ms=budget_ms, base_ms=predictor.base_ms, method=cfg.method,
+                   evaluator=cfg.evaluator, superplm=str(cfg.superplm), top=rows(top)), out / "top.json")
+    made = [out / "top.json", out / "scored.json"]
+    png = figure(results, top, predictor.base_ms, predictor.base_ms / budget_ms, out / "search.png",
+                 f"{cfg.method} search for {cfg.target} ({cfg.evaluator} score)")
+    made += [png] if png else []
+    extra = sorted({k for c in top for k in score.metrics.get(c.arch, {})})
+    print(f"\ntop {len(top)} of {len(results)} scored architectures (layers-hidden-ffn-heads-qkv), target "
+          f"{cfg.target} = {budget_ms:.4g} ms:")
+    print(f"{'rank':>4}  {'architecture':20s} {'latency ms':>10} {'speedup':>8} {'score':>9}"
+          + "".join(f" {k:>9}" for k in extra))
+    for i, c in enumerate(top, 1):
+        m = score.metrics.get(c.arch, {})
+        print(f"{i:>4}  {str(c.arch):20s} {c.latency:10.4g} {predictor.base_ms / c.latency:7.2f}x {c.score:9.4f}"
+              + "".join(f" {m.get(k, float('nan')):9.4f}" for k in extra))
+    if cfg.extract:
+        for i, c in enumerate(top, 1):
+            made.append(save_model(model, c.arch, tokenizer, out / "top" / f"{i}-{c.arch}"))
+    print("\nwrote " + ", ".join(str(p) for p in made))
+    return top
+
+
+RESUMABLE = ("resume", "overwrite", "out", "device", "extract", "top")  # flags a resumed search may change
+
+
+if __name__ == "__main__":
+    run_main(main)

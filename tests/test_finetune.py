@@ -1,0 +1,407 @@
+import dataclasses
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import finetune as ft
+from common import UserError, read_jsonl, run_main, torch_save
+from model import Arch, Bert, SearchSpace
+
+WORDS = ("the a an cat dog bird fish tree house river city paris cafe runs sits eats sees red blue green small "
+         "big old new quick slow and or but in on of to with is was good bad man woman child book car road").split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is ~50x faster than two contending ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory):
+    """A WordPiece vocab.txt: specials, punctuation, the words, and '##ness' so that 'goodness' is 2 pieces."""
+    folder = tmp_path_factory.mktemp("vocab")
+    tokens = SPECIALS + list(".,!?'\"-") + WORDS + ["##ness", "##s"]
+    (folder / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tok(vocab):
+    return ft.load_tokenizer(vocab)
+
+
+def tiny_bert_folder(folder, vocab, seed=0):
+    torch.manual_seed(seed)
+    Bert(Arch(2, 64, 128, 2, 64), vocab_size=len((vocab / "vocab.txt").read_text().split()),
+         max_position=512).save_pretrained(folder)
+    (folder / "vocab.txt").write_text((vocab / "vocab.txt").read_text())
+    return folder
+
+
+def write_tsv(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+
+
+MNLI_TRAIN = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+              "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"]
+MNLI_DEV = MNLI_TRAIN[:10] + ["label1", "label2", "label3", "label4", "label5", "gold_label"]
+
+
+def mnli_row(i, a, b, label=None, dev=False):
+    row = [i, 1, f"{i}e", "fiction", "(x)", "(y)", "(S x)", "(S y)", a, b]
+    return row if label is None else row + ([label] * 5 if dev else [label]) + [label]
+
+
+def make_mnli(root):
+    labels = ["entailment", "neutral", "contradiction"]
+    d = root / "MNLI"
+    write_tsv(d / "train.tsv", [MNLI_TRAIN] + [mnli_row(i, f"the cat {i}", "a dog", labels[i % 3]) for i in range(7)])
+    write_tsv(d / "dev_matched.tsv", [MNLI_DEV] + [mnli_row(i, "a tree", "the river", labels[i % 3], True)
+                                                   for i in range(4)])
+    write_tsv(d / "dev_mismatched.tsv", [MNLI_DEV] + [mnli_row(i, "a book", "old car", "neutral", True)
+                                                      for i in range(5)])
+    write_tsv(d / "test_matched.tsv", [MNLI_TRAIN[:10]] + [mnli_row(i, "the man", "a woman") for i in range(3)])
+    return d
+
+
+def test_glue_layout_loading_and_encoding(tmp_path, tok):
+    make_mnli(tmp_path)
+    train = ft.read_glue("mnli", "train", tmp_path)  # glue_data/ root: the task folder is found inside it
+    assert len(train.a) == 7 and train.a[2] == "the cat 2" and train.b[2] == "a dog"
+    assert train.labels == [0, 1, 2, 0, 1, 2, 0]  # entailment, neutral, contradiction: datasets' order
+    mm = ft.read_glue("MNLI", "dev_mismatched", tmp_path / "MNLI")
+    assert len(mm.a) == 5 and set(mm.labels) == {1}
+    assert len(ft.read_glue("mnli", "dev_matched", tmp_path).a) == 4
+    test = ft.read_glue("mnli", "test_matched", tmp_path)
+    assert len(test.a) == 3 and test.labels == [None] * 3 and test.ids == ["0", "1", "2"]
+
+    # CoLA: train/dev without a header, test with one
+    cola = tmp_path / "CoLA"
+    write_tsv(cola / "train.tsv", [["gj04", i % 2, "*" if i % 2 == 0 else "", f"the dog sees {i}"] for i in range(6)])
+    write_tsv(cola / "dev.tsv", [["gj04", 1, "", "a cat runs"]] * 3)
+    write_tsv(cola / "test.tsv", [["index", "sentence"], [0, "big red car"], [1, "the man"]])
+    c = ft.read_glue("cola", "train", cola)
+    assert len(c.a) == 6 and c.b is None and c.labels == [0, 1, 0, 1, 0, 1] and c.a[5] == "the dog sees 5"
+    assert len(ft.read_glue("cola", "dev", cola).a) == 3
+    assert ft.read_glue("cola", "test", cola).a == ["big red car", "the man"]
+
+    # STS-B: a float label in the last column; MRPC: label first, texts by header name
+    write_tsv(tmp_path / "STS-B" / "train.tsv", [["index", "genre", "filename", "year", "old_index", "source1",
+                                                  "source2", "sentence1", "sentence2", "score"],
+                                                 [0, "g", "f", 2012, 1, "s", "s", "a cat", "the dog", "3.800"]])
+    assert ft.read_glue("stsb", "train", tmp_path).labels == [3.8]
+    write_tsv(tmp_path / "MRPC" / "train.tsv", [["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
+                                                [1, 7, 8, "a red car", "the red car"]])
+    m = ft.read_glue("mrpc", "train", tmp_path)
+    assert (m.a, m.b, m.labels) == (["a red car"], ["the red car"], [1])
+
+    # encoding: [CLS] a [SEP] b [SEP] with token types, truncated to max_len
+    feats = ft.encode_glue(tok, train)
+    ids, types_ = feats[2]
+    assert ids == tok.encode("the cat 2", "a dog").ids and ids[0] == tok.token_to_id("[CLS]")
+    assert types_ == [0] * 5 + [1] * 3  # [CLS] the cat 2 [SEP] | a dog [SEP]
+    long = ft.Split([" ".join(["cat"] * 300)], ["dog " * 300], [0], [0])
+    (ids, types_), = ft.encode_glue(tok, long, max_len=128)
+    assert len(ids) == 128 and ids.count(tok.token_to_id("[SEP]")) == 2 and 1 in types_
+
+
+def test_datasets_code_path(monkeypatch):
+    """Without --data the same splits come from `datasets` (offline here: the loader is stood in for)."""
+    import datasets
+    calls = []
+
+    def load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        if path == "rajpurkar/squad":
+            return datasets.Dataset.from_dict({"id": ["a"], "title": ["t"], "context": ["the red car"],
+                                               "question": ["what ?"],
+                                               "answers": [{"text": ["red car"], "answer_start": [4]}]})
+        label = -1 if split.startswith("test") else 2
+        return datasets.Dataset.from_dict({"premise": ["a cat"], "hypothesis": ["a dog"], "label": [label],
+                                           "idx": [7]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    dev = ft.read_glue("mnli", "dev_mismatched")
+    assert (dev.a, dev.b, dev.labels, dev.ids) == (["a cat"], ["a dog"], [2], [7])
+    assert ft.read_glue("mnli", "test_matched").labels == [None]
+    assert ft.read_squad("dev") == [dict(id="a", question="what ?", context="the red car", answers=["red car"],
+                                         starts=[4])]
+    assert calls == [("nyu-mll/glue", "mnli", "validation_mismatched"), ("nyu-mll/glue", "mnli", "test_matched"),
+                     ("rajpurkar/squad", None, "validation")]
+
+
+def test_glue_bad_input_errors(tmp_path):
+    with pytest.raises(UserError, match="unknown task 'mnlx'"):
+        ft.task_name("mnlx")
+    with pytest.raises(UserError, match="unknown task"):
+        ft.finetune(tmp_path, "squad2", data_dir=tmp_path)
+    assert ft.task_name("SST-2") == "sst2" and ft.task_name("sts-b") == "stsb"
+    (tmp_path / "RTE").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"RTE has no train\.tsv"):
+        ft.read_glue("rte", "train", tmp_path / "RTE")
+    write_tsv(tmp_path / "RTE" / "train.tsv", [["index", "sentence1", "sentence2", "label"],
+                                               [0, "a", "b", "entailment"], [1, "a", "b"]])
+    with pytest.raises(UserError, match=r"train\.tsv line 3: 3 tab-separated columns where its header has 4"):
+        ft.read_glue("rte", "train", tmp_path)
+    write_tsv(tmp_path / "RTE" / "dev.tsv", [["index", "sentence1", "sentence2", "label"], [0, "a", "b", "maybe"]])
+    with pytest.raises(UserError, match=r"dev\.tsv line 2: label 'maybe'"):
+        ft.read_glue("rte", "dev", tmp_path)
+    write_tsv(tmp_path / "QNLI" / "train.tsv", [["index", "sentence1", "sentence2", "label"]])
+    with pytest.raises(UserError, match="no column 'question'"):
+        ft.read_glue("qnli", "train", tmp_path)
+
+
+def test_compute_metrics_agree_with_sklearn_and_scipy():
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        y, p = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+        p[:120] = y[:120]  # correlated, as a model's predictions are
+        cola, mrpc = ft.compute_metrics("cola", p, y), ft.compute_metrics("mrpc", p, y)
+        assert cola["matthews"] == pytest.approx(100 * matthews_corrcoef(y, p)) and cola["score"] == cola["matthews"]
+        assert mrpc["accuracy"] == pytest.approx(100 * accuracy_score(y, p))
+        assert mrpc["f1"] == pytest.approx(100 * f1_score(y, p)) and mrpc["score"] == mrpc["accuracy"]
+        y3, p3 = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
+        assert ft.compute_metrics("mnli", p3, y3)["accuracy"] == pytest.approx(100 * accuracy_score(y3, p3))
+        ys = rng.integers(0, 6, 150).astype(float)  # many ties, as STS-B's gold scores have
+        ps = ys + rng.normal(0, 1.5, 150)
+        ps[:20] = np.round(ps[:20])
+        s = ft.compute_metrics("stsb", ps, ys)
+        assert s["pearson"] == pytest.approx(100 * pearsonr(ps, ys)[0])
+        assert s["spearman"] == pytest.approx(100 * spearmanr(ps, ys)[0])
+        assert s["score"] == pytest.approx((s["pearson"] + s["spearman"]) / 2)
+    assert ft.compute_metrics("cola", [1, 1, 1], [0, 1, 1])["matthews"] == 0.0  # undefined -> 0, as sklearn
+
+
+def test_squad_scores_normalisation_and_several_golds():
+    cases = [  # (prediction, golds, exact match, f1)
+        ("The Eiffel Tower", ["eiffel tower"], 1, 1.0),          # case and article
+        ("eiffel tower!", ["Eiffel, Tower."], 1, 1.0),           # punctuation
+        ("  eiffel \t  tower ", ["eiffel tower"], 1, 1.0),       # white space
+        ("an apple a day", ["apple day"], 1, 1.0),                # articles, only as words
+        ("theatre", ["atre"], 0, 0.0),                            # 'the' inside a word stays
+        ("red car", ["blue car", "red car park", "red car"], 1, 1.0),  # the best gold counts
+        ("red car", ["blue car", "red car park"], 0, 0.8),        # f1: max(0.5, 2*2/(2+3))
+        ("big red car", ["red car"], 0, 0.8),                     # precision 2/3, recall 1
+        ("dog", ["cat"], 0, 0.0),
+    ]
+    for k, (pred, golds, em, f1) in enumerate(cases):
+        s = ft.squad_scores({"q": pred}, {"q": golds})
+        assert s["exact_match"] == pytest.approx(100 * em), (k, pred)
+        assert s["f1"] == pytest.approx(100 * f1), (k, pred)
+    total = ft.squad_scores({c[0] + str(i): c[0] for i, c in enumerate(cases)},
+                            {c[0] + str(i): c[1] for i, c in enumerate(cases)} | {"missing": ["x"]})
+    assert total["exact_match"] == pytest.approx(100 * sum(c[2] for c in cases) / (len(cases) + 1))
+    assert total["f1"] == pytest.approx(100 * sum(c[3] for c in cases) / (len(cases) + 1))
+
+
+def squad_examples(n, seed, words=40):
+    """Contexts of real words (capitals, accents, a two-piece word, punctuation), answers at word boundaries."""
+    rng = random.Random(seed)
+    pool = WORDS + ["Paris", "Café", "goodness", "dogs", "runs,", "river."]
+    out = []
+    for i in range(n):
+        tokens = [rng.choice(pool) for _ in range(words)]
+        context = " ".join(tokens)
+        starts = [0] + [len(" ".join(tokens[:k])) + 1 for k in range(1, words)]
+        answers, begins = [], []
+        for _ in range(3):
+            k, m = rng.randrange(words - 3), rng.randint(1, 3)
+            text = " ".join(tokens[k:k + m]).rstrip(",.")
+            answers.append(text)
+            begins.append(starts[k])
+        out.append(dict(id=f"q{seed}-{i}", question="what sees the big dog ?", context=context, answers=answers,
+                        starts=begins))
+    return out
+
+
+def write_squad(folder, which, examples):
+    folder.mkdir(parents=True, exist_ok=True)
+    qas = [dict(id=e["id"], question=e["question"],
+                answers=[dict(text=t, answer_start=s) for t, s in zip(e["answers"], e["starts"])]) for e in examples]
+    data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": e["context"], "qas": [q]}
+                                                                     for e, q in zip(examples, qas)]}]}
+    (folder / f"{which}-v1.1.json").write_text(json.dumps(data))
+
+
+def test_squad_layout_loading(tmp_path):
+    train, dev = squad_examples(6, 0), squad_examples(3, 1)
+    write_squad(tmp_path, "train", train)
+    write_squad(tmp_path, "dev", dev)
+    assert ft.read_squad("train", tmp_path) == train
+    assert ft.read_squad("dev", tmp_path) == dev
+    with pytest.raises(FileNotFoundError, match=r"no dev-v1\.1\.json"):
+        ft.read_squad("dev", tmp_path / "nowhere")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "train-v1.1.json").write_text(json.dumps({"data": [{"paragraphs": [{"qas": [{"id": "x"}]}]}]}))
+    with pytest.raises(UserError, match="not in SQuAD's JSON layout"):
+        ft.read_squad("train", tmp_path / "bad")
+
+
+def test_squad_windows_map_every_gold_answer_back_to_its_text(tok):
+    examples = squad_examples(8, 2, words=60)
+    windows = ft.squad_windows(tok, examples, max_len=32, doc_stride=8, labelled=True)
+    assert len(windows) > 3 * len(examples)  # the contexts are split across several windows
+    for i, ex in enumerate(examples):
+        ws = [w for w in windows if w.example == i]
+        n_ctx = len(tok.encode(ex["context"], add_special_tokens=False).ids)
+        assert ws[0].offsets[0][0] == 0 and ws[-1].offsets[-1][1] == len(ex["context"])  # the whole context
+        assert sorted({o for w in ws for o in w.offsets}) == sorted(set(
+            tok.encode(ex["context"], add_special_tokens=False).offsets)) and n_ctx > 32
+        for w in ws:
+            assert len(w.ids) <= 32 and w.ids[w.ctx - 1] == w.ids[-1] == tok.token_to_id("[SEP]")
+            assert w.types == [0] * w.ctx + [1] * (len(w.ids) - w.ctx)
+        for text, start in zip(ex["answers"], ex["starts"]):
+            found = 0
+            for w in ws:
+                span = ft.answer_span(w.offsets, start, start + len(text))
+                if span:
+                    found += 1
+                    assert ex["context"][w.offsets[span[0]][0]:w.offsets[span[1]][1]] == text
+            assert found >= 1
+        for w in ws:  # training targets: the first gold answer where the window holds it, else [CLS]
+            text = ex["answers"][0]
+            if w.start:
+                assert ex["context"][w.offsets[w.start - w.ctx][0]:w.offsets[w.end - w.ctx][1]] == text
+            else:
+                assert ft.answer_span(w.offsets, ex["starts"][0], ex["starts"][0] + len(text)) is None
+
+
+def test_decode_recovers_the_peaked_span(tok):
+    examples = squad_examples(3, 3, words=60)
+    windows = ft.squad_windows(tok, examples, max_len=32, doc_stride=8)
+    logits = [(np.random.default_rng(k).normal(0, 0.1, len(w.ids)), np.random.default_rng(k + 99).normal(0, 0.1,
+               len(w.ids))) for k, w in enumerate(windows)]
+    for i, ex in enumerate(examples):  # peak on the last gold answer, in the last window that holds it
+        text, start = ex["answers"][-1], ex["starts"][-1]
+        w, k = [(w, k) for k, w in enumerate(windows) if w.example == i
+                and ft.answer_span(w.offsets, start, start + len(text))][-1]
+        a, b = ft.answer_span(w.offsets, start, start + len(text))
+        logits[k][0][w.ctx + a] += 10
+        logits[k][1][w.ctx + b] += 10
+    predictions = ft.decode(examples, windows, logits)
+    assert predictions == {ex["id"]: ex["answers"][-1] for ex in examples}
+    # an end before the start, or a span longer than max_answer_len, is never decoded
+    w = windows[0]
+    s, e = np.full(len(w.ids), -10.0), np.full(len(w.ids), -10.0)
+    s[w.ctx + 5], e[w.ctx + 2], e[w.ctx + 7] = 10, 20, 5
+    assert ft.decode(examples[:1], [w], [(s, e)])[examples[0]["id"]] == \
+        examples[0]["context"][w.offsets[5][0]:w.offsets[7][1]]
+    assert ft.decode(examples[:1], [w], [(s, e)], max_answer_len=2)[examples[0]["id"]] != \
+        examples[0]["context"][w.offsets[5][0]:w.offsets[7][1]]
+
+
+def keyword_task(n, seed):
+    """RTE layout; 'entailment' iff 'good' occurs in the second sentence."""
+    rng = random.Random(seed)
+    plain = [w for w in WORDS if w != "good"]
+    rows = [["index", "sentence1", "sentence2", "label"]]
+    for i in range(n):
+        a, b = [rng.choice(plain) for _ in range(6)], [rng.choice(plain) for _ in range(6)]
+        yes = rng.random() < 0.5
+        if yes:
+            b[rng.randrange(6)] = "good"
+        rows.append([i, " ".join(a), " ".join(b), "entailment" if yes else "not_entailment"])
+    return rows
+
+
+def test_finetune_learns_a_keyword_task(tmp_path, vocab):
+    model = tiny_bert_folder(tmp_path / "model", vocab)
+    glue = tmp_path / "glue"
+    write_tsv(glue / "RTE" / "train.tsv", keyword_task(320, 0))
+    write_tsv(glue / "RTE" / "dev.tsv", keyword_task(100, 1))
+    write_tsv(glue / "RTE" / "test.tsv", [r[:3] for r in keyword_task(20, 2)])
+    result = ft.finetune(model, "rte", data_dir=glue, lr=[1e-4, 1e-3], epochs=[1, 4], batch_size=16,
+                         out=tmp_path / "run")
+    assert result["accuracy"] > 90, result  # chance is about 50
+    assert [(r["lr"], r["epochs"]) for r in result["runs"]] == [(1e-4, 1), (1e-4, 4), (1e-3, 1), (1e-3, 4)]
+    assert result["score"] == max(r["score"] for r in result["runs"]) and result["runs"][0]["accuracy"] < 70
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["kind"] for r in records].count("epoch") == 10 and records[-1]["kind"] == "best"
+    best = tmp_path / "run" / "best"
+    assert {"config.json", "model.safetensors", "head.pt", "vocab.txt", "dev_metrics.json"} <= {
+        f.name for f in best.iterdir()}
+    # the checkpoint reloads to the same dev accuracy, and the submission file has one label per test row
+    dev = ft.read_glue("rte", "dev", glue)
+    logits = ft.predict(ft.load_model(best, "rte")[0], ft.encode_glue(ft.load_tokenizer(best), dev), 64, 0, "cpu")
+    assert ft.compute_metrics("rte", ft.labels_of(logits), dev.labels)["accuracy"] == result["accuracy"]
+    lines = (tmp_path / "run" / "RTE.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 21
+    assert all(line.split("\t")[1] in ("entailment", "not_entailment") for line in lines[1:])
+    with pytest.raises(UserError, match="already holds a run"):
+        ft.finetune(model, "rte", data_dir=glue, out=tmp_path / "run")
+
+
+def test_sub_model_of_a_superplm_checkpoint(tmp_path, vocab):
+    """search.py's evaluator: extract an architecture from a SuperPLM run folder and fine-tune it (§3.4-3.5)."""
+    torch.manual_seed(0)
+    superplm = Bert(Arch(2, 64, 128, 2, 64), vocab_size=len((vocab / "vocab.txt").read_text().split()))
+    run = tmp_path / "superplm"
+    run.mkdir()
+    (run / "vocab.txt").write_text((vocab / "vocab.txt").read_text())
+    space = SearchSpace(layers=(1, 2), hidden=(48, 64), ffn=(96, 128), heads=(1, 2))
+    torch_save(dict(model_config=superplm.config(), model=superplm.state_dict(), space=dataclasses.asdict(space),
+                    objective="mlm", tokenizer=str(run / "vocab.txt")), run / "checkpoint.pt")
+    arch = Arch(1, 48, 96, 1, 32)
+    model, tokenizer = ft.load_model(run, "rte", str(arch))
+    ids = torch.randint(5, 40, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(model.bert.eval()(ids), superplm.eval()(ids, arch=arch), atol=1e-6)
+    assert tokenizer == str(run / "vocab.txt")
+    glue = tmp_path / "glue"
+    write_tsv(glue / "RTE" / "train.tsv", keyword_task(32, 0))
+    write_tsv(glue / "RTE" / "dev.tsv", keyword_task(16, 1))
+    result = ft.finetune(run, "rte", data_dir=glue, arch=str(arch), epochs=1, out=tmp_path / "run")
+    assert 0 <= result["accuracy"] <= 100
+    config = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (1, 48, 96)
+    with pytest.raises(UserError, match="--arch needs a SuperPLM"):
+        ft.load_model(tiny_bert_folder(tmp_path / "plain", vocab), "rte", str(arch))
+
+
+def test_squad_run_writes_official_predictions(tmp_path, vocab):
+    model = tiny_bert_folder(tmp_path / "model", vocab)
+    write_squad(tmp_path / "squad", "train", squad_examples(24, 4))
+    write_squad(tmp_path / "squad", "dev", squad_examples(6, 5))
+    result = ft.finetune(model, "squad", data_dir=tmp_path / "squad", epochs=1, max_train_examples=16,
+                         out=tmp_path / "run", max_len=48, doc_stride=16)
+    assert {"exact_match", "f1", "score"} <= set(result) and result["score"] == result["f1"]
+    predictions = json.loads((tmp_path / "run" / "predictions.json").read_text())
+    assert set(predictions) == {f"q5-{i}" for i in range(6)} and all(isinstance(v, str) for v in predictions.values())
+    assert ft.squad_scores(predictions, {e["id"]: e["answers"] for e in squad_examples(6, 5)})["f1"] == \
+        pytest.approx(result["f1"])
+
+
+def test_pooler_is_taken_from_a_hugging_face_checkpoint(tmp_path):
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    hf = BertModel(BertConfig(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=128)).eval()
+    hf.save_pretrained(tmp_path)
+    model = ft.load_model(tmp_path, "mnli")[0].eval()
+    ids = torch.randint(5, 99, (2, 9))
+    mask, types = torch.ones_like(ids), torch.tensor([[0] * 5 + [1] * 4] * 2)
+    mask[1, 7:] = 0
+    pooled = torch.tanh(model.pooler(model.bert(ids, mask, types)[:, 0]))
+    with torch.no_grad():
+        assert torch.allclose(pooled, hf(ids, mask, types).pooler_output, atol=1e-5)
+    assert model(ids, mask, types).shape == (2, 3)
+
+
+def test_cli_help_and_one_line_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        ft.main(["--help"])
+    assert e.value.code == 0 and "Table D.1" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: ft.main(["--task", "rte"]))
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: no model")

@@ -1,0 +1,154 @@
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import latency
+from common import UserError, read_jsonl, torch_load, torch_save
+from latency import LatencyPredictor, accuracy, kendall_tau, measure, parse_target, relative, sample_archs
+from model import BERT_BASE, PRETRAIN_SPACE, Arch, SearchSpace, grid
+
+DEVICE = dict(cpu=latency.cpu_model(), cores=2, threads=1, torch=str(torch.__version__), seq_len=128, batch=1)
+
+
+def synthetic_ms(arch):
+    """A made-up CPU: per-layer overhead, per-head cost, matmul work and attention maps (not our feature set)."""
+    a = arch
+    return a.layers * (0.15 + 0.04 * a.heads + 1.1e-5 * a.hidden * (a.ffn + 2 * a.qkv) + 2e-4 * a.qkv) + 0.3
+
+
+def fitted(n=400, steps=1500):
+    archs = sample_archs(PRETRAIN_SPACE, n, seed=0)
+    ms = np.array([synthetic_ms(a) for a in archs])
+    train, test = archs[: n * 4 // 5], archs[n * 4 // 5:]
+    pred = LatencyPredictor.fit(train, ms[: n * 4 // 5] / 10.0, ref_ms=10.0, base_ms=synthetic_ms(BERT_BASE),
+                                device=DEVICE, width=64, steps=steps, seed=0)
+    return pred, test, ms[n * 4 // 5:]
+
+
+def test_predictor_learns_a_known_latency_function():
+    pred, test, ms = fitted()
+    m = accuracy(pred.predict(test), ms)
+    assert m["mape"] < 3.0, m
+    assert m["tau"] > 0.95, m
+    arch = test[0]
+    assert pred(arch) == pytest.approx(pred.predict([arch])[0])
+    assert pred(str(arch)) == pred(arch)
+    assert pred.speedup(arch) == pytest.approx(pred.base_ms / pred(arch))
+
+
+def test_save_load_same_predictions_and_foreign_cpu_warns(tmp_path):
+    pred, test, _ = fitted(n=100, steps=200)
+    pred.save(tmp_path / "lat.pt")
+    state = torch_load(tmp_path / "lat.pt")  # plain data: loads with weights_only=True
+    assert state["device"]["cpu"] == latency.cpu_model() and state["base_ms"] == pred.base_ms
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same CPU: no warning
+        again = LatencyPredictor.load(tmp_path / "lat.pt")
+    np.testing.assert_array_equal(again.predict(test), pred.predict(test))
+    assert again.base_ms == pred.base_ms
+    state["device"]["cpu"] = "Some Other CPU 9000"
+    torch_save(state, tmp_path / "other.pt")
+    with pytest.warns(UserWarning, match="Some Other CPU 9000"):
+        LatencyPredictor.load(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError):
+        LatencyPredictor.load(tmp_path / "missing.pt")
+
+
+def test_parse_target():
+    assert parse_target("7x", 700.0) == pytest.approx(100.0)
+    assert parse_target("7.5x", 750.0) == pytest.approx(100.0)
+    assert parse_target(" 2X ", 10.0) == pytest.approx(5.0)
+    assert parse_target("12ms", 700.0) == 12.0
+    assert parse_target("0.5ms", 700.0) == 0.5
+    for bad in ("7", "fast", "0x", "-3x", "0ms", "", "7 x y", "x", "ms", "12 s", "nanx"):
+        with pytest.raises(ValueError) as e:
+            parse_target(bad, 700.0)
+        msg = str(e.value)
+        assert "\n" not in msg and "7x" in msg and "12ms" in msg
+
+
+def test_kendall_tau_and_accuracy():
+    from scipy.stats import kendalltau
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=50)
+    b = a + rng.normal(scale=0.5, size=50)
+    assert kendall_tau(a, b) == pytest.approx(kendalltau(a, b)[0])
+    m = accuracy([110.0, 90.0], [100.0, 100.0])
+    assert m["mape"] == pytest.approx(10.0) and m["rmse"] == pytest.approx(10.0)
+
+
+def test_collect_times_each_arch_beside_the_reference(monkeypatch):
+    monkeypatch.setattr(latency, "BERT_BASE", Arch(2, 128, 512, 2, 128))  # keep the test fast
+    monkeypatch.setattr(latency, "BASE_EVERY", 2)
+    cfg = latency.TimingCfg(seq_len=32, warmup=0, repeats=3)
+    archs = [Arch(1, 64, 64, 1, 64), Arch(2, 96, 128, 2, 128), Arch(1, 64, 128, 1, 64)]
+    recs = list(latency.collect(archs, cfg, start=5))
+    assert [r["kind"] for r in recs] == ["base", "arch", "arch", "base", "arch"]
+    assert [r["i"] for r in recs if r["kind"] == "arch"] == [5, 6, 7]
+    assert all(r["ms"] > 0 and r["ref_ms"] > 0 and r["spread"] >= 0 and r["ref_spread"] >= 0 for r in recs)
+    assert relative(recs[1]) == recs[1]["ms"] / recs[1]["ref_ms"] < 1  # a 1-layer 64-wide model vs BERT-S1
+
+
+def test_measure_positive_larger_is_slower_and_threads_restored():
+    before = torch.get_num_threads()
+    small = measure(Arch(1, 64, 64, 1, 64), seq_len=64, warmup=1, repeats=3)
+    large = measure(Arch(4, 512, 2048, 8, 512), seq_len=64, warmup=1, repeats=3)
+    assert 0 < small < large
+    assert torch.get_num_threads() == before
+    other = 2 if before == 1 else 1
+    assert measure(Arch(1, 64, 64, 1, 64), threads=other, seq_len=16, warmup=0, repeats=1) > 0
+    assert torch.get_num_threads() == before
+
+
+TINY = SearchSpace(layers=grid(1, 2, 1), hidden=grid(64, 128, 32), ffn=grid(64, 256, 64), heads=(1, 2))
+
+
+def test_measure_fit_cli_resumes_and_refuses_mixing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(latency, "BERT_BASE", Arch(2, 128, 512, 2, 128))  # keep the test fast
+    ckpt = tmp_path / "checkpoint.pt"
+    torch_save(dict(space=dict(layers=list(TINY.layers), hidden=list(TINY.hidden), ffn=list(TINY.ffn),
+                               heads=list(TINY.heads), qkv=None, head_dim=64)), ckpt)
+    out = tmp_path / "lat.jsonl"
+    flags = ["--space", str(ckpt), "--out", str(out), "--warmup", "0", "--repeats", "2",
+             "--seq-len", "32"]
+    latency.main(["measure", "--samples", "7", *flags])
+    with open(out, "a") as f:
+        f.write('{"kind": "arch", "ar')  # a run killed mid-line
+    latency.main(["measure", "--samples", "12", *flags])
+    recs = read_jsonl(out)
+    archs = [r["arch"] for r in recs if r["kind"] == "arch"]
+    assert len(archs) == 12 == len(set(archs)) and all(Arch.parse(a) in TINY for a in archs)
+    assert [r["i"] for r in recs if r["kind"] == "arch"] == list(range(12))
+    assert sum(r["kind"] == "base" for r in recs) == 2  # one per session
+    assert all(r["ms"] > 0 and r["spread"] >= 0 for r in recs[1:])
+    with pytest.raises(UserError, match="seq_len"):
+        latency.main(["measure", "--samples", "13", *flags[:-1], "64"])
+    with pytest.raises(UserError, match="SuperPLM checkpoint"):
+        latency.main(["measure", "--space", "nowhere", "--out", str(tmp_path / "x.jsonl")])
+
+    pt = tmp_path / "lat.pt"
+    latency.main(["fit", "--data", str(out), "--out", str(pt), "--steps", "100"])
+    assert "MAPE" in capsys.readouterr().out and (tmp_path / "lat.json").exists()
+    pred = LatencyPredictor.load(pt)
+    assert pred.device["seq_len"] == 32 and pred.base_ms > 0 and pred(archs[0]) > 0
+    assert pred.state["metrics"]["heldout"]["n"] == 2
+    with pytest.raises(UserError, match="--overwrite"):
+        latency.main(["fit", "--data", str(out), "--out", str(pt)])
+
+
+def test_table_measures_every_arch(monkeypatch, capsys):
+    monkeypatch.setattr(latency, "BERT_BASE", Arch(2, 128, 512, 2, 128))
+    monkeypatch.setattr(latency, "TABLE4", [("S9", "BERT", "1-64-256-1-64", 3.0), ("S9", "Auto", "1-96-64-1-64", 4.0)])
+    latency.main(["table", "--warmup", "0", "--repeats", "2", "--seq-len", "32"])
+    lines = capsys.readouterr().out.splitlines()
+    assert any("1-64-256-1-64" in line and "3.0x" in line for line in lines)
+    assert any("1-96-64-1-64" in line for line in lines)
+
+
+def test_sample_archs_distinct_prefix_and_too_many():
+    a = sample_archs(PRETRAIN_SPACE, 50, seed=3)
+    assert len(set(a)) == 50 and sample_archs(PRETRAIN_SPACE, 20, seed=3) == a[:20]
+    with pytest.raises(UserError, match="--samples"):
+        sample_archs(TINY, TINY.size() + 1, seed=0)

@@ -1,0 +1,289 @@
+import json
+import math
+import random
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+
+import search
+from common import read_jsonl
+from model import KD_SPACE, PRETRAIN_SPACE, Arch, SearchSpace, grid
+
+SMALL = SearchSpace(layers=grid(1, 6, 1), hidden=grid(64, 384, 16), ffn=grid(64, 1536, 32), heads=grid(1, 6, 1))
+
+
+def flops_ms(a):
+    """A synthetic latency: the multiply-adds of one 128-token input (Eq. 1-3) plus a per-layer overhead."""
+    T = 128
+    return 1.0 + a.layers * (T * (4 * a.hidden * a.qkv + 2 * a.hidden * a.ffn + 2 * T * a.qkv) / 1e7 + 0.2)
+
+
+def quality(a, noise=0.3):
+    """A synthetic score: grows with size, prefers ffn ~ 1.75 hidden and qkv ~ 0.85 hidden, plus a fixed noise."""
+    size = math.log(a.layers * a.hidden * (4 * a.qkv + 2 * a.ffn))
+    shape = (math.log(a.ffn / a.hidden) - math.log(1.75)) ** 2 + (math.log(a.qkv / a.hidden) - math.log(0.85)) ** 2
+    return 10 * size - 6 * shape + random.Random(str(a)).gauss(0, noise)
+
+
+class Counted:
+    def __init__(self, f):
+        self.f, self.calls = f, Counter()
+
+    def __call__(self, arch):
+        self.calls[arch] += 1
+        return self.f(arch)
+
+
+BUDGET = flops_ms(Arch(3, 256, 512, 4, 256))
+
+
+@pytest.mark.parametrize("method", ["evolve", "evolve-elite"])
+def test_evolve_generations_budget_no_repeats(method):
+    score = Counted(quality)
+    out = search.METHODS[method](SMALL, score, flops_ms, BUDGET, seed=1)
+    assert len(out) == 100 and [c.score for c in out] == sorted((c.score for c in out), reverse=True)
+    assert Counter(c.generation for c in out) == {1: 25, 2: 25, 3: 25, 4: 25}  # T = 4 generations of S = 25
+    assert len({c.arch for c in out}) == 100 and set(score.calls.values()) == {1}  # no arch scored twice
+    for c in out:
+        assert c.arch in SMALL and c.latency == flops_ms(c.arch) <= BUDGET and c.score == quality(c.arch)
+
+
+def test_evolve_is_reproducible_and_seeded():
+    runs = [search.evolve(SMALL, quality, flops_ms, BUDGET, generations=3, population=10, seed=s) for s in (4, 4, 5)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_later_generations_come_from_parents_and_fresh_samples():
+    """With pm = 1 every member of a later generation is a mutant of the previous generation's members."""
+    out = search.evolve(SMALL, quality, flops_ms, BUDGET, generations=2, population=20, p_mutate=1.0, p_explore=0.0)
+    gen1 = [c.arch for c in out if c.generation == 1]
+    for c in (c for c in out if c.generation == 2):
+        steps = [min(sum(abs(SMALL.choices(d).index(getattr(c.arch, d)) - SMALL.choices(d).index(getattr(p, d)))
+                         for d in ("layers", "hidden", "ffn", "heads")) for p in gen1)]
+        assert 1 <= min(steps) <= 8  # one or two grid steps in up to four dimensions
+
+
+def test_impossible_budget_is_a_clear_error():
+    with pytest.raises(ValueError, match="smallest, 1-64-64-1-64"):
+        search.evolve(SMALL, quality, flops_ms, flops_ms(SMALL.smallest()) * 0.99)
+    for method in search.METHODS.values():
+        with pytest.raises(ValueError, match="lower speedup target"):
+            method(SMALL, quality, flops_ms, 0.5)
+
+
+def test_a_sliver_of_a_budget_ends_short_instead_of_looping():
+    tight = flops_ms(Arch(1, 128, 256, 2, 128))  # 316 of the 35,532 archs fit: fewer than 4 x 100
+    with pytest.warns(UserWarning, match="new architectures"):
+        out = search.evolve(SMALL, quality, flops_ms, tight, population=100, max_draws=3000)
+    assert 100 <= len(out) <= 316 and all(c.latency <= tight for c in out)
+
+
+def test_random_search_scores_n_distinct_archs_within_budget():
+    score = Counted(quality)
+    out = search.random_search(SMALL, score, flops_ms, BUDGET, n=60, seed=3)
+    assert len(out) == 60 and len(score.calls) == 60 and all(c.latency <= BUDGET for c in out)
+    assert out == search.random_search(SMALL, quality, flops_ms, BUDGET, n=60, seed=3)
+
+
+@pytest.mark.parametrize("space", [PRETRAIN_SPACE, KD_SPACE, SMALL], ids=["pretrain", "kd", "small"])
+def test_mutate_moves_a_step_or_two_inside_the_space(space):
+    rng = random.Random(0)
+    for _ in range(300):
+        a = space.sample(rng)
+        b = search.mutate(a, space, rng)
+        assert b != a and b in space  # the pre-training space's qkv stays 64 x heads, the KD space's on its grid
+        for d in search.free_dims(space):
+            assert abs(space.choices(d).index(getattr(a, d)) - space.choices(d).index(getattr(b, d))) <= 2
+        assert search.mutate(a, space, rng, scale=0.1) in space
+    assert "qkv" in search.free_dims(KD_SPACE) and "heads" not in search.free_dims(KD_SPACE)
+    with pytest.raises(ValueError, match="not in the search space"):
+        search.mutate(Arch(9, 64, 64, 1, 64), SMALL, rng)
+
+
+def test_roulette_is_proportional_and_shifts_negative_scores():
+    rng = random.Random(0)
+    pos = [search.Candidate(Arch(1, 64, 64, 1, 64), 1.0, 1.0), search.Candidate(Arch(2, 64, 64, 1, 64), 3.0, 1.0)]
+    picks = Counter(search.roulette(pos, rng).score for _ in range(4000))
+    assert abs(picks[3.0] / 4000 - 0.75) < 0.03  # P proportional to the raw score, as written
+    neg = [search.Candidate(a.arch, c, 1.0) for a, c in zip(pos * 2, (-5.0, -4.0, -3.0, -4.0))]
+    picks = Counter(search.roulette(neg, rng).score for _ in range(4000))
+    assert picks[-5.0] == 0 and abs(picks[-3.0] / 4000 - 0.5) < 0.03  # weights 0, 1, 2, 1
+    same = [search.Candidate(a.arch, -2.0, 1.0) for a in pos]
+    assert {search.roulette(same, rng).arch for _ in range(100)} == {a.arch for a in pos}
+
+
+@pytest.mark.parametrize("space", [PRETRAIN_SPACE, KD_SPACE], ids=["pretrain", "kd"])
+@pytest.mark.parametrize("speedup", [4, 10, 30])
+def test_fast_candidates_follow_the_rule_and_sit_nearest_the_budget(space, speedup):
+    budget = flops_ms(Arch(12, 768, 3072, 12, 768)) / speedup
+    archs, _ = search.fast_candidates(space, flops_ms, budget)
+    assert len({a.layers for a in archs}) == len(archs) >= 3  # one per layer count
+    for a in archs:
+        assert a in space and search.follows_rule(a) and flops_ms(a) <= budget
+        assert 1.6 * a.hidden <= a.ffn <= 1.9 * a.hidden and 0.7 * a.hidden <= a.qkv <= a.hidden
+    if space is PRETRAIN_SPACE:  # brute force: no arch of the rule with as many layers comes nearer the budget
+        for a in archs:
+            nearest = max(flops_ms(b) for b in rule_archs(space, a.layers) if flops_ms(b) <= budget)
+            assert flops_ms(a) == pytest.approx(nearest)
+    score = Counted(quality)
+    out = search.fast_search(space, score, flops_ms, budget)
+    assert {c.arch for c in out} == set(archs) and len(score.calls) == len(archs)
+
+
+def rule_archs(space, layers):
+    for hidden in space.hidden:
+        for ffn in (f for f in space.ffn if 1.6 * hidden <= f <= 1.9 * hidden):
+            for heads in space.heads:
+                if 0.7 * hidden <= 64 * heads <= hidden:
+                    yield Arch(layers, hidden, ffn, heads, 64 * heads)
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method, after", [("evolve", 50), ("evolve-elite", 50), ("random", 37), ("evolve", 60)])
+def test_resume_equals_the_uninterrupted_search(method, after):
+    """A run killed after `after` evaluations (50: after generation 2) and resumed from the scores it saved."""
+    whole = search.METHODS[method](SMALL, quality, flops_ms, BUDGET, seed=7)
+    saved = {}
+
+    def dies(arch):
+        if len(saved) == after:
+            raise Stop
+        saved[arch] = quality(arch)
+        return saved[arch]
+
+    with pytest.raises(Stop):
+        search.METHODS[method](SMALL, dies, flops_ms, BUDGET, seed=7)
+    score = Counted(quality)
+    assert search.METHODS[method](SMALL, score, flops_ms, BUDGET, seed=7, cache=saved) == whole
+    assert not set(score.calls) & set(saved) and len(score.calls) == len(whole) - after
+
+
+# ----------------------------------------------------------------------------- a trained tiny SuperPLM end to end
+
+WORDS = ("the a cat dog bird fish tree house river city runs sits eats sees red blue green small big old new quick "
+         "slow and but in on of to with is was good bad man woman child book car road").split()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-64-128-2-64 SuperPLM briefly trained with Algorithm 1 on a small generated corpus, and a latency
+    predictor fitted on the synthetic latency of its space."""
+    import latency
+    import superplm
+    from model import BERT_BASE
+    root = tmp_path_factory.mktemp("search")
+    rng = random.Random(0)
+    topics = [WORDS[i::6] for i in range(6)]  # a line's words come from one topic: the context tells which
+    lines = [" ".join(rng.choices(rng.choice(topics), k=12)) + " ." for _ in range(1500)]
+    (root / "corpus.txt").write_text("\n\n".join(lines) + "\n")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = superplm.Config(corpus=str(root / "corpus.txt"), vocab_size=200, seq_len=32, cache_dir=str(root / "cache"),
+                          out=str(root / "superplm"), superplm="2-64-128-2-64", batch_size=32, lr=3e-3,
+                          max_steps=300, save_every=300, log_every=1000, dropout=0.0)
+    superplm.train(cfg)
+    model, space, _ = superplm.load_superplm(root / "superplm")
+    archs = list({space.sample(rng) for _ in range(200)})
+    ref = flops_ms(latency.REFERENCE)
+    predictor = latency.LatencyPredictor.fit(archs, torch.tensor([flops_ms(a) / ref for a in archs]).numpy(), ref,
+                                             flops_ms(BERT_BASE), dict(cpu=latency.cpu_model(), seq_len=128, batch=1),
+                                             steps=300)
+    predictor.save(root / "latency.pt")
+    yield root, model, space, cfg
+    torch.set_num_threads(threads)
+
+
+def test_mlm_evaluator_prefers_the_full_superplm_to_one_layer(trained):
+    root, model, space, cfg = trained
+    score = search.MLMScore(model, root / "superplm" / "tokenizer.json", cfg.corpus, cfg.seq_len, cfg.cache_dir,
+                            rows=64)
+    full, one, smallest = (score(a) for a in (space.largest(), Arch(1, 32, 64, 1, 32), space.smallest()))
+    assert full > one + 0.1 > smallest + 0.2  # -(masked-LM loss): the full 2-64-128 learned the topics best
+    assert score.metrics[space.largest()]["mlm_acc"] > score.metrics[space.smallest()]["mlm_acc"]
+    assert score(space.largest()) == full  # fixed masks: the same score every time
+
+
+def run_cli(*argv):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the latency predictor was "measured" on a synthetic device
+        return search.main([str(a) for a in argv])
+
+
+def test_cli_searches_writes_extracts_and_resumes(trained, tmp_path, capsys):
+    from model import Bert
+    root, model, space, cfg = trained
+    args = ["--superplm", root / "superplm", "--latency", root / "latency.pt", "--target", "2ms", "--generations", 2,
+            "--population", 4, "--eval-rows", 32, "--top", 2, "--device", "cpu"]
+    top = run_cli(*args, "--out", tmp_path / "a", "--extract")
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "a" / "top.json").read_text())
+    scored = json.loads((tmp_path / "a" / "scored.json").read_text())
+    assert [r["arch"] for r in saved["top"]] == [str(c.arch) for c in top] == [r["arch"] for r in scored[:2]]
+    assert len(scored) == 8 and all(r["latency"] <= 2.0 and r["score"] == -r["mlm_loss"] for r in scored)
+    assert saved["budget_ms"] == 2.0 and str(top[0].arch) in printed and "speedup" in printed
+    assert (tmp_path / "a" / "search.png").stat().st_size > 0
+    folder = tmp_path / "a" / "top" / f"1-{top[0].arch}"  # a stand-alone BERT equal to the SuperPLM's slice
+    assert (folder / "tokenizer.json").exists() and (folder / "vocab.txt").exists()
+    ids = torch.randint(5, model.word.num_embeddings, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(Bert.from_pretrained(folder).eval()(ids), model(ids, arch=top[0].arch))
+
+    # A search killed after 5 evaluations (the 6th line torn) and resumed equals the uninterrupted one.
+    (tmp_path / "b").mkdir()
+    lines = (tmp_path / "a" / "candidates.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "b" / "candidates.jsonl").write_text("".join(lines[:5]) + lines[5][:20])
+    (tmp_path / "b" / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
+    with pytest.raises(search.UserError, match="--resume"):
+        run_cli(*args, "--out", tmp_path / "b")
+    assert run_cli(*args, "--out", tmp_path / "b", "--resume") == top
+    assert json.loads((tmp_path / "b" / "scored.json").read_text()) == scored
+    assert "5 scored before" in capsys.readouterr().out
+    assert read_jsonl(tmp_path / "b" / "candidates.jsonl") == read_jsonl(tmp_path / "a" / "candidates.jsonl")
+
+
+@pytest.mark.parametrize("missing, command", [("superplm", "python superplm.py"), ("latency", "python latency.py measure")])
+def test_cli_names_the_command_that_makes_a_missing_input(trained, tmp_path, capsys, missing, command):
+    root = trained[0]
+    paths = {"superplm": root / "superplm", "latency": root / "latency.pt", missing: tmp_path / "nothing"}
+    with pytest.raises(SystemExit) as e:
+        search.run_main(lambda: run_cli("--superplm", paths["superplm"], "--latency", paths["latency"], "--out",
+                                        tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and command in err
+
+
+def test_finetune_evaluator_averages_mnli_accuracy_and_squad_f1(trained, tmp_path):
+    root, model, space, _ = trained
+    rng = random.Random(1)
+    labels = ("entailment", "neutral", "contradiction")
+    for stem in ("train", "dev_matched", "dev_mismatched"):
+        rows = [["index", "sentence1", "sentence2", "gold_label"]] + [
+            [i, " ".join(rng.choices(WORDS, k=6)), " ".join(rng.choices(WORDS, k=4)), rng.choice(labels)]
+            for i in range(24)]
+        (tmp_path / "MNLI").mkdir(exist_ok=True)
+        (tmp_path / "MNLI" / f"{stem}.tsv").write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+    for which in ("train", "dev"):
+        paragraphs = []
+        for i in range(12):
+            words = rng.choices(WORDS, k=10)
+            context, answer = " ".join(words), words[4]
+            paragraphs.append(dict(context=context, qas=[dict(id=f"{which}{i}", question="which word is fifth",
+                                                              answers=[dict(text=answer,
+                                                                            answer_start=context.index(
+                                                                                " " + answer + " ") + 1)])]))
+        (tmp_path / "SQuAD").mkdir(exist_ok=True)
+        (tmp_path / "SQuAD" / f"{which}-v1.1.json").write_text(json.dumps(dict(version="1.1", data=[
+            dict(title="t", paragraphs=paragraphs)])))
+    cfg = search.Config(mnli_data=str(tmp_path / "MNLI"), squad_data=str(tmp_path / "SQuAD"), ft_epochs=1,
+                        ft_train_examples=0, ft_eval_examples=0, device="cpu")
+    score = search.FinetuneScore(model, root / "superplm" / "tokenizer.json", tmp_path / "work", cfg)
+    arch = Arch(1, 32, 64, 1, 32)
+    value = score(arch)
+    m = score.metrics[arch]
+    assert value == (m["mnli_acc"] + m["squad_f1"]) / 2 and 0 <= m["mnli_acc"] <= 100 and 0 <= m["squad_f1"] <= 100
+    assert not any((tmp_path / "work").iterdir())  # the extracted candidate is not left behind
