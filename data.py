@@ -1,17 +1,20 @@
-"""Data for the SuperPLM (paper §3.4, §4.1): a BERT WordPiece tokenizer, a corpus packed into fixed-length
-sequences cached on disk, BERT's masked-LM corruption, and each rank's share of every batch (Algorithm 1).
+"""Data for the SuperPLM (§3.4, §4.1): WordPiece tokenizer, packed and cached corpus, masked LM, rank shares.
+
+A BERT WordPiece tokenizer, a corpus packed into fixed-length sequences cached on disk, BERT's masked-LM
+corruption, and each rank's share of every batch (Algorithm 1).
 
 The paper pre-trains on BooksCorpus + English Wikipedia. Those need a download, so the default corpus is one that
 every Python install carries: the docstrings of the standard library (~1.8 MB of English, harvested with `ast`).
 A corpus is named by a spec:
     stdlib                          the default
     path/to/file.txt | .json | .jsonl | .parquet, or a folder of such files (read with `datasets`)
-    wikipedia:20220301.en,bookcorpus  hub datasets (name[:config]), comma-separated, where the machine is online
+    wikimedia/wikipedia:20231101.en,bookcorpus/bookcorpus   hub datasets name[:config], comma-separated (online)
 
     python data.py --corpus stdlib --vocab-size 30522     # tokenise and cache once, print what came out
 """
 
 import ast
+import copy
 import functools
 import hashlib
 import json
@@ -193,7 +196,7 @@ def load_corpus(spec, cache_dir=None):
             extra = {"sample_by": "paragraph"} if builder == "text" else {}
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                        cache_dir=cache_dir, **extra)
-        else:  # a hub name such as wikipedia:20220301.en (needs the network once, then the datasets cache)
+        else:  # a hub name such as wikimedia/wikipedia:20231101.en (the network once, then the datasets cache)
             name, _, config = one.partition(":")
             try:
                 ds = datasets.load_dataset(name, config or None, split="train", cache_dir=cache_dir)
@@ -232,6 +235,21 @@ class PackedDataset:
 
     def __getitem__(self, rows):
         return torch.from_numpy(self.ids[rows].astype(np.int64))  # (len(rows), seq_len)
+
+    def rows(self, start, stop):
+        """The same data restricted to rows start..stop-1 (still memory-mapped)."""
+        view = copy.copy(self)
+        view.ids = self.ids[start:stop]
+        return view
+
+
+HELDOUT = 256  # sequences at the end of a corpus that training never sees: one-shot scores are measured on them
+
+
+def split(dataset):
+    """(training rows, held-out rows): the last min(256, N // 10) packed sequences are held out."""
+    n = min(HELDOUT, len(dataset) // 10)
+    return dataset.rows(0, len(dataset) - n), dataset.rows(len(dataset) - n, len(dataset))
 
 
 def pack(chunks, tok, seq_len, sp):
@@ -379,7 +397,7 @@ def main(argv=None):
     n = int((ds.ids != ds.specials.pad).sum())
     print(f"{ds.path}: {len(ds)} sequences x {ds.seq_len} = {n:,} tokens, vocabulary {tok_path} "
           f"({tok.get_vocab_size()} tokens)")
-    print("first sequence:", tok.decode(ds[0][0].tolist(), skip_special_tokens=False)[:300])
+    print("first sequence:", tok.decode(ds[0].tolist(), skip_special_tokens=False)[:300])
 
 
 if __name__ == "__main__":

@@ -66,9 +66,9 @@ def load_teacher(folder):
 
 
 def check_compatible(teacher, student, space=None):
-    """Raise UserError unless every sub-model of `student` (a Bert, or SuperPLM with sampling `space`) can be
-    distilled from `teacher`: attention distillation compares head by head, so the head counts must match (§3.4)."""
-    H, a = teacher.arch.heads, student.arch
+    """Raise UserError unless every sub-model of `student` (a Bert or an Arch, or a SuperPLM with sampling `space`)
+    can be distilled from `teacher`: attention distillation compares head by head, so head counts must match (§3.4)."""
+    H, a = teacher.arch.heads, getattr(student, "arch", student)
     if a.heads != H:
         like = f", e.g. {Arch(a.layers, a.hidden, a.ffn, H, a.qkv)}" if a.qkv % H == 0 else ""
         raise UserError(f"the teacher has {H} attention heads but the student {a} has {a.heads}: attention "

@@ -295,7 +295,10 @@ class Bert(nn.Module):
         x = F.linear(hidden, sub(self.mlm_dense.weight, C, C), sub(self.mlm_dense.bias, C))
         x = F.layer_norm(self.layers[0].act(x), (C,), sub(self.mlm_ln.weight, C), sub(self.mlm_ln.bias, C),
                          self.mlm_ln.eps)
-        return F.linear(x, sub(self.word.weight, self.word.num_embeddings, C), self.mlm_bias)
+        W = sub(self.word.weight, self.word.num_embeddings, C)  # (vocab, C): the decoder, tied to the embedding
+        # x W^T computed as (W x^T)^T: the same product, but autograd then builds W's gradient row-major, as W's
+        # block lies in the SuperPLM (from x W^T it comes transposed: slower to multiply and to add into the block).
+        return (W @ x.reshape(-1, C).T).T.reshape(*x.shape[:-1], -1) + self.mlm_bias
 
     # -- Hugging Face layout (paper Appendix A: `qkv_size` sets the Q/K/V width)
 

@@ -376,7 +376,8 @@ class Config:
         "choices": list(METHODS)})
     evaluator: str = field(default="mlm", metadata={
         "help": "mlm: -(masked-LM loss) of the sub-model inside the SuperPLM (fast); finetune: the paper's average "
-                "of MNLI accuracy and SQuAD F1 after a short fine-tuning (finetune.py)", "choices": ["mlm", "finetune"]})
+                "of MNLI accuracy and SQuAD F1 after a short fine-tuning (finetune.py)",
+        "choices": ["mlm", "finetune"]})
     generations: int = field(default=4, metadata={"help": "T of Algorithm 2 (random search scores T x S archs)"})
     population: int = field(default=25, metadata={"help": "S of Algorithm 2: architectures per generation"})
     p_mutate: Optional[float] = field(default=None, metadata={
@@ -414,7 +415,7 @@ def run_method(cfg, space, score, latency, budget_ms, cache, on_generation):
                                population=cfg.population, **probs, **common)
 
 
-def inputs(cfg):
+def check_inputs(cfg):
     """Fail before any work with the command that makes whatever is missing."""
     superplm = Path(cfg.superplm)
     if not (superplm / "checkpoint.pt" if superplm.is_dir() else superplm).exists():
@@ -423,11 +424,30 @@ def inputs(cfg):
     if not Path(cfg.latency).exists():
         raise UserError(f"no latency predictor at {cfg.latency}: make one with `python latency.py measure --out "
                         f"lat.jsonl && python latency.py fit --data lat.jsonl --out {cfg.latency}`")
-    import latency
-    import superplm as stage1
-    model, space, tokenizer = stage1.load_superplm(superplm)
-    return model, space, tokenizer, torch_load(superplm / "checkpoint.pt" if superplm.is_dir() else superplm), \
-        latency.LatencyPredictor.load(cfg.latency), latency.parse_target
+    return superplm / "checkpoint.pt" if superplm.is_dir() else superplm
+
+
+def open_run(cfg):
+    """(config, run folder, records of the candidates scored before): --resume continues with the saved config."""
+    out = fresh_out_dir(cfg.out, cfg.resume, cfg.overwrite, marker="candidates.jsonl")
+    state = out / "candidates.jsonl"  # one line per scored architecture: what --resume replays
+    if cfg.resume and (out / "config.json").exists():  # the saved search wins, so that the replay is exact
+        saved = json.loads((out / "config.json").read_text())
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in RESUMABLE})
+    elif not cfg.resume:  # --overwrite (or a new folder): nothing of an old search is kept
+        state.unlink(missing_ok=True)
+        shutil.rmtree(out / "top", ignore_errors=True)
+    save_json(dataclasses.asdict(cfg), out / "config.json")
+    records = {Arch.parse(r["arch"]): r for r in (read_jsonl(state) if state.exists() else [])}
+    if records:  # rewritten whole: a torn last line from a killed run would spoil the lines appended after it
+        atomic_write(state, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records.values())))
+    return cfg, out, records
+
+
+RESUMABLE = ("resume", "overwrite", "out", "device", "extract", "top")  # flags a resumed search may change
+
+
+SCORE_NAMES = {"mlm": "score = -(masked-LM loss)", "finetune": "score = (MNLI acc + SQuAD F1) / 2"}
 
 
 def make_score(cfg, model, tokenizer, ckpt, out):
@@ -442,7 +462,7 @@ def make_score(cfg, model, tokenizer, ckpt, out):
                     cfg.batch_size, cfg.seed, device)
 
 
-def figure(candidates, top, base_ms, target_speedup, path, title):
+def figure(candidates, top, base_ms, target_speedup, path, title, ylabel):
     """Speedup against score, as the paper's Figure 1; skipped without matplotlib."""
     try:
         import matplotlib
@@ -457,11 +477,12 @@ def figure(candidates, top, base_ms, target_speedup, path, title):
         ax.scatter([base_ms / c.latency for c in cs], [c.score for c in cs], s=14, alpha=0.7,
                    label=f"generation {g}" if len(gens) > 1 else "scored")
     ax.scatter([base_ms / c.latency for c in top], [c.score for c in top], s=80, facecolors="none",
-               edgecolors="red", label=f"top {len(top)}")
-    for c in top:
-        ax.annotate(str(c.arch), (base_ms / c.latency, c.score), fontsize=7, xytext=(4, 4), textcoords="offset points")
+               edgecolors="red", label="top: " + ", ".join(f"{i} {c.arch}" for i, c in enumerate(top, 1)))
+    for i, c in enumerate(top, 1):
+        ax.annotate(str(i), (base_ms / c.latency, c.score), fontsize=8, xytext=(5, -3 - 4 * i),
+                    textcoords="offset points", color="red")
     ax.axvline(target_speedup, color="grey", linestyle="--", label=f"target {target_speedup:.3g}x")
-    ax.set(xlabel="speedup over BERT-base (predicted)", ylabel="score", title=title)
+    ax.set(xlabel="speedup over BERT-base (predicted)", ylabel=ylabel, title=title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -469,27 +490,31 @@ def figure(candidates, top, base_ms, target_speedup, path, title):
     return path
 
 
+def print_top(top, n_scored, base_ms, budget_ms, cfg, metrics):
+    extra = sorted({k for c in top for k in metrics.get(c.arch, {})})
+    print(f"\ntop {len(top)} of {n_scored} scored architectures (layers-hidden-ffn-heads-qkv) for {cfg.target} = "
+          f"{budget_ms:.4g} ms, by {cfg.method} with the {cfg.evaluator} evaluator:")
+    print(f"{'rank':>4}  {'architecture':20s} {'latency ms':>10} {'speedup':>8} {'score':>9}"
+          + "".join(f" {k:>9}" for k in extra))
+    for i, c in enumerate(top, 1):
+        m = metrics.get(c.arch, {})
+        print(f"{i:>4}  {str(c.arch):20s} {c.latency:10.4g} {base_ms / c.latency:7.2f}x {c.score:9.4f}"
+              + "".join(f" {m.get(k, float('nan')):9.4f}" for k in extra))
+
+
 def main(argv=None):
     cfg = config_from_args(Config, config_parser(Config, __doc__.split("\n")[0]).parse_args(argv))
     if cfg.top < 1 or cfg.generations < 1 or cfg.population < 1:
         raise UserError("--top, --generations and --population must be at least 1")
-    model, space, tokenizer, ckpt, predictor, parse_target = inputs(cfg)
-    budget_ms = parse_target(cfg.target, predictor.base_ms)
-    out = Path(cfg.out)
-    state = out / "candidates.jsonl"  # one line per scored architecture: what --resume replays
-    fresh_out_dir(out, cfg.resume, cfg.overwrite, marker="candidates.jsonl")
-    if cfg.resume and (out / "config.json").exists():  # the saved search wins, so that the replay is exact
-        saved = {k: v for k, v in json.loads((out / "config.json").read_text()).items() if k not in RESUMABLE}
-        cfg = dataclasses.replace(cfg, **saved)
-        budget_ms = parse_target(cfg.target, predictor.base_ms)
-    elif state.exists():
-        state.unlink()  # --overwrite
-    save_json(dataclasses.asdict(cfg), out / "config.json")
+    check_inputs(cfg)
+    cfg, out, records = open_run(cfg)
+    import latency
+    import superplm
+    model, space, tokenizer = superplm.load_superplm(check_inputs(cfg))
+    predictor = latency.LatencyPredictor.load(cfg.latency)
+    budget_ms = latency.parse_target(cfg.target, predictor.base_ms)
     seed_everything(cfg.seed)
-    records = {Arch.parse(r["arch"]): r for r in (read_jsonl(state) if state.exists() else [])}
-    if records:  # rewritten whole: a torn last line from a killed run would spoil the lines appended after it
-        atomic_write(state, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records.values())))
-    score = make_score(cfg, model, tokenizer, ckpt, out)
+    score = make_score(cfg, model, tokenizer, torch_load(check_inputs(cfg)), out)
     score.metrics.update({a: r.get("metrics", {}) for a, r in records.items()})
     print(f"searching {space.size():,} architectures of {model.arch} ({cfg.method}, {cfg.evaluator} evaluator) for "
           f"{cfg.target}: latency <= {budget_ms:.4g} ms (BERT-base {predictor.base_ms:.4g} ms)"
@@ -499,8 +524,8 @@ def main(argv=None):
 
     def scored(arch):  # every new evaluation is appended at once: an interrupted search loses at most one
         value = score(arch)
-        append_jsonl(state, dict(arch=str(arch), score=value, latency=predictor(arch),
-                                 metrics=score.metrics.get(arch, {})))
+        append_jsonl(out / "candidates.jsonl", dict(arch=str(arch), score=value, latency=predictor(arch),
+                                                    metrics=score.metrics.get(arch, {})))
         bar.update()
         return value
 
@@ -508,10 +533,10 @@ def main(argv=None):
         return [dict(c.to_dict(), speedup=predictor.base_ms / c.latency, **score.metrics.get(c.arch, {}))
                 for c in candidates]
 
-    def on_generation(done):
+    def on_generation(done):  # the state after each generation, best first
         save_json(rows(ranked(done)), out / "scored.json")
-        bar.write(f"generation {max(c.generation for c in done)}: {len(done)} scored, best "
-                  f"{ranked(done)[0].arch} score {ranked(done)[0].score:.4f}")
+        bar.write(f"generation {max(c.generation for c in done)}: {len(done)} scored, best {ranked(done)[0].arch} "
+                  f"score {ranked(done)[0].score:.4f}")
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -521,28 +546,18 @@ def main(argv=None):
     top = results[:cfg.top]
     save_json(rows(results), out / "scored.json")
     save_json(dict(target=cfg.target, budget_ms=budget_ms, base_ms=predictor.base_ms, method=cfg.method,
-                   evaluator=cfg.evaluator, superplm=str(cfg.superplm), top=rows(top)), out / "top.json")
-    made = [out / "top.json", out / "scored.json"]
-    png = figure(results, top, predictor.base_ms, predictor.base_ms / budget_ms, out / "search.png",
-                 f"{cfg.method} search for {cfg.target} ({cfg.evaluator} score)")
-    made += [png] if png else []
-    extra = sorted({k for c in top for k in score.metrics.get(c.arch, {})})
-    print(f"\ntop {len(top)} of {len(results)} scored architectures (layers-hidden-ffn-heads-qkv), target "
-          f"{cfg.target} = {budget_ms:.4g} ms:")
-    print(f"{'rank':>4}  {'architecture':20s} {'latency ms':>10} {'speedup':>8} {'score':>9}"
-          + "".join(f" {k:>9}" for k in extra))
-    for i, c in enumerate(top, 1):
-        m = score.metrics.get(c.arch, {})
-        print(f"{i:>4}  {str(c.arch):20s} {c.latency:10.4g} {predictor.base_ms / c.latency:7.2f}x {c.score:9.4f}"
-              + "".join(f" {m.get(k, float('nan')):9.4f}" for k in extra))
+                   evaluator=cfg.evaluator, superplm=str(cfg.superplm), best=str(top[0].arch), top=rows(top)),
+              out / "top.json")
+    made = [out / "top.json", out / "scored.json", out / "candidates.jsonl"]
+    made += filter(None, [figure(results, top, predictor.base_ms, predictor.base_ms / budget_ms, out / "search.png",
+                                 f"{cfg.method} search for {cfg.target}", SCORE_NAMES[cfg.evaluator])])
+    print_top(top, len(results), predictor.base_ms, budget_ms, cfg, score.metrics)
     if cfg.extract:
-        for i, c in enumerate(top, 1):
-            made.append(save_model(model, c.arch, tokenizer, out / "top" / f"{i}-{c.arch}"))
+        made += [save_model(model, c.arch, tokenizer, out / "top" / f"{i}-{c.arch}") for i, c in enumerate(top, 1)]
     print("\nwrote " + ", ".join(str(p) for p in made))
+    print(f"next (§3.6, further training): python superplm.py --init {cfg.superplm} --arch {top[0].arch} "
+          f"--out runs/further")
     return top
-
-
-RESUMABLE = ("resume", "overwrite", "out", "device", "extract", "top")  # flags a resumed search may change
 
 
 if __name__ == "__main__":

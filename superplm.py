@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from common import (UserError, append_jsonl, config_from_args, config_parser, fresh_out_dir, run_main,
                     seed_everything, torch_load, torch_save)
-from data import DataConfig, batches, derive_seed, prepare, save_tokenizer, steps_per_epoch
+from data import DataConfig, batches, split, derive_seed, prepare, save_tokenizer, steps_per_epoch
 from model import SUPERPLM, Arch, Bert, SearchSpace, extract, grid, sub
 
 
@@ -65,7 +65,8 @@ class Config(DataConfig):  # the corpus flags (--corpus, --tokenizer, --vocab-si
     seed: int = field(default=0, metadata={"help": "seeds the weights, the data order, masks, sub-models"})
     save_every: int = field(default=1000, metadata={"help": "write the checkpoint every K steps (and at the end)"})
     log_every: int = field(default=50, metadata={"help": "one log line every N steps"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoint"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoint, with its "
+                                                          "saved settings"})
     overwrite: bool = field(default=False, metadata={"help": "replace the run in --out"})
 
 
@@ -125,7 +126,7 @@ class MLM(nn.Module):
         labels = batch["labels"][where]  # (n,)
         logits = model.mlm_logits(hidden[where], arch)  # (n, vocab)
         loss = F.cross_entropy(logits.float(), labels, reduction="sum") / where.sum().clamp(min=1)
-        return loss, {"acc": (logits.argmax(-1) == labels).float().mean().detach()}
+        return loss, {"acc": ((logits.argmax(-1) == labels).sum() / where.sum().clamp(min=1)).detach()}
 
 
 def make_objective(cfg, model, space, teacher):
@@ -300,10 +301,13 @@ def train(cfg):
             raise UserError("--objective kd needs --teacher DIR (python distill.py make-teacher writes a tiny one)")
         import distill
         teacher, vocab = distill.load_teacher(cfg.teacher)
+        if not cfg.init:  # fail before the corpus is tokenised
+            distill.check_compatible(teacher, Arch.parse(cfg.arch or cfg.superplm))
     source = ckpt_path if ckpt else cfg.init  # weights to start from: the run's own, or --init's SuperPLM
     init = load_superplm(source) if source else None
     vocab = init[2] if init else vocab
     _, tok, dataset = rank0_first(rank, world, lambda: prepare(dataclasses.replace(cfg, tokenizer=str(vocab or ""))))
+    dataset = split(dataset)[0]  # the held-out tail is for scoring sub-models (search.py), never trained on
     if rank == 0 and ckpt is None:
         save_tokenizer(tok, out)
 
@@ -315,7 +319,8 @@ def train(cfg):
     elif cfg.init and cfg.objective == "kd":  # the trained projection, its leading block for a narrower model
         saved = torch_load(Path(cfg.init) / "checkpoint.pt" if Path(cfg.init).is_dir() else cfg.init)
         own = objective.state_dict()
-        objective.load_state_dict({k: sub(v, *own[k].shape) for k, v in saved["objective_state"].items()})
+        if saved.get("objective") == "kd":  # an MLM SuperPLM has no projection: this one starts fresh
+            objective.load_state_dict({k: sub(v, *own[k].shape) for k, v in saved["objective_state"].items()})
     model.to(device).train()
     objective.to(device).train()
     params = list(model.parameters()) + [p for p in objective.parameters() if p.requires_grad]
@@ -328,6 +333,9 @@ def train(cfg):
     total = cfg.max_steps or cfg.epochs * spe
     step = 0
     if ckpt:
+        if ckpt["data"]["rows"] != len(dataset):
+            raise UserError(f"the corpus now gives {len(dataset)} sequences, the checkpoint's {ckpt['data']['rows']}: "
+                            "resume with the corpus and --seq-len the run started with")
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_states(ckpt["rng"])
         step = ckpt["step"]

@@ -22,17 +22,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import parse_config, seed_everything  # noqa: E402
 from data import Specials, mask_tokens  # noqa: E402
-from model import PRETRAIN_SPACE, SUPERPLM, Arch, Bert, extract  # noqa: E402
+from model import PRETRAIN_SPACE, SUPERPLM, Bert, extract  # noqa: E402
 from superplm import MLM, adamw, flat_grads  # noqa: E402
 
 
 @dataclass
 class BenchConfig:
-    batch: int = field(default=2, metadata={"help": "sequences per step"})
+    batch: int = field(default=4, metadata={"help": "sequences per step"})
     seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
     vocab_size: int = field(default=30522, metadata={"help": "vocabulary (BERT's)"})
     archs: int = field(default=4, metadata={"help": "sub-models sampled from PRETRAIN_SPACE"})
-    repeats: int = field(default=7, metadata={"help": "timed repeats of each measurement (median reported)"})
+    repeats: int = field(default=5, metadata={"help": "timed repeats of each measurement (median reported)"})
     threads: int = field(default=0, metadata={"help": "torch threads; 0: torch's default"})
     full: bool = field(default=True, metadata={"help": "also part 2 (needs transformers)"})
     seed: int = field(default=0, metadata={"help": "seed of the weights, the batch and the sampled archs"})

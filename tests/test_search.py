@@ -246,7 +246,8 @@ def test_cli_searches_writes_extracts_and_resumes(trained, tmp_path, capsys):
     assert read_jsonl(tmp_path / "b" / "candidates.jsonl") == read_jsonl(tmp_path / "a" / "candidates.jsonl")
 
 
-@pytest.mark.parametrize("missing, command", [("superplm", "python superplm.py"), ("latency", "python latency.py measure")])
+@pytest.mark.parametrize("missing, command", [("superplm", "python superplm.py"),
+                                              ("latency", "python latency.py measure")])
 def test_cli_names_the_command_that_makes_a_missing_input(trained, tmp_path, capsys, missing, command):
     root = trained[0]
     paths = {"superplm": root / "superplm", "latency": root / "latency.pt", missing: tmp_path / "nothing"}

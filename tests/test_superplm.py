@@ -12,7 +12,7 @@ import torch
 import distill
 import superplm
 from common import UserError, seed_everything, torch_load
-from data import batches, build_dataset, load_tokenizer, stdlib_corpus
+from data import batches, build_dataset, load_tokenizer, split, stdlib_corpus
 from model import KD_SPACE, PRETRAIN_SPACE, SUPERPLM, Arch, Bert, SearchSpace, extract
 from superplm import (MLM, accumulate, flat_grads, learning_rate, load_superplm, make_optimizer, sample_arch,
                       space_for, update)
@@ -45,12 +45,12 @@ def flags(corpus, out, *more):
             "--seq-len", "32", "--batch-size", "8", "--lr", "1e-3", "--log-every", "1", "--out", str(out), *more]
 
 
-def run(args, torchrun=0, **kw):
+def run(args, torchrun=0, stdout=subprocess.PIPE):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
         if torchrun else [sys.executable]
-    return subprocess.Popen(launcher + [str(ROOT / "superplm.py"), *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(launcher + [str(ROOT / "superplm.py"), *args], env=env, stdout=stdout,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc):
@@ -152,7 +152,7 @@ def test_two_workers_equal_one_process_replaying_their_sub_batches_and_sub_model
     cfg = superplm.Config(**ckpt["config"])
     # Replay in one process: same init, each rank's sub-batch and sub-models, gradients averaged by hand.
     tok = load_tokenizer(out / "tokenizer.json")
-    ds = build_dataset(cfg.corpus, tok, cfg.seq_len, cfg.cache_dir)
+    ds = split(build_dataset(cfg.corpus, tok, cfg.seq_len, cfg.cache_dir))[0]  # what superplm.py trains on
     seed_everything(cfg.seed)
     model, space = superplm.build_model(cfg, tok.get_vocab_size())
     model.train()
@@ -177,9 +177,9 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, c
     steps = ["--max-steps", "40", "--save-every", "4"]
     whole = run(flags(corpus, tmp_path / "whole", *steps))
     finish(whole)
-    broken = run(flags(corpus, tmp_path / "broken", *steps))
-    ckpt = tmp_path / "broken" / "checkpoint.pt"
-    while not ckpt.exists() and broken.poll() is None:
+    broken = run(flags(corpus, tmp_path / "broken", *steps), stdout=subprocess.DEVNULL)
+    ckpt, deadline = tmp_path / "broken" / "checkpoint.pt", time.time() + 120
+    while not ckpt.exists() and broken.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     broken.send_signal(signal.SIGKILL)  # no clean exit
     broken.wait()
