@@ -79,8 +79,8 @@ class FitCfg:
     out: str = field(default="latency.pt", metadata={"help": "predictor file (metrics go beside it as .json)"})
     holdout: float = field(default=0.2, metadata={"help": "share of archs held out for MAPE/RMSE/Kendall tau"})
     width: int = field(default=128, metadata={"help": "hidden units of each of the MLP's 3 hidden layers"})
-    steps: int = field(default=3000, metadata={"help": "full-batch Adam steps"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (cosine decay to 0)"})
+    steps: int = field(default=2000, metadata={"help": "full-batch Adam steps"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (cosine decay to 0)"})
     seed: int = field(default=0, metadata={"help": "seed of the split and the initialisation"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --out"})
 
@@ -320,7 +320,7 @@ class LatencyPredictor:
         return self.base_ms / self(arch)
 
     @classmethod
-    def fit(cls, archs, ratio, ref_ms, base_ms, device, names=FEATURES, width=128, steps=3000, lr=3e-3, seed=0):
+    def fit(cls, archs, ratio, ref_ms, base_ms, device, names=FEATURES, width=128, steps=2000, lr=1e-3, seed=0):
         """Fit log(ratio) with full-batch Adam; ratio = latency / reference latency, ref_ms the reference's ms."""
         seed_everything(seed)
         f = features(archs, device["seq_len"], device["batch"])

@@ -301,18 +301,18 @@ METHODS = {"evolve": evolve, "evolve-elite": evolve_elite, "random": random_sear
 
 class MLMScore:
     """score(arch) = -(masked-LM loss) of the sub-model, run inside the SuperPLM (equal to extracting it, §3.4), on
-    `rows` fixed sequences with fixed masks. Loss rather than accuracy: it moves with every masked token instead of
-    in steps of 1/n, so close candidates are told apart. The roulette wheel shifts these negative scores (above)."""
+    the corpus's held-out sequences (data.split: one-shot training never sees them) with fixed masks. Loss rather
+    than accuracy: it moves with every masked token instead of in steps of 1/n, so close candidates are told apart.
+    The roulette wheel of Algorithm 2 shifts these negative scores (see roulette)."""
 
     def __init__(self, model, tokenizer_path, corpus, seq_len, cache_dir, rows=256, batch_size=32, seed=0,
                  device="cpu"):
-        from data import build_dataset, load_tokenizer, mask_tokens
+        from data import build_dataset, load_tokenizer, mask_tokens, split
         from superplm import MLM
-        ds = build_dataset(corpus, load_tokenizer(tokenizer_path), seq_len, cache_dir)
-        rows = min(rows, len(ds))
-        ids = ds[list(range(len(ds) - rows, len(ds)))]  # (rows, T): the corpus's last sequences
-        inputs, labels = mask_tokens(ids, ds.specials, torch.Generator().manual_seed(seed))
-        mask = (ids != ds.specials.pad).long()
+        heldout = split(build_dataset(corpus, load_tokenizer(tokenizer_path), seq_len, cache_dir))[1]
+        ids = heldout[list(range(min(rows, len(heldout))))]  # (rows, T)
+        inputs, labels = mask_tokens(ids, heldout.specials, torch.Generator().manual_seed(seed))
+        mask = (ids != heldout.specials.pad).long()
         self.batches = [dict(input_ids=inputs[i:i + batch_size].to(device), labels=labels[i:i + batch_size].to(device),
                              attention_mask=mask[i:i + batch_size].to(device)) for i in range(0, rows, batch_size)]
         self.model, self.objective, self.metrics = model.to(device).eval(), MLM(), {}
@@ -393,8 +393,9 @@ class Config:
     seed: int = field(default=0, metadata={"help": "seed of the search, the masks and the fine-tuning"})
     device: str = field(default="auto", metadata={"help": "evaluator device: auto | cpu | cuda[:N]"})
     eval_corpus: str = field(default="", metadata={"help": "mlm: corpus spec of the scored text (data.py); "
-                                                           "default: the SuperPLM's own (its last sequences)"})
-    eval_rows: int = field(default=256, metadata={"help": "mlm: sequences scored"})
+                                                           "default: the SuperPLM's own"})
+    eval_rows: int = field(default=256, metadata={"help": "mlm: held-out sequences scored (at most the corpus's "
+                                                          "held-out tail, data.split)"})
     batch_size: int = field(default=32, metadata={"help": "mlm: sequences per forward pass"})
     mnli_data: str = field(default="", metadata={"help": "finetune: MNLI folder (GLUE layout); empty: datasets"})
     squad_data: str = field(default="", metadata={"help": "finetune: folder of SQuAD v1.1 JSON; empty: datasets"})

@@ -77,10 +77,21 @@ PRESETS = {"paper": {},
                         max_steps=600, save_every=100, log_every=20, out="runs/superplm-tiny")}
 
 
+INHERITED = ("objective", "teacher", "corpus", "tokenizer", "vocab_size", "seq_len", "cache_dir", "batch_size", "lr", "samples",
+             "weight_decay", "adam_eps", "clip", "dropout", "log_every", "save_every")  # what --init carries over
+
+
 def parse_config(argv=None):
     parser = config_parser(Config, __doc__.split("\n")[0])
     first, _ = parser.parse_known_args(argv)
     defaults = dict(PRESETS[first.preset])
+    if first.init:  # §4.1: further training keeps the one-shot run's settings (corpus, batch, lr, ...)
+        path = Path(first.init) / "checkpoint.pt" if Path(first.init).is_dir() else Path(first.init)
+        if not path.exists():
+            raise UserError(f"--init {first.init}: no SuperPLM checkpoint there; train one with "
+                            "`python superplm.py --out DIR` first")
+        saved = torch_load(path)["config"]
+        defaults.update({k: saved[k] for k in INHERITED if k in saved})
     if first.arch:
         defaults["samples"] = 1  # one architecture: nothing to sample
         if first.init:

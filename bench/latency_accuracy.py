@@ -73,14 +73,14 @@ def main():
     _, raw = fit_data(dict(data, ratio=data["ms"] / data["ref_ms"]), fit_cfg)
 
     # noise: one architecture timed cfg.noise_runs times, each a fresh model as `measure` builds it
-    noise = [r for r in timed_once(out / "noise.jsonl", [Arch.parse(cfg.noise_arch)] * cfg.noise_runs, cfg)
+    noise = [r for r in timed_once(out / "latency_noise.jsonl", [Arch.parse(cfg.noise_arch)] * cfg.noise_runs, cfg)
              if r["kind"] == "arch"]
     ms, rel = np.array([r["ms"] for r in noise]), np.array([relative(r) for r in noise])
 
     # the ceiling: the same archs timed twice, in two different random orders
     archs = sample_archs(PRETRAIN_SPACE, cfg.pairs, cfg.seed + 1)
     shuffled = random.Random(cfg.seed + 1).sample(archs, len(archs))
-    first, second = ({r["arch"]: r for r in timed_once(out / f"pass{p}.jsonl", a, cfg) if r["kind"] == "arch"}
+    first, second = ({r["arch"]: r for r in timed_once(out / f"latency_pass{p}.jsonl", a, cfg) if r["kind"] == "arch"}
                      for p, a in ((1, archs), (2, shuffled)))
     keys = [str(a) for a in archs]
     twice = accuracy([relative(second[k]) for k in keys], [relative(first[k]) for k in keys])

@@ -1,5 +1,7 @@
-"""How good are the searches of search.py at equal evaluations? Regret to the best architecture and win rate against
-random search, on objectives whose best architecture is known.
+"""Search quality at equal evaluations: regret to the known best architecture and win rate against random search.
+
+Methods: Algorithm 2 as written (search.evolve, the paper's T = 4, S = 25), evolve-elite (our default) and its
+ablation without the latency window, random search with and without that window, and AutoTinyBERT-Fast (§4.4).
 
 Synthetic (default): the paper's pre-training space (Table B.1, 11.4M archs) is brute-forced in numpy for every
 objective. The objective is GLUE-like: it grows with the parameter count with diminishing returns, loses points for
@@ -8,9 +10,12 @@ shapes away from a preferred ffn/hidden, qkv/hidden and hidden/layers ratio (dra
 FLOPs model of one 128-token input (Eq. 1-3) plus per-layer and per-head overheads, so BERT-base = 1x.
 Regret is measured on the noise-free objective of the arch each search ranks first.
 
-    python bench/search_quality.py                                   # 20 seeds x 4 targets, a few minutes
-    python bench/search_quality.py --superplm runs/superplm-tiny     # + a SuperPLM's mlm evaluator, brute-forced
-                                                                     #   on a coarse grid of its space
+mlm (--superplm): the real mlm evaluator of a trained SuperPLM, brute-forced over a grid of its space (every layer
+and head count, --grid values of hidden and of ffn), with 4 x 10 evaluations as the grid is small; it has no noise.
+
+    python bench/search_quality.py                      # synthetic: 20 seeds x 4 targets, ~1-3 min
+    python bench/search_quality.py --superplm toy       # + the mlm evaluator of a toy SuperPLM trained here, ~8 min
+    python bench/search_quality.py --superplm runs/superplm-tiny --grid 7    # + any pre-training SuperPLM's
 """
 
 import dataclasses

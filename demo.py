@@ -1,0 +1,109 @@
+"""The whole AutoTinyBERT pipeline at demo scale on a CPU, in about 15 minutes (the README's first command).
+
+Each stage is run as its own command, printed before it runs, so that the demo doubles as a recipe:
+    1. superplm.py  train a tiny SuperPLM on the stdlib corpus with Algorithm 1 (§3.4)
+    2. latency.py   time sampled architectures on this CPU and fit the latency predictor (§3.5)
+    3. search.py    evolutionary search for the latency target, sub-models scored inside the SuperPLM (§3.5)
+    4. superplm.py  further-train the winner alone, initialised from its SuperPLM weights (§3.6)
+and ends with a summary table and the files it made.
+"""
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import UserError, fresh_out_dir, parse_config, read_jsonl, run_main, torch_load
+
+
+@dataclass
+class DemoConfig:
+    out: str = field(default="runs/demo", metadata={"help": "folder for everything the demo makes"})
+    target: str = field(default="40x", metadata={"help": "latency target: speedup over BERT-base on this CPU"})
+    steps: int = field(default=400, metadata={"help": "optimizer steps of one-shot SuperPLM training"})
+    latency_samples: int = field(default=200, metadata={"help": "architectures timed for the latency predictor"})
+    generations: int = field(default=4, metadata={"help": "T of Algorithm 2"})
+    population: int = field(default=25, metadata={"help": "S of Algorithm 2"})
+    further_steps: int = field(default=200, metadata={"help": "optimizer steps of further training (stage 3)"})
+    seed: int = field(default=0, metadata={"help": "seed of every stage"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an earlier demo in --out"})
+
+
+def run(*args):
+    """Run one stage as a user would type it; stop the demo if it fails."""
+    cmd = ["python", *map(str, args)]
+    print(f"\n$ {shlex.join(cmd)}", flush=True)
+    t = time.time()
+    if subprocess.run([sys.executable, *cmd[1:]], cwd=Path(__file__).parent).returncode:
+        raise UserError(f"the stage `{shlex.join(cmd)}` failed (its message is above)")
+    return time.time() - t
+
+
+def held_out_loss(run_dir, arch=None):
+    """Masked-LM loss of a model (a sub-model of a SuperPLM) on the held-out sequences, as search.py scores it."""
+    from search import MLMScore
+    from superplm import load_superplm
+    model, _, tok = load_superplm(Path(run_dir) / "checkpoint.pt")
+    cfg = torch_load(Path(run_dir) / "checkpoint.pt")["config"]
+    return -MLMScore(model, tok, cfg["corpus"], cfg["seq_len"], cfg["cache_dir"])(arch or model.arch)
+
+
+def main(argv=None):
+    cfg = parse_config(DemoConfig, argv, __doc__.split("\n")[0])
+    if cfg.overwrite:
+        shutil.rmtree(cfg.out, ignore_errors=True)
+    out = fresh_out_dir(cfg.out)
+    splm, lat, search, further = out / "superplm", out / "latency", out / "search", out / "further"
+    t = {}
+    t["1 SuperPLM"] = run("superplm.py", "--preset", "tiny", "--out", splm, "--max-steps", cfg.steps,
+                          "--seed", cfg.seed)
+    t["2 latency"] = run("latency.py", "measure", "--space", splm / "checkpoint.pt", "--samples",
+                         cfg.latency_samples, "--seed", cfg.seed, "--out", lat.with_suffix(".jsonl"))
+    t["2 latency"] += run("latency.py", "fit", "--data", lat.with_suffix(".jsonl"), "--out", lat.with_suffix(".pt"))
+    t["3 search"] = run("search.py", "--target", cfg.target, "--superplm", splm, "--latency", lat.with_suffix(".pt"),
+                        "--generations", cfg.generations, "--population", cfg.population, "--seed", cfg.seed,
+                        "--out", search, "--extract")
+    found = json.loads((search / "top.json").read_text())
+    best = found["best"]
+    t["4 further"] = run("superplm.py", "--init", splm, "--arch", best, "--out", further, "--max-steps",
+                         cfg.further_steps, "--seed", cfg.seed)
+    summary(cfg, out, found, t)
+
+
+def summary(cfg, out, found, t):
+    from model import Arch
+    splm_log = [r for r in read_jsonl(out / "superplm" / "metrics.jsonl") if "loss" in r]
+    further_log = [r for r in read_jsonl(out / "further" / "metrics.jsonl") if "loss" in r]
+    fit = json.loads((out / "latency.json").read_text()) if (out / "latency.json").exists() else {}
+    held = fit.get("heldout", {})
+    best = Arch.parse(found["best"])
+    print("\n" + "=" * 100)
+    print(f"AutoTinyBERT demo: a tiny SuperPLM searched for {cfg.target} (latency <= {found['budget_ms']:.2f} ms; "
+          f"BERT-base {found['base_ms']:.0f} ms on this CPU)\n")
+    print(f"{'stage':<12}{'what happened':<62}{'minutes':>8}")
+    rows = [("1 SuperPLM", f"masked-LM loss {splm_log[0]['loss']:.2f} -> {splm_log[-1]['loss']:.2f} over "
+                           f"{splm_log[-1]['step']} steps, M sub-models per batch"),
+            ("2 latency", f"predictor held-out MAPE {held.get('mape', float('nan')):.1f}%, Kendall tau "
+                          f"{held.get('tau', float('nan')):.2f}"),
+            ("3 search", f"{len(json.loads((out / 'search' / 'scored.json').read_text()))} architectures scored "
+                         f"inside the SuperPLM; best {best}"),
+            ("4 further", f"{best} trained alone: loss {further_log[0]['loss']:.2f} -> {further_log[-1]['loss']:.2f}")]
+    for (name, what), minutes in zip(rows, t.values()):
+        print(f"{name:<12}{what:<62}{minutes / 60:>8.1f}")
+    print(f"\ntop architectures (layers-hidden-ffn-heads-qkv, Table 4's notation):")
+    print(f"{'arch':<22}{'speedup':>9}{'held-out MLM loss':>20}")
+    for r in found["top"]:
+        print(f"{r['arch']:<22}{r['speedup']:>8.1f}x{-r['score']:>20.3f}")
+    after = held_out_loss(out / "further")
+    print(f"\nafter further training, {best} reaches held-out MLM loss {after:.3f} "
+          f"(inside the SuperPLM: {-found['top'][0]['score']:.3f})")
+    print(f"\nfiles: {out}/superplm/checkpoint.pt (SuperPLM), {out}/latency.pt (predictor), {out}/search/top.json "
+          f"and search.png (search), {out}/search/top/ (Hugging Face folders), {out}/further/ (further-trained model)")
+
+
+if __name__ == "__main__":
+    run_main(main)

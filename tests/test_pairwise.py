@@ -1,0 +1,113 @@
+"""bench/pairwise.py: Eq. 5 on hand-made cases, and the whole study end to end on a minute-sized budget."""
+
+import itertools
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import pairwise  # noqa: E402
+from data import stdlib_corpus  # noqa: E402
+from latency import kendall_tau  # noqa: E402
+from model import Arch  # noqa: E402
+from superplm import space_for  # noqa: E402
+
+
+def luo(f, s):
+    """The pairwise accuracy of Luo et al. (2018)'s code, which Eq. 5 follows: pairs i < j in list order."""
+    pairs = list(itertools.combinations(range(len(f)), 2))
+    return sum((f[i] >= f[j] and s[i] >= s[j]) or (f[i] < f[j] and s[i] < s[j]) for i, j in pairs) / len(pairs)
+
+
+def test_pairwise_accuracy_hand_made():
+    acc = pairwise.pairwise_accuracy
+    assert acc([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0  # same order, different scale
+    assert acc([1, 2, 3, 4], [40, 30, 20, 10]) == 0.0  # reversed
+    assert acc([1, 2, 3], [1, 3, 2]) == pytest.approx(2 / 3)  # one of three pairs swapped
+    assert acc([3, 1, 2], [30, 10, 20]) == 1.0  # list order does not matter
+    # Ties: Eq. 5's >= holds both ways on a tied side, so the pair earns half when only one side ties ...
+    assert acc([1, 1], [1, 2]) == 0.5
+    assert acc([1, 1], [2, 1]) == 0.5  # ... in either order (Luo et al.'s loop would give 0 here and 1 above)
+    assert acc([1, 2], [5, 5]) == 0.5
+    assert acc([7, 7], [3, 3]) == 1.0  # ... and a whole pair when both sides tie
+    assert acc([1, 1, 2], [1, 2, 3]) == pytest.approx((0.5 + 1 + 1) / 3)
+    assert luo([1, 1], [1, 2]) == 0.0 and luo([1, 1], [2, 1]) == 1.0  # the order-dependence avoided
+    with pytest.raises(ValueError):
+        acc([1.0], [1.0])
+    with pytest.raises(ValueError):
+        acc([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def test_pairwise_accuracy_matches_eq5_and_tau_without_ties():
+    rng = np.random.default_rng(0)
+    for n in (2, 5, 12, 16):
+        f, s = rng.normal(size=n), rng.normal(size=n)
+        assert pairwise.pairwise_accuracy(f, s) == pytest.approx(luo(f, s))
+        assert pairwise.pairwise_accuracy(f, s) == pytest.approx((kendall_tau(f, s) + 1) / 2)  # tau-a, no ties
+
+
+def test_pairwise_accuracy_within_groups():
+    f, s, groups = [1, 2, 3, 4], [2, 1, 3, 4], [0, 0, 1, 1]
+    assert pairwise.pairwise_accuracy(f, s, groups) == 0.5  # pair (0, 1) swapped, pair (2, 3) right
+    assert pairwise.pairwise_accuracy(f, s) == pytest.approx(5 / 6)
+    assert pairwise.n_pairs(groups) == 2 and pairwise.n_pairs(n=4) == 6
+    assert pairwise.n_pairs([0, 0, 0, 1, 1, 1, 2, 2, 2]) == 9
+
+
+def test_pick_archs_spreads_sizes_and_shapes():
+    space = space_for(Arch.parse("4-256-1024-4-256"), "heads")
+    picked = pairwise.pick_archs(space, 12, 3, pairwise.flops, seed=0, pool=3000)
+    archs, levels = [a for a, _ in picked], [lv for _, lv in picked]
+    assert len(set(archs)) == 12 and all(a in space for a in archs)
+    assert levels == sorted(levels) and sorted(set(levels)) == [0, 1, 2, 3]
+    cost = np.log(pairwise.flops(archs))
+    for lv in range(4):  # one level: within 10% of its target, so within ~20% of each other, but unlike shapes
+        c = cost[np.array(levels) == lv]
+        assert c.max() - c.min() <= 2 * np.log(1.1) + 1e-9
+        assert len({(a.layers, a.hidden, a.ffn, a.heads) for a, l_ in picked if l_ == lv}) == 3
+    assert cost[:3].max() < cost[-3:].min()  # small to large
+    assert picked == pairwise.pick_archs(space, 12, 3, pairwise.flops, seed=0, pool=3000)  # deterministic
+    dims = space_for(Arch.parse("4-256-1024-4-256"), "dims")
+    assert all(pairwise.as_dims(a, dims) in dims and pairwise.as_dims(a, dims).qkv == a.qkv for a in archs)
+
+
+def test_whole_study_runs_and_resumes(tmp_path):
+    docs = list(stdlib_corpus())
+    random.Random(0).shuffle(docs)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(docs[:250]))  # a slice: ~900 sequences of 32 tokens
+    out = tmp_path / "study"
+    argv = ["--train-args", f"--superplm 2-64-128-2-64 --corpus {corpus} --vocab-size 300 --seq-len 32 "
+            f"--batch-size 8 --cache-dir {tmp_path / 'cache'} --log-every 100",
+            "--tokens", str(8 * 32 * 6), "--archs", "4", "--group", "2", "--pool", "300", "--out", str(out)]
+    pairwise.main(argv)
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "pairwise.png").stat().st_size > 0
+    rows = results["variants"]
+    assert [r["variant"] for r in rows] == ["heads-m3", "heads-m1", "dims-m3", "dims-m1"]
+    for r in rows:
+        assert 0.0 <= r["pairwise"] <= 1.0 and 0.0 <= r["pairwise_same_latency"] <= 1.0
+        assert -1.0 <= r["tau"] <= 1.0
+        assert r["pairs"] == 6 and r["pairs_same_latency"] == 2  # 4 archs; 2 levels of 2
+        assert r["pairwise"] == pytest.approx(pairwise.pairwise_accuracy(
+            [-a["one_shot"] for a in r["archs"]], [-a["stand_alone"] for a in r["archs"]]))
+        assert all(np.isfinite(a["one_shot"]) and np.isfinite(a["stand_alone"]) for a in r["archs"])
+    assert {r["steps"] for r in rows} == {6, 18}  # M=1 takes M times the steps (equal compute)
+    heads = [Arch.parse(a["arch"]) for a in rows[0]["archs"]]
+    dims = [Arch.parse(a["arch"]) for a in rows[2]["archs"]]
+    assert [a.qkv for a in heads] == [a.qkv for a in dims] and {a.heads for a in dims} == {2}
+    assert len(results["runs"]) == 4 + 8  # 4 SuperPLMs, 4 + 4 stand-alone models
+    assert 0 < results["info"]["heldout_rows"] <= 256
+
+    stamp = (out / "superplm-heads-m3" / "checkpoint.pt").stat().st_mtime_ns
+    pairwise.main(argv + ["--resume"])  # nothing left to train: the same numbers again
+    assert (out / "superplm-heads-m3" / "checkpoint.pt").stat().st_mtime_ns == stamp
+    assert json.loads((out / "results.json").read_text())["variants"] == rows
+    with pytest.raises(pairwise.UserError, match="other settings"):
+        pairwise.main(argv[:-2] + ["--out", str(out), "--archs", "6", "--resume"])
+    with pytest.raises(pairwise.UserError, match="--resume"):
+        pairwise.main(argv)
