@@ -11,7 +11,7 @@ reference model; both figures are stored, and the predictor learns the drift-fre
 into ms with the reference's median latency. With one thread we time CPU time, not wall-clock (see `timings`).
 
     python latency.py measure --space pretrain --samples 2000 --out lat.jsonl   # resumable, hours
-    python latency.py measure --samples 150 --warmup 1 --repeats 3 --out lat.jsonl   # quick demo, ~1-2 min
+    python latency.py measure --samples 150 --warmup 1 --repeats 3 --out lat.jsonl   # quick look, ~1.5 min
     python latency.py fit --data lat.jsonl --out latency.pt
     python latency.py table --predictor latency.pt
 """
@@ -39,7 +39,7 @@ from common import (UserError, append_jsonl, config_from_args, config_parser, re
 from model import BERT_BASE, KD_SPACE, PRETRAIN_SPACE, Arch, Bert, SearchSpace
 
 SPACES = {"pretrain": PRETRAIN_SPACE, "kd": KD_SPACE}  # Table B.1
-REFERENCE = Arch(4, 512, 2048, 8, 512)  # timed alongside every arch; BERT-S1 of Table 4, ~1/7 of BERT-base
+REFERENCE = Arch(4, 512, 2048, 8, 512)  # timed alongside every arch: BERT-S1 of Table 4, ~1/7 of BERT-base
 BASE_EVERY = 200  # BERT-base is timed at the start of a session and every 200 archs
 
 # Table 4 (and Table F.1 for S5): (setting, model, arch, the paper's speedup over BERT-base)
@@ -57,7 +57,8 @@ TABLE4 = [("S1", "BERT", "4-512-2048-8-512", 7.1), ("S1", "AutoTinyBERT", "5-564
 
 @dataclass
 class TimingCfg:
-    threads: int = field(default=1, metadata={"help": "CPU threads while timing (the paper: a single CPU)"})
+    threads: int = field(default=1, metadata={"help": "CPU threads while timing (the paper: a single CPU); one "
+                                                      "thread is timed by its CPU time, more by wall-clock"})
     seq_len: int = field(default=128, metadata={"help": "tokens per input (the paper: 128)"})
     batch: int = field(default=1, metadata={"help": "inputs per forward pass (the paper: 1)"})
     warmup: int = field(default=3, metadata={"help": "untimed forward passes before timing"})
@@ -151,19 +152,28 @@ def device_info(cfg):
 # ----------------------------------------------------------------------------- collecting data (§3.5, HAT)
 
 
-def collect(archs, cfg, start=0):
+def reference_for(space):
+    """The fixed model timed alongside every arch: BERT-S1, shrunk to fit a smaller space (a tiny SuperPLM's) so
+    that it costs about as much as the archs it accompanies."""
+    big, R = space.largest(), REFERENCE
+    heads = min(big.heads, R.heads)
+    return Arch(min(big.layers, R.layers), min(big.hidden, R.hidden), min(big.ffn, R.ffn), heads,
+                heads * min(big.head_dim, R.head_dim))
+
+
+def collect(archs, cfg, start=0, reference=REFERENCE):
     """Time `archs` in the given order, each interleaved pass by pass with the reference model (drift and the
     machine's load then act on both alike); BERT-base likewise first and every BASE_EVERY archs. Yields one record
     per timed model: its median ms and the reference's, each with its spread (relative interquartile range)."""
-    ref = build(REFERENCE)
+    ref = build(reference)
 
     def timed(kind, arch, **extra):
-        start = time.time()
+        t0 = time.time()
         ms, ref_ms = (np.percentile(t, [25, 50, 75]) for t in timings([build(arch), ref], cfg.threads, cfg.seq_len,
                                                                         cfg.batch, cfg.warmup, cfg.repeats))
         return dict(kind=kind, arch=str(arch), ms=float(ms[1]), spread=float((ms[2] - ms[0]) / ms[1]),
                     ref_ms=float(ref_ms[1]), ref_spread=float((ref_ms[2] - ref_ms[0]) / ref_ms[1]),
-                    time=time.time(), seconds=time.time() - start, **extra)
+                    time=time.time(), seconds=time.time() - t0, **extra)
 
     for n, arch in enumerate(archs):
         if n % BASE_EVERY == 0:
@@ -182,6 +192,8 @@ def load_data(path):
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} does not exist: collect it with `python latency.py measure --out {path}`")
     records = read_jsonl(path)
+    if not records or records[0].get("kind") != "meta":
+        raise UserError(f"{path} was not written by `latency.py measure`: pass a file that `measure` wrote")
     timed = [r for r in records if r["kind"] == "arch"]
     bases = [relative(r) for r in records if r["kind"] == "base"]
     if len(timed) < 10 or not bases:
@@ -228,8 +240,9 @@ def _drop_torn_tail(path):
 def cmd_measure(cfg):
     if cfg.seq_len > 512:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds BERT's 512 positions: pass --seq-len <= 512")
+    space = space_from(cfg.space)
     meta = dict(kind="meta", space=cfg.space, seed=cfg.seed, warmup=cfg.warmup, repeats=cfg.repeats,
-                reference=str(REFERENCE), device=device_info(cfg))
+                reference=str(reference_for(space)), device=device_info(cfg))
     records = []
     if Path(cfg.out).exists():
         _drop_torn_tail(cfg.out)
@@ -244,13 +257,13 @@ def cmd_measure(cfg):
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         append_jsonl(cfg.out, meta)
     done = sum(r["kind"] == "arch" for r in records)
-    archs = sample_archs(space_from(cfg.space), cfg.samples, cfg.seed)[done:]
+    archs = sample_archs(space, cfg.samples, cfg.seed)[done:]
     if not archs:
         print(f"{cfg.out} already holds {done} archs")
         return
     print(f"timing {len(archs)} archs ({done} done) on {meta['device']['cpu']}, {cfg.threads} thread(s) -> {cfg.out}")
     bar = tqdm(total=len(archs), unit="arch")
-    for r in collect(archs, cfg, start=done):
+    for r in collect(archs, cfg, start=done, reference=reference_for(space)):
         append_jsonl(cfg.out, r)
         bar.update(r["kind"] == "arch")
         bar.set_postfix_str(f"{r['kind']} {r['arch']} {r['ms']:.1f}ms")

@@ -122,6 +122,7 @@ def test_measure_fit_cli_resumes_and_refuses_mixing(tmp_path, monkeypatch, capsy
     assert len(archs) == 12 == len(set(archs)) and all(Arch.parse(a) in TINY for a in archs)
     assert [r["i"] for r in recs if r["kind"] == "arch"] == list(range(12))
     assert sum(r["kind"] == "base" for r in recs) == 2  # one per session
+    assert recs[0]["reference"] == "2-128-256-2-128"  # the reference shrunk to the tiny space
     assert all(r["ms"] > 0 and r["spread"] >= 0 for r in recs[1:])
     with pytest.raises(UserError, match="seq_len"):
         latency.main(["measure", "--samples", "13", *flags[:-1], "64"])
@@ -145,6 +146,12 @@ def test_table_measures_every_arch(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert any("1-64-256-1-64" in line and "3.0x" in line for line in lines)
     assert any("1-96-64-1-64" in line for line in lines)
+
+
+def test_reference_fits_the_space():
+    assert latency.reference_for(PRETRAIN_SPACE) == latency.REFERENCE
+    assert latency.reference_for(latency.KD_SPACE) == latency.REFERENCE
+    assert latency.reference_for(TINY) == Arch(2, 128, 256, 2, 128)
 
 
 def test_sample_archs_distinct_prefix_and_too_many():
