@@ -349,8 +349,8 @@ def main(argv=None):
         init = out / f"init-{mha}" / "checkpoint.pt"
         if not init.exists():
             write_init(base, tok.get_vocab_size(), mha, tok_path, init)
-        for name, _, M, n_steps, _ in variants(cfg, steps):
-            if name.startswith(mha + "-"):  # one-shot: every arch inside this SuperPLM, no further training
+        for name, m, M, n_steps, _ in variants(cfg, steps):
+            if m == mha:  # one-shot: every arch inside this SuperPLM, no further training
                 run(f"superplm-{name}", out, done, base, sets[mha], tok_path, rows, cfg, arch="", init=str(init),
                     samples=M, max_steps=n_steps, tokenizer=str(tok_path))
         for a in sets[mha]:  # stand-alone: each arch alone from scratch, as many tokens as the batch-wise SuperPLM
