@@ -88,8 +88,8 @@ def parse_config(argv=None):
     if first.init:  # §4.1: further training keeps the one-shot run's settings (corpus, batch, lr, ...)
         path = Path(first.init) / "checkpoint.pt" if Path(first.init).is_dir() else Path(first.init)
         if not path.exists():
-            raise UserError(f"--init {first.init}: no SuperPLM checkpoint there; train one with "
-                            "`python superplm.py --out DIR` first")
+            raise FileNotFoundError(f"--init {path} does not exist: train a SuperPLM first (python superplm.py "
+                                    "--out DIR)")
         saved = torch_load(path)["config"]
         defaults.update({k: saved[k] for k in INHERITED if k in saved})
     if first.arch:

@@ -53,9 +53,9 @@ class Config:
     train_args: str = field(default="", metadata={
         "help": "more superplm.py flags for every run, e.g. \"--corpus my.txt --superplm 6-384-1536-6-384 "
                 "--batch-size 64\" (this study sets --out, --arch, --init, --samples, --max-steps)"})
-    tokens: int = field(default=240_000, metadata={
+    tokens: int = field(default=819_200, metadata={
         "help": "token budget: the batch-wise SuperPLMs and every stand-alone model train on this many tokens "
-                "(rounded to whole batches)"})
+                "(rounded to whole batches; the default is 400 steps of the tiny preset)"})
     samples: int = field(default=3, metadata={"help": "M of Algorithm 1 for the batch-wise SuperPLMs (the paper's)"})
     ablation: bool = field(default=True, metadata={
         "help": "also train SuperPLMs with one sub-model per batch and M x the steps (Table 3's EBL ablation)"})
@@ -261,7 +261,7 @@ def figure(rows, path):
     for ax, r in zip(axes[0], rows):
         x = [a["stand_alone"] for a in r["archs"]]
         y = [a["one_shot"] for a in r["archs"]]
-        ax.scatter(x, y, c=[a["level"] for a in r["archs"]], cmap="viridis", s=25)
+        dots = ax.scatter(x, y, c=[a["level"] for a in r["archs"]], cmap="viridis", s=25)
         for a in r["archs"]:
             ax.annotate(a["arch"], (a["stand_alone"], a["one_shot"]), fontsize=5, xytext=(3, 2),
                         textcoords="offset points")
@@ -270,6 +270,7 @@ def figure(rows, path):
         ax.set(xlabel="stand-alone masked-LM loss", ylabel="one-shot masked-LM loss",
                title=f"{r['label']}\npairwise {r['pairwise']:.1%}, tau {r['tau']:.2f}")
         ax.title.set_fontsize(8)
+    fig.colorbar(dots, ax=axes[0, -1], label="latency level (0: smallest)")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -190,6 +190,13 @@ def _hf_equal(hf_model, ours, T=12):
         return (ours(ids, mask, types) - ref).abs().max().item()
 
 
+def _mlm_equal(hf_mlm, ours):
+    ids, mask, types = batch()
+    with torch.no_grad():
+        ref = hf_mlm(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        return (ours.mlm_logits(ours(ids, mask, types)) - ref).abs().max().item()
+
+
 @pytest.mark.parametrize("kind", ["bert", "electra", "electra-projected", "bert-bin"])
 def test_loads_transformers_checkpoints(tmp_path, kind):
     torch.manual_seed(0)
@@ -204,10 +211,7 @@ def test_loads_transformers_checkpoints(tmp_path, kind):
     ours = Bert.from_pretrained(tmp_path).eval()
     assert _hf_equal(body, ours) <= 1e-5
     if kind.startswith("bert"):  # the MLM head came along too
-        ids, mask, types = batch()
-        with torch.no_grad():
-            ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
-            assert (ours.mlm_logits(ours(ids, mask, types)) - ref).abs().max() <= 1e-4
+        assert _mlm_equal(hf, ours) <= 1e-4
 
 
 def test_save_pretrained_loads_in_transformers(tmp_path):
@@ -217,10 +221,7 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
     assert "qkv_size" not in json.loads((tmp_path / "config.json").read_text())
     hf = transformers.BertForMaskedLM.from_pretrained(tmp_path).eval()
     assert _hf_equal(hf.bert, ours) <= 1e-5
-    ids, mask, types = batch()
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
-        assert (ours.mlm_logits(ours(ids, mask, types)) - ref).abs().max() <= 1e-4
+    assert _mlm_equal(hf, ours) <= 1e-4
 
 
 def test_qkv_different_from_hidden_round_trips_exactly(tmp_path):
