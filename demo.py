@@ -24,11 +24,11 @@ from common import UserError, fresh_out_dir, parse_config, read_jsonl, run_main,
 class DemoConfig:
     out: str = field(default="runs/demo", metadata={"help": "folder for everything the demo makes"})
     target: str = field(default="40x", metadata={"help": "latency target: speedup over BERT-base on this CPU"})
-    steps: int = field(default=400, metadata={"help": "optimizer steps of one-shot SuperPLM training"})
+    steps: int = field(default=300, metadata={"help": "optimizer steps of one-shot SuperPLM training"})
     latency_samples: int = field(default=200, metadata={"help": "architectures timed for the latency predictor"})
     generations: int = field(default=4, metadata={"help": "T of Algorithm 2"})
     population: int = field(default=25, metadata={"help": "S of Algorithm 2"})
-    further_steps: int = field(default=200, metadata={"help": "optimizer steps of further training (stage 3)"})
+    further_steps: int = field(default=100, metadata={"help": "optimizer steps of further training (stage 3)"})
     seed: int = field(default=0, metadata={"help": "seed of every stage"})
     overwrite: bool = field(default=False, metadata={"help": "replace an earlier demo in --out"})
 
@@ -86,7 +86,7 @@ def summary(cfg, out, found, t):
           f"BERT-base {found['base_ms']:.0f} ms on this CPU)\n")
     print(f"{'stage':<12}{'what happened':<62}{'minutes':>8}")
     rows = [("1 SuperPLM", f"masked-LM loss {splm_log[0]['loss']:.2f} -> {splm_log[-1]['loss']:.2f} over "
-                           f"{splm_log[-1]['step']} steps, M sub-models per batch"),
+                           f"{splm_log[-1]['step']} steps, 3 sub-models per batch"),
             ("2 latency", f"predictor held-out MAPE {held.get('mape', float('nan')):.1f}%, Kendall tau "
                           f"{held.get('tau', float('nan')):.2f}"),
             ("3 search", f"{len(json.loads((out / 'search' / 'scored.json').read_text()))} architectures scored "

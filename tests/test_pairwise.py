@@ -14,7 +14,8 @@ import pairwise  # noqa: E402
 from data import stdlib_corpus  # noqa: E402
 from latency import kendall_tau  # noqa: E402
 from model import Arch  # noqa: E402
-from superplm import space_for  # noqa: E402
+from search import MLMScore  # noqa: E402
+from superplm import load_superplm, space_for  # noqa: E402
 
 
 def luo(f, s):
@@ -101,7 +102,15 @@ def test_whole_study_runs_and_resumes(tmp_path):
     dims = [Arch.parse(a["arch"]) for a in rows[2]["archs"]]
     assert [a.qkv for a in heads] == [a.qkv for a in dims] and {a.heads for a in dims} == {2}
     assert len(results["runs"]) == 4 + len(set(heads) | set(dims))  # 4 SuperPLMs; an arch of both sets trains once
-    assert 0 < results["info"]["heldout_rows"] <= 256
+    packed = json.loads(next((tmp_path / "cache").glob("packed-*.json")).read_text())
+    assert results["info"]["heldout_rows"] == min(256, packed["rows"] // 10)  # data.split's held-out tail
+
+    # the one-shot score is the arch run inside that SuperPLM's checkpoint, on the held-out rows
+    model, space, tok = load_superplm(out / "superplm-dims-m3")
+    assert model.mha == "dims" and space == space_for(Arch.parse("2-64-128-2-64"), "dims")
+    arch = dims[-1]
+    score = MLMScore(model, tok, str(corpus), 32, str(tmp_path / "cache"), results["info"]["heldout_rows"])
+    assert -score(arch) == pytest.approx(rows[2]["archs"][-1]["one_shot"], rel=1e-5)
 
     stamp = (out / "superplm-heads-m3" / "checkpoint.pt").stat().st_mtime_ns
     pairwise.main(argv + ["--resume"])  # nothing left to train: the same numbers again
