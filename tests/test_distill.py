@@ -135,7 +135,7 @@ def test_masked_lm_batches_are_distilled_on_the_original_text(teacher):
 
 # ----------------------------------------------------------------------------- the teacher on disk
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (test-time reference, in requirements-test.txt)
 
 
 def sentences(n=400, seed=0):

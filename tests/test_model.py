@@ -178,7 +178,7 @@ def test_padding_does_not_change_the_real_tokens():
 
 # ----------------------------------------------------------------------------- Hugging Face layout (Appendix A)
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (test-time reference, in requirements-test.txt)
 TINY = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
             max_position_embeddings=64)
 
