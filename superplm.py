@@ -90,7 +90,7 @@ def parse_config(argv=None):
         if not path.exists():
             raise FileNotFoundError(f"--init {path} does not exist: train a SuperPLM first (python superplm.py "
                                     "--out DIR)")
-        saved = torch_load(path)["config"]
+        saved = torch_load(path).get("config", {})
         defaults.update({k: saved[k] for k in INHERITED if k in saved})
     if first.arch:
         defaults["samples"] = 1  # one architecture: nothing to sample

@@ -14,7 +14,7 @@ steps (equal compute: as many sub-model forward/backward passes, M times the tok
 of Figure 3 ("heads" (b) and "dims" (c)). A "dims" SuperPLM keeps every head, so its architectures are the same
 ones with their attention width split over all heads, and have stand-alone models of their own.
 
-    python bench/pairwise.py                         # tiny preset, stdlib corpus: ~60 min on 2 CPU cores
+    python bench/pairwise.py                         # tiny preset, stdlib corpus: 30-55 min on 2 CPU cores
     python bench/pairwise.py --resume                # continue a stopped study: finished runs are skipped
     python bench/pairwise.py --preset paper --tokens 200_000_000 --train-args "--corpus wiki.txt --lr 1e-4"  # GPU
 """
@@ -324,7 +324,7 @@ def main(argv=None):
     out = open_study(cfg)
     tok_path, tok, dataset = prepare(base)
     tok_path = Path(tok_path).resolve()
-    rows = len(split(dataset)[1])  # the held-out tail: MLMScore reads the corpus's last `rows` sequences
+    rows = len(split(dataset)[1])  # MLMScore scores the first `rows` of the held-out tail: all of it
     steps = max(1, round(cfg.tokens / (base.batch_size * base.seq_len)))
     big = Arch.parse(base.superplm)
     spaces = {mha: superplm.space_for(big, mha) for mha in ("heads", "dims")}
