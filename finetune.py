@@ -30,7 +30,7 @@ from common import (UserError, append_jsonl, atomic_write, config_parser, config
 from data import load_tokenizer
 from model import Arch, Bert, extract, read_pretrained
 from squad import decode, read_squad, squad_scores, squad_windows
-from superplm import learning_rate, load_superplm
+from superplm import learning_rate, load_superplm, make_optimizer
 
 # ----------------------------------------------------------------------------- tasks and Table D.1
 
@@ -330,10 +330,7 @@ def labels_of(logits):
 def adamw(model, lr, steps, warmup, weight_decay):
     """AdamW (BERT's: no decay on biases and LayerNorm) with linear warm-up over `warmup` of the steps, then
     linear decay to 0 (§4.1)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=lr, eps=1e-6)
+    opt = make_optimizer(model.parameters(), lr, weight_decay)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: learning_rate(step, steps, 1.0, warmup))
 
 

@@ -47,6 +47,9 @@ class Config(DataConfig):  # the corpus flags (--corpus, --tokenizer, --vocab-si
         "help": "mlm: BERT pre-training; kd: TinyBERT's last-layer distillation from --teacher (§4.1)",
         "choices": ["mlm", "kd"]})
     teacher: str = field(default="", metadata={"help": "kd: the teacher's folder (the paper's: ELECTRA-base)"})
+    mha: str = field(default="", metadata={
+        "help": "attention slicing (Figure 3): heads keeps the head width, dims keeps every head; empty: heads for "
+                "mlm, dims for kd (§3.4)", "choices": ["", "heads", "dims"]})
     arch: str = field(default="", metadata={"help": "train only this architecture, e.g. 5-564-1054-8-512: with "
                                                     "--init, the stage-3 further training of §3.6 (no warm-up)"})
     init: str = field(default="", metadata={"help": "start from this SuperPLM (run folder or checkpoint.pt)"})
@@ -206,12 +209,12 @@ def adamw(params, **kw):
         return torch.optim.AdamW(params, **kw)
 
 
-def make_optimizer(params, cfg):
+def make_optimizer(params, lr, weight_decay, eps=1e-6):
     """AdamW; no weight decay on biases and LayerNorm (BERT)."""
+    params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     rest = [p for p in params if p.dim() < 2]
-    return adamw([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0.0)],
-                 lr=cfg.lr, eps=cfg.adam_eps)
+    return adamw([dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)], lr=lr, eps=eps)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -285,7 +288,7 @@ def build_model(cfg, vocab_size, init=None):
             model = extract(model, Arch.parse(cfg.arch))
             space = single(model.arch)
         return model, space
-    mha = "dims" if cfg.objective == "kd" else "heads"  # Figure 3: (c) for distillation, (b) for pre-training
+    mha = cfg.mha or ("dims" if cfg.objective == "kd" else "heads")  # Figure 3: (c) distillation, (b) pre-training
     arch = Arch.parse(cfg.arch or cfg.superplm)
     model = Bert(arch, vocab_size=vocab_size, mha=mha, max_position=max(512, cfg.seq_len), dropout=cfg.dropout)
     return model, single(arch) if cfg.arch else space_for(arch, mha)
@@ -339,7 +342,7 @@ def train(cfg):
         for p in params:
             dist.broadcast(p.data, 0)
     flat = flat_grads(params)
-    optimizer = make_optimizer(params, cfg)
+    optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay, cfg.adam_eps)
     spe = steps_per_epoch(dataset, cfg.batch_size)
     total = cfg.max_steps or cfg.epochs * spe
     step = 0

@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import latency  # noqa: E402
 import superplm  # noqa: E402
 from common import (UserError, append_jsonl, config_from_args, config_parser, fresh_out_dir, read_jsonl,  # noqa: E402
-                    run_main, save_json, seed_everything, torch_save)
+                    run_main, save_json)
 from data import prepare, split  # noqa: E402
-from model import Arch, Bert  # noqa: E402
+from model import Arch  # noqa: E402
 from search import MLMScore  # noqa: E402
 
 PAPER = {"HAT baseline": 90.0, "ILS": 91.6, "ILS + SME": 94.2, "ILS + SME + EBL (ours)": 96.7}  # Table 3, %
@@ -52,7 +52,7 @@ class Config:
                                                   "choices": list(superplm.PRESETS)})
     train_args: str = field(default="", metadata={
         "help": "more superplm.py flags for every run, e.g. \"--corpus my.txt --superplm 6-384-1536-6-384 "
-                "--batch-size 64\" (this study sets --out, --arch, --init, --samples, --max-steps)"})
+                "--batch-size 64\" (this study sets --out, --arch, --mha, --samples, --max-steps)"})
     tokens: int = field(default=819_200, metadata={
         "help": "token budget: the batch-wise SuperPLMs and every stand-alone model train on this many tokens "
                 "(rounded to whole batches; the default is 400 steps of the tiny preset)"})
@@ -162,20 +162,6 @@ def variants(cfg, steps):
             out.append((f"{mha}-m1", mha, 1, cfg.samples * steps,
                         f"{mha}, one sub-model per batch ({cfg.samples}x steps)"))
     return out
-
-
-def write_init(base, vocab_size, mha, tok_path, path):
-    """The untrained SuperPLM every variant starts from: what superplm.py builds with this seed, sliced by `mha`
-    (Figure 3). Written as a checkpoint for superplm.py --init, which trains it with the space stored in it, so
-    that a "dims" SuperPLM can be trained with masked LM too. Same weights for every variant."""
-    seed_everything(base.seed)
-    heads_model, _ = superplm.build_model(dataclasses.replace(base, arch="", init=""), vocab_size)
-    model = Bert.from_config({**heads_model.config(), "mha": mha})  # the slicing changes no parameter's shape
-    model.load_state_dict(heads_model.state_dict())
-    space = superplm.space_for(model.arch, mha)
-    torch_save(dict(model_config=model.config(), model=model.state_dict(), space=dataclasses.asdict(space),
-                    objective="mlm", tokenizer=str(tok_path)), path)
-    return path
 
 
 def scores(model, archs, base, tok_path, rows, cfg):
@@ -347,12 +333,9 @@ def main(argv=None):
                       "ms" for a, lv in picked), flush=True)
     done = {r["run"]: r for r in read_jsonl(out / "runs.jsonl")} if (out / "runs.jsonl").exists() else {}
     for mha in cfg.mha:
-        init = out / f"init-{mha}" / "checkpoint.pt"
-        if not init.exists():
-            write_init(base, tok.get_vocab_size(), mha, tok_path, init)
         for name, m, M, n_steps, _ in variants(cfg, steps):
             if m == mha:  # one-shot: every arch inside this SuperPLM, no further training
-                run(f"superplm-{name}", out, done, base, sets[mha], tok_path, rows, cfg, arch="", init=str(init),
+                run(f"superplm-{name}", out, done, base, sets[mha], tok_path, rows, cfg, arch="", init="", mha=mha,
                     samples=M, max_steps=n_steps, tokenizer=str(tok_path))
         for a in sets[mha]:  # stand-alone: each arch alone from scratch, as many tokens as the batch-wise SuperPLM
             run(f"standalone-{a}", out, done, base, [a], tok_path, rows, cfg, arch=str(a), init="", samples=1,

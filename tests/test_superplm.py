@@ -158,7 +158,7 @@ def test_two_workers_equal_one_process_replaying_their_sub_batches_and_sub_model
     model.train()
     start = {k: v.clone() for k, v in model.state_dict().items()}
     flat = flat_grads(list(model.parameters()))
-    opt = make_optimizer(list(model.parameters()), cfg)
+    opt = make_optimizer(list(model.parameters()), cfg.lr, cfg.weight_decay, cfg.adam_eps)
     streams = [batches(ds, cfg.batch_size, 0, cfg.seed, rank, 2) for rank in range(2)]
     for step in range(3):
         grads = []
