@@ -57,15 +57,30 @@ def ranked(candidates):
 
 class Budget:
     """The latency constraint of §3.5 with a cache: lat(arch) <= budget_ms, the predictor asked once per arch.
-    window=w also asks lat(arch) >= w x budget_ms (evolve-elite)."""
+    window=w also asks lat(arch) >= w x budget_ms (evolve-elite), unless every architecture is faster than that:
+    a budget that the whole space meets is then searched whole (with a warning)."""
 
     def __init__(self, space, latency, budget_ms, window=0.0):
         self.latency, self.budget_ms, self.low, self.ms = latency, float(budget_ms), window * budget_ms, {}
-        smallest = space.smallest()
+        smallest, self.largest = space.smallest(), space.largest()
+        base_ms = getattr(latency, "base_ms", None)  # a LatencyPredictor knows BERT-base's time
         if self(smallest) > self.budget_ms:  # every arch is at least as slow as the smallest one
-            raise ValueError(f"no architecture of the search space meets the budget of {self.budget_ms:.4g} ms: "
-                             f"even the smallest, {smallest}, takes {self(smallest):.4g} ms; choose a lower "
-                             "speedup target")
+            fix = (f"a speedup target of at most {base_ms / self(smallest):.3g}x" if base_ms
+                   else "a lower speedup target")
+            raise UserError(f"no architecture of the search space meets the budget of {self.budget_ms:.4g} ms: "
+                            f"even the smallest, {smallest}, takes {self(smallest):.4g} ms; choose {fix}")
+        if self(self.largest) < self.low:  # every arch is at most as slow as the largest one
+            warnings.warn(f"every architecture meets {self.budget_ms:.4g} ms (the largest, {self.largest}, takes "
+                          f"{self(self.largest):.4g} ms): the latency window {window:g}-1x is dropped and the whole "
+                          "space searched")
+            self.low = 0.0
+
+    def advice(self):
+        """Which way to move the target when (almost) no architecture is admitted."""
+        if self.low and self(self.largest) <= self.budget_ms:  # few archs reach the window: a smaller budget helps
+            return (f"choose a higher speedup target (the window asks >= {self.low:.4g} ms), or --method evolve "
+                    "(no window)")
+        return "choose a lower speedup target"
 
     def __call__(self, arch):
         if arch not in self.ms:
@@ -184,7 +199,7 @@ def evolve(space, score, latency, budget_ms, generations=4, population=25, p_mut
     among the k best scored so far instead of the roulette wheel on the previous generation; scale widens the
     mutation; window=w admits only candidates of at least w x budget_ms (the authors' code keeps 0.85-1.1x)."""
     if not (0 <= p_mutate <= 1 and 0 <= p_explore <= 1 and p_mutate + p_explore <= 1):
-        raise ValueError(f"p_mutate={p_mutate} and p_explore={p_explore} must be probabilities summing to <= 1")
+        raise UserError(f"p_mutate={p_mutate} and p_explore={p_explore} must be probabilities summing to <= 1")
     budget = Budget(space, latency, budget_ms, window)
     evals = Evaluations(score, budget, cache)
     max_draws = max_draws or 1000 * population
@@ -192,8 +207,8 @@ def evolve(space, score, latency, budget_ms, generations=4, population=25, p_mut
     # Line 2: sample the first generation G1 from A; the evaluator produces its performance V1.
     prev = evals(fill(lambda: space.sample(rng), population, budget, evals, max_draws), generation=1)
     if not prev:
-        raise ValueError(f"no architecture within {budget_ms:.3g} ms found in {max_draws} random draws; choose a "
-                         "lower speedup target")
+        raise UserError(f"no architecture within {budget_ms:.4g} ms found in {max_draws} random draws: "
+                        f"{budget.advice()}")
     if on_generation:
         on_generation(evals.done)
     for t in range(2, generations + 1):  # line 3
@@ -233,8 +248,7 @@ def random_search(space, score, latency, budget_ms, n=100, seed=0, window=0.0, c
     rng = random.Random(seed)
     archs = fill(lambda: space.sample(rng), n, budget, evals, max_draws or 1000 * n)
     if not archs:
-        raise ValueError(f"no architecture within {budget_ms:.3g} ms found by random sampling; choose a lower "
-                         "speedup target")
+        raise UserError(f"no architecture within {budget_ms:.4g} ms found by random sampling: {budget.advice()}")
     evals(archs, generation=1)
     if on_generation:
         on_generation(evals.done)
@@ -285,8 +299,8 @@ def fast_search(space, score, latency, budget_ms, seed=0, cache=None, on_generat
     """AutoTinyBERT-Fast (§4.4): score only the rule's candidate of each layer count and rank them."""
     archs, budget = fast_candidates(space, latency, budget_ms)
     if not archs:
-        raise ValueError(f"no architecture following the rule of §4.4 meets {budget_ms:.3g} ms; choose a lower "
-                         "speedup target or --method evolve")
+        raise UserError(f"no architecture following the rule of §4.4 meets {budget_ms:.3g} ms; choose a lower "
+                        "speedup target or --method evolve")
     evals = Evaluations(score, budget, cache)
     evals(archs, generation=1)
     if on_generation:
@@ -309,9 +323,14 @@ class MLMScore:
                  device="cpu"):
         from data import build_dataset, load_tokenizer, mask_tokens, split
         from superplm import MLM
-        heldout = split(build_dataset(corpus, load_tokenizer(tokenizer_path), seq_len, cache_dir))[1]
-        ids = heldout[list(range(min(rows, len(heldout))))]  # (rows, T)
+        data, heldout = split(build_dataset(corpus, load_tokenizer(tokenizer_path), seq_len, cache_dir))
+        rows = min(rows, len(heldout))  # a small corpus holds out fewer: score what there is
+        ids = heldout[list(range(rows))]  # (rows, T)
         inputs, labels = mask_tokens(ids, heldout.specials, torch.Generator().manual_seed(seed))
+        if not (labels != -100).any():
+            raise UserError(f"corpus {corpus} gives {len(data) + len(heldout)} packed sequences, which leaves "
+                            f"{rows} held-out ones{' with no masked token' if rows else ''} to score sub-models on "
+                            "(data.split): use a larger corpus, or another one with --eval-corpus")
         mask = (ids != heldout.specials.pad).long()
         self.batches = [dict(input_ids=inputs[i:i + batch_size].to(device), labels=labels[i:i + batch_size].to(device),
                              attention_mask=mask[i:i + batch_size].to(device)) for i in range(0, rows, batch_size)]
@@ -539,11 +558,14 @@ def main(argv=None):
         bar.write(f"generation {max(c.generation for c in done)}: {len(done)} scored, best {ranked(done)[0].arch} "
                   f"score {ranked(done)[0].score:.4f}")
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # a search's warnings (a dropped window, a short generation): one line each
         warnings.simplefilter("always")
-        results = run_method(cfg, space, scored, predictor, budget_ms, {a: r["score"] for a, r in records.items()},
-                             on_generation)
-    bar.close()
+        warnings.showwarning = lambda message, *_, **__: bar.write(f"warning: {message}")
+        try:
+            results = run_method(cfg, space, scored, predictor, budget_ms, {a: r["score"] for a, r in records.items()},
+                                 on_generation)
+        finally:
+            bar.close()
     top = results[:cfg.top]
     save_json(rows(results), out / "scored.json")
     save_json(dict(target=cfg.target, budget_ms=budget_ms, base_ms=predictor.base_ms, method=cfg.method,

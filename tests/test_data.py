@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+from common import UserError
 from data import (SPECIAL_TOKENS, Specials, batches, build_dataset, load_tokenizer, mask_tokens, stdlib_corpus,
                   steps_per_epoch, train_tokenizer)
 
@@ -49,9 +50,9 @@ def test_trained_tokenizer_is_bert_shaped_and_reloads_from_every_form(tok_dir):
 
 
 def test_missing_tokenizer_is_a_one_line_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.json or vocab.txt"):
+    with pytest.raises(UserError, match="tokenizer.json or vocab.txt"):
         load_tokenizer(tmp_path)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         load_tokenizer(tmp_path / "nope.txt")
 
 

@@ -129,7 +129,7 @@ def test_glue_bad_input_errors(tmp_path):
         ft.finetune(tmp_path, "squad2", data_dir=tmp_path)
     assert ft.task_name("SST-2") == "sst2" and ft.task_name("sts-b") == "stsb"
     (tmp_path / "RTE").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"RTE has no train\.tsv"):
+    with pytest.raises(UserError, match=r"RTE has no train\.tsv"):
         ft.read_glue("rte", "train", tmp_path / "RTE")
     write_tsv(tmp_path / "RTE" / "train.tsv", [["index", "sentence1", "sentence2", "label"],
                                                [0, "a", "b", "entailment"], [1, "a", "b"]])

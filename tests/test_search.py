@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import search
-from common import read_jsonl
+from common import UserError, read_jsonl
 from model import KD_SPACE, PRETRAIN_SPACE, Arch, SearchSpace, grid
 
 SMALL = SearchSpace(layers=grid(1, 6, 1), hidden=grid(64, 384, 16), ffn=grid(64, 1536, 32), heads=grid(1, 6, 1))
@@ -66,10 +66,10 @@ def test_later_generations_come_from_parents_and_fresh_samples():
 
 
 def test_impossible_budget_is_a_clear_error():
-    with pytest.raises(ValueError, match="smallest, 1-64-64-1-64"):
+    with pytest.raises(UserError, match="smallest, 1-64-64-1-64"):
         search.evolve(SMALL, quality, flops_ms, flops_ms(SMALL.smallest()) * 0.99)
     for method in search.METHODS.values():
-        with pytest.raises(ValueError, match="lower speedup target"):
+        with pytest.raises(UserError, match="lower speedup target"):
             method(SMALL, quality, flops_ms, 0.5)
 
 

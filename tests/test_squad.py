@@ -84,7 +84,7 @@ def test_squad_layout_loading(tmp_path):
     write_squad(tmp_path, "dev", dev)
     assert sq.read_squad("train", tmp_path) == train
     assert sq.read_squad("dev", tmp_path) == dev
-    with pytest.raises(FileNotFoundError, match=r"no dev-v1\.1\.json"):
+    with pytest.raises(UserError, match=r"no dev-v1\.1\.json"):
         sq.read_squad("dev", tmp_path / "nowhere")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "train-v1.1.json").write_text(json.dumps({"data": [{"paragraphs": [{"qas": [{"id": "x"}]}]}]}))

@@ -233,5 +233,5 @@ def test_further_training_of_one_arch_and_the_distillation_seam(tmp_path, corpus
 def test_user_errors_are_one_line(tmp_path, corpus):
     with pytest.raises(UserError, match="--teacher"):
         superplm.main(flags(corpus, tmp_path / "a", "--objective", "kd"))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         superplm.main(flags(corpus, tmp_path / "b", "--arch", "1-64-128-2-64", "--init", str(tmp_path / "none")))
