@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from common import (UserError, append_jsonl, atomic_write, config_from_args, config_parser, fresh_out_dir,
@@ -129,8 +130,9 @@ def fill(propose, size, budget, evals, max_draws):
         if arch not in chosen and arch not in evals and budget.admits(arch):
             chosen.append(arch)
     if len(chosen) < size:
-        warnings.warn(f"only {len(chosen)} of {size} new architectures within {budget.budget_ms:.4g} ms found in "
-                      f"{max_draws} draws: the budget leaves little of the search space")
+        within = f"{budget.low:.4g}-{budget.budget_ms:.4g}" if budget.low else f"{budget.budget_ms:.4g}"
+        warnings.warn(f"only {len(chosen)} of {size} new architectures within {within} ms found in {max_draws} draws: "
+                      "the budget leaves little of the search space")
     return chosen
 
 
@@ -483,14 +485,9 @@ def make_score(cfg, model, tokenizer, ckpt, out):
 
 
 def figure(candidates, top, base_ms, target_speedup, path, title, ylabel):
-    """Speedup against score, as the paper's Figure 1; skipped without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    """Speedup against score, as the paper's Figure 1."""
+    fig = Figure(figsize=(6, 4))  # matplotlib's object API: no pyplot state, no display backend
+    ax = fig.subplots()
     gens = sorted({c.generation for c in candidates})
     for g in gens:
         cs = [c for c in candidates if c.generation == g]
@@ -506,7 +503,6 @@ def figure(candidates, top, base_ms, target_speedup, path, title, ylabel):
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -533,6 +529,7 @@ def main(argv=None):
     model, space, tokenizer = superplm.load_superplm(check_inputs(cfg))
     predictor = latency.LatencyPredictor.load(cfg.latency)
     budget_ms = latency.parse_target(cfg.target, predictor.base_ms)
+    Budget(space, predictor, budget_ms)  # a target that no architecture meets fails here, before any work
     seed_everything(cfg.seed)
     score = make_score(cfg, model, tokenizer, torch_load(check_inputs(cfg)), out)
     score.metrics.update({a: r.get("metrics", {}) for a, r in records.items()})
@@ -572,8 +569,8 @@ def main(argv=None):
                    evaluator=cfg.evaluator, superplm=str(cfg.superplm), best=str(top[0].arch), top=rows(top)),
               out / "top.json")
     made = [out / "top.json", out / "scored.json", out / "candidates.jsonl"]
-    made += filter(None, [figure(results, top, predictor.base_ms, predictor.base_ms / budget_ms, out / "search.png",
-                                 f"{cfg.method} search for {cfg.target}", SCORE_NAMES[cfg.evaluator])])
+    made.append(figure(results, top, predictor.base_ms, predictor.base_ms / budget_ms, out / "search.png",
+                       f"{cfg.method} search for {cfg.target}", SCORE_NAMES[cfg.evaluator]))
     print_top(top, len(results), predictor.base_ms, budget_ms, cfg, score.metrics)
     if cfg.extract:
         made += [save_model(model, c.arch, tokenizer, out / "top" / f"{i}-{c.arch}") for i, c in enumerate(top, 1)]
