@@ -1,7 +1,8 @@
 """Search quality at equal evaluations: regret to the known best architecture and win rate against random search.
 
-Methods: Algorithm 2 as written (search.evolve, the paper's T = 4, S = 25), evolve-elite (our default) and its
-ablation without the latency window, random search with and without that window, and AutoTinyBERT-Fast (§4.4).
+Methods: Algorithm 2 with the paper's settings (search.evolve: T = 4, S = 25, pm = pe = 1/2), evolve-elite (our
+default) and its ablation without the latency window, random search with and without that window, and
+AutoTinyBERT-Fast (§4.4).
 
 Synthetic (default): the paper's pre-training space (Table B.1, 11.4M archs) is brute-forced in numpy for every
 objective. The objective is GLUE-like: it grows with the parameter count with diminishing returns, loses points for

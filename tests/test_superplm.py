@@ -120,6 +120,7 @@ def test_a_batch_without_a_masked_token_trains_on_nothing_and_does_not_crash():
     assert loss.item() == 0.0 and stats["acc"].item() == 0.0 and flat.abs().max().item() == 0.0
     assert model.mlm_logits(torch.zeros(0, 64)).shape == (0, 50)
 
+
 @pytest.mark.parametrize("mha", ["heads", "dims"])
 def test_a_samples_gradient_lives_in_its_slice_and_equals_the_extracted_models(mha):
     torch.manual_seed(0)
