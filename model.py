@@ -369,7 +369,10 @@ def read_pretrained(folder):
                         "model.safetensors or pytorch_model.bin")
     if not (folder / "config.json").exists():
         raise UserError(f"{folder} has no config.json: expected a Hugging Face BERT/ELECTRA folder")
-    config = json.loads((folder / "config.json").read_text())
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except ValueError as e:
+        raise UserError(f"{folder}/config.json is not JSON ({e}): save or download the model again") from None
     if config.get("model_type") not in ("bert", "electra"):
         raise UserError(f"{folder} holds a {config.get('model_type')!r} model: expected model_type 'bert' "
                         "or 'electra'")

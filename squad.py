@@ -61,10 +61,13 @@ def read_squad(which, data_dir=None):
         raise UserError(f"{data_dir} has no {path.name}: expected SQuAD v1.1's train-v1.1.json and "
                         "dev-v1.1.json; pass the right --data, or none to load it with datasets")
     try:
+        squad = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise UserError(f"{path} is not SQuAD's JSON ({str(e).splitlines()[0]}): download it again") from None
+    try:
         return [dict(id=qa["id"], question=qa["question"], context=p["context"],
                      answers=[a["text"] for a in qa["answers"]], starts=[a["answer_start"] for a in qa["answers"]])
-                for article in json.loads(path.read_text())["data"] for p in article["paragraphs"]
-                for qa in p["qas"]]
+                for article in squad["data"] for p in article["paragraphs"] for qa in p["qas"]]
     except (KeyError, TypeError) as e:
         raise UserError(f"{path} is not in SQuAD's JSON layout (data > paragraphs > qas > answers): no {e}") from None
 

@@ -244,6 +244,9 @@ def test_bad_model_folders_get_one_line_errors(tmp_path):
         Bert.from_pretrained(tmp_path / "nope")
     with pytest.raises(UserError, match="config.json"):
         Bert.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert",')
+    with pytest.raises(UserError, match=r"config\.json is not JSON"):
+        Bert.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(UserError, match="expected model_type"):
         Bert.from_pretrained(tmp_path)

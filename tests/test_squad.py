@@ -90,6 +90,9 @@ def test_squad_layout_loading(tmp_path):
     (tmp_path / "bad" / "train-v1.1.json").write_text(json.dumps({"data": [{"paragraphs": [{"qas": [{"id": "x"}]}]}]}))
     with pytest.raises(UserError, match="not in SQuAD's JSON layout"):
         sq.read_squad("train", tmp_path / "bad")
+    (tmp_path / "bad" / "dev-v1.1.json").write_text('{"data": [')  # a download cut short
+    with pytest.raises(UserError, match=r"dev-v1\.1\.json is not SQuAD's JSON \(Expecting value"):
+        sq.read_squad("dev", tmp_path / "bad")
 
 
 def test_squad_windows_map_every_gold_answer_back_to_its_text(tok):
