@@ -10,24 +10,29 @@ import dataclasses
 import json
 import os
 import random
+import socket
 import sys
 import tempfile
+import threading
 import typing
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
 import torch
 
 
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit status 2, no traceback."""
+class UserError(ValueError):
+    """Bad input from the user: printed as one line, exit status 2, no traceback. Raised where input is validated
+    (a ValueError, so library callers that catch ValueError keep working)."""
 
 
 def run_main(main):
-    """Call main(); turn user errors into `error: ...` on stderr and a non-zero exit."""
+    """Call main(); a UserError becomes `error: ...` on stderr and exit status 2. Anything else is a bug and keeps
+    its traceback (a ValueError deep inside the code is not the user's fault)."""
     try:
         return main()
-    except (UserError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -143,6 +148,55 @@ def fresh_out_dir(out, resume=False, overwrite=False, marker=None):
         raise UserError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+# ----------------------------------------------------------------------------- the Hugging Face hub, offline
+
+
+def hub_reachable(timeout=3.0):
+    """Whether the hub (HF_ENDPOINT, else huggingface.co) takes a connection within `timeout` seconds. False in
+    offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); behind a proxy, assumed true (the proxy decides)."""
+    if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE",
+                                                                               "HF_DATASETS_OFFLINE")):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    answered = []
+
+    def probe():  # in a thread: a name lookup can hang past any socket timeout
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout).close()
+            answered.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
+def load_hub_dataset(what, instead, *args, **kwargs):
+    """datasets.load_dataset(*args, **kwargs) for a hub dataset. When the hub cannot be reached, only the local
+    datasets cache is tried (no minute of retries); failing that, one line naming `what` and what to pass `instead`."""
+    import datasets
+    import huggingface_hub
+    online = hub_reachable()
+    offline = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    if not online:
+        datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except (ConnectionError, FileNotFoundError, ValueError) as e:
+        if online:
+            raise UserError(f"{what} does not load from the Hugging Face hub ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}): check the name, or {instead}") from None
+        raise UserError(f"{what} is not in the local datasets cache and the Hugging Face hub cannot be reached "
+                        f"(offline): {instead}, or go online once (it is cached then)") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = offline
 
 
 # ----------------------------------------------------------------------------- seeds

@@ -14,10 +14,12 @@ A corpus is named by a spec:
 """
 
 import ast
+import codecs
 import copy
 import functools
 import hashlib
 import json
+import re
 import sys
 import sysconfig
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
-from common import UserError, atomic_write, config_parser, config_from_args, run_main, save_json
+from common import UserError, atomic_write, config_parser, config_from_args, load_hub_dataset, run_main, save_json
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT's, in the ids a trained vocabulary gets
 FORMAT = 1  # bump when the packed layout changes: old caches are then rebuilt
@@ -62,10 +64,10 @@ def load_tokenizer(path):
     if path.is_dir():
         found = [path / n for n in ("tokenizer.json", "vocab.txt") if (path / n).exists()]
         if not found:
-            raise FileNotFoundError(f"{path} has no tokenizer.json or vocab.txt: point to a BERT vocabulary")
+            raise UserError(f"{path} has no tokenizer.json or vocab.txt: point to a BERT vocabulary")
         path = found[0]
     if not path.exists():
-        raise FileNotFoundError(f"tokenizer {path} does not exist: give a vocab.txt, a tokenizer.json or a folder")
+        raise UserError(f"tokenizer {path} does not exist: give a vocab.txt, a tokenizer.json or a folder")
     if path.suffix == ".json":
         return _with_templates(Tokenizer.from_file(str(path)))
     vocab = {}
@@ -184,27 +186,59 @@ def _text_column(ds, name):
     return ds.select_columns(strings).rename_column(strings[0], "text")
 
 
+def not_utf8(path, chunk=1 << 20):
+    """How many bytes of a file are not UTF-8 (0 for a clean file; older Project Gutenberg texts hold Latin-1)."""
+    decoder, bad = codecs.getincrementaldecoder("utf-8")("surrogateescape"), 0  # a bad byte -> one U+DC80..DCFF
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            bad += len(re.findall("[\udc80-\udcff]", decoder.decode(block)))
+    return bad + len(re.findall("[\udc80-\udcff]", decoder.decode(b"", final=True)))
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(line):  # the corpus is read twice on a first run (vocabulary, packing): one note, not two
+    print(line, file=sys.stderr)
+
+
+def _local(one, cache_dir):
+    """A local corpus through `datasets`. Text files that are not UTF-8 are read with U+FFFD in place of each bad
+    byte, and one line says how many files and bytes; JSON that is not UTF-8 is refused, naming the file."""
+    import datasets
+    files, builder = _files(one)
+    extra = {"sample_by": "paragraph"} if builder == "text" else {}
+    if builder != "parquet":
+        bad = {f: n for f in files if (n := not_utf8(f))}
+        if bad and builder == "json":
+            f, n = next(iter(bad.items()))
+            raise UserError(f"corpus {f} is not UTF-8 ({n} bytes): convert it, e.g. iconv -f latin1 -t utf-8")
+        if bad:
+            extra["encoding_errors"] = "replace"
+            _say_once(f"corpus {one}: {len(bad)} of {len(files)} files not UTF-8, {sum(bad.values())} bytes read as "
+                      f"U+FFFD ({', '.join(str(f) for f in list(bad)[:3])}{', ...' if len(bad) > 3 else ''})")
+    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir,
+                                 **extra)
+
+
 def load_corpus(spec, cache_dir=None):
     """The documents of a corpus spec (see the module docstring): a list, or a `datasets` Dataset of 'text'."""
     if spec == "stdlib":
         return stdlib_corpus()
-    import datasets
     parts = []
     for one in spec.split(","):
         if Path(one).exists():
-            files, builder = _files(one)
-            extra = {"sample_by": "paragraph"} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                                       cache_dir=cache_dir, **extra)
+            ds = _local(one, cache_dir)
+        elif Path(one).suffix in BUILDERS or one.startswith((".", "/", "~")):  # meant as a file: not on the hub
+            raise UserError(f"corpus {one}: no such file or folder; give a .txt/.json/.jsonl/.parquet file or a "
+                            "folder of them, 'stdlib', or a hub dataset name")
         else:  # a hub name such as wikimedia/wikipedia:20231101.en (the network once, then the datasets cache)
             name, _, config = one.partition(":")
-            try:
-                ds = datasets.load_dataset(name, config or None, split="train", cache_dir=cache_dir)
-            except (FileNotFoundError, ConnectionError, ValueError) as e:
-                raise UserError(f"corpus {one!r} is neither a local file/folder nor a reachable hub dataset "
-                                f"({type(e).__name__}): give a path, 'stdlib', or go online once") from None
+            ds = load_hub_dataset(f"corpus {one!r}", "give local files (a .txt/.jsonl/.parquet file or folder) or "
+                                  "'stdlib'", name, config or None, split="train", cache_dir=cache_dir)
         parts.append(_text_column(ds, one))
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if len(parts) == 1:
+        return parts[0]
+    import datasets
+    return datasets.concatenate_datasets(parts)
 
 
 def cached_tokenizer(spec, vocab_size, cache_dir):

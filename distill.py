@@ -46,7 +46,7 @@ def load_teacher(folder):
     folder = Path(folder)
     try:
         teacher = Bert.from_pretrained(folder)
-    except (FileNotFoundError, ValueError) as e:
+    except UserError as e:
         raise UserError(f"--teacher: {e}") from None
     except KeyError as e:
         raise UserError(f"--teacher: {folder}/config.json has no {e}: expected a BERT/ELECTRA config") from None
@@ -116,14 +116,14 @@ class KDObjective(nn.Module):
     def forward(self, model, batch, arch=None):
         arch = model.check(arch)
         if arch.heads != self.teacher.arch.heads:
-            raise ValueError(f"student {arch} has {arch.heads} heads but the teacher has {self.teacher.arch.heads}: "
-                             "attention distillation needs equal head counts")
+            raise UserError(f"student {arch} has {arch.heads} heads but the teacher has {self.teacher.arch.heads}: "
+                            "attention distillation needs equal head counts")
         ids = batch["input_ids"]  # (B, T)
         if "labels" in batch:  # a masked-LM batch: distil on the original text, the labels hold what was masked
             ids = torch.where(batch["labels"] != -100, batch["labels"], ids)  # (TinyBERT v2: no [MASK] corpus)
         if ids.shape[1] > self.teacher.position.num_embeddings:
-            raise ValueError(f"sequences of {ids.shape[1]} tokens are longer than the teacher's "
-                             f"{self.teacher.position.num_embeddings} positions: lower --seq-len")
+            raise UserError(f"sequences of {ids.shape[1]} tokens are longer than the teacher's "
+                            f"{self.teacher.position.num_embeddings} positions: lower --seq-len")
         mask = batch.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
         types = batch.get("token_type_ids")

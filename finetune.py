@@ -14,6 +14,7 @@ search.py's evaluator calls `finetune(model_folder, "mnli", ...)` with a small b
 
 import copy
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (UserError, append_jsonl, atomic_write, config_parser, config_from_args, fresh_out_dir,
-                    run_main, save_json, seed_everything, torch_load, torch_save)
+                    load_hub_dataset, run_main, save_json, seed_everything, torch_load, torch_save)
 from data import load_tokenizer
 from model import Arch, Bert, extract, read_pretrained
 from squad import decode, read_squad, squad_scores, squad_windows
@@ -46,6 +47,7 @@ class GlueTask:
     dev: tuple = (("dev", ""),)  # (TSV stem, suffix of its metric names); the first one selects the model
     test: tuple = ()     # (TSV stem, submission name); () means (("test", folder),)
     no_header: tuple = ()  # column names of the train/dev files that have no header line (CoLA)
+    skip_malformed: bool = False  # skip (and count) lines with missing fields instead of refusing the file (QQP)
 
 
 BINARY, NLI = ("0", "1"), ("entailment", "not_entailment")
@@ -55,7 +57,8 @@ GLUE = {
     "sst2": GlueTask("SST-2", ("sentence",), ("sentence",), "label", BINARY),
     "mrpc": GlueTask("MRPC", ("#1 String", "#2 String"), ("sentence1", "sentence2"), "Quality", BINARY),
     "stsb": GlueTask("STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score", ()),
-    "qqp": GlueTask("QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate", BINARY),
+    "qqp": GlueTask("QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate", BINARY,
+                    skip_malformed=True),
     "mnli": GlueTask("MNLI", ("sentence1", "sentence2"), ("premise", "hypothesis"), "gold_label",
                      ("entailment", "neutral", "contradiction"),
                      dev=(("dev_matched", ""), ("dev_mismatched", "_mm")),
@@ -143,24 +146,39 @@ class Split:
         return Split(pick(self.a), pick(self.b), pick(self.labels), pick(self.ids))
 
 
-def read_tsv(path, header=None):
-    """(column names, [(line number, cells)]) of a GLUE TSV; `header` names the columns of a file without one.
-    No quoting (quotes are text in GLUE) and lines split on \\n only (some sentences hold a stray \\r)."""
-    rows = []
+def read_tsv(path, header=None, skip_malformed=False):
+    """(column names, [(line number, cells)], numbers of the lines skipped) of a GLUE TSV, as GLUE's files are:
+    `header` names the columns of a file without one (CoLA), a UTF-8 byte-order mark is dropped (MRPC), the last
+    line may lack its newline. No quoting (quotes are text in GLUE) and lines split on \\n only (some sentences hold
+    a stray \\r). A line with another column count than the header is an error, or with skip_malformed skipped (QQP's
+    train.tsv has a few, which the reference processors skip too)."""
+    rows, skipped = [], []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
-            line = raw.decode("utf-8").rstrip("\r\n")
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n").removeprefix("\ufeff" if n == 1 else "")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} line {n} is not UTF-8 (byte {raw[e.start]:#x}): GLUE's files are UTF-8; "
+                                "download the file again or convert it") from None
             if not line:
                 continue
             cells = line.split("\t")
             if header is None:
                 header = cells
-            elif len(cells) != len(header):
+            elif len(cells) == len(header):
+                rows.append((n, cells))
+            elif skip_malformed:
+                skipped.append(n)
+            else:
                 raise UserError(f"{path} line {n}: {len(cells)} tab-separated columns where its header has "
                                 f"{len(header)} ({', '.join(header)}); fix or delete that line")
-            else:
-                rows.append((n, cells))
-    return header or [], rows
+    return header or [], rows, skipped
+
+
+def glue_file(t, stem, data_dir):
+    """The TSV file of split `stem` in data_dir: the task's folder, or glue_data/ holding it."""
+    folder = Path(data_dir) / t.folder if (Path(data_dir) / t.folder).is_dir() else Path(data_dir)
+    return folder / f"{stem}.tsv"
 
 
 def read_glue(task, stem, data_dir=None):
@@ -169,17 +187,20 @@ def read_glue(task, stem, data_dir=None):
     name = task_name(task)
     t, labelled = GLUE[name], not stem.startswith("test")
     if not data_dir:
-        import datasets
-        ds = datasets.load_dataset("nyu-mll/glue", name, split=stem.replace("dev", "validation"))
+        ds = load_hub_dataset(f"GLUE {t.folder} (nyu-mll/glue)", f"pass --data with GLUE's {t.folder} folder "
+                              "(its TSV files)", "nyu-mll/glue", name, split=stem.replace("dev", "validation"))
         labels = [None if y < 0 else (float(y) if not t.labels else int(y)) for y in ds["label"]]
         return Split(ds[t.hub_text[0]], ds[t.hub_text[1]] if len(t.hub_text) > 1 else None, labels, ds["idx"])
-    folder = Path(data_dir) / t.folder if (Path(data_dir) / t.folder).is_dir() else Path(data_dir)
-    path = folder / f"{stem}.tsv"
+    path = glue_file(t, stem, data_dir)
     if not path.exists():
         files = ", ".join(f"{s}.tsv" for s, _ in (("train", ""),) + t.dev)
-        raise FileNotFoundError(f"{folder} has no {path.name}: expected GLUE's {t.folder} folder ({files}); "
-                                "pass the right --data, or none to load it with datasets")
-    header, rows = read_tsv(path, t.no_header if stem in ("train", "dev") and t.no_header else None)
+        raise UserError(f"{path.parent} has no {path.name}: expected GLUE's {t.folder} folder ({files}); "
+                        "pass the right --data, or none to load it with datasets")
+    header, rows, skipped = read_tsv(path, t.no_header if stem in ("train", "dev") and t.no_header else None,
+                                     t.skip_malformed)
+    if skipped:
+        print(f"{path}: skipped {len(skipped)} malformed line(s) without {len(header)} tab-separated columns "
+              f"(line {', '.join(map(str, skipped[:3]))}{', ...' if len(skipped) > 3 else ''})", file=sys.stderr)
     missing = [c for c in t.text + ((t.label,) if labelled else ()) if c not in header]
     if missing:
         raise UserError(f"{path}: no column {missing[0]!r} in its header ({', '.join(header)}); is it "
@@ -402,11 +423,10 @@ def write_glue_test(model, name, cfg, tok, pad, device, out):
     """GLUE's submission files: `index<TAB>prediction`, label names (STS-B: a score in [0, 5])."""
     t = GLUE[name]
     for stem, submission in t.test or (("test", t.folder),):
-        try:
-            split = read_glue(name, stem, cfg.data or None)
-        except FileNotFoundError:
+        if cfg.data and not glue_file(t, stem, cfg.data).exists():
             print(f"{name}: no {stem}.tsv, no test predictions")
             continue
+        split = read_glue(name, stem, cfg.data or None)
         preds = labels_of(predict(model, encode_glue(tok, split, cfg.max_len or 128), 2 * cfg.batch_size, pad,
                                   device))
         rows = [f"{i}\t{min(max(p, 0.0), 5.0):.3f}" if not t.labels else f"{i}\t{t.labels[p]}"

@@ -190,7 +190,7 @@ def load_data(path):
     """A measured JSONL as arrays: archs, drift-free ratios (ms / the reference's ms timed alongside), raw ms, and
     the reference's and BERT-base's ms (medians over the file)."""
     if not Path(path).exists():
-        raise FileNotFoundError(f"{path} does not exist: collect it with `python latency.py measure --out {path}`")
+        raise UserError(f"{path} does not exist: collect it with `python latency.py measure --out {path}`")
     records = read_jsonl(path)
     if not records or records[0].get("kind") != "meta":
         raise UserError(f"{path} was not written by `latency.py measure`: pass a file that `measure` wrote")
@@ -364,7 +364,7 @@ class LatencyPredictor:
     @classmethod
     def load(cls, path):
         if not Path(path).exists():
-            raise FileNotFoundError(f"{path} does not exist: fit one with `python latency.py fit --out {path}`")
+            raise UserError(f"{path} does not exist: fit one with `python latency.py fit --out {path}`")
         predictor = cls(torch_load(path))
         if predictor.device["cpu"] != cpu_model():
             warnings.warn(f"{path} was measured on {predictor.device['cpu']!r}, not this {cpu_model()!r}: its "
@@ -426,8 +426,8 @@ def parse_target(text, base_ms):
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(x|×|ms)\s*", str(text), re.IGNORECASE)
     value = float(m.group(1)) if m else 0.0
     if value <= 0:
-        raise ValueError(f"latency target {text!r} not understood: use a positive speedup over BERT-base such as "
-                         "'7x' or '7.5x', or a budget in milliseconds such as '12ms'")
+        raise UserError(f"latency target {text!r} not understood: use a positive speedup over BERT-base such as "
+                        "'7x' or '7.5x', or a budget in milliseconds such as '12ms'")
     return value if m.group(2).lower() == "ms" else base_ms / value
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import UserError
+
 # ----------------------------------------------------------------------------- architectures and search spaces
 
 
@@ -36,9 +38,9 @@ class Arch:
         for name in ("layers", "hidden", "ffn", "heads", "qkv"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"Arch {name} must be a positive integer, got {v!r}")
+                raise UserError(f"Arch {name} must be a positive integer, got {v!r}")
         if self.qkv % self.heads:
-            raise ValueError(f"Arch qkv={self.qkv} is not divisible by heads={self.heads}")
+            raise UserError(f"Arch qkv={self.qkv} is not divisible by heads={self.heads}")
 
     @property
     def head_dim(self):
@@ -48,11 +50,11 @@ class Arch:
     def parse(cls, text):
         parts = str(text).strip().split("-")
         if len(parts) != 5:
-            raise ValueError(f"arch {text!r} must have 5 fields layers-hidden-ffn-heads-qkv, e.g. 5-564-1054-8-512")
+            raise UserError(f"arch {text!r} must have 5 fields layers-hidden-ffn-heads-qkv, e.g. 5-564-1054-8-512")
         values = []
         for name, p in zip(("layers", "hidden", "ffn", "heads", "qkv"), parts):
             if not p.isdigit():
-                raise ValueError(f"arch {text!r}: {name} must be a positive integer, got {p!r}")
+                raise UserError(f"arch {text!r}: {name} must be a positive integer, got {p!r}")
             values.append(int(p))
         return cls(*values)
 
@@ -211,9 +213,9 @@ class Bert(nn.Module):
                  act="gelu", dropout=0.1, embedding_size=None):
         super().__init__()
         if mha not in ("heads", "dims"):
-            raise ValueError(f"mha must be 'heads' or 'dims', got {mha!r}")
+            raise UserError(f"mha must be 'heads' or 'dims', got {mha!r}")
         if act not in ACTIVATIONS:
-            raise ValueError(f"activation {act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+            raise UserError(f"activation {act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
         self.arch, self.mha, self.dropout = arch, mha, dropout
         self.cfg = dict(arch=str(arch), vocab_size=vocab_size, mha=mha, max_position=max_position,
                         type_vocab=type_vocab, eps=eps, act=act, dropout=dropout, embedding_size=embedding_size)
@@ -248,22 +250,22 @@ class Bert(nn.Module):
     # -- elastic shapes
 
     def check(self, arch):
-        """Raise ValueError unless `arch` is a sub-model of this one under its MHA strategy (Figure 3)."""
+        """Raise UserError unless `arch` is a sub-model of this one under its MHA strategy (Figure 3)."""
         if arch is None:
             return self.arch
         A = self.arch
         for name in ("layers", "hidden", "ffn"):
             if getattr(arch, name) > getattr(A, name):
-                raise ValueError(f"arch {arch} does not fit in the SuperPLM {A}: {name} {getattr(arch, name)} "
-                                 f"> {getattr(A, name)}")
+                raise UserError(f"arch {arch} does not fit in the SuperPLM {A}: {name} {getattr(arch, name)} "
+                                f"> {getattr(A, name)}")
         if self.emb_proj is not None and arch.hidden != A.hidden:
-            raise ValueError("a model with an embedding projection (ELECTRA-small style) is not elastic in hidden")
+            raise UserError("a model with an embedding projection (ELECTRA-small style) is not elastic in hidden")
         if self.mha == "heads" and (arch.head_dim != A.head_dim or arch.heads > A.heads):
-            raise ValueError(f"arch {arch} does not fit the 'heads' strategy of {A}: it keeps head width "
-                             f"{A.head_dim}, so qkv must be {A.head_dim}*heads with heads <= {A.heads}")
+            raise UserError(f"arch {arch} does not fit the 'heads' strategy of {A}: it keeps head width "
+                            f"{A.head_dim}, so qkv must be {A.head_dim}*heads with heads <= {A.heads}")
         if self.mha == "dims" and (arch.heads != A.heads or arch.head_dim > A.head_dim):
-            raise ValueError(f"arch {arch} does not fit the 'dims' strategy of {A}: it keeps all {A.heads} heads, "
-                             f"so heads must be {A.heads} and qkv <= {A.qkv}")
+            raise UserError(f"arch {arch} does not fit the 'dims' strategy of {A}: it keeps all {A.heads} heads, "
+                            f"so heads must be {A.heads} and qkv <= {A.qkv}")
         return arch
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, arch=None, return_scores=False):
@@ -298,7 +300,7 @@ class Bert(nn.Module):
         W = sub(self.word.weight, self.word.num_embeddings, C)  # (vocab, C): the decoder, tied to the embedding
         # x W^T computed as (W x^T)^T: the same product, but autograd then builds W's gradient row-major, as W's
         # block lies in the SuperPLM (from x W^T it comes transposed: slower to multiply and to add into the block).
-        return (W @ x.reshape(-1, C).T).T.reshape(*x.shape[:-1], -1) + self.mlm_bias
+        return (W @ x.reshape(-1, C).T).T.reshape(*x.shape[:-1], len(W)) + self.mlm_bias  # also for 0 positions
 
     # -- Hugging Face layout (paper Appendix A: `qkv_size` sets the Q/K/V width)
 
@@ -353,7 +355,7 @@ class Bert(nn.Module):
                     break
         missing = [n for n in model.state_dict() if n not in ours and not n.startswith("mlm")]
         if missing:
-            raise ValueError(f"{folder} is not a complete BERT/ELECTRA checkpoint: missing weights for {missing[:3]}")
+            raise UserError(f"{folder} is not a complete BERT/ELECTRA checkpoint: missing weights for {missing[:3]}")
         model.load_state_dict(ours, strict=False)  # a discriminator has no MLM head: it keeps its fresh init
         model.has_mlm_head = "mlm_dense.weight" in ours
         return model
@@ -363,21 +365,24 @@ def read_pretrained(folder):
     """(config dict, state dict) of a Hugging Face BERT/ELECTRA folder; never unpickles code."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"model folder {folder} does not exist: expected a folder with config.json and "
-                                "model.safetensors or pytorch_model.bin")
+        raise UserError(f"model folder {folder} does not exist: expected a folder with config.json and "
+                        "model.safetensors or pytorch_model.bin")
     if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} has no config.json: expected a Hugging Face BERT/ELECTRA folder")
-    config = json.loads((folder / "config.json").read_text())
+        raise UserError(f"{folder} has no config.json: expected a Hugging Face BERT/ELECTRA folder")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except ValueError as e:
+        raise UserError(f"{folder}/config.json is not JSON ({e}): save or download the model again") from None
     if config.get("model_type") not in ("bert", "electra"):
-        raise ValueError(f"{folder} holds a {config.get('model_type')!r} model: expected model_type 'bert' "
-                         "or 'electra'")
+        raise UserError(f"{folder} holds a {config.get('model_type')!r} model: expected model_type 'bert' "
+                        "or 'electra'")
     if (folder / "model.safetensors").exists():
         from safetensors.torch import load_file
         state = load_file(folder / "model.safetensors")
     elif (folder / "pytorch_model.bin").exists():
         state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
-        raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin")
+        raise UserError(f"{folder} has no model.safetensors or pytorch_model.bin")
     return config, state
 
 

@@ -1,8 +1,10 @@
 """Search a SuperPLM for the best architecture under a latency target (AutoTinyBERT stage 2: §3.5, App. C, §4.4).
 
-    evolve        Algorithm 2 as written: roulette-wheel parents, mutate (pm) or sample afresh (pe), T x S candidates
-    evolve-elite  the same loop with parents by rank among the best so far, a wider mutation and the authors'
-                  latency window (the default: it beats random search far more often, bench/search_quality.py)
+    evolve        Algorithm 2 with the paper's settings: roulette-wheel parents, mutate (pm) or sample afresh (pe),
+                  T x S candidates (the mutation's step sizes and the roulette's shift for negative scores are ours)
+    evolve-elite  the same loop with pm/pe 0.8/0.2, parents by rank among the best so far, a wider mutation and a
+                  latency window of 0.85-1x the budget (the default: it beats random search far more often,
+                  bench/search_quality.py)
     random        the baseline: as many random candidates within the budget
     fast          AutoTinyBERT-Fast (§4.4): one candidate per layer count following the paper's shape rule
 
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from common import (UserError, append_jsonl, atomic_write, config_from_args, config_parser, fresh_out_dir,
@@ -57,15 +60,30 @@ def ranked(candidates):
 
 class Budget:
     """The latency constraint of §3.5 with a cache: lat(arch) <= budget_ms, the predictor asked once per arch.
-    window=w also asks lat(arch) >= w x budget_ms (evolve-elite)."""
+    window=w also asks lat(arch) >= w x budget_ms (evolve-elite), unless every architecture is faster than that:
+    a budget that the whole space meets is then searched whole (with a warning)."""
 
     def __init__(self, space, latency, budget_ms, window=0.0):
         self.latency, self.budget_ms, self.low, self.ms = latency, float(budget_ms), window * budget_ms, {}
-        smallest = space.smallest()
+        smallest, self.largest = space.smallest(), space.largest()
+        base_ms = getattr(latency, "base_ms", None)  # a LatencyPredictor knows BERT-base's time
         if self(smallest) > self.budget_ms:  # every arch is at least as slow as the smallest one
-            raise ValueError(f"no architecture of the search space meets the budget of {self.budget_ms:.4g} ms: "
-                             f"even the smallest, {smallest}, takes {self(smallest):.4g} ms; choose a lower "
-                             "speedup target")
+            fix = (f"a speedup target of at most {base_ms / self(smallest):.3g}x" if base_ms
+                   else "a lower speedup target")
+            raise UserError(f"no architecture of the search space meets the budget of {self.budget_ms:.4g} ms: "
+                            f"even the smallest, {smallest}, takes {self(smallest):.4g} ms; choose {fix}")
+        if self(self.largest) < self.low:  # every arch is at most as slow as the largest one
+            warnings.warn(f"every architecture meets {self.budget_ms:.4g} ms (the largest, {self.largest}, takes "
+                          f"{self(self.largest):.4g} ms): the latency window {window:g}-1x is dropped and the whole "
+                          "space searched")
+            self.low = 0.0
+
+    def advice(self):
+        """Which way to move the target when (almost) no architecture is admitted."""
+        if self.low and self(self.largest) <= self.budget_ms:  # few archs reach the window: a smaller budget helps
+            return (f"choose a higher speedup target (the window asks >= {self.low:.4g} ms), or --method evolve "
+                    "(no window)")
+        return "choose a lower speedup target"
 
     def __call__(self, arch):
         if arch not in self.ms:
@@ -114,8 +132,9 @@ def fill(propose, size, budget, evals, max_draws):
         if arch not in chosen and arch not in evals and budget.admits(arch):
             chosen.append(arch)
     if len(chosen) < size:
-        warnings.warn(f"only {len(chosen)} of {size} new architectures within {budget.budget_ms:.4g} ms found in "
-                      f"{max_draws} draws: the budget leaves little of the search space")
+        within = f"{budget.low:.4g}-{budget.budget_ms:.4g}" if budget.low else f"{budget.budget_ms:.4g}"
+        warnings.warn(f"only {len(chosen)} of {size} new architectures within {within} ms found in {max_draws} draws: "
+                      "the budget leaves little of the search space")
     return chosen
 
 
@@ -176,15 +195,15 @@ def by_rank(candidates, rng, k):
 def evolve(space, score, latency, budget_ms, generations=4, population=25, p_mutate=0.5, p_explore=0.5, seed=0,
            parents=None, scale=None, window=0.0, cache=None, on_generation=None, max_draws=None):
     """Algorithm 2 (Appendix C): T = `generations` generations of S = `population` architectures within the latency
-    budget; returns every scored Candidate, best first. pm and pe are exclusive ("instead", §3.5): the parent is
-    mutated with probability pm, replaced by a fresh sample with probability pe, and kept otherwise (a repeat,
-    which is not scored again and so does not enter). on_generation(scored so far) runs after each generation.
+    budget; returns every scored Candidate, best first. We read pm and pe as exclusive (Algorithm 2 lists both without
+    saying how they combine): the parent is mutated with probability pm, replaced by a fresh sample with probability
+    pe, and kept otherwise (a repeat, which is not scored again and so does not enter). on_generation(scored so far) runs after each generation.
 
     The defaults are the paper's. evolve_elite changes three things, all off here: parents=k takes parents by rank
     among the k best scored so far instead of the roulette wheel on the previous generation; scale widens the
     mutation; window=w admits only candidates of at least w x budget_ms (the authors' code keeps 0.85-1.1x)."""
     if not (0 <= p_mutate <= 1 and 0 <= p_explore <= 1 and p_mutate + p_explore <= 1):
-        raise ValueError(f"p_mutate={p_mutate} and p_explore={p_explore} must be probabilities summing to <= 1")
+        raise UserError(f"p_mutate={p_mutate} and p_explore={p_explore} must be probabilities summing to <= 1")
     budget = Budget(space, latency, budget_ms, window)
     evals = Evaluations(score, budget, cache)
     max_draws = max_draws or 1000 * population
@@ -192,8 +211,8 @@ def evolve(space, score, latency, budget_ms, generations=4, population=25, p_mut
     # Line 2: sample the first generation G1 from A; the evaluator produces its performance V1.
     prev = evals(fill(lambda: space.sample(rng), population, budget, evals, max_draws), generation=1)
     if not prev:
-        raise ValueError(f"no architecture within {budget_ms:.3g} ms found in {max_draws} random draws; choose a "
-                         "lower speedup target")
+        raise UserError(f"no architecture within {budget_ms:.4g} ms found in {max_draws} random draws: "
+                        f"{budget.advice()}")
     if on_generation:
         on_generation(evals.done)
     for t in range(2, generations + 1):  # line 3
@@ -216,7 +235,8 @@ def evolve(space, score, latency, budget_ms, generations=4, population=25, p_mut
     return ranked(evals.done)  # line 13: the best first
 
 
-# Our default (bench/search_quality.py): elitist rank-based parents, wider mutation, the authors' latency window.
+# Our default (bench/search_quality.py): elitist rank-based parents, wider mutation, a latency window of 0.85-1x the
+# budget (the authors' code keeps 0.85-1.1x, which lets a candidate exceed the target).
 ELITE = dict(p_mutate=0.8, p_explore=0.2, parents=5, scale=0.1, window=0.85)
 
 
@@ -233,8 +253,7 @@ def random_search(space, score, latency, budget_ms, n=100, seed=0, window=0.0, c
     rng = random.Random(seed)
     archs = fill(lambda: space.sample(rng), n, budget, evals, max_draws or 1000 * n)
     if not archs:
-        raise ValueError(f"no architecture within {budget_ms:.3g} ms found by random sampling; choose a lower "
-                         "speedup target")
+        raise UserError(f"no architecture within {budget_ms:.4g} ms found by random sampling: {budget.advice()}")
     evals(archs, generation=1)
     if on_generation:
         on_generation(evals.done)
@@ -285,8 +304,8 @@ def fast_search(space, score, latency, budget_ms, seed=0, cache=None, on_generat
     """AutoTinyBERT-Fast (§4.4): score only the rule's candidate of each layer count and rank them."""
     archs, budget = fast_candidates(space, latency, budget_ms)
     if not archs:
-        raise ValueError(f"no architecture following the rule of §4.4 meets {budget_ms:.3g} ms; choose a lower "
-                         "speedup target or --method evolve")
+        raise UserError(f"no architecture following the rule of §4.4 meets {budget_ms:.3g} ms; choose a lower "
+                        "speedup target or --method evolve")
     evals = Evaluations(score, budget, cache)
     evals(archs, generation=1)
     if on_generation:
@@ -309,9 +328,14 @@ class MLMScore:
                  device="cpu"):
         from data import build_dataset, load_tokenizer, mask_tokens, split
         from superplm import MLM
-        heldout = split(build_dataset(corpus, load_tokenizer(tokenizer_path), seq_len, cache_dir))[1]
-        ids = heldout[list(range(min(rows, len(heldout))))]  # (rows, T)
+        data, heldout = split(build_dataset(corpus, load_tokenizer(tokenizer_path), seq_len, cache_dir))
+        rows = min(rows, len(heldout))  # a small corpus holds out fewer: score what there is
+        ids = heldout[list(range(rows))]  # (rows, T)
         inputs, labels = mask_tokens(ids, heldout.specials, torch.Generator().manual_seed(seed))
+        if not (labels != -100).any():
+            raise UserError(f"corpus {corpus} gives {len(data) + len(heldout)} packed sequences, which leaves "
+                            f"{rows} held-out ones{' with no masked token' if rows else ''} to score sub-models on "
+                            "(data.split): use a larger corpus, or another one with --eval-corpus")
         mask = (ids != heldout.specials.pad).long()
         self.batches = [dict(input_ids=inputs[i:i + batch_size].to(device), labels=labels[i:i + batch_size].to(device),
                              attention_mask=mask[i:i + batch_size].to(device)) for i in range(0, rows, batch_size)]
@@ -371,8 +395,9 @@ class Config:
                                                                      "(superplm.py)"})
     latency: str = field(default="latency.pt", metadata={"help": "latency predictor (latency.py fit)"})
     method: str = field(default="evolve-elite", metadata={
-        "help": "evolve: Algorithm 2 as written; evolve-elite: elitist rank parents, wider mutation, latency "
-                "window (beats random search more often, bench/search_quality.py); random; fast: §4.4's rule",
+        "help": "evolve: Algorithm 2 with the paper's settings; evolve-elite: pm/pe 0.8/0.2, elitist rank parents, "
+                "wider mutation, latency window 0.85-1x (beats random search more often, bench/search_quality.py); "
+                "random; fast: §4.4's rule",
         "choices": list(METHODS)})
     evaluator: str = field(default="mlm", metadata={
         "help": "mlm: -(masked-LM loss) of the sub-model inside the SuperPLM (fast); finetune: the paper's average "
@@ -464,14 +489,9 @@ def make_score(cfg, model, tokenizer, ckpt, out):
 
 
 def figure(candidates, top, base_ms, target_speedup, path, title, ylabel):
-    """Speedup against score, as the paper's Figure 1; skipped without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    """Speedup against score, as the paper's Figure 1."""
+    fig = Figure(figsize=(6, 4))  # matplotlib's object API: no pyplot state, no display backend
+    ax = fig.subplots()
     gens = sorted({c.generation for c in candidates})
     for g in gens:
         cs = [c for c in candidates if c.generation == g]
@@ -487,7 +507,6 @@ def figure(candidates, top, base_ms, target_speedup, path, title, ylabel):
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -514,6 +533,7 @@ def main(argv=None):
     model, space, tokenizer = superplm.load_superplm(check_inputs(cfg))
     predictor = latency.LatencyPredictor.load(cfg.latency)
     budget_ms = latency.parse_target(cfg.target, predictor.base_ms)
+    Budget(space, predictor, budget_ms)  # a target that no architecture meets fails here, before any work
     seed_everything(cfg.seed)
     score = make_score(cfg, model, tokenizer, torch_load(check_inputs(cfg)), out)
     score.metrics.update({a: r.get("metrics", {}) for a, r in records.items()})
@@ -539,19 +559,22 @@ def main(argv=None):
         bar.write(f"generation {max(c.generation for c in done)}: {len(done)} scored, best {ranked(done)[0].arch} "
                   f"score {ranked(done)[0].score:.4f}")
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # a search's warnings (a dropped window, a short generation): one line each
         warnings.simplefilter("always")
-        results = run_method(cfg, space, scored, predictor, budget_ms, {a: r["score"] for a, r in records.items()},
-                             on_generation)
-    bar.close()
+        warnings.showwarning = lambda message, *_, **__: bar.write(f"warning: {message}")
+        try:
+            results = run_method(cfg, space, scored, predictor, budget_ms, {a: r["score"] for a, r in records.items()},
+                                 on_generation)
+        finally:
+            bar.close()
     top = results[:cfg.top]
     save_json(rows(results), out / "scored.json")
     save_json(dict(target=cfg.target, budget_ms=budget_ms, base_ms=predictor.base_ms, method=cfg.method,
                    evaluator=cfg.evaluator, superplm=str(cfg.superplm), best=str(top[0].arch), top=rows(top)),
               out / "top.json")
     made = [out / "top.json", out / "scored.json", out / "candidates.jsonl"]
-    made += filter(None, [figure(results, top, predictor.base_ms, predictor.base_ms / budget_ms, out / "search.png",
-                                 f"{cfg.method} search for {cfg.target}", SCORE_NAMES[cfg.evaluator])])
+    made.append(figure(results, top, predictor.base_ms, predictor.base_ms / budget_ms, out / "search.png",
+                       f"{cfg.method} search for {cfg.target}", SCORE_NAMES[cfg.evaluator]))
     print_top(top, len(results), predictor.base_ms, budget_ms, cfg, score.metrics)
     if cfg.extract:
         made += [save_model(model, c.arch, tokenizer, out / "top" / f"{i}-{c.arch}") for i, c in enumerate(top, 1)]

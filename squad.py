@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError
+from common import UserError, load_hub_dataset
 
 # ----------------------------------------------------------------------------- the official evaluation, in percent
 
@@ -52,19 +52,22 @@ def squad_scores(predictions, answers):
 def read_squad(which, data_dir=None):
     """SQuAD v1.1 examples (which: train | dev) as dicts: id, question, context, answers (texts), starts (chars)."""
     if not data_dir:
-        import datasets
-        ds = datasets.load_dataset("rajpurkar/squad", split="train" if which == "train" else "validation")
+        ds = load_hub_dataset("SQuAD v1.1 (rajpurkar/squad)", "pass --data with the folder of train-v1.1.json and "
+                              "dev-v1.1.json", "rajpurkar/squad", split="train" if which == "train" else "validation")
         return [dict(id=r["id"], question=r["question"], context=r["context"], answers=r["answers"]["text"],
                      starts=r["answers"]["answer_start"]) for r in ds]
     path = Path(data_dir) / f"{which}-v1.1.json"
     if not path.exists():
-        raise FileNotFoundError(f"{data_dir} has no {path.name}: expected SQuAD v1.1's train-v1.1.json and "
-                                "dev-v1.1.json; pass the right --data, or none to load it with datasets")
+        raise UserError(f"{data_dir} has no {path.name}: expected SQuAD v1.1's train-v1.1.json and "
+                        "dev-v1.1.json; pass the right --data, or none to load it with datasets")
+    try:
+        squad = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise UserError(f"{path} is not SQuAD's JSON ({str(e).splitlines()[0]}): download it again") from None
     try:
         return [dict(id=qa["id"], question=qa["question"], context=p["context"],
                      answers=[a["text"] for a in qa["answers"]], starts=[a["answer_start"] for a in qa["answers"]])
-                for article in json.loads(path.read_text())["data"] for p in article["paragraphs"]
-                for qa in p["qas"]]
+                for article in squad["data"] for p in article["paragraphs"] for qa in p["qas"]]
     except (KeyError, TypeError) as e:
         raise UserError(f"{path} is not in SQuAD's JSON layout (data > paragraphs > qas > answers): no {e}") from None
 

@@ -91,8 +91,8 @@ def parse_config(argv=None):
     if first.init:  # §4.1: further training keeps the one-shot run's settings (corpus, batch, lr, ...)
         path = Path(first.init) / "checkpoint.pt" if Path(first.init).is_dir() else Path(first.init)
         if not path.exists():
-            raise FileNotFoundError(f"--init {path} does not exist: train a SuperPLM first (python superplm.py "
-                                    "--out DIR)")
+            raise UserError(f"--init {path} does not exist: train a SuperPLM first (python superplm.py "
+                            "--out DIR)")
         saved = torch_load(path).get("config", {})
         defaults.update({k: saved[k] for k in INHERITED if k in saved})
     if first.arch:
@@ -225,7 +225,7 @@ def load_superplm(path):
     path = Path(path)
     path = path / "checkpoint.pt" if path.is_dir() else path
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: train a SuperPLM first (python superplm.py --out DIR)")
+        raise UserError(f"{path} does not exist: train a SuperPLM first (python superplm.py --out DIR)")
     ckpt = torch_load(path)
     model = Bert.from_config(ckpt["model_config"])
     model.load_state_dict(ckpt["model"])

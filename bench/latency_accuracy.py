@@ -3,8 +3,7 @@
 Times >= 1,000 architectures of the pre-training space (Table B.1) with latency.py (resumable, under bench/out/),
 fits the predictor on 80% and scores the held-out 20% (issue targets: MAPE <= 3%, Kendall tau >= 0.95), beside
 two ceilings: the noise of timing one architecture ten times, and the agreement of two separate timings of the
-same 100 architectures (no predictor can rank better than the data it is scored on). For scale, HAT's predictor
-refit on HAT's own published data gives 1.0-5.3% MAPE and tau 0.84-0.97 (ANCHORS.md). Two ablations: HAT's four
+same 100 architectures (no predictor can rank better than the data it is scored on). Two ablations: HAT's four
 input features (no head count, no FLOP terms), and fitting raw timings instead of the ratio to the reference.
 
     python bench/latency_accuracy.py          # about 45 min on 2 shared cores; re-running resumes

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import latency  # noqa: E402
@@ -236,14 +237,9 @@ def print_table(rows, picked, sets, done, info):
 
 
 def figure(rows, path):
-    """Figure 4: one-shot against stand-alone, one panel per SuperPLM variant; skipped without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 4), squeeze=False)
+    """Figure 4: one-shot against stand-alone, one panel per SuperPLM variant."""
+    fig = Figure(figsize=(4 * len(rows), 4))  # matplotlib's object API: no pyplot state, no display backend
+    axes = fig.subplots(1, len(rows), squeeze=False)
     for ax, r in zip(axes[0], rows):
         x = [a["stand_alone"] for a in r["archs"]]
         y = [a["one_shot"] for a in r["archs"]]
@@ -259,7 +255,6 @@ def figure(rows, path):
     fig.colorbar(dots, ax=axes[0, -1], label="latency level (0: smallest)")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
     return path
 
 

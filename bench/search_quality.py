@@ -1,7 +1,8 @@
 """Search quality at equal evaluations: regret to the known best architecture and win rate against random search.
 
-Methods: Algorithm 2 as written (search.evolve, the paper's T = 4, S = 25), evolve-elite (our default) and its
-ablation without the latency window, random search with and without that window, and AutoTinyBERT-Fast (§4.4).
+Methods: Algorithm 2 with the paper's settings (search.evolve: T = 4, S = 25, pm = pe = 1/2), evolve-elite (our
+default) and its ablation without the latency window, random search with and without that window, and
+AutoTinyBERT-Fast (§4.4).
 
 Synthetic (default): the paper's pre-training space (Table B.1, 11.4M archs) is brute-forced in numpy for every
 objective. The objective is GLUE-like: it grows with the parameter count with diminishing returns, loses points for
@@ -32,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import search  # noqa: E402
-from common import config_from_args, config_parser, run_main, save_json  # noqa: E402
+from common import UserError, config_from_args, config_parser, run_main, save_json  # noqa: E402
 from model import BERT_BASE, PRETRAIN_SPACE, Arch, SearchSpace  # noqa: E402
 
 
@@ -109,7 +110,7 @@ def regrets(space, true, noisy, latency, best_at, budgets, seed, T=4, S=25):
         for target, budget in budgets.items():
             try:
                 found = method(space, noisy, latency, budget, seed=seed, **size)
-            except ValueError:  # fast on a grid without an arch of its rule
+            except UserError:  # fast on a grid without an arch of its rule
                 out[name][target] = (float("nan"), 0)
                 continue
             out[name][target] = (best_at(budget) - true(found[0].arch), len(found))
@@ -192,7 +193,7 @@ def mlm(cfg):
         cfg = dataclasses.replace(cfg, superplm=str(toy_superplm(Path(cfg.out).parent / "toy-superplm")))
     model, full_space, tokenizer = superplm.load_superplm(cfg.superplm)
     if full_space.qkv is not None:
-        raise ValueError("the mlm study covers pre-training SuperPLMs (tied qkv); this one was trained by distillation")
+        raise UserError("the mlm study covers pre-training SuperPLMs (tied qkv); this one was trained by distillation")
     path = Path(cfg.superplm)
     space = coarse(full_space, cfg.grid)
     table = mlm_table(cfg, space, model, tokenizer, torch_load(path / "checkpoint.pt" if path.is_dir() else path))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+from common import UserError
 from data import (SPECIAL_TOKENS, Specials, batches, build_dataset, load_tokenizer, mask_tokens, stdlib_corpus,
                   steps_per_epoch, train_tokenizer)
 
@@ -49,9 +50,9 @@ def test_trained_tokenizer_is_bert_shaped_and_reloads_from_every_form(tok_dir):
 
 
 def test_missing_tokenizer_is_a_one_line_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.json or vocab.txt"):
+    with pytest.raises(UserError, match="tokenizer.json or vocab.txt"):
         load_tokenizer(tmp_path)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         load_tokenizer(tmp_path / "nope.txt")
 
 
@@ -72,6 +73,34 @@ def test_local_json_and_text_corpora_load_through_datasets(tmp_path, docs):
     with pytest.raises(data.UserError, match="found none"):
         data.load_corpus(str(tmp_path / "empty"), str(tmp_path / "hf"))
 
+
+
+def test_a_latin1_file_in_a_corpus_folder_is_read_and_counted(tmp_path, capsys):
+    """Older Project Gutenberg texts hold Latin-1 bytes: each becomes U+FFFD, and one line says how many."""
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "a.txt").write_text("It was the best of times.\n\nIt was the worst of times.\n", encoding="utf-8")
+    (books / "b.txt").write_bytes("Caf\xe9 au lait, na\xefve fa\xe7ade.\n\nThe end.\n".encode("latin-1"))
+    assert data.not_utf8(books / "a.txt") == 0 and data.not_utf8(books / "b.txt") == 3
+    got = data.load_corpus(str(books), str(tmp_path / "hf"))
+    assert [t.strip() for t in got["text"]] == ["It was the best of times.", "It was the worst of times.",
+                                               "Caf\ufffd au lait, na\ufffdve fa\ufffdade.", "The end."]
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("corpus")]  # not datasets' bars
+    assert err == [f"corpus {books}: 1 of 2 files not UTF-8, 3 bytes read as U+FFFD ({books / 'b.txt'})"]
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl is not UTF-8 \(1 bytes\): convert it"):
+        data.load_corpus(str(tmp_path / "bad.jsonl"), str(tmp_path / "hf"))
+
+
+def test_a_missing_file_and_an_offline_hub_name_fail_fast_with_one_line(tmp_path):
+    """A name that looks like a file is checked on disk, never on the hub; offline, a hub name is one line."""
+    t = time.time()
+    with pytest.raises(UserError, match="corpus nope.txt: no such file or folder"):
+        data.load_corpus("nope.txt", str(tmp_path / "hf"))
+    with pytest.raises(UserError, match="corpus 'someone/nothing' is not in the local datasets cache and the Hugging "
+                                        "Face hub cannot be reached"):
+        data.load_corpus("someone/nothing", str(tmp_path / "hf"))
+    assert time.time() - t < 10  # no retries against an unreachable hub (they took 27 s)
 
 # ----------------------------------------------------------------------------- packing and caching
 

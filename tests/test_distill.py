@@ -117,7 +117,7 @@ def test_head_counts_must_match(teacher):
         check_compatible(teacher, student, SearchSpace(layers=(1, 2), hidden=(64,), ffn=(128,), heads=(2, 4)))
     with pytest.raises(UserError, match="has 12"):
         check_compatible(teacher, Bert(KD_SPACE.smallest(), vocab_size=VOCAB), KD_SPACE)
-    with pytest.raises(ValueError, match="equal head counts"):
+    with pytest.raises(UserError, match="equal head counts"):
         KDObjective(teacher, 64)(student, batch([4], T=4), Arch(1, 64, 64, 2, 32))
 
 

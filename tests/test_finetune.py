@@ -129,7 +129,7 @@ def test_glue_bad_input_errors(tmp_path):
         ft.finetune(tmp_path, "squad2", data_dir=tmp_path)
     assert ft.task_name("SST-2") == "sst2" and ft.task_name("sts-b") == "stsb"
     (tmp_path / "RTE").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"RTE has no train\.tsv"):
+    with pytest.raises(UserError, match=r"RTE has no train\.tsv"):
         ft.read_glue("rte", "train", tmp_path / "RTE")
     write_tsv(tmp_path / "RTE" / "train.tsv", [["index", "sentence1", "sentence2", "label"],
                                                [0, "a", "b", "entailment"], [1, "a", "b"]])
@@ -142,6 +142,59 @@ def test_glue_bad_input_errors(tmp_path):
     with pytest.raises(UserError, match="no column 'question'"):
         ft.read_glue("qnli", "train", tmp_path)
 
+
+
+def test_the_original_glue_files_as_download_glue_data_writes_them(tmp_path, capsys):
+    """The quirks of the real files: MRPC's byte-order mark, QQP's malformed lines, CoLA's missing header and final
+    newline, MNLI's two dev sets, test files without labels."""
+    mrpc = tmp_path / "MRPC"
+    mrpc.mkdir()
+    header = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"  # copied from msr_paraphrase_train.txt
+    (mrpc / "train.tsv").write_text(header + "1\t702876\t702977\tAmrozi accused his brother .\tReferring to him .\n"
+                                    "0\t2108705\t2108831\tYucaipa owned Dominick 's .\tYucaipa bought it .\n",
+                                    encoding="utf-8")
+    (mrpc / "test.tsv").write_text("index\t#1 ID\t#2 ID\t#1 String\t#2 String\n0\t1089874\t1089925\tPCCW 's chief\t"
+                                   "Current Chief\n", encoding="utf-8")
+    m = ft.read_glue("mrpc", "train", tmp_path)
+    assert (m.a, m.b, m.labels) == (["Amrozi accused his brother .", "Yucaipa owned Dominick 's ."],
+                                    ["Referring to him .", "Yucaipa bought it ."], [1, 0])
+    test = ft.read_glue("mrpc", "test", tmp_path)
+    assert (test.a, test.labels, test.ids) == (["PCCW 's chief"], [None], ["0"])
+
+    qqp = ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
+           "133273\t213221\t213222\tHow is the life of a math student?\tWhich level of math?\t0",
+           "363362\t493340\t493341\tWhat is the best way to learn?",  # a line with missing fields
+           "402555\t536040\t536041\tWhy do people ask?\tWhy do people ask questions?\t1",
+           "\t\t\tstray",  # and another
+           "4\t5\t6\tIs it?\tIs it so?\t1"]
+    write_tsv(tmp_path / "QQP" / "train.tsv", [[line] for line in qqp])
+    capsys.readouterr()
+    q = ft.read_glue("qqp", "train", tmp_path)
+    assert q.labels == [0, 1, 1] and q.b == ["Which level of math?", "Why do people ask questions?", "Is it so?"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "skipped 2 malformed line(s)" in err and "(line 3, 5)" in err
+
+    cola = tmp_path / "CoLA"
+    cola.mkdir()
+    (cola / "train.tsv").write_text("gj04\t1\t\tOur friends won't buy this analysis.\n"
+                                    "gj04\t0\t*\tThey drank the pub.")  # no header, no final newline
+    c = ft.read_glue("cola", "train", tmp_path)
+    assert (c.a, c.labels) == (["Our friends won't buy this analysis.", "They drank the pub."], [1, 0])
+    (cola / "dev.tsv").write_bytes("gj04\t1\t\tCaf\xe9 au lait.\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"dev\.tsv line 1 is not UTF-8 \(byte 0xe9\)"):
+        ft.read_glue("cola", "dev", tmp_path)
+    # a malformed line elsewhere than QQP is still refused, naming it
+    (cola / "dev.tsv").write_text("gj04\t1\t\tfine\ngj04\t1\n")
+    with pytest.raises(UserError, match=r"dev\.tsv line 2: 2 tab-separated columns where its header has 4"):
+        ft.read_glue("cola", "dev", tmp_path)
+
+
+def test_hub_glue_offline_is_one_line(capsys):
+    """No --data and no network (the suite runs with HF_HUB_OFFLINE=1): one line, naming what to pass instead."""
+    with pytest.raises(UserError, match=r"GLUE RTE \(nyu-mll/glue\) is not in the local datasets cache and the "
+                                        r"Hugging Face hub cannot be reached \(offline\): pass --data with GLUE's "
+                                        r"RTE folder \(its TSV files\), or go online once"):
+        ft.read_glue("rte", "train")
 
 def test_compute_metrics_agree_with_sklearn_and_scipy():
     from scipy.stats import pearsonr, spearmanr

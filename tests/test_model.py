@@ -4,6 +4,7 @@ import random
 import pytest
 import torch
 
+from common import UserError
 from model import (BERT_BASE, KD_SPACE, PRETRAIN_SPACE, SUPERPLM, Arch, Bert, SearchSpace, extract, grid,
                    read_pretrained)
 
@@ -45,14 +46,14 @@ def test_arch_roundtrip_and_rules():
     ("0-564-1054-8-512", "layers"), ("5-564-1054-0-512", "heads"), ("5-564-1054-7-512", "divisible"),
 ])
 def test_arch_parse_errors_name_the_field(text, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(UserError, match=field):
         Arch.parse(text)
 
 
 def test_arch_rejects_non_positive_values():
-    with pytest.raises(ValueError, match="layers"):
+    with pytest.raises(UserError, match="layers"):
         Arch(-1, 64, 64, 1, 64)
-    with pytest.raises(ValueError, match="qkv"):
+    with pytest.raises(UserError, match="qkv"):
         Arch(1, 64, 64, 1, 0)
 
 
@@ -151,9 +152,9 @@ def test_archs_that_do_not_fit_are_rejected(superplm):
     bad += [Arch(2, 512, 1024, 8, 256)] if superplm.mha == "heads" else [Arch(2, 512, 1024, 8, 512)]
     bad += [Arch(2, 512, 1024, 12, 1536)]
     for arch in bad:
-        with pytest.raises(ValueError, match="does not fit"):
+        with pytest.raises(UserError, match="does not fit"):
             superplm(ids, arch=arch)
-        with pytest.raises(ValueError, match="does not fit"):
+        with pytest.raises(UserError, match="does not fit"):
             extract(superplm, arch)
 
 
@@ -239,21 +240,24 @@ def test_qkv_different_from_hidden_round_trips_exactly(tmp_path):
 
 
 def test_bad_model_folders_get_one_line_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         Bert.from_pretrained(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(UserError, match="config.json"):
+        Bert.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert",')
+    with pytest.raises(UserError, match=r"config\.json is not JSON"):
         Bert.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="expected model_type"):
+    with pytest.raises(UserError, match="expected model_type"):
         Bert.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(dict(model_type="bert", **{
         "vocab_size": VOCAB, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "intermediate_size": 96})))
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(UserError, match="model.safetensors"):
         Bert.from_pretrained(tmp_path)
     from safetensors.torch import save_file
     save_file({"bert.embeddings.word_embeddings.weight": torch.zeros(VOCAB, 64)}, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match="missing weights"):
+    with pytest.raises(UserError, match="missing weights"):
         Bert.from_pretrained(tmp_path)
     config, state = read_pretrained(tmp_path)
     assert config["hidden_size"] == 64 and list(state) == ["bert.embeddings.word_embeddings.weight"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import search
-from common import read_jsonl
+from common import UserError, read_jsonl
 from model import KD_SPACE, PRETRAIN_SPACE, Arch, SearchSpace, grid
 
 SMALL = SearchSpace(layers=grid(1, 6, 1), hidden=grid(64, 384, 16), ffn=grid(64, 1536, 32), heads=grid(1, 6, 1))
@@ -66,12 +66,44 @@ def test_later_generations_come_from_parents_and_fresh_samples():
 
 
 def test_impossible_budget_is_a_clear_error():
-    with pytest.raises(ValueError, match="smallest, 1-64-64-1-64"):
+    with pytest.raises(UserError, match="smallest, 1-64-64-1-64"):
         search.evolve(SMALL, quality, flops_ms, flops_ms(SMALL.smallest()) * 0.99)
     for method in search.METHODS.values():
-        with pytest.raises(ValueError, match="lower speedup target"):
+        with pytest.raises(UserError, match="lower speedup target"):
             method(SMALL, quality, flops_ms, 0.5)
 
+
+
+class Predictor:
+    """flops_ms with BERT-base's time beside it, as a latency.LatencyPredictor has."""
+    base_ms = 1000.0
+
+    def __call__(self, arch):
+        return flops_ms(arch)
+
+
+def test_a_target_no_architecture_meets_says_what_the_fastest_reaches():
+    fastest = flops_ms(SMALL.smallest())
+    with pytest.raises(UserError, match=f"even the smallest, 1-64-64-1-64, takes {fastest:.4g} ms; choose a speedup "
+                                        f"target of at most {1000 / fastest:.3g}x"):
+        search.evolve_elite(SMALL, quality, Predictor(), fastest * 0.99)
+
+
+def test_a_target_every_architecture_meets_searches_the_whole_space():
+    """The window of evolve-elite (>= 0.85 x the budget) holds nothing when even the largest architecture is faster:
+    the request is valid, the window is dropped with one warning, and the search runs as without it."""
+    budget = flops_ms(SMALL.largest()) / 0.8
+    with pytest.warns(UserWarning, match=r"every architecture meets .* the latency window 0.85-1x is dropped") as w:
+        out = search.evolve_elite(SMALL, quality, flops_ms, budget, generations=2, population=10)
+    assert len(w) == 1 and len(out) == 20 and len({c.arch for c in out}) == 20
+    assert out == search.evolve_elite(SMALL, quality, flops_ms, budget, generations=2, population=10, window=0.0)
+
+
+def test_a_window_that_only_a_sliver_reaches_advises_a_higher_target():
+    budget = flops_ms(SMALL.largest()) * 1.1  # the window starts at 0.935 x the largest: a sliver of the space
+    with pytest.warns(UserWarning, match=f"only 0 of 25 new architectures within {0.85 * budget:.4g}-{budget:.4g} ms"):
+        with pytest.raises(UserError, match="choose a higher speedup target .* or --method evolve"):
+            search.evolve_elite(SMALL, quality, flops_ms, budget, max_draws=200)
 
 def test_a_sliver_of_a_budget_ends_short_instead_of_looping():
     tight = flops_ms(Arch(1, 128, 256, 2, 128))  # 316 of the 35,532 archs fit: fewer than 4 x 100
@@ -207,6 +239,47 @@ def test_mlm_evaluator_prefers_the_full_superplm_to_one_layer(trained):
     assert score.metrics[space.largest()]["mlm_acc"] > score.metrics[space.smallest()]["mlm_acc"]
     assert score(space.largest()) == full  # fixed masks: the same score every time
 
+
+
+def small_corpus(path, lines, seed=1):
+    rng = random.Random(seed)
+    path.write_text("\n\n".join(" ".join(rng.choices(WORDS, k=12)) + " ." for _ in range(lines)) + "\n")
+    return str(path)
+
+
+def test_mlm_evaluator_scores_the_held_out_rows_a_small_corpus_has(trained, tmp_path):
+    """A corpus of ~300 sequences holds out 30 (data.split): --eval-rows 256 scores those 30, as asking for 30 does;
+    a corpus too small to hold any out is one line."""
+    from data import build_dataset, load_tokenizer
+    root, model, space, cfg = trained
+    tokenizer = root / "superplm" / "tokenizer.json"
+    corpus = small_corpus(tmp_path / "small.txt", 640)
+    n = len(build_dataset(corpus, load_tokenizer(tokenizer), cfg.seq_len, cfg.cache_dir))
+    assert 290 <= n <= 310  # ~300 packed sequences: 12 words, '.' and a [SEP] per line, 30 tokens per row
+    score = search.MLMScore(model, tokenizer, corpus, cfg.seq_len, cfg.cache_dir, rows=256, batch_size=8)
+    assert sum(len(b["input_ids"]) for b in score.batches) == n // 10
+    exact = search.MLMScore(model, tokenizer, corpus, cfg.seq_len, cfg.cache_dir, rows=n // 10, batch_size=8)
+    assert score(space.largest()) == exact(space.largest())
+    tiny = small_corpus(tmp_path / "tiny.txt", 10)
+    with pytest.raises(UserError, match=r"gives \d packed sequences, which leaves 0 held-out ones to score"):
+        search.MLMScore(model, tokenizer, tiny, cfg.seq_len, cfg.cache_dir)
+
+
+def test_cli_a_target_every_architecture_meets_and_one_none_meets(trained, tmp_path, capsys):
+    root = trained[0]
+    corpus = small_corpus(tmp_path / "small.txt", 640)
+    args = ["--superplm", root / "superplm", "--latency", root / "latency.pt", "--generations", 1, "--population", 3,
+            "--eval-corpus", corpus, "--device", "cpu"]
+    top = run_cli(*args, "--target", "1000ms", "--out", tmp_path / "all")  # the default method, its window
+    out = capsys.readouterr().out
+    warned = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "the latency window 0.85-1x is dropped and the whole space searched" in warned[0]
+    assert len(json.loads((tmp_path / "all" / "scored.json").read_text())) == 3 and len(top) == 3
+    with pytest.raises(SystemExit) as e:
+        search.run_main(lambda: run_cli(*args, "--target", "0.001ms", "--out", tmp_path / "none"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: no architecture of the search space meets the budget of "
+                                                "0.001 ms") and err.count("\n") == 1 and "x\n" in err
 
 def run_cli(*argv):
     with warnings.catch_warnings():

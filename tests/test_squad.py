@@ -84,12 +84,15 @@ def test_squad_layout_loading(tmp_path):
     write_squad(tmp_path, "dev", dev)
     assert sq.read_squad("train", tmp_path) == train
     assert sq.read_squad("dev", tmp_path) == dev
-    with pytest.raises(FileNotFoundError, match=r"no dev-v1\.1\.json"):
+    with pytest.raises(UserError, match=r"no dev-v1\.1\.json"):
         sq.read_squad("dev", tmp_path / "nowhere")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "train-v1.1.json").write_text(json.dumps({"data": [{"paragraphs": [{"qas": [{"id": "x"}]}]}]}))
     with pytest.raises(UserError, match="not in SQuAD's JSON layout"):
         sq.read_squad("train", tmp_path / "bad")
+    (tmp_path / "bad" / "dev-v1.1.json").write_text('{"data": [')  # a download cut short
+    with pytest.raises(UserError, match=r"dev-v1\.1\.json is not SQuAD's JSON \(Expecting value"):
+        sq.read_squad("dev", tmp_path / "bad")
 
 
 def test_squad_windows_map_every_gold_answer_back_to_its_text(tok):

@@ -107,6 +107,20 @@ def used(model, arch):
     return masks
 
 
+def test_a_batch_without_a_masked_token_trains_on_nothing_and_does_not_crash():
+    """A short corpus can give a sub-batch in which no token was chosen for masking: its loss is 0 and every
+    gradient is 0, so Algorithm 1 adds nothing for it (mlm_logits of 0 positions is a (0, vocab) matrix)."""
+    torch.manual_seed(0)
+    model = Bert(TINY, vocab_size=50)
+    ids = torch.randint(5, 50, (2, 8))
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.full_like(ids, -100))
+    flat = flat_grads(list(model.parameters()))
+    loss, stats = MLM()(model, batch, Arch(1, 32, 64, 1, 32))
+    loss.backward()
+    assert loss.item() == 0.0 and stats["acc"].item() == 0.0 and flat.abs().max().item() == 0.0
+    assert model.mlm_logits(torch.zeros(0, 64)).shape == (0, 50)
+
+
 @pytest.mark.parametrize("mha", ["heads", "dims"])
 def test_a_samples_gradient_lives_in_its_slice_and_equals_the_extracted_models(mha):
     torch.manual_seed(0)
@@ -233,5 +247,5 @@ def test_further_training_of_one_arch_and_the_distillation_seam(tmp_path, corpus
 def test_user_errors_are_one_line(tmp_path, corpus):
     with pytest.raises(UserError, match="--teacher"):
         superplm.main(flags(corpus, tmp_path / "a", "--objective", "kd"))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         superplm.main(flags(corpus, tmp_path / "b", "--arch", "1-64-128-2-64", "--init", str(tmp_path / "none")))
