@@ -18,8 +18,10 @@ import copy
 import functools
 import hashlib
 import json
+import queue
 import sys
 import sysconfig
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -342,6 +344,11 @@ def mask_tokens(ids, specials, generator, prob=0.15):
     return inputs, labels
 
 
+def masked_positions(labels):
+    """Flat indices (n,) of the masked tokens of labels (B, T) (-100 elsewhere), in row-major order."""
+    return (labels.flatten() != -100).nonzero().squeeze(1)
+
+
 def steps_per_epoch(dataset, batch_size):
     """Whole batches per epoch (the incomplete last one is dropped, so every rank takes as many steps)."""
     if len(dataset) < batch_size:
@@ -367,8 +374,42 @@ def batches(dataset, batch_size, epoch, seed, rank=0, world=1, start=0):
         masked = [mask_tokens(row[None], dataset.specials,
                               torch.Generator().manual_seed(derive_seed(seed, epoch, r)))
                   for row, r in zip(ids, rows)]
-        yield dict(input_ids=torch.cat([m[0] for m in masked]), labels=torch.cat([m[1] for m in masked]),
-                   attention_mask=(ids != dataset.specials.pad).long())
+        labels = torch.cat([m[1] for m in masked])  # (b, T)
+        yield dict(input_ids=torch.cat([m[0] for m in masked]), labels=labels,
+                   attention_mask=(ids != dataset.specials.pad).long(), masked=masked_positions(labels))
+
+
+def prefetch(batches, device, depth=2):
+    """The data path overlapped with the step (bench/gpu_step.py measures both): a background thread prepares
+    (masks, and on a GPU pins) the next `depth` batches while the current step computes; each batch is then copied
+    without blocking the host. The batches and their order are exactly those of `batches`."""
+    ready, stop, end = queue.Queue(depth), threading.Event(), object()
+
+    def work():
+        try:
+            for batch in batches:
+                if device.type == "cuda":  # page-locked: the copy below is then asynchronous
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                while not stop.is_set():
+                    try:
+                        ready.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():  # the consumer left early (the run reached its last step)
+                    return
+            ready.put(end)
+        except BaseException as e:  # reaches the consumer, traceback and all
+            ready.put(e)
+
+    threading.Thread(target=work, daemon=True, name="prefetch").start()
+    try:
+        while (batch := ready.get()) is not end:
+            if isinstance(batch, BaseException):
+                raise batch
+            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    finally:
+        stop.set()
 
 
 # ----------------------------------------------------------------------------- command line
