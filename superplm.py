@@ -20,6 +20,7 @@ import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -265,15 +266,17 @@ def window_means(window, n, world, device):
     return dict(zip(keys, (sums / n).tolist()))
 
 
-def init_distributed(device="auto"):
+def init_distributed(device="auto", timeout_h=None):
     """(rank, world, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain run is one worker. Workers
-    on GPUs talk over NCCL, workers on CPUs (--device cpu, or no GPU) over gloo."""
+    on GPUs talk over NCCL, workers on CPUs (--device cpu, or no GPU) over gloo. timeout_h: how long a collective
+    may wait for a slower worker (torch's default is minutes)."""
     device = resolve_device(device)
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=timedelta(hours=timeout_h) if timeout_h else None)
     return dist.get_rank(), dist.get_world_size(), device
 
 
