@@ -34,15 +34,18 @@ def test_model_flops_are_what_torch_counts_for_the_forward_times_three():
     assert masked > 0 and gpu_step.train_flops(arch, B * T, masked, V, T) == total
 
 
-def test_the_bench_runs_on_the_cpu_and_prints_every_part(tmp_path, capsys):
+@pytest.mark.parametrize("device", ["cpu"] + ["cuda"] * torch.cuda.is_available())
+def test_the_bench_runs_on_the_cpu_and_prints_every_part(tmp_path, capsys, device):
     out = tmp_path / "gpu_step.json"
     result = gpu_step.main(["--superplm", "2-64-128-2-64", "--bert", "2-64-128-2-64", "--batch", "2", "--seq-len",
                             "16", "--vocab-size", "200", "--ft-batch", "2", "--steps", "2", "--warmup", "1",
-                            "--device", "cpu", "--out", str(out)])
+                            "--device", device, "--out", str(out)])
     printed = capsys.readouterr().out
     names = [r["name"] for r in result["rows"]]
     assert [n.split()[0] for n in names] == ["1.", "2.", "the", "3.", "transformers", "4."]
-    assert "no stated peak for a CPU" in printed and all(r["mfu"] is None for r in result["rows"])
+    peak = gpu_step.peak_tflops(gpu_step.BenchConfig(), torch.device(device))[0]
+    assert all((r["mfu"] is None) == (peak is None) for r in result["rows"])
+    assert device != "cpu" or "no stated peak for a CPU" in printed
     for r in result["rows"]:
         assert r["tokens_per_s"] == pytest.approx(2 * 16 / (r["ms"] / 1e3))  # batch 2 and fine-tuning batch 2
     assert set(result["ratios"]) == {"sub-model: through the SuperPLM / alone",

@@ -18,11 +18,13 @@ from test_superplm import corpus, flags, one_thread  # noqa: F401 (fixtures)
 
 BF16 = resolve_compute("cpu", "bf16")
 FP32 = resolve_compute("cpu", "fp32")
+DEVICES = ["cpu"] + ["cuda"] * torch.cuda.is_available()  # the same checks on a GPU where there is one
 
 
-def mlm_batch(vocab_size, seed, B=4, T=16):
+def mlm_batch(vocab_size, seed, B=4, T=16, device="cpu"):
     ids = torch.randint(5, vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.where(ids % 3 == 0, ids, -100))
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.where(ids % 3 == 0, ids, -100))
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def test_the_compute_setting_defaults_and_refuses_what_it_cannot_do(monkeypatch):
@@ -51,24 +53,26 @@ def test_the_compute_setting_defaults_and_refuses_what_it_cannot_do(monkeypatch)
         assert not torch.is_autocast_enabled("cpu")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mha", ["heads", "dims"])
-def test_in_place_slice_gradients_equal_autograd_slicing_under_autocast(mha):
+def test_in_place_slice_gradients_equal_autograd_slicing_under_autocast(mha, device):
     """model.sub adds a block's gradient into the fp32 flat buffer itself. Under autocast the block is cast to bf16
     after sub returns it, so autograd hands back an fp32 gradient: the sums are exactly autograd's own."""
     torch.manual_seed(0)
-    model = Bert(Arch(3, 64, 128, 2, 64), vocab_size=50, mha=mha, dropout=0.0).train()
-    plain = Bert.from_config(model.config())
+    model = Bert(Arch(3, 64, 128, 2, 64), vocab_size=50, mha=mha, dropout=0.0).to(device).train()
+    plain = Bert.from_config(model.config()).to(device)
     plain.load_state_dict(model.state_dict())
     flat = flat_grads(list(model.parameters()))
-    batch, space = mlm_batch(50, 0), space_for(model.arch, mha)
+    batch, space = mlm_batch(50, 0, device=device), space_for(model.arch, mha)
+    bf16 = resolve_compute(device, "bf16")
     for i in range(4):
         arch = sample_arch(space, 0, i, 0, 0)
         flat.zero_()
-        with BF16.autocast():
+        with bf16.autocast():
             loss, _ = MLM()(model, batch, arch)
         loss.backward()
         plain.zero_grad(set_to_none=True)
-        with BF16.autocast():
+        with bf16.autocast():
             MLM()(plain, batch, arch)[0].backward()  # autograd's slicing: full-size gradients
         assert loss.dtype == torch.float32 and flat.dtype == torch.float32
         for (name, p), q in zip(model.named_parameters(), plain.parameters()):
@@ -76,23 +80,24 @@ def test_in_place_slice_gradients_equal_autograd_slicing_under_autocast(mha):
             assert torch.equal(p.grad, torch.zeros_like(p) if q.grad is None else q.grad), f"{arch}: {name}"
 
 
-def test_algorithm_1_steps_in_bf16_follow_fp32():
+@pytest.mark.parametrize("device", DEVICES)
+def test_algorithm_1_steps_in_bf16_follow_fp32(device):
     """Five Algorithm 1 steps (M=3) from the same weights on the same batches: each step's averaged gradient in
     bf16 is within 2% (relative L2) of fp32's and points the same way (cosine > 0.999), measured 0.3-0.4%; after
     five AdamW steps the weights have moved alike to within 5% (measured 1.0%: Adam amplifies tiny gradients)."""
     torch.manual_seed(0)
     runs = {}
-    for compute in (FP32, BF16):
+    for compute in (resolve_compute(device, "fp32"), resolve_compute(device, "bf16")):
         torch.manual_seed(0)
-        model = Bert(Arch(3, 64, 128, 2, 64), vocab_size=50, dropout=0.0).train()
+        model = Bert(Arch(3, 64, 128, 2, 64), vocab_size=50, dropout=0.0).to(device).train()
         params = list(model.parameters())
         flat = flat_grads(params)
         opt = make_optimizer(params, 1e-3, 0.01)
         grads, losses = [], []
         for step in range(5):
             flat.zero_()
-            _, stats = accumulate(model, MLM(), mlm_batch(50, step), space_for(model.arch), 3, 0, step, 0,
-                                  compute.autocast)
+            batch = mlm_batch(50, step, device=device)
+            _, stats = accumulate(model, MLM(), batch, space_for(model.arch), 3, 0, step, 0, compute.autocast)
             grads.append(flat.clone())
             losses.append(float(stats["loss"]))
             update(flat, 1, opt, 1e-3, 1.0)
@@ -103,7 +108,7 @@ def test_algorithm_1_steps_in_bf16_follow_fp32():
         assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.999
     assert np.allclose(l16, l32, rtol=2e-3) and l16 != l32
     torch.manual_seed(0)
-    w0 = list(Bert(Arch(3, 64, 128, 2, 64), vocab_size=50, dropout=0.0).parameters())
+    w0 = list(Bert(Arch(3, 64, 128, 2, 64), vocab_size=50, dropout=0.0).to(device).parameters())
     moved = lambda w: torch.cat([(p - q).flatten() for p, q in zip(w, w0)])  # noqa: E731
     assert all(w.dtype == torch.float32 for w in w16)  # the master weights stay fp32
     assert (moved(w16) - moved(w32)).norm() < 0.05 * moved(w32).norm()  # the weights moved alike
