@@ -184,7 +184,7 @@ def resolve_device(spec="auto"):
     """--device of every stage. Under torchrun, auto and cuda mean this worker's GPU, cuda:LOCAL_RANK."""
     local = int(os.environ.get("LOCAL_RANK", 0))
     if spec == "auto":
-        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(spec)
     except RuntimeError:
@@ -196,8 +196,8 @@ def resolve_device(spec="auto"):
             raise UserError(f"--device {spec}: torch sees no GPU here (torch {torch.__version__}); use --device cpu")
         device = torch.device("cuda", local if device.index is None else device.index)
         if device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {spec}: there are only {torch.cuda.device_count()} GPUs (cuda:0 to "
-                            f"cuda:{torch.cuda.device_count() - 1})")
+            raise UserError(f"--device {spec} is cuda:{device.index}, but there are only {torch.cuda.device_count()} "
+                            "GPUs: start at most that many workers per machine, or pass --device cpu")
     return device
 
 
