@@ -333,14 +333,20 @@ def derive_seed(*parts):
 
 def mask_tokens(ids, specials, generator, prob=0.15):
     """BERT's masked LM (Devlin et al. 2019): choose `prob` of the tokens, never special tokens or padding; of
-    those, 80% become [MASK], 10% a random token and 10% stay. Returns (input_ids, labels), labels -100 elsewhere."""
+    those, 80% become [MASK], 10% a random token and 10% stay. Returns (input_ids, labels), labels -100 elsewhere.
+    `generator`: one for all of ids (B, T), or a list of B, one per row (each row then draws exactly what it would
+    alone; only the draws are made row by row, the rest at once for the batch)."""
     sp = specials if isinstance(specials, Specials) else Specials.of(specials)
-    chosen = (torch.rand(ids.shape, generator=generator) < prob) & ~torch.isin(ids, sp.ids())  # (B, T)
+    gens = generator if isinstance(generator, (list, tuple)) else [generator]
+    blocks = ids.split(len(ids) // len(gens))  # the rows each generator draws for
+    draw = lambda: torch.cat([torch.rand(b.shape, generator=g) for b, g in zip(blocks, gens)])  # noqa: E731
+    chosen = (draw() < prob) & ~torch.isin(ids, sp.ids())  # (B, T)
     labels = torch.where(chosen, ids, -100)
-    r = torch.rand(ids.shape, generator=generator)
+    r = draw()
     inputs = ids.masked_fill(chosen & (r < 0.8), sp.mask)
     rand = chosen & (r >= 0.8) & (r < 0.9)
-    inputs[rand] = torch.randint(sp.vocab_size, (int(rand.sum()),), generator=generator)
+    counts = rand.view(len(gens), -1).sum(1).tolist()  # random tokens each generator draws
+    inputs[rand] = torch.cat([torch.randint(sp.vocab_size, (n,), generator=g) for n, g in zip(counts, gens)])
     return inputs, labels
 
 
@@ -371,12 +377,10 @@ def batches(dataset, batch_size, epoch, seed, rank=0, world=1, start=0):
     for i in range(start, steps_per_epoch(dataset, batch_size)):
         rows = order[i * batch_size + rank * b: i * batch_size + (rank + 1) * b].sort().values.numpy()
         ids = dataset[rows]  # (b, T)
-        masked = [mask_tokens(row[None], dataset.specials,
-                              torch.Generator().manual_seed(derive_seed(seed, epoch, r)))
-                  for row, r in zip(ids, rows)]
-        labels = torch.cat([m[1] for m in masked])  # (b, T)
-        yield dict(input_ids=torch.cat([m[0] for m in masked]), labels=labels,
-                   attention_mask=(ids != dataset.specials.pad).long(), masked=masked_positions(labels))
+        inputs, labels = mask_tokens(ids, dataset.specials,
+                                     [torch.Generator().manual_seed(derive_seed(seed, epoch, r)) for r in rows])
+        yield dict(input_ids=inputs, labels=labels, attention_mask=(ids != dataset.specials.pad).long(),
+                   masked=masked_positions(labels))
 
 
 def prefetch(batches, device, depth=2):
