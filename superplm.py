@@ -271,10 +271,10 @@ def init_distributed(device="auto", timeout_h=None):
     on GPUs talk over NCCL, workers on CPUs (--device cpu, or no GPU) over gloo. timeout_h: how long a collective
     may wait for a slower worker (torch's default is minutes)."""
     device = resolve_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # kernels and NCCL's buffers on this worker's GPU
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, device
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             timeout=timedelta(hours=timeout_h) if timeout_h else None)
     return dist.get_rank(), dist.get_world_size(), device

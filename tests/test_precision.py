@@ -77,7 +77,11 @@ def test_in_place_slice_gradients_equal_autograd_slicing_under_autocast(mha, dev
         assert loss.dtype == torch.float32 and flat.dtype == torch.float32
         for (name, p), q in zip(model.named_parameters(), plain.parameters()):
             assert p.grad.dtype == torch.float32 and p.grad.data_ptr() >= flat.data_ptr()  # still the flat buffer
-            assert torch.equal(p.grad, torch.zeros_like(p) if q.grad is None else q.grad), f"{arch}: {name}"
+            want = torch.zeros_like(p) if q.grad is None else q.grad
+            if device == "cpu":
+                assert torch.equal(p.grad, want), f"{arch}: {name}"
+            else:  # a GPU's backward kernels may sum in a different order from run to run
+                torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-7, msg=f"{arch}: {name}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
