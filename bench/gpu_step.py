@@ -86,6 +86,23 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+class PeakMemory:
+    """The peak GPU memory of each part above what was allocated when it started, in GiB: what its steps needed,
+    with the optimizer's state (nothing on a CPU)."""
+
+    def __init__(self, device):
+        self.device, self.gib, self.base = device, {}, 0
+
+    def start(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+
+    def record(self, key):
+        if self.device.type == "cuda":
+            self.gib[key] = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**30
+
+
 def median_time(fn, cfg, device):
     """Median seconds of fn() over cfg.steps runs after cfg.warmup; fn(i) gets the run's index."""
     times = []
@@ -145,7 +162,7 @@ def main(argv=None):
     print(f"{name} ({compute}), torch {torch.__version__}, {torch.get_num_threads()} threads; peak: {peak_note}")
     print(f"medians of {cfg.steps} steps after {cfg.warmup}\n")
     print(f"{'':<60}{'ms/step':>10}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}")
-    table, ratios, memory = [], {}, {}
+    table, ratios, memory = [], {}, PeakMemory(device)
 
     # 1. the paper's SuperPLM step: superplm.py's accumulate + update on one worker's 16 x 128 sub-batch
     superplm = Bert(big, vocab_size=V).to(device).train()
@@ -162,16 +179,14 @@ def main(argv=None):
 
     flops = statistics.mean(sum(train_flops(sample_arch(space, cfg.seed, i, 0, m), B * T, masked, V, T)
                                 for m in range(M)) for i in range(cfg.warmup, cfg.warmup + cfg.steps))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    memory.start()
     t_step = median_time(step, cfg, device)
     Row(table, peak, f"1. SuperPLM {big} step, M={M}, {B}x{T}", t_step, B * T, flops)
-    if device.type == "cuda":
-        memory["superplm_step_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    memory.record("1. SuperPLM step")
 
     # 2. one sampled sub-model: through the SuperPLM (flat gradient buffer) against the same model alone
     arch = sample_arch(space, cfg.seed, 0, 0, 0)
-    alone = extract(superplm, arch).train()
+    alone = extract(superplm, arch).to(device).train()
     f2 = train_flops(arch, B * T, masked, V, T)
 
     def through(i):  # the flat buffer is cleared once per step of M samples (part 1), not timed here
@@ -205,8 +220,10 @@ def main(argv=None):
         loss.backward()
         opts["ours"].step()
 
+    memory.start()
     t_ours = median_time(ours_step, cfg, device)
     Row(table, peak, f"3. {bert} MLM step, model.Bert", t_ours, B * T, f3)
+    memory.record("3. model.Bert")
     if cfg.transformers:
         from transformers import BertConfig, BertForMaskedLM
         hf = BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=bert.hidden, num_hidden_layers=bert.layers,
@@ -222,8 +239,10 @@ def main(argv=None):
             loss.backward()
             opts["hf"].step()
 
+        memory.start()
         t_hf = median_time(hf_step, cfg, device)
         Row(table, peak, "   transformers BertForMaskedLM", t_hf, B * T, f3)
+        memory.record("3. transformers")
         ratios[f"{bert} MLM step: ours / transformers"] = t_ours / t_hf
         del hf
     del opts
@@ -238,12 +257,14 @@ def main(argv=None):
     train_epoch(model, feats[:cfg.ft_batch * cfg.warmup], targets, cfg.ft_batch, opt_ft, sched, g, 0, device, "warm",
                 autocast)
     sync(device)
+    memory.start()
     t = time.perf_counter()
     train_epoch(model, feats[:cfg.ft_batch * cfg.steps], targets, cfg.ft_batch, opt_ft, sched, g, 0, device, "ft",
                 autocast)  # returns the mean loss as a float: waits for the GPU
     t_ft = (time.perf_counter() - t) / cfg.steps
     f4 = 3 * 2 * float(sum(features([bert], T, cfg.ft_batch)[k][0] for k in ("ffn_macs", "proj_macs", "attn_macs")))
     Row(table, peak, f"4. fine-tuning {bert}, {cfg.ft_batch}x{T} (mean)", t_ft, cfg.ft_batch * T, f4)
+    memory.record("4. fine-tuning")
     del model, ours, opt_ft
 
     # 5. the data path: data.batches' masking per batch, and part 1's loop fed directly or through prefetch
@@ -274,11 +295,11 @@ def main(argv=None):
     print()
     for k, v in ratios.items():
         print(f"ratio {k}: {v:.3f}")
-    if memory:
-        print("peak memory: " + ", ".join(f"{k} {v:.1f} GiB" for k, v in memory.items()))
+    if memory.gib:
+        print("peak GPU memory of each part: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in memory.gib.items()))
     save_json(dict(device=name, compute=str(compute), peak_tflops=peak, config=asdict(cfg), rows=table,
                    ratios=ratios, data_ms=1e3 * t_data, loop_ms={k: 1e3 * v for k, v in loops.items()},
-                   memory=memory, torch=torch.__version__), cfg.out)
+                   memory_gib=memory.gib, torch=torch.__version__), cfg.out)
     print(f"wrote {cfg.out}")
     return dict(rows=table, ratios=ratios)
 
