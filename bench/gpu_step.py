@@ -36,7 +36,7 @@ from model import BERT_BASE, SUPERPLM, Arch, Bert, extract  # noqa: E402
 from superplm import MLM, accumulate, adamw, flat_grads, sample_arch, space_for, update  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks as the vendors state them, TFLOP/s; the first name found in
-# torch.cuda.get_device_name() wins, so the more specific come first.
+# torch.cuda.get_device_name() wins, so the more specific come first. NVL boards (other clocks) are left unknown.
 PEAKS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0), ("L4", 121.0))
 
 
@@ -68,7 +68,7 @@ def peak_tflops(cfg, device):
         return None, "no stated peak for a CPU: MFU not computed (pass --peak-tflops)"
     name = torch.cuda.get_device_name(device)
     for key, tflops in PEAKS:
-        if key in name:
+        if key in name and "NVL" not in name:
             return tflops, f"{name}: {tflops:g} TFLOP/s dense bf16 (vendor's figure)"
     return None, f"{name}: peak unknown, MFU not computed (pass --peak-tflops)"
 

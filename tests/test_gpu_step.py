@@ -53,3 +53,12 @@ def test_the_bench_runs_on_the_cpu_and_prints_every_part(tmp_path, capsys, devic
                                      "SuperPLM loop: prefetched / direct batches"}
     assert "5. data.batches" in printed and out.exists()
     assert gpu_step.peak_tflops(gpu_step.BenchConfig(peak_tflops=100.0), torch.device("cpu"))[0] == 100.0
+
+
+def test_the_peak_comes_from_the_device_name(monkeypatch):
+    cuda, cfg = torch.device("cuda", 0), gpu_step.BenchConfig()
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.4),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H100 NVL", None), ("Tesla V100-SXM2-16GB", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        got, note = gpu_step.peak_tflops(cfg, cuda)
+        assert got == peak and name in note and ("unknown" in note) == (peak is None)
