@@ -522,17 +522,41 @@ def print_top(top, n_scored, base_ms, budget_ms, cfg, metrics):
 
 
 class Shared:
-    """An evaluator shared out over torch.distributed workers (torchrun): every worker scores its share of each
-    generation on its own device, one candidate per worker per round, and the round's scores (and metrics) are
-    gathered. Every worker thus holds the same scores and, running the same seeded search, takes the same decisions
-    as one process would; worker 0 writes them. record(arch, score) runs for each candidate in generation order, a
-    round at a time, so an interrupted search loses at most the round in progress. One worker: a plain loop."""
+    """An evaluator shared out over torch.distributed workers (torchrun). Worker 0 runs the search; each time it
+    needs scores (a generation's new candidates) it sends the list to every worker, each scores its share on its
+    own device, one candidate per worker per round, and worker 0 gathers the round's scores and metrics and
+    records them (record(arch, score), in generation order) before the next round. The other workers only serve().
+    With one worker this is a plain loop, so the search and its files are the same whatever the number of workers;
+    an interrupted search loses at most the round in progress."""
 
     def __init__(self, score, rank, world, record):
         self.score, self.rank, self.world, self.record = score, rank, world, record
 
-    def many(self, archs):
+    def many(self, archs):  # worker 0, inside the search
+        if self.world > 1:
+            dist.broadcast_object_list([archs])
         values = []
+        for arch, (value, metrics) in zip(archs, self._rounds(archs)):
+            self.score.metrics[arch] = metrics
+            self.record(arch, value)
+            values.append(value)
+        return values
+
+    def serve(self):  # workers 1..N-1: score shares until worker 0 says the search is over
+        while True:
+            archs = [None]
+            dist.broadcast_object_list(archs)
+            if archs[0] is None:
+                return
+            for _ in self._rounds(archs[0]):
+                pass
+
+    def stop(self):  # worker 0, after the search
+        if self.world > 1:
+            dist.broadcast_object_list([None])
+
+    def _rounds(self, archs):
+        """Yield (score, metrics) of every arch, computed round by round, worker k taking the k-th of each round."""
         for i in range(0, len(archs), self.world):
             this_round = archs[i:i + self.world]
             mine = None
@@ -543,11 +567,7 @@ class Shared:
             if self.world > 1:
                 got = [None] * self.world
                 dist.all_gather_object(got, mine)
-            for arch, (value, metrics) in zip(this_round, got):
-                self.score.metrics[arch] = metrics
-                self.record(arch, value)
-                values.append(value)
-        return values
+            yield from got[:len(this_round)]
 
 
 def main(argv=None):
@@ -578,9 +598,8 @@ def main(argv=None):
     bar = tqdm(total=n_evals, initial=len(records), desc="scoring", unit="arch", disable=rank != 0)
 
     def scored(arch, value):  # appended at once: an interrupted search loses at most the round in progress
-        if rank == 0:
-            append_jsonl(out / "candidates.jsonl", dict(arch=str(arch), score=value, latency=predictor(arch),
-                                                        metrics=score.metrics.get(arch, {})))
+        append_jsonl(out / "candidates.jsonl", dict(arch=str(arch), score=value, latency=predictor(arch),
+                                                    metrics=score.metrics.get(arch, {})))
         bar.update()
 
     def rows(candidates):
@@ -588,21 +607,25 @@ def main(argv=None):
                 for c in candidates]
 
     def on_generation(done):  # the state after each generation, best first
-        if rank == 0:
-            save_json(rows(ranked(done)), out / "scored.json")
-            bar.write(f"generation {max(c.generation for c in done)}: {len(done)} scored, best "
-                      f"{ranked(done)[0].arch} score {ranked(done)[0].score:.4f}")
+        save_json(rows(ranked(done)), out / "scored.json")
+        bar.write(f"generation {max(c.generation for c in done)}: {len(done)} scored, best {ranked(done)[0].arch} "
+                  f"score {ranked(done)[0].score:.4f}")
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("always" if rank == 0 else "ignore")  # the same warnings on every worker: one copy
-        results = run_method(cfg, space, Shared(score, rank, world, scored), predictor, budget_ms,
-                             {a: r["score"] for a, r in records.items()}, on_generation)
+    shared = Shared(score, rank, world, scored)
+    if rank:  # the other workers score what worker 0's search asks for
+        shared.serve()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            results = run_method(cfg, space, shared, predictor, budget_ms, {a: r["score"] for a, r in records.items()},
+                                 on_generation)
+        shared.stop()
     bar.close()
-    top = results[:cfg.top]
     if world > 1:
         dist.destroy_process_group()
     if rank:
-        return top
+        return None
+    top = results[:cfg.top]
     save_json(rows(results), out / "scored.json")
     save_json(dict(target=cfg.target, budget_ms=budget_ms, base_ms=predictor.base_ms, method=cfg.method,
                    evaluator=cfg.evaluator, superplm=str(cfg.superplm), best=str(top[0].arch), top=rows(top)),
