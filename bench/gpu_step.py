@@ -206,7 +206,6 @@ def main(argv=None):
     Row(table, peak, f"2. sub-model {arch} fwd+bwd through the SuperPLM", t_through, B * T, f2)
     Row(table, peak, "   the same model alone", t_alone, B * T, f2)
     ratios["sub-model: through the SuperPLM / alone"] = t_through / t_alone
-    del alone
 
     # 3. BERT-base masked-LM step: ours against transformers' BertForMaskedLM, both under the same autocast
     ours = Bert(bert, vocab_size=V).to(device).train()
@@ -244,8 +243,6 @@ def main(argv=None):
         Row(table, peak, "   transformers BertForMaskedLM", t_hf, B * T, f3)
         memory.record("3. transformers")
         ratios[f"{bert} MLM step: ours / transformers"] = t_ours / t_hf
-        del hf
-    del opts
 
     # 4. fine-tuning steps: finetune.train_epoch (collate, fwd, bwd, clip, AdamW) on BERT-base, 3 classes
     model = Finetuner(ours, 3).to(device)
@@ -265,7 +262,6 @@ def main(argv=None):
     f4 = 3 * 2 * float(sum(features([bert], T, cfg.ft_batch)[k][0] for k in ("ffn_macs", "proj_macs", "attn_macs")))
     Row(table, peak, f"4. fine-tuning {bert}, {cfg.ft_batch}x{T} (mean)", t_ft, cfg.ft_batch * T, f4)
     memory.record("4. fine-tuning")
-    del model, ours, opt_ft
 
     # 5. the data path: data.batches' masking per batch, and part 1's loop fed directly or through prefetch
     rows = RandomRows(B * (2 * (cfg.warmup + cfg.steps) + 2), T, V, cfg.seed)

@@ -10,7 +10,6 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import gpu_step  # noqa: E402
 from model import Arch, Bert  # noqa: E402
-from superplm import MLM  # noqa: E402
 
 
 def test_model_flops_are_what_torch_counts_for_the_forward_times_three():
