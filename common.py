@@ -159,7 +159,7 @@ def seed_everything(seed):
 
 DEVICE_HELP = "auto: cuda if torch sees a GPU (under torchrun cuda:LOCAL_RANK), else cpu; or cpu, cuda, cuda:N"
 DTYPE_HELP = ("compute dtype of matmuls and attention (torch.autocast); weights, gradients and AdamW's state stay "
-              "fp32. auto: bf16 on cuda, fp32 on cpu")
+              "fp32. auto: bf16 on a GPU that has it (A100, H100, ...), else fp32")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -204,12 +204,14 @@ def resolve_device(spec="auto"):
 def resolve_compute(device="auto", dtype="auto"):
     """Compute for --device and --dtype (the one place where the defaults are decided)."""
     device = resolve_device(device)
+    native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)  # Ampere on
     if dtype == "auto":
-        dtype = "bf16" if device.type == "cuda" else "fp32"
+        dtype = "bf16" if native_bf16 else "fp32"
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
-    if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no bf16; use --dtype fp32")
+    if dtype == "bf16" and device.type == "cuda" and not native_bf16:
+        raise UserError(f"--dtype bf16: {torch.cuda.get_device_name(device)} computes bf16 only by emulation "
+                        "(it came with compute capability 8.0); use --dtype fp32")
     return Compute(device, DTYPES[dtype])
 
 

@@ -46,6 +46,13 @@ def test_the_compute_setting_defaults_and_refuses_what_it_cannot_do(monkeypatch)
     assert resolve_device("cuda:0") == torch.device("cuda", 0) and resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(UserError, match="only 4 GPUs"):
         resolve_device("cuda:4")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 0))
+    assert resolve_compute("cuda") == resolve_compute("cuda", "fp32")  # auto: no bf16 before Ampere
+    with pytest.raises(UserError, match="V100.*emulation.*--dtype fp32"):
+        resolve_compute("cuda", "bf16")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    assert resolve_compute("cuda").dtype == torch.bfloat16 and str(resolve_compute("cuda")) == "cuda:2 bf16"
     monkeypatch.undo()
     with BF16.autocast():
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
