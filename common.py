@@ -16,6 +16,8 @@ import tempfile
 import threading
 import typing
 import urllib.parse
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +207,72 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- device and compute dtype
+
+DEVICE_HELP = "auto: cuda if torch sees a GPU (under torchrun cuda:LOCAL_RANK), else cpu; or cpu, cuda, cuda:N"
+DTYPE_HELP = ("compute dtype of matmuls and attention (torch.autocast); weights, gradients and AdamW's state stay "
+              "fp32. auto: bf16 on a GPU that has it (A100, H100, ...), else fp32")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where and in what precision a stage computes: one device and one autocast dtype (fp32: no autocast)."""
+    device: torch.device
+    dtype: torch.dtype
+
+    def autocast(self):
+        """Mixed precision: matmuls in bf16, softmax/LayerNorm/losses in fp32 (autocast's lists), master weights
+        untouched. A fresh context each call, so it can wrap any number of forward passes."""
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def __str__(self):
+        return f"{self.device} {next(k for k, v in DTYPES.items() if v == self.dtype)}"
+
+
+def resolve_device(spec="auto"):
+    """--device of every stage. Under torchrun, auto and cuda mean this worker's GPU, cuda:LOCAL_RANK."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {spec!r} is not a device: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {spec}: torch sees no GPU here (torch {torch.__version__}); use --device cpu")
+        device = torch.device("cuda", local if device.index is None else device.index)
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {spec} is cuda:{device.index}, but there are only {torch.cuda.device_count()} "
+                            "GPUs: start at most that many workers per machine, or pass --device cpu")
+    return device
+
+
+def resolve_compute(device="auto", dtype="auto"):
+    """Compute for --device and --dtype (the one place where the defaults are decided)."""
+    device = resolve_device(device)
+    native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)  # Ampere on
+    if dtype == "auto":
+        dtype = "bf16" if native_bf16 else "fp32"
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+    if dtype == "bf16" and device.type == "cuda" and not native_bf16:
+        raise UserError(f"--dtype bf16: {torch.cuda.get_device_name(device)} computes bf16 only by emulation "
+                        "(it came with compute capability 8.0); use --dtype fp32")
+    return Compute(device, DTYPES[dtype])
+
+
+def to_device(batch, device):
+    """A dict of CPU tensors on `device`. On a GPU through page-locked memory, so the copy does not block the host
+    (a copy from ordinary memory waits for the GPU to finish what it is doing)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        batch = {k: v.pin_memory() for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

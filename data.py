@@ -19,9 +19,11 @@ import copy
 import functools
 import hashlib
 import json
+import queue
 import re
 import sys
 import sysconfig
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -365,15 +367,26 @@ def derive_seed(*parts):
 
 def mask_tokens(ids, specials, generator, prob=0.15):
     """BERT's masked LM (Devlin et al. 2019): choose `prob` of the tokens, never special tokens or padding; of
-    those, 80% become [MASK], 10% a random token and 10% stay. Returns (input_ids, labels), labels -100 elsewhere."""
+    those, 80% become [MASK], 10% a random token and 10% stay. Returns (input_ids, labels), labels -100 elsewhere.
+    `generator`: one for all of ids (B, T), or a list of B, one per row (each row then draws exactly what it would
+    alone; only the draws are made row by row, the rest at once for the batch)."""
     sp = specials if isinstance(specials, Specials) else Specials.of(specials)
-    chosen = (torch.rand(ids.shape, generator=generator) < prob) & ~torch.isin(ids, sp.ids())  # (B, T)
+    gens = generator if isinstance(generator, (list, tuple)) else [generator]
+    blocks = ids.split(len(ids) // len(gens))  # the rows each generator draws for
+    draw = lambda: torch.cat([torch.rand(b.shape, generator=g) for b, g in zip(blocks, gens)])  # noqa: E731
+    chosen = (draw() < prob) & ~torch.isin(ids, sp.ids())  # (B, T)
     labels = torch.where(chosen, ids, -100)
-    r = torch.rand(ids.shape, generator=generator)
+    r = draw()
     inputs = ids.masked_fill(chosen & (r < 0.8), sp.mask)
     rand = chosen & (r >= 0.8) & (r < 0.9)
-    inputs[rand] = torch.randint(sp.vocab_size, (int(rand.sum()),), generator=generator)
+    counts = rand.view(len(gens), -1).sum(1).tolist()  # random tokens each generator draws
+    inputs[rand] = torch.cat([torch.randint(sp.vocab_size, (n,), generator=g) for n, g in zip(counts, gens)])
     return inputs, labels
+
+
+def masked_positions(labels):
+    """Flat indices (n,) of the masked tokens of labels (B, T) (-100 elsewhere), in row-major order."""
+    return (labels.flatten() != -100).nonzero().squeeze(1)
 
 
 def steps_per_epoch(dataset, batch_size):
@@ -398,11 +411,43 @@ def batches(dataset, batch_size, epoch, seed, rank=0, world=1, start=0):
     for i in range(start, steps_per_epoch(dataset, batch_size)):
         rows = order[i * batch_size + rank * b: i * batch_size + (rank + 1) * b].sort().values.numpy()
         ids = dataset[rows]  # (b, T)
-        masked = [mask_tokens(row[None], dataset.specials,
-                              torch.Generator().manual_seed(derive_seed(seed, epoch, r)))
-                  for row, r in zip(ids, rows)]
-        yield dict(input_ids=torch.cat([m[0] for m in masked]), labels=torch.cat([m[1] for m in masked]),
-                   attention_mask=(ids != dataset.specials.pad).long())
+        inputs, labels = mask_tokens(ids, dataset.specials,
+                                     [torch.Generator().manual_seed(derive_seed(seed, epoch, r)) for r in rows])
+        yield dict(input_ids=inputs, labels=labels, attention_mask=(ids != dataset.specials.pad).long(),
+                   masked=masked_positions(labels))
+
+
+def prefetch(batches, device, depth=2):
+    """The data path overlapped with the step (bench/gpu_step.py measures both): a background thread prepares
+    (masks, and on a GPU pins) the next `depth` batches while the current step computes; each batch is then copied
+    without blocking the host. The batches and their order are exactly those of `batches`."""
+    ready, stop, end = queue.Queue(depth), threading.Event(), object()
+
+    def work():
+        try:
+            for batch in batches:
+                if device.type == "cuda":  # page-locked: the copy below is then asynchronous
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                while not stop.is_set():
+                    try:
+                        ready.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():  # the consumer left early (the run reached its last step)
+                    return
+            ready.put(end)
+        except BaseException as e:  # reaches the consumer, traceback and all
+            ready.put(e)
+
+    threading.Thread(target=work, daemon=True, name="prefetch").start()
+    try:
+        while (batch := ready.get()) is not end:
+            if isinstance(batch, BaseException):
+                raise batch
+            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    finally:
+        stop.set()
 
 
 # ----------------------------------------------------------------------------- command line

@@ -90,8 +90,10 @@ def make_tiny_teacher(folder, arch=TINY_TEACHER, vocab_size=4096, texts=None, se
 
 
 def masked_mse(a, b, keep):
-    """Mean squared error over the entries where `keep` (broadcast to a's shape) is True."""
-    return F.mse_loss(a.float().masked_select(keep), b.float().masked_select(keep))
+    """Mean squared error over the entries where `keep` (broadcast to a's shape) is True. Computed by weighting
+    rather than selecting: selecting has a data-dependent size, which makes the host wait for the GPU."""
+    keep = keep.expand(a.shape)
+    return ((a.float() - b.float()).square() * keep).sum() / keep.sum()
 
 
 class KDObjective(nn.Module):

@@ -16,6 +16,7 @@ import copy
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -26,8 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (UserError, append_jsonl, atomic_write, config_parser, config_from_args, fresh_out_dir,
-                    load_hub_dataset, run_main, save_json, seed_everything, torch_load, torch_save)
+from common import (DEVICE_HELP, DTYPE_HELP, DTYPES, UserError, append_jsonl, atomic_write, config_parser,
+                    config_from_args, fresh_out_dir, load_hub_dataset, resolve_compute, run_main, save_json,
+                    seed_everything, to_device, torch_load, torch_save)
 from data import load_tokenizer
 from model import Arch, Bert, extract, read_pretrained
 from squad import decode, read_squad, squad_scores, squad_windows
@@ -319,7 +321,7 @@ def collate(feats, pad, device):
     types, mask = torch.zeros_like(ids), torch.zeros_like(ids)
     for k, (i, t) in enumerate(feats):
         ids[k, :len(i)], types[k, :len(t)], mask[k, :len(i)] = torch.tensor(i), torch.tensor(t), 1
-    return dict(input_ids=ids.to(device), attention_mask=mask.to(device), token_type_ids=types.to(device))
+    return to_device(dict(input_ids=ids, attention_mask=mask, token_type_ids=types), device)
 
 
 def loss_fn(model, out, y):
@@ -329,13 +331,14 @@ def loss_fn(model, out, y):
 
 
 @torch.no_grad()
-def predict(model, feats, batch_size, pad, device):
+def predict(model, feats, batch_size, pad, device, autocast=nullcontext):
     """GLUE: logits (N, outputs). SQuAD: per window, (start, end) logits over its own tokens."""
     model.eval()
     out = []
     for i in range(0, len(feats), batch_size):
         chunk = feats[i:i + batch_size]
-        logits = model(**collate(chunk, pad, device))
+        with autocast():
+            logits = model(**collate(chunk, pad, device))
         if model.span:
             s, e = (x.float().cpu().numpy() for x in logits)
             out += [(s[k, :len(ids)], e[k, :len(ids)]) for k, (ids, _) in enumerate(chunk)]
@@ -355,22 +358,26 @@ def adamw(model, lr, steps, warmup, weight_decay):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: learning_rate(step, steps, 1.0, warmup))
 
 
-def train_epoch(model, feats, targets, batch_size, opt, sched, generator, pad, device, desc):
-    """One pass in a seeded random order; returns the mean training loss."""
+def train_epoch(model, feats, targets, batch_size, opt, sched, generator, pad, device, desc, autocast=nullcontext):
+    """One pass in a seeded random order; returns the mean training loss. The loss stays on the device (reading it
+    every step would make the host wait for the GPU); the bar shows it every 50 steps."""
     model.train()
     order, total = torch.randperm(len(feats), generator=generator), 0.0
     bar = tqdm(range(0, len(feats), batch_size), desc=desc, leave=False, disable=None)  # no bar off a terminal
-    for i in bar:
+    for n, i in enumerate(bar):
         idx = order[i:i + batch_size]
-        loss = loss_fn(model, model(**collate([feats[j] for j in idx], pad, device)), targets[idx].to(device))
+        y = to_device(dict(y=targets[idx]), device)["y"]
+        with autocast():
+            loss = loss_fn(model, model(**collate([feats[j] for j in idx], pad, device)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        total += loss.item() * len(idx)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    return total / max(len(feats), 1)
+        total += loss.detach() * len(idx)
+        if n % 50 == 0 and not bar.disable:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return float(total) / max(len(feats), 1)
 
 
 def subset(n_total, n, seed):
@@ -380,8 +387,9 @@ def subset(n_total, n, seed):
     return sorted(np.random.default_rng(seed).choice(n_total, n, replace=False).tolist())
 
 
-def prepare(name, cfg, tok, pad, device):
+def prepare(name, cfg, tok, pad, compute):
     """(train features, train targets, evaluate(model) -> (dev metrics, dev predictions or None))."""
+    device, autocast = compute.device, compute.autocast
     max_len, data, eval_bs = cfg.max_len or (384 if name == "squad" else 128), cfg.data or None, 2 * cfg.batch_size
     if name == "squad":
         train = read_squad("train", data)
@@ -393,7 +401,7 @@ def prepare(name, cfg, tok, pad, device):
         dev_feats, golds = [(w.ids, w.types) for w in dev_w], {ex["id"]: ex["answers"] for ex in dev}
 
         def evaluate(model):
-            logits = predict(model, dev_feats, eval_bs, pad, device)
+            logits = predict(model, dev_feats, eval_bs, pad, device, autocast)
             predictions = decode(dev, dev_w, logits, cfg.n_best, cfg.max_answer_len)
             m = squad_scores(predictions, golds)
             return dict(m, score=m["f1"]), predictions
@@ -411,7 +419,7 @@ def prepare(name, cfg, tok, pad, device):
     def evaluate(model):
         metrics = {}
         for suffix, split, feats in devs:
-            m = compute_metrics(name, labels_of(predict(model, feats, eval_bs, pad, device)), split.labels)
+            m = compute_metrics(name, labels_of(predict(model, feats, eval_bs, pad, device, autocast)), split.labels)
             metrics.update({k + suffix: v for k, v in m.items() if not (suffix and k == "score")})
         return metrics, None
 
@@ -419,7 +427,7 @@ def prepare(name, cfg, tok, pad, device):
     return encode_glue(tok, train, max_len), targets, evaluate
 
 
-def write_glue_test(model, name, cfg, tok, pad, device, out):
+def write_glue_test(model, name, cfg, tok, pad, compute, out):
     """GLUE's submission files: `index<TAB>prediction`, label names (STS-B: a score in [0, 5])."""
     t = GLUE[name]
     for stem, submission in t.test or (("test", t.folder),):
@@ -428,7 +436,7 @@ def write_glue_test(model, name, cfg, tok, pad, device, out):
             continue
         split = read_glue(name, stem, cfg.data or None)
         preds = labels_of(predict(model, encode_glue(tok, split, cfg.max_len or 128), 2 * cfg.batch_size, pad,
-                                  device))
+                                  compute.device, compute.autocast))
         rows = [f"{i}\t{min(max(p, 0.0), 5.0):.3f}" if not t.labels else f"{i}\t{t.labels[p]}"
                 for i, p in zip(split.ids, preds.tolist())]
         atomic_write(out / f"{submission}.tsv", lambda tmp: Path(tmp).write_text("\n".join(["index\tprediction"]
@@ -469,7 +477,8 @@ class FinetuneConfig:
     out: str = field(default="", metadata={"help": "run folder (metrics.jsonl, best/, predictions); "
                                                    "empty: runs/finetune/<task>"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing run folder"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:N]"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
 
 
 def run(cfg):
@@ -482,7 +491,7 @@ def run(cfg):
     bs, lr, epochs = TABLE_D1[name]
     cfg.task, cfg.batch_size = name, cfg.batch_size or bs
     cfg.lr, cfg.epochs = list(cfg.lr or [lr]), list(cfg.epochs or [epochs])
-    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    compute = resolve_compute(cfg.device, cfg.dtype)
     out = fresh_out_dir(cfg.out, overwrite=cfg.overwrite) if cfg.out else None
     if out:
         save_json(asdict(cfg), out / "config.json")
@@ -491,7 +500,7 @@ def run(cfg):
     tokenizer_path = cfg.tokenizer or checkpoint_tokenizer or cfg.model
     tok = load_tokenizer(tokenizer_path)
     pad = tok.token_to_id("[PAD]")
-    feats, targets, evaluate = prepare(name, cfg, tok, pad, device)
+    feats, targets, evaluate = prepare(name, cfg, tok, pad, compute)
     if not feats:
         raise UserError(f"{name}: no training examples")
     steps_per_epoch = -(-len(feats) // cfg.batch_size)
@@ -499,13 +508,13 @@ def run(cfg):
     for lr in cfg.lr:
         for epochs in cfg.epochs:
             seed_everything(cfg.seed)
-            model = copy.deepcopy(base).to(device)
+            model = copy.deepcopy(base).to(compute.device)
             opt, sched = adamw(model, lr, epochs * steps_per_epoch, cfg.warmup, cfg.weight_decay)
             generator, run_best = torch.Generator().manual_seed(cfg.seed), None
             for epoch in range(1, epochs + 1):
                 t0 = time.time()
-                loss = train_epoch(model, feats, targets, cfg.batch_size, opt, sched, generator, pad, device,
-                                   f"{name} lr {lr:g} epoch {epoch}/{epochs}")
+                loss = train_epoch(model, feats, targets, cfg.batch_size, opt, sched, generator, pad, compute.device,
+                                   f"{name} lr {lr:g} epoch {epoch}/{epochs}", compute.autocast)
                 metrics, predictions = evaluate(model)
                 record = dict(task=name, lr=lr, epochs=epochs, epoch=epoch, train_loss=loss, **metrics)
                 print(f"{name} lr {lr:g} epochs {epochs} | epoch {epoch} loss {loss:.4f} | "
@@ -529,7 +538,7 @@ def run(cfg):
         append_jsonl(out / "metrics.jsonl", dict(kind="best", **best))
         save_json(result, out / "results.json")
         if name != "squad":
-            write_glue_test(load_model(out / "best", name)[0].to(device), name, cfg, tok, pad, device, out)
+            write_glue_test(load_model(out / "best", name)[0].to(compute.device), name, cfg, tok, pad, compute, out)
     return result
 
 

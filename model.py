@@ -133,7 +133,8 @@ def sub(p, *sizes, shape=None):
     already holds a .grad (superplm.py keeps them in one flat buffer), the block's gradient is added straight into
     the same block of p.grad instead, so a sub-model trains through the SuperPLM as fast as alone
     (bench/superplm_speed.py). Such gradients bypass autograd's accumulation: torch.autograd.grad and DDP's hooks
-    do not see them."""
+    do not see them. Under autocast the block is cast to bf16 only after it leaves here, so the gradient that arrives
+    is fp32 (autograd returns a gradient in its input's dtype) and is added unrounded (tests/test_precision.py)."""
     shape = p.shape if shape is None else shape
     index = tuple(slice(0, s) for s in sizes)
     block = p.view(shape)[index]

@@ -15,6 +15,9 @@ studied on synthetic objectives; the CLI builds them from a SuperPLM checkpoint 
 
 Each scored candidate is appended to OUT/candidates.jsonl at once; --resume replays the same seeded search over
 those scores, so an interrupted search continues where it stopped and ends as an uninterrupted one would.
+On N GPUs (the paper's evaluator fine-tunes every candidate), each worker scores its share of every generation:
+
+    torchrun --nproc_per_node 8 search.py --evaluator finetune --mnli-data glue_data/MNLI --squad-data squad ...
 """
 
 import dataclasses
@@ -27,11 +30,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from common import (UserError, append_jsonl, atomic_write, config_from_args, config_parser, fresh_out_dir,
-                    read_jsonl, run_main, save_json, seed_everything, torch_load)
+from common import (DEVICE_HELP, DTYPE_HELP, DTYPES, UserError, append_jsonl, atomic_write, config_from_args,
+                    config_parser, fresh_out_dir, read_jsonl, resolve_compute, run_main, save_json, seed_everything,
+                    to_device, torch_load)
 from model import Arch, SearchSpace, extract
 
 # ----------------------------------------------------------------------------- scored architectures
@@ -110,14 +115,20 @@ class Evaluations:
         return arch in self.seen
 
     def __call__(self, archs, generation):
+        new = [a for a in archs if a not in self.cache]
+        self.cache.update(zip(new, map(float, score_all(self.score, new))))
         out = []
         for arch in archs:
-            if arch not in self.cache:
-                self.cache[arch] = float(self.score(arch))
             out.append(Candidate(arch, self.cache[arch], self.budget(arch), generation))
             self.seen.add(arch)
         self.done += out
         return out
+
+
+def score_all(score, archs):
+    """The scores of a generation's new architectures: shared out over workers when `score` can (Shared), else
+    one after another."""
+    return score.many(archs) if hasattr(score, "many") else [score(a) for a in archs]
 
 
 def fill(propose, size, budget, evals, max_draws):
@@ -325,9 +336,10 @@ class MLMScore:
     The roulette wheel of Algorithm 2 shifts these negative scores (see roulette)."""
 
     def __init__(self, model, tokenizer_path, corpus, seq_len, cache_dir, rows=256, batch_size=32, seed=0,
-                 device="cpu"):
-        from data import build_dataset, load_tokenizer, mask_tokens, split
+                 compute=None):
+        from data import build_dataset, load_tokenizer, mask_tokens, masked_positions, split
         from superplm import MLM
+        compute = compute or resolve_compute("cpu")
         data, heldout = split(build_dataset(corpus, load_tokenizer(tokenizer_path), seq_len, cache_dir))
         rows = min(rows, len(heldout))  # a small corpus holds out fewer: score what there is
         ids = heldout[list(range(rows))]  # (rows, T)
@@ -337,16 +349,20 @@ class MLMScore:
                             f"{rows} held-out ones{' with no masked token' if rows else ''} to score sub-models on "
                             "(data.split): use a larger corpus, or another one with --eval-corpus")
         mask = (ids != heldout.specials.pad).long()
-        self.batches = [dict(input_ids=inputs[i:i + batch_size].to(device), labels=labels[i:i + batch_size].to(device),
-                             attention_mask=mask[i:i + batch_size].to(device)) for i in range(0, rows, batch_size)]
-        self.model, self.objective, self.metrics = model.to(device).eval(), MLM(), {}
+        self.batches = [to_device(dict(input_ids=inputs[i:i + batch_size], labels=labels[i:i + batch_size],
+                                       attention_mask=mask[i:i + batch_size],
+                                       masked=masked_positions(labels[i:i + batch_size])), compute.device)
+                        for i in range(0, rows, batch_size)]
+        self.model, self.objective, self.metrics = model.to(compute.device).eval(), MLM(), {}
+        self.autocast = compute.autocast
 
     @torch.no_grad()
     def __call__(self, arch):
         loss = acc = n = 0.0
         for batch in self.batches:
-            k = int((batch["labels"] != -100).sum())  # masked tokens: MLM averages over them
-            batch_loss, stats = self.objective(self.model, batch, arch)
+            k = batch["masked"].numel()  # masked tokens: MLM averages over them
+            with self.autocast():
+                batch_loss, stats = self.objective(self.model, batch, arch)
             loss, acc, n = loss + float(batch_loss) * k, acc + float(stats["acc"]) * k, n + k
         self.metrics[arch] = dict(mlm_loss=loss / n, mlm_acc=100 * acc / n)
         return -loss / n
@@ -367,7 +383,8 @@ class FinetuneScore:
         for task, data in (("mnli", c.mnli_data), ("squad", c.squad_data)):
             result = finetune.finetune(folder, task, data_dir=data or None, epochs=c.ft_epochs,
                                        max_train_examples=c.ft_train_examples or None,
-                                       max_eval_examples=c.ft_eval_examples or None, seed=c.seed, device=c.device)
+                                       max_eval_examples=c.ft_eval_examples or None, seed=c.seed, device=c.device,
+                                       dtype=c.dtype)
             scores[task] = result["score"]
         shutil.rmtree(folder)
         self.metrics[arch] = dict(mnli_acc=scores["mnli"], squad_f1=scores["squad"])
@@ -416,7 +433,8 @@ class Config:
     resume: bool = field(default=False, metadata={"help": "continue an interrupted search in --out"})
     overwrite: bool = field(default=False, metadata={"help": "replace the search in --out"})
     seed: int = field(default=0, metadata={"help": "seed of the search, the masks and the fine-tuning"})
-    device: str = field(default="auto", metadata={"help": "evaluator device: auto | cpu | cuda[:N]"})
+    device: str = field(default="auto", metadata={"help": "the evaluator's device. " + DEVICE_HELP})
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
     eval_corpus: str = field(default="", metadata={"help": "mlm: corpus spec of the scored text (data.py); "
                                                            "default: the SuperPLM's own"})
     eval_rows: int = field(default=256, metadata={"help": "mlm: held-out sequences scored (at most the corpus's "
@@ -476,16 +494,16 @@ RESUMABLE = ("resume", "overwrite", "out", "device", "extract", "top")  # flags 
 SCORE_NAMES = {"mlm": "score = -(masked-LM loss)", "finetune": "score = (MNLI acc + SQuAD F1) / 2"}
 
 
-def make_score(cfg, model, tokenizer, ckpt, out):
-    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+def make_score(cfg, model, tokenizer, ckpt, out, device):
+    compute = resolve_compute(str(device), cfg.dtype)
     if cfg.evaluator == "finetune":
-        return FinetuneScore(model, tokenizer, out, dataclasses.replace(cfg, device=device))
+        return FinetuneScore(model, tokenizer, out, dataclasses.replace(cfg, device=str(device)))
     if ckpt.get("objective") != "mlm":
         raise UserError(f"{cfg.superplm} was trained by {ckpt.get('objective')}, so its masked-LM head is untrained: "
                         "use --evaluator finetune")
     c = ckpt["config"]
     return MLMScore(model, tokenizer, cfg.eval_corpus or c["corpus"], c["seq_len"], c["cache_dir"], cfg.eval_rows,
-                    cfg.batch_size, cfg.seed, device)
+                    cfg.batch_size, cfg.seed, compute)
 
 
 def figure(candidates, top, base_ms, target_speedup, path, title, ylabel):
@@ -522,33 +540,87 @@ def print_top(top, n_scored, base_ms, budget_ms, cfg, metrics):
               + "".join(f" {m.get(k, float('nan')):9.4f}" for k in extra))
 
 
+class Shared:
+    """An evaluator shared out over torch.distributed workers (torchrun). Worker 0 runs the search; each time it
+    needs scores (a generation's new candidates) it sends the list to every worker, each scores its share on its
+    own device, one candidate per worker per round, and worker 0 gathers the round's scores and metrics and
+    records them (record(arch, score), in generation order) before the next round. The other workers only serve().
+    With one worker this is a plain loop, so the search and its files are the same whatever the number of workers;
+    an interrupted search loses at most the round in progress."""
+
+    def __init__(self, score, rank, world, record):
+        self.score, self.rank, self.world, self.record = score, rank, world, record
+
+    def many(self, archs):  # worker 0, inside the search
+        if self.world > 1:
+            dist.broadcast_object_list([archs])
+        values = []
+        for arch, (value, metrics) in zip(archs, self._rounds(archs)):
+            self.score.metrics[arch] = metrics
+            self.record(arch, value)
+            values.append(value)
+        return values
+
+    def serve(self):  # workers 1..N-1: score shares until worker 0 says the search is over
+        while True:
+            archs = [None]
+            dist.broadcast_object_list(archs)
+            if archs[0] is None:
+                return
+            for _ in self._rounds(archs[0]):
+                pass
+
+    def stop(self):  # worker 0, after the search
+        if self.world > 1:
+            dist.broadcast_object_list([None])
+
+    def _rounds(self, archs):
+        """Yield (score, metrics) of every arch, computed round by round, worker k taking the k-th of each round."""
+        for i in range(0, len(archs), self.world):
+            this_round = archs[i:i + self.world]
+            mine = None
+            if self.rank < len(this_round):
+                arch = this_round[self.rank]
+                mine = (float(self.score(arch)), self.score.metrics.get(arch, {}))
+            got = [mine]
+            if self.world > 1:
+                got = [None] * self.world
+                dist.all_gather_object(got, mine)
+            yield from got[:len(this_round)]
+
+
 def main(argv=None):
     cfg = config_from_args(Config, config_parser(Config, __doc__.split("\n")[0]).parse_args(argv))
     if cfg.top < 1 or cfg.generations < 1 or cfg.population < 1:
         raise UserError("--top, --generations and --population must be at least 1")
     check_inputs(cfg)
-    cfg, out, records = open_run(cfg)
     import latency
     import superplm
+    rank, world, device = superplm.init_distributed(cfg.device, timeout_h=24)  # a candidate may take hours
+    opened = [open_run(cfg) if rank == 0 else None]  # worker 0 owns the run folder
+    if world > 1:
+        dist.broadcast_object_list(opened)
+    cfg, out, records = opened[0]
     model, space, tokenizer = superplm.load_superplm(check_inputs(cfg))
     predictor = latency.LatencyPredictor.load(cfg.latency)
     budget_ms = latency.parse_target(cfg.target, predictor.base_ms)
     Budget(space, predictor, budget_ms)  # a target that no architecture meets fails here, before any work
     seed_everything(cfg.seed)
-    score = make_score(cfg, model, tokenizer, torch_load(check_inputs(cfg)), out)
+    score = superplm.rank0_first(rank, world, lambda: make_score(cfg, model, tokenizer, torch_load(check_inputs(cfg)),
+                                                                 out, device))  # rank 0 builds the MLM cache
     score.metrics.update({a: r.get("metrics", {}) for a, r in records.items()})
-    print(f"searching {space.size():,} architectures of {model.arch} ({cfg.method}, {cfg.evaluator} evaluator) for "
-          f"{cfg.target}: latency <= {budget_ms:.4g} ms (BERT-base {predictor.base_ms:.4g} ms)"
-          + (f"; {len(records)} scored before, replayed" if records else ""))
+    if rank == 0:
+        print(f"searching {space.size():,} architectures of {model.arch} ({cfg.method}, {cfg.evaluator} evaluator) "
+              f"for {cfg.target}: latency <= {budget_ms:.4g} ms (BERT-base {predictor.base_ms:.4g} ms) on {world} "
+              f"worker(s), {resolve_compute(str(device), cfg.dtype)}"
+              + (f"; {len(records)} scored before, replayed" if records else ""))
     n_evals = len(space.layers) if cfg.method == "fast" else cfg.generations * cfg.population
-    bar = tqdm(total=n_evals, initial=len(records), desc="scoring", unit="arch")
+    bar = tqdm(total=n_evals, initial=len(records), desc="scoring", unit="arch", disable=rank != 0)
 
-    def scored(arch):  # every new evaluation is appended at once: an interrupted search loses at most one
-        value = score(arch)
+    def scored(arch, value):  # appended at once: an interrupted search loses at most the round in progress
         append_jsonl(out / "candidates.jsonl", dict(arch=str(arch), score=value, latency=predictor(arch),
                                                     metrics=score.metrics.get(arch, {})))
         bar.update()
-        return value
 
     def rows(candidates):
         return [dict(c.to_dict(), speedup=predictor.base_ms / c.latency, **score.metrics.get(c.arch, {}))
@@ -559,14 +631,23 @@ def main(argv=None):
         bar.write(f"generation {max(c.generation for c in done)}: {len(done)} scored, best {ranked(done)[0].arch} "
                   f"score {ranked(done)[0].score:.4f}")
 
-    with warnings.catch_warnings():  # a search's warnings (a dropped window, a short generation): one line each
-        warnings.simplefilter("always")
-        warnings.showwarning = lambda message, *_, **__: bar.write(f"warning: {message}")
-        try:
-            results = run_method(cfg, space, scored, predictor, budget_ms, {a: r["score"] for a, r in records.items()},
-                                 on_generation)
-        finally:
-            bar.close()
+    shared = Shared(score, rank, world, scored)
+    if rank:  # the other workers score what worker 0's search asks for
+        shared.serve()
+    else:
+        with warnings.catch_warnings():  # a search's warnings (a dropped window, a short generation): one line each
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda message, *_, **__: bar.write(f"warning: {message}")
+            try:
+                results = run_method(cfg, space, shared, predictor, budget_ms,
+                                     {a: r["score"] for a, r in records.items()}, on_generation)
+            finally:
+                shared.stop()
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+    if rank:
+        return None
     top = results[:cfg.top]
     save_json(rows(results), out / "scored.json")
     save_json(dict(target=cfg.target, budget_ms=budget_ms, base_ms=predictor.base_ms, method=cfg.method,

@@ -20,6 +20,7 @@ import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -28,9 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (UserError, append_jsonl, config_from_args, config_parser, fresh_out_dir, run_main,
-                    seed_everything, torch_load, torch_save)
-from data import DataConfig, batches, split, derive_seed, prepare, save_tokenizer, steps_per_epoch
+from common import (DEVICE_HELP, DTYPE_HELP, DTYPES, UserError, append_jsonl, config_from_args, config_parser,
+                    fresh_out_dir, resolve_compute, resolve_device, run_main, seed_everything, torch_load, torch_save)
+from data import (DataConfig, batches, derive_seed, masked_positions, prefetch, prepare, save_tokenizer, split,
+                  steps_per_epoch)
 from model import SUPERPLM, Arch, Bert, SearchSpace, extract, grid, sub
 
 
@@ -66,6 +68,8 @@ class Config(DataConfig):  # the corpus flags (--corpus, --tokenizer, --vocab-si
     clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this"})
     dropout: float = field(default=0.1, metadata={"help": "dropout of a new model"})
     seed: int = field(default=0, metadata={"help": "seeds the weights, the data order, masks, sub-models"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
     save_every: int = field(default=1000, metadata={"help": "write the checkpoint every K steps (and at the end)"})
     log_every: int = field(default=50, metadata={"help": "one log line every N steps"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoint, with its "
@@ -132,15 +136,19 @@ def sample_arch(space, seed, step, rank, m) -> Arch:
 
 
 class MLM(nn.Module):
-    """BERT's masked-LM loss (pre-training, §4.1). Logits are computed only at the masked positions."""
+    """BERT's masked-LM loss (pre-training, §4.1). Logits are computed only at the masked positions.
+
+    The positions come with the batch ("masked", found on the host by data.batches): selecting them on a GPU with
+    a boolean mask would make the host wait for the GPU at every step to learn how many there are."""
 
     def forward(self, model, batch, arch=None):
         hidden = model(batch["input_ids"], batch["attention_mask"], arch=arch)  # (B, T, C)
-        where = batch["labels"] != -100  # (B, T)
-        labels = batch["labels"][where]  # (n,)
-        logits = model.mlm_logits(hidden[where], arch)  # (n, vocab)
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum") / where.sum().clamp(min=1)
-        return loss, {"acc": ((logits.argmax(-1) == labels).sum() / where.sum().clamp(min=1)).detach()}
+        where = batch["masked"] if "masked" in batch else masked_positions(batch["labels"])  # (n,) in B*T
+        labels = batch["labels"].flatten()[where]  # (n,)
+        logits = model.mlm_logits(hidden.flatten(0, 1)[where], arch)  # (n, vocab)
+        n = max(where.numel(), 1)
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum") / n
+        return loss, {"acc": ((logits.argmax(-1) == labels).sum() / n).detach()}
 
 
 def make_objective(cfg, model, space, teacher):
@@ -258,16 +266,17 @@ def window_means(window, n, world, device):
     return dict(zip(keys, (sums / n).tolist()))
 
 
-def init_distributed():
-    """(rank, world, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain run is one worker."""
-    cuda = torch.cuda.is_available()
+def init_distributed(device="auto", timeout_h=None):
+    """(rank, world, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain run is one worker. Workers
+    on GPUs talk over NCCL, workers on CPUs (--device cpu, or no GPU) over gloo. timeout_h: how long a collective
+    may wait for a slower worker (torch's default is minutes)."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # kernels and NCCL's buffers on this worker's GPU
     if "WORLD_SIZE" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    local = int(os.environ["LOCAL_RANK"])
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=timedelta(hours=timeout_h) if timeout_h else None)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -295,7 +304,8 @@ def build_model(cfg, vocab_size, init=None):
 
 
 def train(cfg):
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.device)
+    compute = resolve_compute(str(device), cfg.dtype)
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
     if rank == 0:
@@ -307,7 +317,8 @@ def train(cfg):
         dist.barrier()
     ckpt = torch_load(ckpt_path) if cfg.resume and ckpt_path.exists() else None
     if ckpt:  # the saved configuration wins, so that the run continues exactly
-        cfg = dataclasses.replace(Config(**ckpt["config"]), out=cfg.out, resume=True)
+        cfg = dataclasses.replace(Config(**ckpt["config"]), out=cfg.out, resume=True, device=cfg.device,
+                                  dtype=cfg.dtype)  # where and how to compute: this run's flags
 
     teacher, vocab = None, cfg.tokenizer  # the vocabulary: the run's own, the teacher's, the init's, or trained
     if cfg.objective == "kd":
@@ -362,21 +373,20 @@ def train(cfg):
                         data=dict(epoch=step // spe, batch=step % spe, rows=len(dataset)), rng=rng_states(),
                         config=dataclasses.asdict(cfg)), ckpt_path)
 
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
     M = cfg.samples
     if rank == 0:
         n = sum(p.numel() for p in model.parameters())
         print(f"{'resuming at step ' + str(step) if ckpt else 'training'} {model.arch} ({n / 1e6:.1f}M parameters, "
-              f"{cfg.objective}) on {world} worker(s), {device}: {total} steps of {cfg.batch_size} x {cfg.seq_len} "
+              f"{cfg.objective}) on {world} worker(s), {compute}: {total} steps of {cfg.batch_size} x {cfg.seq_len} "
               f"tokens, {len(dataset)} sequences ({spe} steps/epoch), M={M}, space of {space.size():,} archs")
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="superplm", unit="step")
     window, t0, steps0 = defaultdict(float), time.time(), step
     while step < total:
         epoch, pos = divmod(step, spe)
-        for batch in batches(dataset, cfg.batch_size, epoch, cfg.seed, rank, world, start=pos):  # lines 2-4
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        # lines 2-4: this worker's sub-batches, masked by a background thread while the step before computes
+        for batch in prefetch(batches(dataset, cfg.batch_size, epoch, cfg.seed, rank, world, start=pos), device):
             flat.zero_()  # line 5: clear the gradients
-            archs, stats = accumulate(model, objective, batch, space, M, cfg.seed, step, rank, autocast)
+            archs, stats = accumulate(model, objective, batch, space, M, cfg.seed, step, rank, compute.autocast)
             lr = learning_rate(step, total, cfg.lr, cfg.warmup)
             update(flat, world, optimizer, lr, cfg.clip)  # line 11
             step += 1

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import latency  # noqa: E402
 import superplm  # noqa: E402
 from common import (UserError, append_jsonl, config_from_args, config_parser, fresh_out_dir, read_jsonl,  # noqa: E402
-                    run_main, save_json)
+                    resolve_compute, run_main, save_json)
 from data import prepare, split  # noqa: E402
 from model import Arch  # noqa: E402
 from search import MLMScore  # noqa: E402
@@ -167,9 +167,8 @@ def variants(cfg, steps):
 
 def scores(model, archs, base, tok_path, rows, cfg):
     """{arch: dict(mlm_loss, mlm_acc)} of each arch run inside `model` on the held-out rows, fixed masks."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     evaluator = MLMScore(model, tok_path, base.corpus, base.seq_len, base.cache_dir, rows, cfg.eval_batch, cfg.seed,
-                         device)
+                         resolve_compute())
     for a in archs:
         evaluator(a)
     return {str(a): evaluator.metrics[a] for a in archs}

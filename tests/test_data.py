@@ -206,6 +206,11 @@ def test_ranks_read_disjoint_shares_of_each_batch_and_masks_are_fresh_each_epoch
     three = {r: (b["input_ids"][i], b["labels"][i]) for b in batches(ds, 24, 0, 7, 2, 3)
              for i, r in enumerate(rows_of(b))}
     assert all(torch.equal(one[r][1], three[r][1]) and torch.equal(one[r][0], three[r][0]) for r in three)
+    for r, (inputs, labels) in one.items():  # the batch masks at once what each row's generator draws alone
+        alone = mask_tokens(ds[[r - 10]], ds.specials, torch.Generator().manual_seed(data.derive_seed(7, 0, r - 10)))
+        assert torch.equal(alone[0][0], inputs) and torch.equal(alone[1][0], labels)
+    b = next(batches(ds, 24, 0, 7))
+    assert torch.equal(b["masked"], (b["labels"].flatten() != -100).nonzero().squeeze(1))  # positions, host-side
     nxt = {r: b["labels"][i] for b in batches(ds, 24, 1, 7) for i, r in enumerate(rows_of(b))}
     common = set(one) & set(nxt)
     assert sum(not torch.equal(one[r][1], nxt[r]) for r in common) > 0.8 * len(common)

@@ -1,8 +1,12 @@
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -331,16 +335,16 @@ def test_cli_names_the_command_that_makes_a_missing_input(trained, tmp_path, cap
     assert e.value.code == 2 and err.count("\n") == 1 and command in err
 
 
-def test_finetune_evaluator_averages_mnli_accuracy_and_squad_f1(trained, tmp_path):
-    root, model, space, _ = trained
-    rng = random.Random(1)
+def write_finetune_data(root, seed=1):
+    """Tiny MNLI (GLUE layout) and SQuAD v1.1 (official JSON) folders in root/MNLI and root/SQuAD."""
+    rng = random.Random(seed)
     labels = ("entailment", "neutral", "contradiction")
     for stem in ("train", "dev_matched", "dev_mismatched"):
         rows = [["index", "sentence1", "sentence2", "gold_label"]] + [
             [i, " ".join(rng.choices(WORDS, k=6)), " ".join(rng.choices(WORDS, k=4)), rng.choice(labels)]
             for i in range(24)]
-        (tmp_path / "MNLI").mkdir(exist_ok=True)
-        (tmp_path / "MNLI" / f"{stem}.tsv").write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+        (root / "MNLI").mkdir(exist_ok=True)
+        (root / "MNLI" / f"{stem}.tsv").write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
     for which in ("train", "dev"):
         paragraphs = []
         for i in range(12):
@@ -350,14 +354,60 @@ def test_finetune_evaluator_averages_mnli_accuracy_and_squad_f1(trained, tmp_pat
                                                               answers=[dict(text=answer,
                                                                             answer_start=context.index(
                                                                                 " " + answer + " ") + 1)])]))
-        (tmp_path / "SQuAD").mkdir(exist_ok=True)
-        (tmp_path / "SQuAD" / f"{which}-v1.1.json").write_text(json.dumps(dict(version="1.1", data=[
+        (root / "SQuAD").mkdir(exist_ok=True)
+        (root / "SQuAD" / f"{which}-v1.1.json").write_text(json.dumps(dict(version="1.1", data=[
             dict(title="t", paragraphs=paragraphs)])))
-    cfg = search.Config(mnli_data=str(tmp_path / "MNLI"), squad_data=str(tmp_path / "SQuAD"), ft_epochs=1,
-                        ft_train_examples=0, ft_eval_examples=0, device="cpu")
+    return root / "MNLI", root / "SQuAD"
+
+
+def test_finetune_evaluator_averages_mnli_accuracy_and_squad_f1(trained, tmp_path):
+    root, model, space, _ = trained
+    mnli, squad = write_finetune_data(tmp_path)
+    cfg = search.Config(mnli_data=str(mnli), squad_data=str(squad), ft_epochs=1, ft_train_examples=0,
+                        ft_eval_examples=0, device="cpu")
     score = search.FinetuneScore(model, root / "superplm" / "tokenizer.json", tmp_path / "work", cfg)
     arch = Arch(1, 32, 64, 1, 32)
     value = score(arch)
     m = score.metrics[arch]
     assert value == (m["mnli_acc"] + m["squad_f1"]) / 2 and 0 <= m["mnli_acc"] <= 100 and 0 <= m["squad_f1"] <= 100
     assert not any((tmp_path / "work").iterdir())  # the extracted candidate is not left behind
+
+
+@pytest.mark.slow
+def test_two_workers_share_the_finetune_search_and_equal_one_process(trained, tmp_path):
+    """torchrun (gloo, 2 CPU workers): each scores its share of every generation; the files equal one process's,
+    and a resumed two-worker search replays what was scored."""
+    root = trained[0]
+    mnli, squad = write_finetune_data(tmp_path)
+    args = ["--superplm", root / "superplm", "--latency", root / "latency.pt", "--target", "2ms", "--generations", 2,
+            "--population", 3, "--evaluator", "finetune", "--mnli-data", mnli, "--squad-data", squad,
+            "--ft-train-examples", 0, "--ft-eval-examples", 0, "--device", "cpu", "--dtype", "fp32"]
+    args = [str(a) for a in args]
+    one = subprocess_search(args + ["--out", str(tmp_path / "one")])
+    two = subprocess_search(args + ["--out", str(tmp_path / "two")], workers=2)
+    assert "on 1 worker(s), cpu fp32" in one and "on 2 worker(s), cpu fp32" in two
+    assert one.count("mnli best") == two.count("mnli best") == 6  # each candidate fine-tuned once, not per worker
+    for name in ("candidates.jsonl", "scored.json", "top.json"):
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text(), name
+    scored = json.loads((tmp_path / "one" / "scored.json").read_text())
+    assert len(scored) == 6 and len({r["score"] for r in scored}) > 1  # real, different fine-tuning scores
+    assert all(r["score"] == (r["mnli_acc"] + r["squad_f1"]) / 2 for r in scored)
+    # Killed after 3 candidates: two workers resume, replay those 3 and score the other 3.
+    lines = (tmp_path / "two" / "candidates.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "two" / "candidates.jsonl").write_text("".join(lines[:3]))
+    again = subprocess_search(args + ["--out", str(tmp_path / "two"), "--resume"], workers=2)
+    assert "3 scored before, replayed" in again
+    assert again.count("mnli best") == 3
+    for name in ("candidates.jsonl", "scored.json", "top.json"):
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text(), name
+
+
+def subprocess_search(args, workers=0):
+    root = Path(search.__file__).parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root), PYTHONWARNINGS="ignore")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={workers}"] \
+        if workers else [sys.executable]
+    done = subprocess.run(launcher + [str(root / "search.py"), *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout

@@ -160,7 +160,7 @@ def test_a_samples_gradient_lives_in_its_slice_and_equals_the_extracted_models(m
 
 def test_two_workers_equal_one_process_replaying_their_sub_batches_and_sub_models(tmp_path, corpus, one_thread):
     out = tmp_path / "dist"
-    log = finish(run(flags(corpus, out, "--max-steps", "3", "--samples", "2"), torchrun=2))
+    log = finish(run(flags(corpus, out, "--max-steps", "3", "--samples", "2", "--device", "cpu"), torchrun=2))
     assert "on 2 worker(s)" in log
     ckpt = torch_load(out / "checkpoint.pt")
     cfg = superplm.Config(**ckpt["config"])
