@@ -9,10 +9,11 @@
 Every method takes plain callables `score(arch) -> float` (higher is better) and `latency(arch) -> ms`, so it can be
 studied on synthetic objectives; the CLI builds them from a SuperPLM checkpoint and a fitted latency predictor:
 
-    python search.py --target 7x --superplm runs/superplm --latency latency.pt [--method evolve] [--extract]
+    python search.py --target 7x --superplm runs/superplm --latency runs/predictor [--method evolve] [--extract]
 
 Each scored candidate is appended to OUT/candidates.jsonl at once; --resume replays the same seeded search over
-those scores, so an interrupted search continues where it stopped and ends as an uninterrupted one would.
+those scores, so an interrupted search continues where it stopped and ends as an uninterrupted one would
+(SIGINT/SIGTERM let the candidate being scored finish first).
 """
 
 import dataclasses
@@ -27,8 +28,9 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from common import (UserError, append_jsonl, atomic_write, config_from_args, config_parser, fresh_out_dir,
-                    read_jsonl, run_main, save_json, seed_everything, torch_load)
+from common import (COUNT, NONNEGATIVE, SHARE, Interrupted, RunFolder, UserError, append_jsonl, atomic_write,
+                    command_line, config_values, parse_config, read_jsonl, run_main, save_json, seed_everything,
+                    stop_after_step, torch_load)
 from model import Arch, SearchSpace, extract
 
 # ----------------------------------------------------------------------------- scored architectures
@@ -369,7 +371,8 @@ class Config:
                                                         "or a budget in ms ('40ms')"})
     superplm: str = field(default="runs/superplm", metadata={"help": "SuperPLM run folder or checkpoint.pt "
                                                                      "(superplm.py)"})
-    latency: str = field(default="latency.pt", metadata={"help": "latency predictor (latency.py fit)"})
+    latency: str = field(default="runs/predictor", metadata={"help": "latency predictor: `latency.py fit`'s run "
+                                                                     "folder or its predictor.pt"})
     method: str = field(default="evolve-elite", metadata={
         "help": "evolve: Algorithm 2 as written; evolve-elite: elitist rank parents, wider mutation, latency "
                 "window (beats random search more often, bench/search_quality.py); random; fast: §4.4's rule",
@@ -378,30 +381,35 @@ class Config:
         "help": "mlm: -(masked-LM loss) of the sub-model inside the SuperPLM (fast); finetune: the paper's average "
                 "of MNLI accuracy and SQuAD F1 after a short fine-tuning (finetune.py)",
         "choices": ["mlm", "finetune"]})
-    generations: int = field(default=4, metadata={"help": "T of Algorithm 2 (random search scores T x S archs)"})
-    population: int = field(default=25, metadata={"help": "S of Algorithm 2: architectures per generation"})
+    generations: int = field(default=4, metadata={"help": "T of Algorithm 2 (random search scores T x S archs)",
+                                                  **COUNT})
+    population: int = field(default=25, metadata={"help": "S of Algorithm 2: architectures per generation", **COUNT})
     p_mutate: Optional[float] = field(default=None, metadata={
-        "help": "pm of Algorithm 2; default: the method's (evolve 0.5, evolve-elite 0.8)"})
+        "help": "pm of Algorithm 2; default: the method's (evolve 0.5, evolve-elite 0.8)", **SHARE})
     p_explore: Optional[float] = field(default=None, metadata={
-        "help": "pe of Algorithm 2; default: the method's (evolve 0.5, evolve-elite 0.2)"})
-    top: int = field(default=3, metadata={"help": "architectures reported and extracted (§3.6: the top three)"})
+        "help": "pe of Algorithm 2; default: the method's (evolve 0.5, evolve-elite 0.2)", **SHARE})
+    top: int = field(default=3, metadata={"help": "architectures reported and extracted (§3.6: the top three)",
+                                          **COUNT})
     extract: bool = field(default=False, metadata={"help": "save the top architectures as Hugging Face BERT "
                                                            "folders (with the vocabulary) in OUT/top/"})
     out: str = field(default="runs/search", metadata={"help": "run folder: results, state, figure"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted search in --out"})
     overwrite: bool = field(default=False, metadata={"help": "replace the search in --out"})
-    seed: int = field(default=0, metadata={"help": "seed of the search, the masks and the fine-tuning"})
+    seed: int = field(default=0, metadata={"help": "seed of the search, the masks and the fine-tuning",
+                                           **NONNEGATIVE})
     device: str = field(default="auto", metadata={"help": "evaluator device: auto | cpu | cuda[:N]"})
     eval_corpus: str = field(default="", metadata={"help": "mlm: corpus spec of the scored text (data.py); "
                                                            "default: the SuperPLM's own"})
     eval_rows: int = field(default=256, metadata={"help": "mlm: held-out sequences scored (at most the corpus's "
-                                                          "held-out tail, data.split)"})
-    batch_size: int = field(default=32, metadata={"help": "mlm: sequences per forward pass"})
+                                                          "held-out tail, data.split)", **COUNT})
+    batch_size: int = field(default=32, metadata={"help": "mlm: sequences per forward pass", **COUNT})
     mnli_data: str = field(default="", metadata={"help": "finetune: MNLI folder (GLUE layout); empty: datasets"})
     squad_data: str = field(default="", metadata={"help": "finetune: folder of SQuAD v1.1 JSON; empty: datasets"})
-    ft_epochs: int = field(default=1, metadata={"help": "finetune: epochs per task"})
-    ft_train_examples: int = field(default=2000, metadata={"help": "finetune: training examples per task (0: all)"})
-    ft_eval_examples: int = field(default=1000, metadata={"help": "finetune: dev examples per task (0: all)"})
+    ft_epochs: int = field(default=1, metadata={"help": "finetune: epochs per task", **COUNT})
+    ft_train_examples: int = field(default=2000, metadata={"help": "finetune: training examples per task (0: all)",
+                                                           **NONNEGATIVE})
+    ft_eval_examples: int = field(default=1000, metadata={"help": "finetune: dev examples per task (0: all)",
+                                                          **NONNEGATIVE})
 
 
 def run_method(cfg, space, score, latency, budget_ms, cache, on_generation):
@@ -422,27 +430,25 @@ def check_inputs(cfg):
     if not (superplm / "checkpoint.pt" if superplm.is_dir() else superplm).exists():
         raise UserError(f"no SuperPLM at {superplm}: train one with `python superplm.py --preset tiny --out "
                         f"{superplm}` (or pass --superplm)")
-    if not Path(cfg.latency).exists():
-        raise UserError(f"no latency predictor at {cfg.latency}: make one with `python latency.py measure --out "
-                        f"lat.jsonl && python latency.py fit --data lat.jsonl --out {cfg.latency}`")
+    if not (Path(cfg.latency) / "predictor.pt" if Path(cfg.latency).is_dir() else Path(cfg.latency)).exists():
+        raise UserError(f"no latency predictor at {cfg.latency}: make one with `python latency.py measure --space "
+                        f"{superplm} --out runs/latency && python latency.py fit --timings runs/latency --out "
+                        f"{cfg.latency}`")
     return superplm / "checkpoint.pt" if superplm.is_dir() else superplm
 
 
-def open_run(cfg):
-    """(config, run folder, records of the candidates scored before): --resume continues with the saved config."""
-    out = fresh_out_dir(cfg.out, cfg.resume, cfg.overwrite, marker="candidates.jsonl")
+def open_run(cfg, folder):
+    """(config, records of the candidates scored before): --resume continues with the saved config."""
+    out = folder.path
     state = out / "candidates.jsonl"  # one line per scored architecture: what --resume replays
-    if cfg.resume and (out / "config.json").exists():  # the saved search wins, so that the replay is exact
-        saved = json.loads((out / "config.json").read_text())
+    if cfg.resume and folder.old_record:  # the saved search wins, so that the replay is exact
+        saved = config_values(Config, json.loads(folder.old_record))
         cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in RESUMABLE})
-    elif not cfg.resume:  # --overwrite (or a new folder): nothing of an old search is kept
-        state.unlink(missing_ok=True)
-        shutil.rmtree(out / "top", ignore_errors=True)
-    save_json(dataclasses.asdict(cfg), out / "config.json")
+        folder.update(cfg)
     records = {Arch.parse(r["arch"]): r for r in (read_jsonl(state) if state.exists() else [])}
     if records:  # rewritten whole: a torn last line from a killed run would spoil the lines appended after it
         atomic_write(state, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records.values())))
-    return cfg, out, records
+    return cfg, records
 
 
 RESUMABLE = ("resume", "overwrite", "out", "device", "extract", "top")  # flags a resumed search may change
@@ -504,11 +510,15 @@ def print_top(top, n_scored, base_ms, budget_ms, cfg, metrics):
 
 
 def main(argv=None):
-    cfg = config_from_args(Config, config_parser(Config, __doc__.split("\n")[0]).parse_args(argv))
-    if cfg.top < 1 or cfg.generations < 1 or cfg.population < 1:
-        raise UserError("--top, --generations and --population must be at least 1")
+    cfg = parse_config(Config, argv, __doc__.split("\n")[0])
     check_inputs(cfg)
-    cfg, out, records = open_run(cfg)
+    with RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="candidates.jsonl", argv=argv) as folder:
+        return search(cfg, folder)
+
+
+def search(cfg, folder):
+    out = folder.path
+    cfg, records = open_run(cfg, folder)
     import latency
     import superplm
     model, space, tokenizer = superplm.load_superplm(check_inputs(cfg))
@@ -527,7 +537,13 @@ def main(argv=None):
         value = score(arch)
         append_jsonl(out / "candidates.jsonl", dict(arch=str(arch), score=value, latency=predictor(arch),
                                                     metrics=score.metrics.get(arch, {})))
+        folder.done_first()
         bar.update()
+        if stop.signal:
+            bar.close()
+            n = len(read_jsonl(out / "candidates.jsonl"))
+            raise Interrupted(f"{stop.signal}: the {n} candidates scored so far are kept in {out}/candidates.jsonl; "
+                              f"resume with: {command_line(['--out', cfg.out, '--resume'])}")
         return value
 
     def rows(candidates):
@@ -539,7 +555,7 @@ def main(argv=None):
         bar.write(f"generation {max(c.generation for c in done)}: {len(done)} scored, best {ranked(done)[0].arch} "
                   f"score {ranked(done)[0].score:.4f}")
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), stop_after_step() as stop:
         warnings.simplefilter("always")
         results = run_method(cfg, space, scored, predictor, budget_ms, {a: r["score"] for a, r in records.items()},
                              on_generation)

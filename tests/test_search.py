@@ -184,8 +184,8 @@ def trained(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cfg = superplm.Config(corpus=str(root / "corpus.txt"), vocab_size=200, seq_len=32, cache_dir=str(root / "cache"),
-                          out=str(root / "superplm"), superplm="2-64-128-2-64", batch_size=32, lr=3e-3,
-                          max_steps=300, save_every=300, log_every=1000, dropout=0.0)
+                          out=str(root / "superplm"), superplm_arch="2-64-128-2-64", batch_size=32, lr=3e-3,
+                          steps=300, save_every=300, log_every=1000, dropout=0.0)
     superplm.train(cfg)
     model, space, _ = superplm.load_superplm(root / "superplm")
     archs = list({space.sample(rng) for _ in range(200)})

@@ -41,7 +41,7 @@ def one_thread():
 
 def flags(corpus, out, *more):
     path, cache = corpus
-    return ["--corpus", str(path), "--cache-dir", str(cache), "--vocab-size", "300", "--superplm", str(TINY),
+    return ["--corpus", str(path), "--cache-dir", str(cache), "--vocab-size", "300", "--superplm-arch", str(TINY),
             "--seq-len", "32", "--batch-size", "8", "--lr", "1e-3", "--log-every", "1", "--out", str(out), *more]
 
 
@@ -65,7 +65,7 @@ def finish(proc):
 def test_space_for_the_paper_superplm_is_table_b1():
     assert space_for(SUPERPLM, "heads") == PRETRAIN_SPACE
     assert space_for(SUPERPLM, "dims") == KD_SPACE
-    tiny = space_for(Arch.parse(superplm.PRESETS["tiny"]["superplm"]))
+    tiny = space_for(Arch.parse(superplm.PRESETS["tiny"]["superplm_arch"]))
     assert tiny.largest() == Arch(4, 256, 1024, 4, 256) and tiny.head_dim == 64
 
 
@@ -146,7 +146,7 @@ def test_a_samples_gradient_lives_in_its_slice_and_equals_the_extracted_models(m
 
 def test_two_workers_equal_one_process_replaying_their_sub_batches_and_sub_models(tmp_path, corpus, one_thread):
     out = tmp_path / "dist"
-    log = finish(run(flags(corpus, out, "--max-steps", "3", "--samples", "2"), torchrun=2))
+    log = finish(run(flags(corpus, out, "--steps", "3", "--sub-models", "2"), torchrun=2))
     assert "on 2 worker(s)" in log
     ckpt = torch_load(out / "checkpoint.pt")
     cfg = superplm.Config(**ckpt["config"])
@@ -164,7 +164,7 @@ def test_two_workers_equal_one_process_replaying_their_sub_batches_and_sub_model
         grads = []
         for rank in range(2):
             flat.zero_()
-            accumulate(model, MLM(), next(streams[rank]), space, cfg.samples, cfg.seed, step, rank)
+            accumulate(model, MLM(), next(streams[rank]), space, cfg.sub_models, cfg.seed, step, rank)
             grads.append(flat.clone())
         flat.copy_((grads[0] + grads[1]) / 2)
         update(flat, 1, opt, learning_rate(step, 3, cfg.lr, cfg.warmup), cfg.clip)
@@ -174,7 +174,7 @@ def test_two_workers_equal_one_process_replaying_their_sub_batches_and_sub_model
 
 
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, corpus):
-    steps = ["--max-steps", "40", "--save-every", "4"]
+    steps = ["--steps", "40", "--save-every", "4"]
     whole = run(flags(corpus, tmp_path / "whole", *steps))
     finish(whole)
     broken = run(flags(corpus, tmp_path / "broken", *steps), stdout=subprocess.DEVNULL)
@@ -211,7 +211,7 @@ def test_further_training_of_one_arch_and_the_distillation_seam(tmp_path, corpus
     teacher = distill.make_tiny_teacher(tmp_path / "teacher", Arch(2, 48, 96, 2, 48), vocab_size=300,
                                         texts=stdlib_corpus()[:150])
     out = tmp_path / "kd"
-    superplm.main(flags(corpus, out, "--objective", "kd", "--teacher", str(teacher), "--max-steps", "2"))
+    superplm.main(flags(corpus, out, "--objective", "kd", "--teacher", str(teacher), "--steps", "2"))
     ckpt = torch_load(out / "checkpoint.pt")
     assert ckpt["objective"] == "kd" and ckpt["model_config"]["mha"] == "dims"
     assert set(ckpt["objective_state"]) == {"proj.weight", "proj.bias"}  # the projection, not the teacher
@@ -221,9 +221,9 @@ def test_further_training_of_one_arch_and_the_distillation_seam(tmp_path, corpus
     arch = Arch(1, 32, 64, 2, 48)
     stage3 = tmp_path / "s3"
     superplm.main(flags(corpus, stage3, "--objective", "kd", "--teacher", str(teacher), "--arch", str(arch),
-                        "--init", str(out), "--max-steps", "2"))
+                        "--init", str(out), "--steps", "2"))
     ckpt3 = torch_load(stage3 / "checkpoint.pt")
-    assert ckpt3["config"]["warmup"] == 0.0 and ckpt3["config"]["samples"] == 1
+    assert ckpt3["config"]["warmup"] == 0.0 and ckpt3["config"]["sub_models"] == 1
     assert Arch.parse(ckpt3["model_config"]["arch"]) == arch
     assert ckpt3["objective_state"]["proj.weight"].shape == (48, 32)
     back = Bert.from_pretrained(stage3, mha="dims")  # the run folder is also a Hugging Face BERT
@@ -233,5 +233,5 @@ def test_further_training_of_one_arch_and_the_distillation_seam(tmp_path, corpus
 def test_user_errors_are_one_line(tmp_path, corpus):
     with pytest.raises(UserError, match="--teacher"):
         superplm.main(flags(corpus, tmp_path / "a", "--objective", "kd"))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         superplm.main(flags(corpus, tmp_path / "b", "--arch", "1-64-128-2-64", "--init", str(tmp_path / "none")))
