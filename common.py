@@ -87,10 +87,10 @@ def stop_after_step():
             signal.signal(s, h)
 
 
-def command_line(argv=None):
-    """The command that ran (or would run) this script with `argv`, quoted for a shell."""
+def command_line(argv=None, script=None):
+    """The command that ran (or would run) `script` (default: this process's) with `argv`, quoted for a shell."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    return shlex.join(["python", Path(sys.argv[0]).name or "python", *argv])
+    return shlex.join(["python", script or Path(sys.argv[0]).name, *argv])
 
 
 # ----------------------------------------------------------------------------- config dataclass -> argparse
@@ -259,7 +259,9 @@ class RunFolder:
 
     def __init__(self, out, cfg, resume=None, overwrite=False, marker=None, argv=None):
         self.path, self.cfg, self.marker = Path(out), cfg, marker
-        self.command, self.first, self.status = command_line(argv), False, None
+        module = type(cfg).__module__  # the stage's file, also when it is called from Python
+        self.command = command_line(argv, None if module == "__main__" else module + ".py")
+        self.first, self.status = False, None
         path = self.path
         if path.exists() and not path.is_dir():
             raise UserError(f"--out {path} is a file: --out names a folder")

@@ -543,7 +543,7 @@ def search(cfg, folder):
             bar.close()
             n = len(read_jsonl(out / "candidates.jsonl"))
             raise Interrupted(f"{stop.signal}: the {n} candidates scored so far are kept in {out}/candidates.jsonl; "
-                              f"resume with: {command_line(['--out', cfg.out, '--resume'])}")
+                              f"resume with: {command_line(['--out', cfg.out, '--resume'], 'search.py')}")
         return value
 
     def rows(candidates):

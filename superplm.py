@@ -18,7 +18,6 @@ finishes the step, writes the checkpoint and prints the command that resumes.
 import dataclasses
 import os
 import random
-import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -450,9 +449,10 @@ def stopped(stop, world, device):
 
 
 def resume_command(cfg):
-    launcher = "torchrun --nproc_per_node " + os.environ["WORLD_SIZE"] + " superplm.py" \
-        if "WORLD_SIZE" in os.environ else "python superplm.py"
-    return command_line(["--out", cfg.out, "--resume"]).replace("python " + Path(sys.argv[0]).name, launcher, 1)
+    command = command_line(["--out", cfg.out, "--resume"], "superplm.py")
+    if "WORLD_SIZE" in os.environ:  # as many workers again (per node, with the same rendezvous flags)
+        command = command.replace("python", f"torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']}", 1)
+    return command
 
 
 def main(argv=None):

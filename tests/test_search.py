@@ -288,3 +288,35 @@ def test_finetune_evaluator_averages_mnli_accuracy_and_squad_f1(trained, tmp_pat
     m = score.metrics[arch]
     assert value == (m["mnli_acc"] + m["squad_f1"]) / 2 and 0 <= m["mnli_acc"] <= 100 and 0 <= m["squad_f1"] <= 100
     assert not any((tmp_path / "work").iterdir())  # the extracted candidate is not left behind
+
+
+def test_sigterm_keeps_the_scored_candidates_and_resume_ends_as_an_uninterrupted_search(trained, tmp_path,
+                                                                                        monkeypatch, capsys):
+    import os
+    import signal
+    root = trained[0]
+    args = ["--superplm", root / "superplm", "--latency", root / "latency.pt", "--target", "2ms", "--generations", 2,
+            "--population", 4, "--eval-rows", 32, "--device", "cpu"]
+    top = run_cli(*args, "--out", tmp_path / "whole")
+    score, calls = search.MLMScore.__call__, []
+
+    def preempted(self, arch):  # SIGTERM arrives while the third candidate is scored
+        calls.append(arch)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return score(self, arch)
+
+    monkeypatch.setattr(search.MLMScore, "__call__", preempted)
+    with pytest.raises(KeyboardInterrupt, match="the 3 candidates scored so far are kept") as e:
+        run_cli(*args, "--out", tmp_path / "cut")
+    assert str(e.value).endswith(f"resume with: python search.py --out {tmp_path / 'cut'} --resume")
+    assert len(read_jsonl(tmp_path / "cut" / "candidates.jsonl")) == 3 == len(calls)
+    monkeypatch.setattr(search.MLMScore, "__call__", score)
+    assert run_cli(*args, "--out", tmp_path / "cut", "--resume") == top
+    assert read_jsonl(tmp_path / "cut" / "candidates.jsonl") == read_jsonl(tmp_path / "whole" / "candidates.jsonl")
+    record = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert search.parse_config(search.Config, ["--config", str(tmp_path / "cut" / "config.json")]) == \
+        search.Config(**record["config"])
+    with pytest.raises(search.UserError, match="no run to resume"):
+        run_cli(*args, "--out", tmp_path / "empty", "--resume")
+    assert not (tmp_path / "empty").exists()
