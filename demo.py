@@ -102,8 +102,9 @@ def summary(cfg, out, found, t):
     after = held_out_loss(out / "further")
     print(f"\nafter further training, {best} reaches held-out MLM loss {after:.3f} "
           f"(inside the SuperPLM: {-found['top'][0]['score']:.3f})")
-    print(f"\nfiles: {out}/superplm/checkpoint.pt (SuperPLM), {out}/predictor/ (latency predictor), {out}/search/top.json "
-          f"and search.png (search), {out}/search/top/ (Hugging Face folders), {out}/further/ (further-trained model)")
+    print(f"\nfiles: {out}/superplm/checkpoint.pt (SuperPLM), {out}/predictor/ (latency predictor), "
+          f"{out}/search/top.json and search.png (search), {out}/search/top/ (Hugging Face folders), "
+          f"{out}/further/ (further-trained model)")
 
 
 if __name__ == "__main__":

@@ -287,7 +287,7 @@ def cmd_measure(cfg, argv=None):
         archs = sample_archs(space, cfg.samples, cfg.seed)[done:]
         if not archs:
             run.done_first()
-            print(f"{path} already holds {done} archs: pass a larger --samples to time more")
+            print(f"{path} already holds {done} archs: pass a larger --samples (with --resume) to time more")
             return
         if not records:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -374,17 +374,21 @@ class LatencyPredictor:
                    if not lo <= getattr(a, d) <= hi]
             if out:
                 self.warned = True
-                print(f"warning: {self.name} was fitted on shapes with " + ", ".join(f"{d} {lo}-{hi}" for d, (lo, hi)
-                      in ranges.items()) + f"; {a} is outside ({', '.join(out)}): its predictions there are "
-                      "extrapolations, fit one on timings that cover these shapes", file=sys.stderr, flush=True)
+                tqdm.write(f"warning: {self.name} was fitted on shapes with " + ", ".join(
+                    f"{d} {lo}-{hi}" for d, (lo, hi) in ranges.items()) + f"; {a} is outside ({', '.join(out)}): its "
+                    "predictions there are extrapolations, fit one on timings that cover these shapes",
+                    file=sys.stderr)  # above a progress bar, never inside its line
                 return
 
     def speedup(self, arch):
         return self.base_ms / self(arch)
 
     @classmethod
-    def fit(cls, archs, ratio, ref_ms, base_ms, device, names=FEATURES, width=128, steps=2000, lr=1e-3, seed=0):
-        """Fit log(ratio) with full-batch Adam; ratio = latency / reference latency, ref_ms the reference's ms."""
+    def fit(cls, archs, ratio, ref_ms, base_ms, device, names=FEATURES, width=128, steps=2000, lr=1e-3, seed=0,
+            space=None):
+        """Fit log(ratio) with full-batch Adam; ratio = latency / reference latency, ref_ms the reference's ms.
+        The shapes it answers for without a warning: those of `archs`, and of the `space` they were sampled from."""
+        bounds = list(archs) + ([space.smallest(), space.largest()] if space else [])
         seed_everything(seed)
         f = features(archs, device["seq_len"], device["batch"])
         x = np.log(np.stack([f[k] for k in names], 1))  # (N, F)
@@ -393,7 +397,7 @@ class LatencyPredictor:
         state = dict(features=list(names), width=width, mean=mean.tolist(), std=std.tolist(),
                      y_mean=float(y.mean()), y_std=float(y.std() + 1e-8), ref_ms=float(ref_ms),
                      base_ms=float(base_ms), device=dict(device),
-                     ranges={d: [min(getattr(a, d) for a in archs), max(getattr(a, d) for a in archs)]
+                     ranges={d: [min(getattr(a, d) for a in bounds), max(getattr(a, d) for a in bounds)]
                              for d in ("layers", "hidden", "ffn", "heads", "qkv")})
         net = mlp(len(names), width)
         X = torch.tensor((x - mean) / std, dtype=torch.float32)
@@ -448,8 +452,12 @@ def fit_data(data, cfg, names=FEATURES):
     test, train = order[:max(1, int(n * cfg.holdout))], order[max(1, int(n * cfg.holdout)):]
     meta = data["meta"]
     device = dict(meta["device"], reference=meta["reference"], warmup=meta["warmup"], repeats=meta["repeats"])
+    try:  # the space the archs were sampled from (gone if its checkpoint moved)
+        space = space_from(meta["space"])
+    except (UserError, OSError):
+        space = None
     pred = LatencyPredictor.fit([data["archs"][i] for i in train], data["ratio"][train], data["ref_ms"],
-                                data["base_ms"], device, names, cfg.width, cfg.steps, cfg.lr, cfg.seed)
+                                data["base_ms"], device, names, cfg.width, cfg.steps, cfg.lr, cfg.seed, space)
     p = pred.predict([data["archs"][i] for i in test])
     metrics = dict(heldout=accuracy(p, data["ratio"][test] * data["ref_ms"]),
                    heldout_raw=accuracy(p, data["ms"][test]), train=len(train), ref_ms=data["ref_ms"],

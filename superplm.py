@@ -10,9 +10,9 @@ averaged over the workers and one optimizer step updates the whole SuperPLM. A w
     python superplm.py --arch 5-564-1054-8-512 --init runs/superplm --out runs/s1   # stage 3: further training
 
 The run folder (--out) holds checkpoint.pt (what search.py, latency.py and finetune.py read, see load_superplm),
-metrics.jsonl, log.txt, config.json (the settings, command line, versions, start and end) and the vocabulary (tokenizer.json,
-vocab.txt); a stage-3 run also leaves a Hugging Face BERT there (model.safetensors; config.json then also holds the model's keys). SIGINT or SIGTERM
-finishes the step, writes the checkpoint and prints the command that resumes.
+metrics.jsonl, log.txt, config.json (settings, command line, versions, start and end) and the vocabulary
+(tokenizer.json, vocab.txt); a stage-3 run also leaves a Hugging Face BERT there (model.safetensors, its keys in
+config.json). SIGINT or SIGTERM finishes the step, writes the checkpoint and prints the command that resumes.
 """
 
 import dataclasses
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (COUNT, NONNEGATIVE, POSITIVE, SHARE, Interrupted, RunFolder, UserError, append_jsonl,
-                    command_line, config_parser, config_values, keep_jsonl, run_main, seed_everything,
+                    command_line, config_values, keep_jsonl, run_main, seed_everything,
                     stop_after_step, torch_load, torch_save)
 from common import parse_config as parse_with
 from data import DataConfig, batches, split, derive_seed, prepare, save_tokenizer, steps_per_epoch
@@ -91,8 +91,9 @@ PRESETS = {"paper": {},
                         steps=600, save_every=100, log_every=20, out="runs/superplm-tiny")}
 
 
-INHERITED = ("objective", "teacher", "corpus", "tokenizer", "vocab_size", "seq_len", "cache_dir", "batch_size", "lr",
-             "sub_models", "weight_decay", "adam_eps", "clip", "dropout", "log_every", "save_every")  # what --init carries over
+INHERITED = ("superplm_arch", "objective", "teacher", "corpus", "tokenizer", "vocab_size", "seq_len", "cache_dir",
+             "batch_size", "lr", "sub_models", "weight_decay", "adam_eps", "clip", "dropout", "log_every",
+             "save_every")  # what --init carries over
 
 
 def defaults(first):

@@ -112,8 +112,8 @@ def main():
         ("seconds per arch", collect_s / len(data["archs"]), None, False),
         ("fit, seconds", fit_s, None, False),
     ]
-    print(f"\nlatency predictor on {cpu_model()}, {cfg.threads} thread(s), batch {cfg.batch_size}, {cfg.seq_len} tokens; "
-          f"{ours['train']} archs to fit, {h['n']} held out")
+    print(f"\nlatency predictor on {cpu_model()}, {cfg.threads} thread(s), batch {cfg.batch_size}, {cfg.seq_len} "
+          f"tokens; {ours['train']} archs to fit, {h['n']} held out")
     print(f"{'metric':58s} {'value':>9s} {'target':>8s} {'ratio':>6s}")
     for what, value, target, higher in rows:
         if target is None:

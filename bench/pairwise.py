@@ -158,7 +158,8 @@ def variants(cfg, steps):
     """Table 3's rows at this scale: (name, mha, M, optimizer steps, label)."""
     out = []
     for mha in cfg.mha:
-        out.append((f"{mha}-m{cfg.sub_models}", mha, cfg.sub_models, steps, f"{mha}, batch-wise M={cfg.sub_models} (Alg. 1)"))
+        out.append((f"{mha}-m{cfg.sub_models}", mha, cfg.sub_models, steps,
+                    f"{mha}, batch-wise M={cfg.sub_models} (Alg. 1)"))
         if cfg.ablation:
             out.append((f"{mha}-m1", mha, 1, cfg.sub_models * steps,
                         f"{mha}, one sub-model per batch ({cfg.sub_models}x steps)"))

@@ -17,9 +17,10 @@ import superplm
 from common import RunFolder, UserError, run_main
 
 # (script, subcommand or None, its config class): every stage that takes flags
-STAGES = [(superplm, None, superplm.Config), (latency, "measure", latency.MeasureCfg), (latency, "fit", latency.FitCfg),
-          (latency, "table", latency.TableCfg), (search, None, search.Config), (finetune, None, finetune.FinetuneConfig),
-          (demo, None, demo.DemoConfig), (data, None, data.DataConfig), (distill, "make-teacher", distill.TeacherConfig)]
+STAGES = [(superplm, None, superplm.Config), (latency, "measure", latency.MeasureCfg),
+          (latency, "fit", latency.FitCfg), (latency, "table", latency.TableCfg), (search, None, search.Config),
+          (finetune, None, finetune.FinetuneConfig), (demo, None, demo.DemoConfig), (data, None, data.DataConfig),
+          (distill, "make-teacher", distill.TeacherConfig)]
 SHARED = {"--seed": ("7", 7), "--out": ("runs/x", "runs/x"), "--batch-size": ("5", 5), "--steps": ("9", 9),
           "--warmup": ("0.25", 0.25), "--resume": (None, True), "--overwrite": (None, True)}
 
@@ -48,7 +49,8 @@ def test_a_shared_flag_is_parsed_the_same_way_in_every_script(module, command, c
 @pytest.mark.parametrize("argv, field, value, note", [
     (["--samples", "2"], "sub_models", 2, "--samples is deprecated, use --sub-models"),
     (["--max-steps", "40"], "steps", 40, "--max-steps is deprecated, use --steps"),
-    (["--superplm", "2-64-128-2-64"], "superplm_arch", "2-64-128-2-64", "--superplm is deprecated, use --superplm-arch"),
+    (["--superplm", "2-64-128-2-64"], "superplm_arch", "2-64-128-2-64",
+     "--superplm is deprecated, use --superplm-arch"),
 ])
 def test_old_superplm_spellings_still_work_with_a_note(argv, field, value, note, capsys):
     common._Deprecated.said.clear()
