@@ -110,19 +110,16 @@ def _flag(name):
 
 
 class _Deprecated(argparse.Action):
-    """An old spelling of a flag: sets the same value, says once on stderr which name replaces it."""
-    said = set()
+    """An old spelling of a flag: sets the same value; config_from_args then says which name replaces it."""
 
     def __init__(self, option_strings, dest, new=None, store=None, **kw):
         self.new, self.store = new, store
         super().__init__(option_strings, dest, **kw)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        if option_string not in self.said:
-            self.said.add(option_string)
-            print(f"note: {option_string} is deprecated, use {self.new}", file=sys.stderr)
-        value = self.store if self.store is not None else values
-        setattr(namespace, self.dest, value)
+        setattr(namespace, self.dest, self.store if self.store is not None else values)
+        notes = getattr(namespace, "_deprecated", [])
+        setattr(namespace, "_deprecated", notes + [f"note: {option_string} is deprecated, use {self.new}"])
 
 
 def config_parser(cls, description=None, parser=None):
@@ -178,6 +175,8 @@ def check_config(cfg):
 def config_from_args(cls, args):
     """Build the dataclass from a parsed namespace (fields that the namespace lacks keep their defaults) and
     check every number."""
+    for note in dict.fromkeys(getattr(args, "_deprecated", [])):
+        print(note, file=sys.stderr)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     for f in dataclasses.fields(cls):
         if f.name in values and isinstance(values[f.name], list) and f.type is not list:

@@ -53,7 +53,6 @@ def test_a_shared_flag_is_parsed_the_same_way_in_every_script(module, command, c
      "--superplm is deprecated, use --superplm-arch"),
 ])
 def test_old_superplm_spellings_still_work_with_a_note(argv, field, value, note, capsys):
-    common._Deprecated.said.clear()
     assert getattr(superplm.parse_config(argv), field) == value
     assert capsys.readouterr().err == f"note: {note}\n"
 
@@ -66,7 +65,6 @@ def test_old_latency_spellings_still_work_with_a_note(command, old, new, field, 
     seen = {}
     monkeypatch.setitem(latency.COMMANDS, command, (latency.COMMANDS[command][0],
                                                     lambda cfg, argv: seen.setdefault("cfg", cfg), ""))
-    common._Deprecated.said.clear()
     latency.main([command, old, str(value)])
     assert getattr(seen["cfg"], field) == value and capsys.readouterr().err == f"note: {old} is deprecated, use {new}\n"
 
