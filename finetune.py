@@ -17,6 +17,7 @@ import copy
 import json
 import shutil
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -492,13 +493,18 @@ def run(cfg, argv=None):
     cfg.lr, cfg.epochs = list(cfg.lr or [lr]), list(cfg.epochs or [epochs])
     device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     folder = RunFolder(cfg.out, cfg, overwrite=cfg.overwrite, argv=argv) if cfg.out else None
-    with folder or contextlib.nullcontext(), stop_after_step() as stop:
+    # a run with a folder stops after the step in progress; one without (search.py's evaluator) leaves the
+    # signals to its caller
+    stopper = stop_after_step() if folder else contextlib.nullcontext(types.SimpleNamespace(signal=None))
+    with folder or contextlib.nullcontext(), stopper as stop:
         try:
             return grid(cfg, name, device, folder, stop)
         except KeyboardInterrupt:
-            if folder is None or not folder.first:
-                raise Interrupted(f"{stop.signal or 'stopped'} before the first epoch ended: nothing kept"
-                                  + (f", {cfg.out} is as it was" if folder else "")) from None
+            if folder is None:
+                raise
+            if not folder.first:
+                raise Interrupted(f"{stop.signal or 'stopped'} before the first epoch ended: nothing kept, "
+                                  f"{cfg.out} is as it was") from None
             best = json.loads((folder.path / "best" / "dev_metrics.json").read_text())
             raise Interrupted(f"{stop.signal or 'stopped'}: kept {cfg.out}/metrics.jsonl (every finished epoch) and "
                               f"{cfg.out}/best/ (lr {best['lr']:g} epochs {best['epochs']} epoch {best['epoch']}, "

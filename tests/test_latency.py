@@ -1,3 +1,4 @@
+import json
 import warnings
 
 import numpy as np
@@ -5,7 +6,7 @@ import pytest
 import torch
 
 import latency
-from common import UserError, read_jsonl, torch_load, torch_save
+from common import UserError, config_parser, parse_config, read_jsonl, torch_load, torch_save
 from latency import LatencyPredictor, accuracy, kendall_tau, measure, parse_target, relative, sample_archs
 from model import BERT_BASE, PRETRAIN_SPACE, Arch, SearchSpace, grid
 
@@ -126,6 +127,10 @@ def test_measure_fit_cli_resumes_and_refuses_mixing(tmp_path, monkeypatch, capsy
     assert sum(r["kind"] == "base" for r in recs) == 2  # one per session
     assert recs[0]["reference"] == "2-128-256-2-128"  # the reference shrunk to the tiny space
     assert all(r["ms"] > 0 and r["spread"] >= 0 for r in recs[1:])
+    record = json.loads((out / "config.json").read_text())  # the resumed run's settings, round-tripping
+    assert record["config"]["samples"] == 12 and record["command"].startswith("python latency.py measure --samples 12")
+    assert parse_config(latency.MeasureCfg, ["--config", str(out / "config.json")],
+                        parser=config_parser(latency.MeasureCfg)) == latency.MeasureCfg(**record["config"])
     with pytest.raises(UserError, match="seq_len"):
         latency.main(["measure", "--samples", "13", *flags[:-1], "64", "--resume"])
     with pytest.raises(UserError, match="SuperPLM"):
