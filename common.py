@@ -1,8 +1,10 @@
-"""Plumbing shared by every stage: config dataclass -> argparse, one-line errors, atomic files, seeds, logs.
+"""Plumbing shared by every stage: config dataclass -> argparse, one-line errors, run folders, interrupts, atomic
+files, seeds, logs.
 
 Each stage script (superplm.py, latency.py, search.py, ...) keeps its own config dataclass with the paper's
-defaults; this file only turns such a dataclass into command-line flags and handles what every script must do
-the same way (write files atomically, fail with one clear line, log JSONL).
+defaults; this file only turns such a dataclass into command-line flags (one grammar for all: names, old
+spellings, ranges) and handles what every script must do the same way (a run folder with its config.json, stop
+cleanly on SIGINT/SIGTERM, write files atomically, fail with one clear line, log JSONL).
 """
 
 import argparse
@@ -73,8 +75,8 @@ def stop_after_step():
         if stop.signal:
             raise KeyboardInterrupt
         stop.signal = signal.Signals(signum).name
-        print(f"\n{stop.signal}: finishing this step and saving (send it again to stop at once)", file=sys.stderr,
-              flush=True)
+        print(f"\n{stop.signal}: finishing the step in progress, then saving and stopping (send it again to stop "
+              "at once)", file=sys.stderr, flush=True)
 
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield stop
@@ -218,8 +220,9 @@ def parse_config(cls, argv=None, description=None, parser=None, defaults=None):
     parser = parser or config_parser(cls, description)
     first, _ = parser.parse_known_args(argv)
     preset = dict(defaults(first) if defaults else {})
-    if first.config:
-        preset.update(config_values(cls, read_config_file(first.config)))
+    if first.config:  # the run's settings; what to do with a folder (--resume, --overwrite) is asked anew
+        saved = config_values(cls, read_config_file(first.config))
+        preset.update({k: v for k, v in saved.items() if k not in ("resume", "overwrite")})
     parser.set_defaults(**preset)
     return config_from_args(cls, parser.parse_args(argv))
 

@@ -130,7 +130,8 @@ def test_measure_fit_cli_resumes_and_refuses_mixing(tmp_path, monkeypatch, capsy
     record = json.loads((out / "config.json").read_text())  # the resumed run's settings, round-tripping
     assert record["config"]["samples"] == 12 and record["command"].startswith("python latency.py measure --samples 12")
     assert parse_config(latency.MeasureCfg, ["--config", str(out / "config.json")],
-                        parser=config_parser(latency.MeasureCfg)) == latency.MeasureCfg(**record["config"])
+                        parser=config_parser(latency.MeasureCfg)) == latency.MeasureCfg(**dict(record["config"],
+                                                                                               resume=False))
     with pytest.raises(UserError, match="seq_len"):
         latency.main(["measure", "--samples", "13", *flags[:-1], "64", "--resume"])
     with pytest.raises(UserError, match="SuperPLM"):

@@ -315,8 +315,9 @@ def test_sigterm_keeps_the_scored_candidates_and_resume_ends_as_an_uninterrupted
     assert run_cli(*args, "--out", tmp_path / "cut", "--resume") == top
     assert read_jsonl(tmp_path / "cut" / "candidates.jsonl") == read_jsonl(tmp_path / "whole" / "candidates.jsonl")
     record = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert record["config"]["resume"] and record["status"] == "finished"  # --resume itself is not a setting:
     assert search.parse_config(search.Config, ["--config", str(tmp_path / "cut" / "config.json")]) == \
-        search.Config(**record["config"])
+        search.Config(**dict(record["config"], resume=False))
     with pytest.raises(search.UserError, match="no run to resume"):
         run_cli(*args, "--out", tmp_path / "empty", "--resume")
     assert not (tmp_path / "empty").exists()
