@@ -521,7 +521,7 @@ def cmd_table(cfg, argv=None):
 
 # ----------------------------------------------------------------------------- command line
 
-COMMANDS = {"measure": (MeasureCfg, cmd_measure, "time sampled architectures, appending to a JSONL file"),
+COMMANDS = {"measure": (MeasureCfg, cmd_measure, "time sampled architectures into OUT/timings.jsonl"),
             "fit": (FitCfg, cmd_fit, "fit the latency predictor on measured data"),
             "table": (TableCfg, cmd_table, "Table 4's speedups measured here (and predicted)")}
 
