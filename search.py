@@ -513,10 +513,10 @@ def main(argv=None):
     cfg = parse_config(Config, argv, __doc__.split("\n")[0])
     check_inputs(cfg)
     with RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="candidates.jsonl", argv=argv) as folder:
-        return search(cfg, folder)
+        return run_search(cfg, folder)
 
 
-def search(cfg, folder):
+def run_search(cfg, folder):
     out = folder.path
     cfg, records = open_run(cfg, folder)
     import latency
