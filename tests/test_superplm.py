@@ -208,6 +208,7 @@ def losses(out):
     return dict(steps)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_that_step_and_the_printed_command_resumes_to_the_same_run(tmp_path, corpus):
     steps = ["--steps", "30", "--save-every", "10"]
     broken = run(flags(corpus, tmp_path / "broken", *steps))
