@@ -75,8 +75,9 @@ def stop_after_step():
         if stop.signal:
             raise KeyboardInterrupt
         stop.signal = signal.Signals(signum).name
-        print(f"\n{stop.signal}: finishing the step in progress, then saving and stopping (send it again to stop "
-              "at once)", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # one line for a torchrun job, not one per worker
+            print(f"\n{stop.signal}: finishing the step in progress, then saving and stopping (send it again to "
+                  "stop at once)", file=sys.stderr, flush=True)
 
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield stop

@@ -18,6 +18,7 @@ config.json). SIGINT or SIGTERM finishes the step, writes the checkpoint and pri
 import dataclasses
 import os
 import random
+import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -430,6 +431,8 @@ def _train(cfg, folder, rank, world, device):
                     bar.close()
                     if world > 1:
                         dist.barrier()
+                        if rank:
+                            sys.exit(130)  # rank 0 says what was saved
                     raise Interrupted(f"{stop.signal or 'a signal'} at step {step}/{total}: saved {ckpt_path}; "
                                       f"resume with: {resume_command(cfg)}")
                 if step == total:
