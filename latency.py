@@ -38,8 +38,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import (COUNT, NONNEGATIVE, POSITIVE, RunFolder, UserError, append_jsonl, config_parser, parse_config,
-                    read_jsonl, run_main, save_json, seed_everything, torch_load, torch_save)
+from common import (COUNT, NONNEGATIVE, POSITIVE, Interrupted, RunFolder, UserError, append_jsonl, command_line,
+                    config_parser, parse_config, read_jsonl, run_main, save_json, seed_everything, torch_load,
+                    torch_save)
 from model import BERT_BASE, KD_SPACE, PRETRAIN_SPACE, Arch, Bert, SearchSpace
 
 SPACES = {"pretrain": PRETRAIN_SPACE, "kd": KD_SPACE}  # Table B.1
@@ -294,11 +295,19 @@ def cmd_measure(cfg, argv=None):
             append_jsonl(path, meta)
         print(f"timing {len(archs)} archs ({done} done) on {meta['device']['cpu']}, {cfg.threads} thread(s) -> {path}")
         bar = tqdm(total=len(archs), unit="arch")
-        for r in collect(archs, cfg, start=done, reference=reference_for(space)):
-            append_jsonl(path, r)
-            run.done_first()
-            bar.update(r["kind"] == "arch")
-            bar.set_postfix_str(f"{r['kind']} {r['arch']} {r['ms']:.1f}ms")
+        try:
+            for r in collect(archs, cfg, start=done, reference=reference_for(space)):
+                append_jsonl(path, r)  # every timing is kept at once
+                run.done_first()
+                bar.update(r["kind"] == "arch")
+                bar.set_postfix_str(f"{r['kind']} {r['arch']} {r['ms']:.1f}ms")
+        except KeyboardInterrupt:
+            bar.close()
+            kept = sum(r["kind"] == "arch" for r in read_jsonl(path)) if path.exists() else 0
+            argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+            again = command_line(argv + ([] if "--resume" in argv or path.name != "timings.jsonl" else ["--resume"]),
+                                 "latency.py")
+            raise Interrupted(f"the {kept} archs timed so far are kept in {path}; continue with: {again}") from None
         bar.close()
 
 

@@ -195,3 +195,16 @@ def test_sample_archs_distinct_prefix_and_too_many():
     assert len(set(a)) == 50 and sample_archs(PRETRAIN_SPACE, 20, seed=3) == a[:20]
     with pytest.raises(UserError, match="--samples"):
         sample_archs(TINY, TINY.size() + 1, seed=0)
+
+
+def test_an_interrupted_measure_keeps_its_timings_and_says_how_to_continue(tmp_path, monkeypatch):
+    def collect(archs, cfg, start=0, reference=None):  # one timing, then Ctrl-C
+        yield dict(kind="arch", arch=str(archs[0]), ms=2.0, spread=0.0, ref_ms=1.0, ref_spread=0.0, i=start)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latency, "collect", collect)
+    out = tmp_path / "lat"
+    with pytest.raises(KeyboardInterrupt, match=r"the 1 archs timed so far are kept in \S+timings.jsonl; continue "
+                                                 r"with: python latency.py measure --samples 5 --out \S+ --resume$"):
+        latency.main(["measure", "--samples", "5", "--out", str(out)])
+    assert [r["kind"] for r in read_jsonl(out / "timings.jsonl")] == ["meta", "arch"]
