@@ -511,14 +511,14 @@ def print_top(top, n_scored, base_ms, budget_ms, cfg, metrics):
 
 def main(argv=None):
     cfg = parse_config(Config, argv, __doc__.split("\n")[0])
-    check_inputs(cfg)
     with RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="candidates.jsonl", argv=argv) as folder:
-        return run_search(cfg, folder)
+        cfg, records = open_run(cfg, folder)  # a resumed search: its saved settings (inputs included)
+        check_inputs(cfg)
+        return run_search(cfg, folder, records)
 
 
-def run_search(cfg, folder):
+def run_search(cfg, folder, records):
     out = folder.path
-    cfg, records = open_run(cfg, folder)
     import latency
     import superplm
     model, space, tokenizer = superplm.load_superplm(check_inputs(cfg))

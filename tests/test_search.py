@@ -256,6 +256,7 @@ def test_cli_names_the_command_that_makes_a_missing_input(trained, tmp_path, cap
                                         tmp_path / "out"))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and command in err
+    assert not (tmp_path / "out").exists()  # a failed start leaves nothing behind
 
 
 def test_finetune_evaluator_averages_mnli_accuracy_and_squad_f1(trained, tmp_path):
@@ -312,7 +313,7 @@ def test_sigterm_keeps_the_scored_candidates_and_resume_ends_as_an_uninterrupted
     assert str(e.value).endswith(f"resume with: python search.py --out {tmp_path / 'cut'} --resume")
     assert len(read_jsonl(tmp_path / "cut" / "candidates.jsonl")) == 3 == len(calls)
     monkeypatch.setattr(search.MLMScore, "__call__", score)
-    assert run_cli(*args, "--out", tmp_path / "cut", "--resume") == top
+    assert run_cli("--out", tmp_path / "cut", "--resume") == top  # the printed command: its settings are saved
     assert read_jsonl(tmp_path / "cut" / "candidates.jsonl") == read_jsonl(tmp_path / "whole" / "candidates.jsonl")
     record = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert record["config"]["resume"] and record["status"] == "finished"  # --resume itself is not a setting:
