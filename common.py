@@ -262,8 +262,8 @@ class RunFolder:
 
     def __init__(self, out, cfg, resume=None, overwrite=False, marker=None, argv=None):
         self.path, self.cfg, self.marker = Path(out), cfg, marker
-        module = type(cfg).__module__  # the stage's file, also when it is called from Python
-        self.command = command_line(argv, None if module == "__main__" else module + ".py")
+        module = type(cfg).__module__  # argv given: the stage's own command line, also when main(argv) is called
+        self.command = command_line(argv, module + ".py" if argv is not None and module != "__main__" else None)
         self.first, self.status = False, None
         path = self.path
         if path.exists() and not path.is_dir():
