@@ -1,19 +1,29 @@
-"""Plumbing shared by every stage: config dataclass -> argparse, one-line errors, atomic files, seeds, logs.
+"""Plumbing shared by every stage: config dataclass -> argparse, one-line errors, run folders, interrupts, atomic
+files, seeds, logs.
 
 Each stage script (superplm.py, latency.py, search.py, ...) keeps its own config dataclass with the paper's
-defaults; this file only turns such a dataclass into command-line flags and handles what every script must do
-the same way (write files atomically, fail with one clear line, log JSONL).
+defaults; this file only turns such a dataclass into command-line flags (one grammar for all: names, old
+spellings, ranges) and handles what every script must do the same way (a run folder with its config.json, stop
+cleanly on SIGINT/SIGTERM, write files atomically, fail with one clear line, log JSONL).
 """
 
 import argparse
+import contextlib
 import dataclasses
+import datetime
 import json
 import os
+import platform
 import random
+import shlex
+import shutil
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
+import types
 import typing
 import urllib.parse
 from contextlib import nullcontext
@@ -22,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 class UserError(ValueError):
@@ -29,27 +40,100 @@ class UserError(ValueError):
     (a ValueError, so library callers that catch ValueError keep working)."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT/SIGTERM after saving what it had: the message says what was kept and how to go on."""
+
+
 def run_main(main):
     """Call main(); a UserError becomes `error: ...` on stderr and exit status 2. Anything else is a bug and keeps
-    its traceback (a ValueError deep inside the code is not the user's fault)."""
+    its traceback (a ValueError deep inside the code is not the user's fault). SIGTERM (how a cluster preempts) is
+    treated as Ctrl-C; a loop inside `stop_after_step` finishes its step and saves first."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return main()
     except UserError as e:
+        _close_bars()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        _close_bars()
+        print(f"interrupted: {e}" if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
         sys.exit(130)
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _close_bars():
+    """End every progress bar's line, so that the message after it starts a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+@contextlib.contextmanager
+def stop_after_step():
+    """Inside: the first SIGINT/SIGTERM only sets `stop.signal` (the loop finishes its step, saves, and stops);
+    a second one interrupts at once."""
+    stop = types.SimpleNamespace(signal=None)
+
+    def handler(signum, frame):
+        if stop.signal:
+            raise KeyboardInterrupt
+        stop.signal = signal.Signals(signum).name
+        if os.environ.get("RANK", "0") == "0":  # one line for a torchrun job, not one per worker
+            print(f"\n{stop.signal}: finishing the step in progress, then saving and stopping (send it again to "
+                  "stop at once)", file=sys.stderr, flush=True)
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield stop
+        return
+    before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+def command_line(argv=None, script=None):
+    """The command that ran (or would run) `script` (default: this process's) with `argv`, quoted for a shell."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    return shlex.join(["python", script or Path(sys.argv[0]).name, *argv])
+
+
 # ----------------------------------------------------------------------------- config dataclass -> argparse
+#
+# A field's metadata says everything about its flag: help, choices, type (a converter such as task_name),
+# aliases (older spellings: still accepted for one release, with a one-line deprecation note on stderr) and the
+# range every value must lie in (min / max inclusive, gt exclusive), checked once where the config is built.
+
+COUNT = dict(min=1)  # a number of things or steps
+NONNEGATIVE = dict(min=0)
+POSITIVE = dict(gt=0)  # a rate, a size
+SHARE = dict(min=0, max=1)  # a probability, a share of the steps
+
 
 def _flag(name):
     return "--" + name.replace("_", "-")
 
 
+class _Deprecated(argparse.Action):
+    """An old spelling of a flag: sets the same value; config_from_args then says which name replaces it."""
+
+    def __init__(self, option_strings, dest, new=None, store=None, **kw):
+        self.new, self.store = new, store
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.store if self.store is not None else values)
+        notes = getattr(namespace, "_deprecated", [])
+        setattr(namespace, "_deprecated", notes + [f"note: {option_string} is deprecated, use {self.new}"])
+
+
 def config_parser(cls, description=None, parser=None):
-    """Add one flag per dataclass field; the field's metadata['help'] is its help, the default is shown."""
+    """Add one flag per dataclass field (the field's metadata['help'] is its help, the default is shown), and
+    --config FILE: start from the settings of a run's config.json (flags given still win)."""
     parser = parser or argparse.ArgumentParser(description=description,
                                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
@@ -62,28 +146,211 @@ def config_parser(cls, description=None, parser=None):
         if origin is typing.Union:  # Optional[X] -> X with default None
             kind = next(a for a in args if a is not type(None))
             origin, args = typing.get_origin(kind), typing.get_args(kind)
+        flag, old = _flag(f.name), [_flag(a) for a in f.metadata.get("aliases", ())]
         if kind is bool:
-            parser.add_argument(_flag(f.name), default=default, action=argparse.BooleanOptionalAction, help=help_)
-        elif origin in (list, tuple):
-            parser.add_argument(_flag(f.name), default=default, type=args[0], nargs="+", help=help_)
-        else:
-            parser.add_argument(_flag(f.name), default=default, type=kind, help=help_,
-                                choices=f.metadata.get("choices"))
+            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
+            for o in old:
+                parser.add_argument(o, dest=f.name, action=_Deprecated, new=flag, store=True, nargs=0,
+                                    default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            continue
+        spec = dict(nargs="+", type=args[0]) if origin in (list, tuple) else \
+            dict(type=f.metadata.get("type", kind), choices=f.metadata.get("choices"))
+        parser.add_argument(flag, default=default, help=help_, **spec)
+        for o in old:
+            parser.add_argument(o, dest=f.name, action=_Deprecated, new=flag, default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS, **{k: v for k, v in spec.items() if k != "choices"})
+    if not any(a.dest == "config" for a in parser._actions):
+        parser.add_argument("--config", default=None, metavar="FILE",
+                            help="start from the settings in a run's config.json (flags given still win)")
     return parser
 
 
+def check_config(cfg):
+    """Every number within its field's range (metadata min / max / gt), else one line naming the flag."""
+    for f in dataclasses.fields(cfg):
+        m, value = f.metadata, getattr(cfg, f.name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is None or isinstance(v, (bool, str)):
+                continue
+            low, high, gt = m.get("min"), m.get("max"), m.get("gt")
+            bad = (low is not None and v < low) or (high is not None and v > high) or (gt is not None and v <= gt)
+            if bad:
+                need = " and ".join(s for s in (f">= {low}" if low is not None else "", f"> {gt}" if gt is not None
+                                                else "", f"<= {high}" if high is not None else "") if s)
+                raise UserError(f"{_flag(f.name)} {v} is out of range: it must be {need}")
+    return cfg
+
+
 def config_from_args(cls, args):
-    """Build the dataclass from a parsed namespace (fields that the namespace lacks keep their defaults)."""
+    """Build the dataclass from a parsed namespace (fields that the namespace lacks keep their defaults) and
+    check every number."""
+    for note in dict.fromkeys(getattr(args, "_deprecated", [])):
+        print(note, file=sys.stderr)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     for f in dataclasses.fields(cls):
         if f.name in values and isinstance(values[f.name], list) and f.type is not list:
             if typing.get_origin(typing.get_type_hints(cls)[f.name]) is tuple:
                 values[f.name] = tuple(values[f.name])
-    return cls(**values)
+    return check_config(cls(**values))
 
 
-def parse_config(cls, argv=None, description=None):
-    return config_from_args(cls, config_parser(cls, description).parse_args(argv))
+def config_values(cls, saved):
+    """The settings of a saved config (a run's config.json, or the "config" of a checkpoint) as field values of
+    `cls`: older field names are read as their new ones, keys `cls` lacks are left out."""
+    saved = dict(saved.get("config", saved)) if isinstance(saved.get("config"), dict) else dict(saved)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for f in fields.values():
+        for old in f.metadata.get("aliases", ()):
+            old = old.replace("-", "_")
+            if old in saved and f.name not in saved:
+                value = saved.pop(old)
+                # an old "0: unset" of a count that is now Optional (None: unset)
+                saved[f.name] = None if value == 0 and f.default is None else value
+    return {k: tuple(v) if isinstance(v, list) and isinstance(fields[k].default, tuple) else v
+            for k, v in saved.items() if k in fields}
+
+
+def read_config_file(path):
+    path = Path(path)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.exists():
+        raise UserError(f"--config {path} does not exist: pass a config.json from a run folder")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"--config {path} is not JSON ({e}): pass a config.json from a run folder") from None
+
+
+def parse_config(cls, argv=None, description=None, parser=None, defaults=None):
+    """The config from the command line: field defaults < `defaults(first parse)` (presets, inherited values) <
+    --config FILE < flags given."""
+    parser = parser or config_parser(cls, description)
+    first, _ = parser.parse_known_args(argv)
+    preset = dict(defaults(first) if defaults else {})
+    if first.config:  # the run's settings; what to do with a folder (--resume, --overwrite) is asked anew
+        saved = config_values(cls, read_config_file(first.config))
+        preset.update({k: v for k, v in saved.items() if k not in ("resume", "overwrite")})
+    parser.set_defaults(**preset)
+    return config_from_args(cls, parser.parse_args(argv))
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def versions():
+    """What a result depends on besides its settings: torch, python, and this repository's commit if any."""
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = commit and bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                               capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return dict(torch=str(torch.__version__), python=platform.python_version(), git_commit=commit,
+                git_dirty=dirty)
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunFolder:
+    """A run's output folder (--out). It is never silently overwritten: a run already there needs --resume (where
+    the script has it) or --overwrite. It holds config.json: the resolved settings, the command line, the versions
+    and the start and end times. Until `done_first()` (the run's first result is written), a failure or an
+    interrupt puts the folder back as it was found: what the run created is removed, what --overwrite set aside
+    is restored.
+
+        with RunFolder(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, marker="checkpoint.pt") as run:
+            ...; run.done_first(); ...
+    """
+
+    def __init__(self, out, cfg, resume=None, overwrite=False, marker=None, argv=None):
+        self.path, self.cfg, self.marker = Path(out), cfg, marker
+        module = type(cfg).__module__  # argv given: the stage's own command line, also when main(argv) is called
+        self.command = command_line(argv, module + ".py" if argv is not None and module != "__main__" else None)
+        self.first, self.status = False, None
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out {path} is a file: --out names a folder")
+        self.existed = path.exists()
+        self.before = set(os.listdir(path)) if self.existed else set()
+        self.before -= {".replaced"}
+        taken = (marker is None and bool(self.before)) or (marker is not None and (path / marker).exists())
+        how = "pass --resume to continue it, --overwrite to replace it, or another --out" if resume is not None \
+            else "pass --overwrite to replace it or another --out"
+        if resume and not taken:
+            raise UserError(f"--resume: {path} holds no run to resume{f' (no {marker})' if marker else ''}: "
+                            "drop --resume to start one")
+        if taken and not (resume or overwrite):
+            raise UserError(f"{path} already holds a run: {how}")
+        self.old_record = (path / "config.json").read_bytes() if (path / "config.json").exists() else None
+        self.resume = bool(resume)
+        path.mkdir(parents=True, exist_ok=True)
+        self.aside = None
+        if overwrite and not resume and self.before:  # set the old run aside until this one has a result
+            self.aside = path / ".replaced"
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside.mkdir()
+            for name in self.before:
+                os.replace(path / name, self.aside / name)
+            self.before = set()
+        self.started = _now()
+        self.write_record()
+
+    RECORD = ("config", "command", "versions", "started", "ended", "status")
+
+    def write_record(self, ended=None):
+        """config.json; in a folder that is also a Hugging Face model (save_pretrained) its keys stay beside ours."""
+        path, model = self.path / "config.json", {}
+        if path.exists():
+            try:
+                model = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                pass
+            model = {k: v for k, v in model.items() if k not in self.RECORD} if "model_type" in model else {}
+        save_json(dict(model, config=dataclasses.asdict(self.cfg), command=self.command, versions=versions(),
+                       started=self.started, ended=ended, status=self.status), path)
+
+    def update(self, cfg):
+        """The settings changed once known (a resumed run takes its saved ones)."""
+        self.cfg = cfg
+        self.write_record()
+
+    def done_first(self):
+        """The run has written its first result: from now on a failure keeps what is there."""
+        if not self.first:
+            self.first = True
+            if self.aside:
+                shutil.rmtree(self.aside, ignore_errors=True)
+
+    def rollback(self):
+        for name in set(os.listdir(self.path)) - self.before - {".replaced"}:
+            p = self.path / name
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if self.aside:
+            for name in os.listdir(self.aside):
+                os.replace(self.aside / name, self.path / name)
+            self.aside.rmdir()
+        if self.old_record is not None:
+            (self.path / "config.json").write_bytes(self.old_record)
+        if not self.existed:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if kind is not None and not self.first:
+            self.rollback()
+            return False
+        self.status = self.status or ("finished" if kind is None else
+                                      "interrupted" if issubclass(kind, KeyboardInterrupt) else f"failed: {error}")
+        self.write_record(ended=_now())
+        if self.aside:
+            shutil.rmtree(self.aside, ignore_errors=True)
+        return False
 
 
 # ----------------------------------------------------------------------------- files written atomically
@@ -142,16 +409,28 @@ def read_jsonl(path):
     return out
 
 
-def fresh_out_dir(out, resume=False, overwrite=False, marker=None):
-    """An output folder that is never silently overwritten: an existing run needs --resume or --overwrite."""
+def fresh_out_dir(out, resume=None, overwrite=False, marker=None):
+    """An output folder that is never silently overwritten, for outputs that are not a run (RunFolder is):
+    an existing one needs --resume (where the script has it, resume not None) or --overwrite."""
     out = Path(out)
     taken = out.exists() and any(out.iterdir()) if marker is None else (out / marker).exists()
+    if resume and not taken:
+        raise UserError(f"--resume: {out} holds nothing to resume: drop --resume to start")
     if taken and not (resume or overwrite):
-        raise UserError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
+        how = "pass --resume to continue it, --overwrite to replace it" if resume is not None else \
+            "pass --overwrite to replace it"
+        raise UserError(f"{out} already holds a run: {how}, or another --out")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
+def keep_jsonl(path, keep):
+    """Rewrite a JSONL file with only the records where keep(record): a resumed run drops the lines its
+    checkpoint does not cover (and a torn last line), so that no step is logged twice."""
+    path = Path(path)
+    if path.exists():
+        records = [r for r in read_jsonl(path) if keep(r)]
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
 # ----------------------------------------------------------------------------- the Hugging Face hub, offline
 
 

@@ -32,7 +32,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
-from common import UserError, atomic_write, config_parser, config_from_args, load_hub_dataset, run_main, save_json
+from common import UserError, atomic_write, load_hub_dataset, parse_config, run_main, save_json
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT's, in the ids a trained vocabulary gets
 FORMAT = 1  # bump when the packed layout changes: old caches are then rebuilt
@@ -440,7 +440,8 @@ def prefetch(batches, device, depth=2):
         except BaseException as e:  # reaches the consumer, traceback and all
             ready.put(e)
 
-    threading.Thread(target=work, daemon=True, name="prefetch").start()
+    worker = threading.Thread(target=work, daemon=True, name="prefetch")
+    worker.start()
     try:
         while (batch := ready.get()) is not end:
             if isinstance(batch, BaseException):
@@ -448,6 +449,7 @@ def prefetch(batches, device, depth=2):
             yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     finally:
         stop.set()
+        worker.join()  # it ends after the batch in hand: never a thread still in torch when the process exits
 
 
 # ----------------------------------------------------------------------------- command line
@@ -458,8 +460,9 @@ class DataConfig:
     corpus: str = field(default="stdlib", metadata={"help": "stdlib, a .txt/.json/.jsonl/.parquet file or folder, "
                                                             "or hub dataset names name[:config],..."})
     tokenizer: str = field(default="", metadata={"help": "vocab.txt / tokenizer.json / folder; empty: train one"})
-    vocab_size: int = field(default=30522, metadata={"help": "size of a vocabulary trained on the corpus"})
-    seq_len: int = field(default=128, metadata={"help": "tokens per packed sequence (§4.1)"})
+    vocab_size: int = field(default=30522, metadata={"help": "size of a vocabulary trained on the corpus",
+                                                     "min": len(SPECIAL_TOKENS) + 1})
+    seq_len: int = field(default=128, metadata={"help": "tokens per packed sequence (§4.1)", "min": 3})
     cache_dir: str = field(default="data_cache", metadata={"help": "where packed corpora and vocabularies go"})
 
 
@@ -471,7 +474,7 @@ def prepare(cfg):
 
 
 def main(argv=None):
-    cfg = config_from_args(DataConfig, config_parser(DataConfig, __doc__.split("\n")[0]).parse_args(argv))
+    cfg = parse_config(DataConfig, argv, __doc__.split("\n")[0])
     tok_path, tok, ds = prepare(cfg)
     n = int((ds.ids != ds.specials.pad).sum())
     print(f"{ds.path}: {len(ds)} sequences x {ds.seq_len} = {n:,} tokens, vocabulary {tok_path} "

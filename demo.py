@@ -10,26 +10,27 @@ and ends with a summary table and the files it made.
 
 import json
 import shlex
-import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import UserError, fresh_out_dir, parse_config, read_jsonl, run_main, torch_load
+from common import COUNT, NONNEGATIVE, RunFolder, UserError, parse_config, read_jsonl, run_main, torch_load
 
 
 @dataclass
 class DemoConfig:
     out: str = field(default="runs/demo", metadata={"help": "folder for everything the demo makes"})
     target: str = field(default="40x", metadata={"help": "latency target: speedup over BERT-base on this CPU"})
-    steps: int = field(default=300, metadata={"help": "optimizer steps of one-shot SuperPLM training"})
-    latency_samples: int = field(default=200, metadata={"help": "architectures timed for the latency predictor"})
-    generations: int = field(default=4, metadata={"help": "T of Algorithm 2"})
-    population: int = field(default=25, metadata={"help": "S of Algorithm 2"})
-    further_steps: int = field(default=100, metadata={"help": "optimizer steps of further training (stage 3)"})
-    seed: int = field(default=0, metadata={"help": "seed of every stage"})
+    steps: int = field(default=300, metadata={"help": "optimizer steps of one-shot SuperPLM training", **COUNT})
+    latency_samples: int = field(default=200, metadata={"help": "architectures timed for the latency predictor",
+                                                        "min": 10})
+    generations: int = field(default=4, metadata={"help": "T of Algorithm 2", **COUNT})
+    population: int = field(default=25, metadata={"help": "S of Algorithm 2", **COUNT})
+    further_steps: int = field(default=100, metadata={"help": "optimizer steps of further training (stage 3)",
+                                                      **COUNT})
+    seed: int = field(default=0, metadata={"help": "seed of every stage", **NONNEGATIVE})
     overwrite: bool = field(default=False, metadata={"help": "replace an earlier demo in --out"})
 
 
@@ -54,31 +55,31 @@ def held_out_loss(run_dir, arch=None):
 
 def main(argv=None):
     cfg = parse_config(DemoConfig, argv, __doc__.split("\n")[0])
-    if cfg.overwrite:
-        shutil.rmtree(cfg.out, ignore_errors=True)
-    out = fresh_out_dir(cfg.out)
-    splm, lat, search, further = out / "superplm", out / "latency", out / "search", out / "further"
-    t = {}
-    t["1 SuperPLM"] = run("superplm.py", "--preset", "tiny", "--out", splm, "--max-steps", cfg.steps,
-                          "--seed", cfg.seed)
-    t["2 latency"] = run("latency.py", "measure", "--space", splm / "checkpoint.pt", "--samples",
-                         cfg.latency_samples, "--seed", cfg.seed, "--out", lat.with_suffix(".jsonl"))
-    t["2 latency"] += run("latency.py", "fit", "--data", lat.with_suffix(".jsonl"), "--out", lat.with_suffix(".pt"))
-    t["3 search"] = run("search.py", "--target", cfg.target, "--superplm", splm, "--latency", lat.with_suffix(".pt"),
-                        "--generations", cfg.generations, "--population", cfg.population, "--seed", cfg.seed,
-                        "--out", search, "--extract")
-    found = json.loads((search / "top.json").read_text())
-    best = found["best"]
-    t["4 further"] = run("superplm.py", "--init", splm, "--arch", best, "--out", further, "--max-steps",
-                         cfg.further_steps, "--seed", cfg.seed)
-    summary(cfg, out, found, t)
+    with RunFolder(cfg.out, cfg, overwrite=cfg.overwrite, argv=argv) as folder:
+        out = folder.path
+        splm, lat, pred, search, further = (out / n for n in ("superplm", "latency", "predictor", "search", "further"))
+        t = {}
+        t["1 SuperPLM"] = run("superplm.py", "--preset", "tiny", "--out", splm, "--steps", cfg.steps,
+                              "--seed", cfg.seed)
+        folder.done_first()
+        t["2 latency"] = run("latency.py", "measure", "--space", splm, "--samples", cfg.latency_samples, "--seed",
+                             cfg.seed, "--out", lat)
+        t["2 latency"] += run("latency.py", "fit", "--timings", lat, "--out", pred)
+        t["3 search"] = run("search.py", "--target", cfg.target, "--superplm", splm, "--latency", pred,
+                            "--generations", cfg.generations, "--population", cfg.population, "--seed", cfg.seed,
+                            "--out", search, "--extract")
+        found = json.loads((search / "top.json").read_text())
+        best = found["best"]
+        t["4 further"] = run("superplm.py", "--init", splm, "--arch", best, "--out", further, "--steps",
+                             cfg.further_steps, "--seed", cfg.seed)
+        summary(cfg, out, found, t)
 
 
 def summary(cfg, out, found, t):
     from model import Arch
     splm_log = [r for r in read_jsonl(out / "superplm" / "metrics.jsonl") if "loss" in r]
     further_log = [r for r in read_jsonl(out / "further" / "metrics.jsonl") if "loss" in r]
-    fit = json.loads((out / "latency.json").read_text()) if (out / "latency.json").exists() else {}
+    fit = json.loads((out / "predictor" / "metrics.json").read_text())
     held = fit.get("heldout", {})
     best = Arch.parse(found["best"])
     print("\n" + "=" * 100)
@@ -101,8 +102,9 @@ def summary(cfg, out, found, t):
     after = held_out_loss(out / "further")
     print(f"\nafter further training, {best} reaches held-out MLM loss {after:.3f} "
           f"(inside the SuperPLM: {-found['top'][0]['score']:.3f})")
-    print(f"\nfiles: {out}/superplm/checkpoint.pt (SuperPLM), {out}/latency.pt (predictor), {out}/search/top.json "
-          f"and search.png (search), {out}/search/top/ (Hugging Face folders), {out}/further/ (further-trained model)")
+    print(f"\nfiles: {out}/superplm/checkpoint.pt (SuperPLM), {out}/predictor/ (latency predictor), "
+          f"{out}/search/top.json and search.png (search), {out}/search/top/ (Hugging Face folders), "
+          f"{out}/further/ (further-trained model)")
 
 
 if __name__ == "__main__":

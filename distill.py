@@ -158,8 +158,9 @@ class TeacherConfig:
                                                                "model.safetensors, tokenizer.json, vocab.txt)"})
     arch: str = field(default=str(TINY_TEACHER), metadata={"help": "teacher layers-hidden-ffn-heads-qkv; the "
                                                                     "paper's teacher is ELECTRA-base, 12-768-3072-12-768"})
-    vocab_size: int = field(default=4096, metadata={"help": "WordPiece vocabulary trained on the stdlib corpus"})
-    seed: int = field(default=0, metadata={"help": "seed of the random weights"})
+    vocab_size: int = field(default=4096, metadata={"help": "WordPiece vocabulary trained on the stdlib corpus",
+                                                    "min": 6})
+    seed: int = field(default=0, metadata={"help": "seed of the random weights", "min": 0})
     overwrite: bool = field(default=False, metadata={"help": "replace a teacher already in --out"})
 
 

@@ -13,11 +13,13 @@ search.py's evaluator calls `finetune(model_folder, "mnli", ...)` with a small b
 """
 
 import copy
+import json
 import shutil
 import sys
 import time
+import types
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -27,9 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (DEVICE_HELP, DTYPE_HELP, DTYPES, UserError, append_jsonl, atomic_write, config_parser,
-                    config_from_args, fresh_out_dir, load_hub_dataset, resolve_compute, run_main, save_json,
-                    seed_everything, to_device, torch_load, torch_save)
+from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, POSITIVE, SHARE, Interrupted, RunFolder,
+                    UserError, append_jsonl, atomic_write, check_config, load_hub_dataset, parse_config,
+                    resolve_compute, run_main, save_json, seed_everything, stop_after_step, to_device, torch_load,
+                    torch_save)
 from data import load_tokenizer
 from model import Arch, Bert, extract, read_pretrained
 from squad import decode, read_squad, squad_scores, squad_windows
@@ -269,7 +272,7 @@ def load_model(folder, task, arch=""):
     The head: the folder's own head.pt for this task (a checkpoint of this script), else fresh, with the pooler
     taken from 'bert.pooler.dense.*' where the checkpoint has one."""
     path, outputs = Path(folder), 2 if task == "squad" else len(GLUE[task].labels) or 1
-    if (arch or not (path / "config.json").exists()) and (path.suffix == ".pt" or (path / "checkpoint.pt").exists()):
+    if (arch or not is_model_folder(path)) and (path.suffix == ".pt" or (path / "checkpoint.pt").exists()):
         superplm, _, tokenizer = load_superplm(path)
         bert = extract(superplm, Arch.parse(arch) if arch else superplm.arch).train()
         return Finetuner(bert, outputs, span=task == "squad"), tokenizer
@@ -285,6 +288,14 @@ def load_model(folder, task, arch=""):
         if len(pooler) == 2:
             model.pooler.load_state_dict(pooler)
     return model, None
+
+
+def is_model_folder(path):
+    """A Hugging Face model folder (config.json with a model_type), not only a run folder with its config.json."""
+    try:
+        return "model_type" in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def tokenizer_files(path):
@@ -358,13 +369,15 @@ def adamw(model, lr, steps, warmup, weight_decay):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: learning_rate(step, steps, 1.0, warmup))
 
 
-def train_epoch(model, feats, targets, batch_size, opt, sched, generator, pad, device, desc, autocast=nullcontext):
+def train_epoch(model, feats, targets, batch_size, opt, sched, generator, pad, device, desc, autocast=nullcontext,
+                log=None, log_every=50, stop=None):
     """One pass in a seeded random order; returns the mean training loss. The loss stays on the device (reading it
-    every step would make the host wait for the GPU); the bar shows it every 50 steps."""
+    every step would make the host wait for the GPU): it is read every log_every steps, for the bar and log(line).
+    A SIGINT/SIGTERM (stop.signal) ends the pass after the step in progress."""
     model.train()
     order, total = torch.randperm(len(feats), generator=generator), 0.0
     bar = tqdm(range(0, len(feats), batch_size), desc=desc, leave=False, disable=None)  # no bar off a terminal
-    for n, i in enumerate(bar):
+    for step, i in enumerate(bar, 1):
         idx = order[i:i + batch_size]
         y = to_device(dict(y=targets[idx]), device)["y"]
         with autocast():
@@ -375,8 +388,14 @@ def train_epoch(model, feats, targets, batch_size, opt, sched, generator, pad, d
         opt.step()
         sched.step()
         total += loss.detach() * len(idx)
-        if n % 50 == 0 and not bar.disable:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % log_every == 0 or step == len(bar):
+            value = loss.item()
+            bar.set_postfix(loss=f"{value:.4f}")
+            if log:
+                log(f"{desc} | step {step}/{len(bar)} | loss {value:.4f} | lr {sched.get_last_lr()[0]:.2e}")
+        if stop is not None and stop.signal:
+            bar.close()
+            raise KeyboardInterrupt
     return float(total) / max(len(feats), 1)
 
 
@@ -448,7 +467,8 @@ def write_glue_test(model, name, cfg, tok, pad, compute, out):
 
 @dataclass
 class FinetuneConfig:
-    task: str = field(default="mnli", metadata={"help": "GLUE task or squad (SQuAD v1.1)", "choices": TASKS})
+    task: str = field(default="mnli", metadata={"help": "GLUE task or squad (SQuAD v1.1); any case, RTE = rte",
+                                                "choices": TASKS, "type": task_name})
     model: str = field(default="", metadata={"help": "model folder: written by save_pretrained (any qkv), a "
                                                      "Hugging Face BERT/ELECTRA folder, or a SuperPLM run folder"})
     arch: str = field(default="", metadata={"help": "with a SuperPLM run folder (checkpoint.pt) as --model: the "
@@ -460,30 +480,39 @@ class FinetuneConfig:
                                                     "dev-v1.1.json; empty: load with datasets (online)"})
     lr: Optional[list[float]] = field(default=None, metadata={"help": "peak learning rates; with --epochs, several "
                                                                       "values run the §4.1 grid (1e-5 2e-5 3e-5); "
-                                                                      "default: Table D.1's for the task"})
+                                                                      "default: Table D.1's for the task", **POSITIVE})
     epochs: Optional[list[int]] = field(default=None, metadata={"help": "epoch counts (§4.1 grid: 4 5 10); "
-                                                                        "default: Table D.1's"})
-    batch_size: Optional[int] = field(default=None, metadata={"help": "default: Table D.1's (32; SQuAD 16)"})
-    max_len: Optional[int] = field(default=None, metadata={"help": "tokens per input; default 128, SQuAD 384"})
-    doc_stride: int = field(default=128, metadata={"help": "SQuAD: tokens between the starts of two windows"})
-    max_query_len: int = field(default=64, metadata={"help": "SQuAD: question tokens kept"})
-    max_answer_len: int = field(default=30, metadata={"help": "SQuAD: longest answer decoded, in tokens"})
-    n_best: int = field(default=20, metadata={"help": "SQuAD: start and end candidates per window"})
-    warmup: float = field(default=0.1, metadata={"help": "share of the steps with a linear warm-up"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases, LayerNorm)"})
-    max_train_examples: Optional[int] = field(default=None, metadata={"help": "train on a seeded random subset"})
-    max_eval_examples: Optional[int] = field(default=None, metadata={"help": "evaluate on a seeded dev subset"})
-    seed: int = field(default=0, metadata={"help": "seed of the head, dropout, order and subsets"})
-    out: str = field(default="", metadata={"help": "run folder (metrics.jsonl, best/, predictions); "
-                                                   "empty: runs/finetune/<task>"})
+                                                                        "default: Table D.1's", **COUNT})
+    batch_size: Optional[int] = field(default=None, metadata={"help": "default: Table D.1's (32; SQuAD 16)",
+                                                              **COUNT})
+    max_len: Optional[int] = field(default=None, metadata={"help": "tokens per input; default 128, SQuAD 384",
+                                                           "min": 3, "max": 512})
+    doc_stride: int = field(default=128, metadata={"help": "SQuAD: tokens between the starts of two windows",
+                                                   **COUNT})
+    max_query_len: int = field(default=64, metadata={"help": "SQuAD: question tokens kept", **COUNT})
+    max_answer_len: int = field(default=30, metadata={"help": "SQuAD: longest answer decoded, in tokens", **COUNT})
+    n_best: int = field(default=20, metadata={"help": "SQuAD: start and end candidates per window", **COUNT})
+    warmup: float = field(default=0.1, metadata={"help": "share of the steps with a linear warm-up", **SHARE})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases, LayerNorm)",
+                                                        **NONNEGATIVE})
+    max_train_examples: Optional[int] = field(default=None, metadata={"help": "train on a seeded random subset",
+                                                                      **COUNT})
+    max_eval_examples: Optional[int] = field(default=None, metadata={"help": "evaluate on a seeded dev subset",
+                                                                     **COUNT})
+    seed: int = field(default=0, metadata={"help": "seed of the head, dropout, order and subsets", **NONNEGATIVE})
+    log_every: int = field(default=50, metadata={"help": "one line in OUT/log.txt every N steps", **COUNT})
+    out: str = field(default="", metadata={"help": "run folder (config.json, metrics.jsonl, log.txt, best/, "
+                                                   "predictions); empty: runs/finetune/<task>"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing run folder"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
     dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
 
 
-def run(cfg):
+def run(cfg, argv=None):
     """Fine-tune cfg.model on cfg.task for every (lr, epochs) of the grid; returns the best run's dev metrics
-    (with "score") plus lr, epochs, epoch, and "runs": the best epoch of each run. Writes files only with cfg.out."""
+    (with "score") plus lr, epochs, epoch, and "runs": the best epoch of each run. Writes files only with cfg.out
+    (and its config.json records argv, the command line)."""
+    check_config(cfg)
     name = task_name(cfg.task)
     if not cfg.model:
         raise UserError("no model: pass --model FOLDER (save_pretrained output, a BERT/ELECTRA folder or a SuperPLM "
@@ -492,9 +521,38 @@ def run(cfg):
     cfg.task, cfg.batch_size = name, cfg.batch_size or bs
     cfg.lr, cfg.epochs = list(cfg.lr or [lr]), list(cfg.epochs or [epochs])
     compute = resolve_compute(cfg.device, cfg.dtype)
-    out = fresh_out_dir(cfg.out, overwrite=cfg.overwrite) if cfg.out else None
-    if out:
-        save_json(asdict(cfg), out / "config.json")
+    folder = RunFolder(cfg.out, cfg, overwrite=cfg.overwrite, argv=argv) if cfg.out else None
+    # a run with a folder stops after the step in progress; one without (search.py's evaluator) leaves the
+    # signals to its caller
+    stopper = stop_after_step() if folder else nullcontext(types.SimpleNamespace(signal=None))
+    with folder or nullcontext(), stopper as stop:
+        try:
+            return grid(cfg, name, compute, folder, stop)
+        except KeyboardInterrupt:
+            if folder is None:
+                raise
+            if not folder.first:
+                raise Interrupted(f"{stop.signal or 'stopped'} before the first epoch ended: nothing kept, "
+                                  f"{cfg.out} is as it was") from None
+            best = json.loads((folder.path / "best" / "dev_metrics.json").read_text())
+            raise Interrupted(f"{stop.signal or 'stopped'}: kept {cfg.out}/metrics.jsonl (every finished epoch) and "
+                              f"{cfg.out}/best/ (lr {best['lr']:g} epochs {best['epochs']} epoch {best['epoch']}, "
+                              f"score {best['score']:.2f}); a grid does not resume: run it again with --overwrite "
+                              "(or only the missing --lr/--epochs with another --out)") from None
+
+
+def grid(cfg, name, compute, folder, stop):
+    """The lr x epochs grid of §4.1 (see run)."""
+    out = folder.path if folder else None
+
+    def to_file(line):  # OUT/log.txt: a line every N steps (the terminal has the progress bar) and each epoch
+        if out:
+            with open(out / "log.txt", "a") as f:
+                f.write(line + "\n")
+
+    def log(line):
+        tqdm.write(line)
+        to_file(line)
     seed_everything(cfg.seed)
     base, checkpoint_tokenizer = load_model(cfg.model, name, cfg.arch)  # every run starts from this model and head
     tokenizer_path = cfg.tokenizer or checkpoint_tokenizer or cfg.model
@@ -514,11 +572,12 @@ def run(cfg):
             for epoch in range(1, epochs + 1):
                 t0 = time.time()
                 loss = train_epoch(model, feats, targets, cfg.batch_size, opt, sched, generator, pad, compute.device,
-                                   f"{name} lr {lr:g} epoch {epoch}/{epochs}", compute.autocast)
+                                   f"{name} lr {lr:g} epoch {epoch}/{epochs}", compute.autocast, to_file,
+                                   cfg.log_every, stop)
                 metrics, predictions = evaluate(model)
                 record = dict(task=name, lr=lr, epochs=epochs, epoch=epoch, train_loss=loss, **metrics)
-                print(f"{name} lr {lr:g} epochs {epochs} | epoch {epoch} loss {loss:.4f} | "
-                      + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f" | {time.time() - t0:.0f}s")
+                log(f"{name} lr {lr:g} epochs {epochs} | epoch {epoch} loss {loss:.4f} | "
+                    + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f" | {time.time() - t0:.0f}s")
                 if out:
                     append_jsonl(out / "metrics.jsonl", dict(kind="epoch", **record))
                 if run_best is None or record["score"] > run_best["score"]:
@@ -529,6 +588,7 @@ def run(cfg):
                         save_checkpoint(model, out / "best", name, tokenizer_path, record)
                         if predictions is not None:  # SQuAD's official {id: text}
                             save_json(predictions, out / "predictions.json")
+                        folder.done_first()
             runs.append(run_best)
             if out:
                 append_jsonl(out / "metrics.jsonl", dict(kind="run", **run_best))
@@ -553,10 +613,9 @@ def finetune(model_folder, task, data_dir=None, lr=None, epochs=None, batch_size
 
 
 def main(argv=None):
-    args = config_parser(FinetuneConfig, __doc__.split("\n\n")[0]).parse_args(argv)
-    cfg = config_from_args(FinetuneConfig, args)
+    cfg = parse_config(FinetuneConfig, argv, __doc__.split("\n\n")[0])
     cfg.out = cfg.out or f"runs/finetune/{cfg.task}"
-    return run(cfg)
+    return run(cfg, argv)
 
 
 if __name__ == "__main__":

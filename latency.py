@@ -10,10 +10,12 @@ in the order of measurement). So archs are timed in random order, each one inter
 reference model; both figures are stored, and the predictor learns the drift-free ratio of the two, turned back
 into ms with the reference's median latency. With one thread we time CPU time, not wall-clock (see `timings`).
 
-    python latency.py measure --space pretrain --samples 2000 --out lat.jsonl   # resumable, hours
-    python latency.py measure --samples 150 --warmup 1 --repeats 3 --out lat.jsonl   # quick look, ~1.5 min
-    python latency.py fit --data lat.jsonl --out latency.pt
-    python latency.py table --predictor latency.pt
+    python latency.py measure --space pretrain --samples 2000 --out runs/latency   # hours; --resume continues
+    python latency.py measure --samples 150 --warmup-passes 1 --repeats 3 --out runs/latency   # quick look, ~1.5 min
+    python latency.py fit --timings runs/latency --out runs/predictor
+    python latency.py table --predictor runs/predictor
+
+measure's run folder holds timings.jsonl, fit's predictor.pt and metrics.json; each also config.json.
 """
 
 import argparse
@@ -23,7 +25,9 @@ import os
 import platform
 import random
 import re
+import sys
 import time
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +38,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import (UserError, append_jsonl, config_from_args, config_parser, read_jsonl, run_main, save_json,
-                    seed_everything, torch_load, torch_save)
+from common import (COUNT, NONNEGATIVE, POSITIVE, Interrupted, RunFolder, UserError, append_jsonl, command_line,
+                    config_parser, parse_config, read_jsonl, run_main, save_json, seed_everything, torch_load,
+                    torch_save)
 from model import BERT_BASE, KD_SPACE, PRETRAIN_SPACE, Arch, Bert, SearchSpace
 
 SPACES = {"pretrain": PRETRAIN_SPACE, "kd": KD_SPACE}  # Table B.1
@@ -58,37 +63,55 @@ TABLE4 = [("S1", "BERT", "4-512-2048-8-512", 7.1), ("S1", "AutoTinyBERT", "5-564
 @dataclass
 class TimingCfg:
     threads: int = field(default=1, metadata={"help": "CPU threads while timing (the paper: a single CPU); one "
-                                                      "thread is timed by its CPU time, more by wall-clock"})
-    seq_len: int = field(default=128, metadata={"help": "tokens per input (the paper: 128)"})
-    batch: int = field(default=1, metadata={"help": "inputs per forward pass (the paper: 1)"})
-    warmup: int = field(default=3, metadata={"help": "untimed forward passes before timing"})
-    repeats: int = field(default=10, metadata={"help": "timed forward passes; their median is the latency"})
+                                                      "thread is timed by its CPU time, more by wall-clock", **COUNT})
+    seq_len: int = field(default=128, metadata={"help": "tokens per input (the paper: 128)", "min": 1, "max": 512})
+    batch_size: int = field(default=1, metadata={"help": "inputs per forward pass (the paper: 1)",
+                                                 "aliases": ("batch",), **COUNT})
+    warmup_passes: int = field(default=3, metadata={"help": "untimed forward passes before timing",
+                                                    "aliases": ("warmup",), **NONNEGATIVE})
+    repeats: int = field(default=10, metadata={"help": "timed forward passes; their median is the latency", **COUNT})
 
 
 @dataclass
 class MeasureCfg(TimingCfg):
-    space: str = field(default="pretrain", metadata={"help": "pretrain or kd (Table B.1), or a SuperPLM checkpoint "
-                                                             "whose search space to sample"})
-    samples: int = field(default=2000, metadata={"help": "distinct architectures to time"})
-    out: str = field(default="lat.jsonl", metadata={"help": "JSONL file, appended to and resumed"})
-    seed: int = field(default=0, metadata={"help": "seed of the sampled architectures"})
+    space: str = field(default="pretrain", metadata={"help": "pretrain or kd (Table B.1), or a SuperPLM run folder "
+                                                             "or checkpoint whose search space to sample"})
+    samples: int = field(default=2000, metadata={"help": "distinct architectures to time", **COUNT})
+    out: str = field(default="runs/latency", metadata={"help": "run folder: timings.jsonl (one line per timed "
+                                                               "model), config.json"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampled architectures", **NONNEGATIVE})
+    resume: bool = field(default=False, metadata={"help": "continue (or extend to more --samples) the timings in "
+                                                          "--out"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the timings in --out"})
 
 
 @dataclass
 class FitCfg:
-    data: str = field(default="lat.jsonl", metadata={"help": "JSONL written by `latency.py measure`"})
-    out: str = field(default="latency.pt", metadata={"help": "predictor file (metrics go beside it as .json)"})
-    holdout: float = field(default=0.2, metadata={"help": "share of archs held out for MAPE/RMSE/Kendall tau"})
-    width: int = field(default=128, metadata={"help": "hidden units of each of the MLP's 3 hidden layers"})
-    steps: int = field(default=2000, metadata={"help": "full-batch Adam steps"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (cosine decay to 0)"})
-    seed: int = field(default=0, metadata={"help": "seed of the split and the initialisation"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out"})
+    timings: str = field(default="runs/latency", metadata={"help": "`latency.py measure`'s run folder (or its "
+                                                                   "timings.jsonl)", "aliases": ("data",)})
+    out: str = field(default="runs/predictor", metadata={"help": "run folder: predictor.pt, metrics.json, "
+                                                                 "config.json"})
+    holdout: float = field(default=0.2, metadata={"help": "share of archs held out for MAPE/RMSE/Kendall tau",
+                                                  "gt": 0, "max": 0.9})
+    width: int = field(default=128, metadata={"help": "hidden units of each of the MLP's 3 hidden layers", **COUNT})
+    steps: int = field(default=2000, metadata={"help": "full-batch Adam steps", **COUNT})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (cosine decay to 0)", **POSITIVE})
+    seed: int = field(default=0, metadata={"help": "seed of the split and the initialisation", **NONNEGATIVE})
+    overwrite: bool = field(default=False, metadata={"help": "replace the predictor in --out"})
 
 
 @dataclass
 class TableCfg(TimingCfg):
-    predictor: Optional[str] = field(default=None, metadata={"help": "a latency.pt to add predicted speedups"})
+    predictor: Optional[str] = field(default=None, metadata={"help": "a predictor (fit's run folder or its "
+                                                                     "predictor.pt) to add predicted speedups"})
+
+
+def in_folder(path, name, old_suffix):
+    """FOLDER/name; a path ending in old_suffix is the file itself, as --out once named (one more release)."""
+    path = Path(path)
+    if path.suffix == old_suffix:
+        return path
+    return path / name if path.is_dir() or path.suffix == "" else path
 
 
 # ----------------------------------------------------------------------------- timing one model
@@ -146,7 +169,7 @@ def cpu_model():
 def device_info(cfg):
     """What a latency figure depends on besides the architecture."""
     return dict(cpu=cpu_model(), cores=os.cpu_count(), threads=cfg.threads, torch=str(torch.__version__),
-                seq_len=cfg.seq_len, batch=cfg.batch)
+                seq_len=cfg.seq_len, batch=cfg.batch_size)
 
 
 # ----------------------------------------------------------------------------- collecting data (§3.5, HAT)
@@ -170,7 +193,8 @@ def collect(archs, cfg, start=0, reference=REFERENCE):
     def timed(kind, arch, **extra):
         t0 = time.time()
         ms, ref_ms = (np.percentile(t, [25, 50, 75]) for t in timings([build(arch), ref], cfg.threads, cfg.seq_len,
-                                                                        cfg.batch, cfg.warmup, cfg.repeats))
+                                                                        cfg.batch_size, cfg.warmup_passes,
+                                                                        cfg.repeats))
         return dict(kind=kind, arch=str(arch), ms=float(ms[1]), spread=float((ms[2] - ms[0]) / ms[1]),
                     ref_ms=float(ref_ms[1]), ref_spread=float((ref_ms[2] - ref_ms[0]) / ref_ms[1]),
                     time=time.time(), seconds=time.time() - t0, **extra)
@@ -189,8 +213,9 @@ def relative(record):
 def load_data(path):
     """A measured JSONL as arrays: archs, drift-free ratios (ms / the reference's ms timed alongside), raw ms, and
     the reference's and BERT-base's ms (medians over the file)."""
+    folder, path = path, in_folder(path, "timings.jsonl", ".jsonl")
     if not Path(path).exists():
-        raise UserError(f"{path} does not exist: collect it with `python latency.py measure --out {path}`")
+        raise UserError(f"{path} does not exist: collect it with `python latency.py measure --out {folder}`")
     records = read_jsonl(path)
     if not records or records[0].get("kind") != "meta":
         raise UserError(f"{path} was not written by `latency.py measure`: pass a file that `measure` wrote")
@@ -208,6 +233,8 @@ def space_from(name):
     """A search space by name (Table B.1) or the one saved in a SuperPLM checkpoint."""
     if name in SPACES:
         return SPACES[name]
+    if (Path(name) / "checkpoint.pt").is_file():
+        name = str(Path(name) / "checkpoint.pt")
     if not Path(name).is_file():
         raise UserError(f"--space {name!r} is neither {' nor '.join(SPACES)} nor a SuperPLM checkpoint file")
     space = torch_load(name).get("space")
@@ -237,37 +264,51 @@ def _drop_torn_tail(path):
             f.truncate(raw.rfind(b"\n") + 1)
 
 
-def cmd_measure(cfg):
-    if cfg.seq_len > 512:
-        raise UserError(f"--seq-len {cfg.seq_len} exceeds BERT's 512 positions: pass --seq-len <= 512")
+def cmd_measure(cfg, argv=None):
     space = space_from(cfg.space)
-    meta = dict(kind="meta", space=cfg.space, seed=cfg.seed, warmup=cfg.warmup, repeats=cfg.repeats,
+    meta = dict(kind="meta", space=cfg.space, seed=cfg.seed, warmup=cfg.warmup_passes, repeats=cfg.repeats,
                 reference=str(reference_for(space)), device=device_info(cfg))
-    records = []
-    if Path(cfg.out).exists():
-        _drop_torn_tail(cfg.out)
-        records = read_jsonl(cfg.out)
-    if records:
-        old = dict(records[0], **records[0].get("device", {}))
-        for key, value in dict(meta, **meta["device"]).items():
-            if key != "device" and old.get(key) != value:
-                raise UserError(f"{cfg.out} was measured with {key}={old.get(key)}, not {value}: pass the same "
-                                "flags to resume it, or another --out")
+    path = in_folder(cfg.out, "timings.jsonl", ".jsonl")
+    if path.name != "timings.jsonl":  # the old --out FILE: appended to and resumed as before, no run folder
+        folder = contextlib.nullcontext(types.SimpleNamespace(done_first=lambda: None))
     else:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        append_jsonl(cfg.out, meta)
-    done = sum(r["kind"] == "arch" for r in records)
-    archs = sample_archs(space, cfg.samples, cfg.seed)[done:]
-    if not archs:
-        print(f"{cfg.out} already holds {done} archs")
-        return
-    print(f"timing {len(archs)} archs ({done} done) on {meta['device']['cpu']}, {cfg.threads} thread(s) -> {cfg.out}")
-    bar = tqdm(total=len(archs), unit="arch")
-    for r in collect(archs, cfg, start=done, reference=reference_for(space)):
-        append_jsonl(cfg.out, r)
-        bar.update(r["kind"] == "arch")
-        bar.set_postfix_str(f"{r['kind']} {r['arch']} {r['ms']:.1f}ms")
-    bar.close()
+        folder = RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="timings.jsonl", argv=argv)
+    with folder as run:
+        records = []
+        if path.exists():
+            _drop_torn_tail(path)
+            records = read_jsonl(path)
+        if records:
+            old = dict(records[0], **records[0].get("device", {}))
+            for key, value in dict(meta, **meta["device"]).items():
+                if key != "device" and old.get(key) != value:
+                    raise UserError(f"{path} was measured with {key}={old.get(key)}, not {value}: pass the same "
+                                    "flags to resume it, or another --out")
+        done = sum(r["kind"] == "arch" for r in records)
+        archs = sample_archs(space, cfg.samples, cfg.seed)[done:]
+        if not archs:
+            run.done_first()
+            print(f"{path} already holds {done} archs: pass a larger --samples (with --resume) to time more")
+            return
+        if not records:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            append_jsonl(path, meta)
+        print(f"timing {len(archs)} archs ({done} done) on {meta['device']['cpu']}, {cfg.threads} thread(s) -> {path}")
+        bar = tqdm(total=len(archs), unit="arch")
+        try:
+            for r in collect(archs, cfg, start=done, reference=reference_for(space)):
+                append_jsonl(path, r)  # every timing is kept at once
+                run.done_first()
+                bar.update(r["kind"] == "arch")
+                bar.set_postfix_str(f"{r['kind']} {r['arch']} {r['ms']:.1f}ms")
+        except KeyboardInterrupt:
+            bar.close()
+            kept = sum(r["kind"] == "arch" for r in read_jsonl(path)) if path.exists() else 0
+            argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+            again = command_line(argv + ([] if "--resume" in argv or path.name != "timings.jsonl" else ["--resume"]),
+                                 "latency.py")
+            raise Interrupted(f"the {kept} archs timed so far are kept in {path}; continue with: {again}") from None
+        bar.close()
 
 
 # ----------------------------------------------------------------------------- the predictor
@@ -298,11 +339,12 @@ def mlp(n_in, width):
 class LatencyPredictor:
     """lat(·) of §3.5: an MLP from log-scaled, standardised features to log(latency / reference latency)."""
 
-    def __init__(self, state):
-        self.state = state  # plain data: what save() writes
+    def __init__(self, state, name="the latency predictor"):
+        self.state, self.name = state, name  # state: plain data, what save() writes
         self.net = mlp(len(state["features"]), state["width"])
         self.net.load_state_dict(state["net"])
         self.net.eval()
+        self.warned = False
 
     @property
     def base_ms(self):
@@ -323,18 +365,39 @@ class LatencyPredictor:
     def predict(self, archs):
         """Latency in ms of each arch."""
         archs = [a if isinstance(a, Arch) else Arch.parse(a) for a in archs]
+        self.check_ranges(archs)
         log_ratio = self.net(self._inputs(archs)).squeeze(1).double().numpy()  # (N,)
         return np.exp(log_ratio * self.state["y_std"] + self.state["y_mean"]) * self.state["ref_ms"]
 
     def __call__(self, arch):
         return float(self.predict([arch])[0])
 
+    def check_ranges(self, archs):
+        """Say once (one line on stderr) when asked about shapes outside those it was fitted on: an MLP
+        extrapolates badly (a tiny space's predictor on Table 4's models is off by 20%)."""
+        ranges = self.state.get("ranges")
+        if self.warned or not ranges:
+            return
+        for a in archs:
+            out = [f"{d} {getattr(a, d)} not in {lo}-{hi}" for d, (lo, hi) in ranges.items()
+                   if not lo <= getattr(a, d) <= hi]
+            if out:
+                self.warned = True
+                tqdm.write(f"warning: {self.name} was fitted on shapes with " + ", ".join(
+                    f"{d} {lo}-{hi}" for d, (lo, hi) in ranges.items()) + f"; {a} is outside ({', '.join(out)}): its "
+                    "predictions there are extrapolations, fit one on timings that cover these shapes",
+                    file=sys.stderr)  # above a progress bar, never inside its line
+                return
+
     def speedup(self, arch):
         return self.base_ms / self(arch)
 
     @classmethod
-    def fit(cls, archs, ratio, ref_ms, base_ms, device, names=FEATURES, width=128, steps=2000, lr=1e-3, seed=0):
-        """Fit log(ratio) with full-batch Adam; ratio = latency / reference latency, ref_ms the reference's ms."""
+    def fit(cls, archs, ratio, ref_ms, base_ms, device, names=FEATURES, width=128, steps=2000, lr=1e-3, seed=0,
+            space=None):
+        """Fit log(ratio) with full-batch Adam; ratio = latency / reference latency, ref_ms the reference's ms.
+        The shapes it answers for without a warning: those of `archs`, and of the `space` they were sampled from."""
+        bounds = list(archs) + ([space.smallest(), space.largest()] if space else [])
         seed_everything(seed)
         f = features(archs, device["seq_len"], device["batch"])
         x = np.log(np.stack([f[k] for k in names], 1))  # (N, F)
@@ -342,7 +405,9 @@ class LatencyPredictor:
         y = np.log(ratio)
         state = dict(features=list(names), width=width, mean=mean.tolist(), std=std.tolist(),
                      y_mean=float(y.mean()), y_std=float(y.std() + 1e-8), ref_ms=float(ref_ms),
-                     base_ms=float(base_ms), device=dict(device))
+                     base_ms=float(base_ms), device=dict(device),
+                     ranges={d: [min(getattr(a, d) for a in bounds), max(getattr(a, d) for a in bounds)]
+                             for d in ("layers", "hidden", "ffn", "heads", "qkv")})
         net = mlp(len(names), width)
         X = torch.tensor((x - mean) / std, dtype=torch.float32)
         Y = torch.tensor((y - state["y_mean"]) / state["y_std"], dtype=torch.float32)[:, None]  # (N, 1)
@@ -363,9 +428,10 @@ class LatencyPredictor:
 
     @classmethod
     def load(cls, path):
+        folder, path = path, in_folder(path, "predictor.pt", ".pt")
         if not Path(path).exists():
-            raise UserError(f"{path} does not exist: fit one with `python latency.py fit --out {path}`")
-        predictor = cls(torch_load(path))
+            raise UserError(f"{path} does not exist: fit one with `python latency.py fit --out {folder}`")
+        predictor = cls(torch_load(path), str(folder))
         if predictor.device["cpu"] != cpu_model():
             warnings.warn(f"{path} was measured on {predictor.device['cpu']!r}, not this {cpu_model()!r}: its "
                           "latencies describe that device; re-measure here with `latency.py measure`")
@@ -395,8 +461,12 @@ def fit_data(data, cfg, names=FEATURES):
     test, train = order[:max(1, int(n * cfg.holdout))], order[max(1, int(n * cfg.holdout)):]
     meta = data["meta"]
     device = dict(meta["device"], reference=meta["reference"], warmup=meta["warmup"], repeats=meta["repeats"])
+    try:  # the space the archs were sampled from (gone if its checkpoint moved)
+        space = space_from(meta["space"])
+    except (UserError, OSError):
+        space = None
     pred = LatencyPredictor.fit([data["archs"][i] for i in train], data["ratio"][train], data["ref_ms"],
-                                data["base_ms"], device, names, cfg.width, cfg.steps, cfg.lr, cfg.seed)
+                                data["base_ms"], device, names, cfg.width, cfg.steps, cfg.lr, cfg.seed, space)
     p = pred.predict([data["archs"][i] for i in test])
     metrics = dict(heldout=accuracy(p, data["ratio"][test] * data["ref_ms"]),
                    heldout_raw=accuracy(p, data["ms"][test]), train=len(train), ref_ms=data["ref_ms"],
@@ -405,17 +475,23 @@ def fit_data(data, cfg, names=FEATURES):
     return pred, metrics
 
 
-def cmd_fit(cfg):
-    if Path(cfg.out).exists() and not cfg.overwrite:
-        raise UserError(f"{cfg.out} already exists: pass --overwrite to replace it or another --out")
-    t0 = time.time()
-    pred, m = fit_data(load_data(cfg.data), cfg)
-    pred.save(cfg.out)
-    save_json(dict(m, config=dataclasses.asdict(cfg)), Path(cfg.out).with_suffix(".json"))
+def cmd_fit(cfg, argv=None):
+    path = in_folder(cfg.out, "predictor.pt", ".pt")
+    if path.name != "predictor.pt":  # the old --out FILE.pt: metrics beside it as FILE.json, no run folder
+        if path.exists() and not cfg.overwrite:
+            raise UserError(f"{path} already exists: pass --overwrite to replace it or another --out")
+        folder, metrics = contextlib.nullcontext(), path.with_suffix(".json")
+    else:
+        folder, metrics = RunFolder(cfg.out, cfg, overwrite=cfg.overwrite, argv=argv), path.with_name("metrics.json")
+    with folder:
+        t0 = time.time()
+        pred, m = fit_data(load_data(cfg.timings), cfg)
+        pred.save(path)
+        save_json(dict(m, config=dataclasses.asdict(cfg)), metrics)
     h, r = m["heldout"], m["heldout_raw"]
     print(f"fit on {m['train']} archs in {time.time() - t0:.1f}s; held-out {h['n']}: MAPE {h['mape']:.2f}%  "
           f"RMSE {h['rmse']:.2f}ms  Kendall tau {h['tau']:.3f}  (against raw timings: MAPE {r['mape']:.2f}%, "
-          f"tau {r['tau']:.3f}); BERT-base {m['base_ms']:.1f}ms -> {cfg.out}")
+          f"tau {r['tau']:.3f}); BERT-base {m['base_ms']:.1f}ms -> {path}")
 
 
 # ----------------------------------------------------------------------------- targets and Table 4
@@ -431,18 +507,20 @@ def parse_target(text, base_ms):
     return value if m.group(2).lower() == "ms" else base_ms / value
 
 
-def cmd_table(cfg):
+def cmd_table(cfg, argv=None):
     pred = LatencyPredictor.load(cfg.predictor) if cfg.predictor else None
     if pred:
-        for key in ("threads", "seq_len", "batch"):
-            if pred.device[key] != getattr(cfg, key):
+        for key, flag in (("threads", "threads"), ("seq_len", "seq_len"), ("batch", "batch_size")):
+            if pred.device[key] != getattr(cfg, flag):
                 raise UserError(f"{cfg.predictor} describes {key}={pred.device[key]}: pass "
-                                f"--{key.replace('_', '-')} {pred.device[key]}")
+                                f"--{flag.replace('_', '-')} {pred.device[key]}")
     archs = list(dict.fromkeys(Arch.parse(a) for _, _, a, _ in TABLE4))
+    if pred:
+        pred.check_ranges(archs)
     records = list(tqdm(collect(archs, cfg), total=len(archs) + 1, unit="model"))
     base = np.median([relative(r) for r in records if r["kind"] == "base"])
     speedup = {r["arch"]: base / relative(r) for r in records if r["kind"] == "arch"}
-    print(f"speedup over BERT-base on {cpu_model()}, {cfg.threads} thread(s), batch {cfg.batch}, "
+    print(f"speedup over BERT-base on {cpu_model()}, {cfg.threads} thread(s), batch {cfg.batch_size}, "
           f"{cfg.seq_len} tokens" + (f"; predicted by {cfg.predictor}" if pred else ""))
     print(f"{'setting':8s} {'model':18s} {'arch':18s} {'paper':>7s} {'measured':>9s}" + (" predicted" if pred else ""))
     for setting, name, arch, paper in TABLE4:
@@ -452,7 +530,7 @@ def cmd_table(cfg):
 
 # ----------------------------------------------------------------------------- command line
 
-COMMANDS = {"measure": (MeasureCfg, cmd_measure, "time sampled architectures, appending to a JSONL file"),
+COMMANDS = {"measure": (MeasureCfg, cmd_measure, "time sampled architectures into OUT/timings.jsonl"),
             "fit": (FitCfg, cmd_fit, "fit the latency predictor on measured data"),
             "table": (TableCfg, cmd_table, "Table 4's speedups measured here (and predicted)")}
 
@@ -461,12 +539,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     subs = parser.add_subparsers(dest="command", required=True)
-    for name, (Cfg, _, help_) in COMMANDS.items():
-        config_parser(Cfg, parser=subs.add_parser(name, help=help_, description=help_,
-                                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter))
-    args = parser.parse_args(argv)
-    Cfg, command, _ = COMMANDS[args.command]
-    return command(config_from_args(Cfg, args))
+    parsers = {name: config_parser(Cfg, parser=subs.add_parser(
+        name, help=help_, description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+        for name, (Cfg, _, help_) in COMMANDS.items()}
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    name = parser.parse_known_args(argv)[0].command
+    Cfg, command, _ = COMMANDS[name]
+    return command(parse_config(Cfg, argv[argv.index(name) + 1:], parser=parsers[name]), argv)
 
 
 if __name__ == "__main__":

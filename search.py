@@ -11,10 +11,11 @@
 Every method takes plain callables `score(arch) -> float` (higher is better) and `latency(arch) -> ms`, so it can be
 studied on synthetic objectives; the CLI builds them from a SuperPLM checkpoint and a fitted latency predictor:
 
-    python search.py --target 7x --superplm runs/superplm --latency latency.pt [--method evolve] [--extract]
+    python search.py --target 7x --superplm runs/superplm --latency runs/predictor [--method evolve] [--extract]
 
 Each scored candidate is appended to OUT/candidates.jsonl at once; --resume replays the same seeded search over
-those scores, so an interrupted search continues where it stopped and ends as an uninterrupted one would.
+those scores, so an interrupted search continues where it stopped and ends as an uninterrupted one would
+(SIGINT/SIGTERM let the candidate being scored finish first).
 On N GPUs (the paper's evaluator fine-tunes every candidate), each worker scores its share of every generation:
 
     torchrun --nproc_per_node 8 search.py --evaluator finetune --mnli-data glue_data/MNLI --squad-data squad ...
@@ -25,6 +26,7 @@ import json
 import random
 import shutil
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -34,9 +36,11 @@ import torch.distributed as dist
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from common import (DEVICE_HELP, DTYPE_HELP, DTYPES, UserError, append_jsonl, atomic_write, config_from_args,
-                    config_parser, fresh_out_dir, read_jsonl, resolve_compute, run_main, save_json, seed_everything,
-                    to_device, torch_load)
+from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, SHARE, Interrupted, RunFolder, UserError,
+                    append_jsonl, atomic_write, command_line, config_values, parse_config, read_jsonl,
+                    resolve_compute, run_main, save_json, seed_everything, stop_after_step, to_device, torch_load)
+import latency
+import superplm
 from model import Arch, SearchSpace, extract
 
 # ----------------------------------------------------------------------------- scored architectures
@@ -410,7 +414,8 @@ class Config:
                                                         "or a budget in ms ('40ms')"})
     superplm: str = field(default="runs/superplm", metadata={"help": "SuperPLM run folder or checkpoint.pt "
                                                                      "(superplm.py)"})
-    latency: str = field(default="latency.pt", metadata={"help": "latency predictor (latency.py fit)"})
+    latency: str = field(default="runs/predictor", metadata={"help": "latency predictor: `latency.py fit`'s run "
+                                                                     "folder or its predictor.pt"})
     method: str = field(default="evolve-elite", metadata={
         "help": "evolve: Algorithm 2 with the paper's settings; evolve-elite: pm/pe 0.8/0.2, elitist rank parents, "
                 "wider mutation, latency window 0.85-1x (beats random search more often, bench/search_quality.py); "
@@ -420,31 +425,36 @@ class Config:
         "help": "mlm: -(masked-LM loss) of the sub-model inside the SuperPLM (fast); finetune: the paper's average "
                 "of MNLI accuracy and SQuAD F1 after a short fine-tuning (finetune.py)",
         "choices": ["mlm", "finetune"]})
-    generations: int = field(default=4, metadata={"help": "T of Algorithm 2 (random search scores T x S archs)"})
-    population: int = field(default=25, metadata={"help": "S of Algorithm 2: architectures per generation"})
+    generations: int = field(default=4, metadata={"help": "T of Algorithm 2 (random search scores T x S archs)",
+                                                  **COUNT})
+    population: int = field(default=25, metadata={"help": "S of Algorithm 2: architectures per generation", **COUNT})
     p_mutate: Optional[float] = field(default=None, metadata={
-        "help": "pm of Algorithm 2; default: the method's (evolve 0.5, evolve-elite 0.8)"})
+        "help": "pm of Algorithm 2; default: the method's (evolve 0.5, evolve-elite 0.8)", **SHARE})
     p_explore: Optional[float] = field(default=None, metadata={
-        "help": "pe of Algorithm 2; default: the method's (evolve 0.5, evolve-elite 0.2)"})
-    top: int = field(default=3, metadata={"help": "architectures reported and extracted (§3.6: the top three)"})
+        "help": "pe of Algorithm 2; default: the method's (evolve 0.5, evolve-elite 0.2)", **SHARE})
+    top: int = field(default=3, metadata={"help": "architectures reported and extracted (§3.6: the top three)",
+                                          **COUNT})
     extract: bool = field(default=False, metadata={"help": "save the top architectures as Hugging Face BERT "
                                                            "folders (with the vocabulary) in OUT/top/"})
     out: str = field(default="runs/search", metadata={"help": "run folder: results, state, figure"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted search in --out"})
     overwrite: bool = field(default=False, metadata={"help": "replace the search in --out"})
-    seed: int = field(default=0, metadata={"help": "seed of the search, the masks and the fine-tuning"})
+    seed: int = field(default=0, metadata={"help": "seed of the search, the masks and the fine-tuning",
+                                           **NONNEGATIVE})
     device: str = field(default="auto", metadata={"help": "the evaluator's device. " + DEVICE_HELP})
     dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
     eval_corpus: str = field(default="", metadata={"help": "mlm: corpus spec of the scored text (data.py); "
                                                            "default: the SuperPLM's own"})
     eval_rows: int = field(default=256, metadata={"help": "mlm: held-out sequences scored (at most the corpus's "
-                                                          "held-out tail, data.split)"})
-    batch_size: int = field(default=32, metadata={"help": "mlm: sequences per forward pass"})
+                                                          "held-out tail, data.split)", **COUNT})
+    batch_size: int = field(default=32, metadata={"help": "mlm: sequences per forward pass", **COUNT})
     mnli_data: str = field(default="", metadata={"help": "finetune: MNLI folder (GLUE layout); empty: datasets"})
     squad_data: str = field(default="", metadata={"help": "finetune: folder of SQuAD v1.1 JSON; empty: datasets"})
-    ft_epochs: int = field(default=1, metadata={"help": "finetune: epochs per task"})
-    ft_train_examples: int = field(default=2000, metadata={"help": "finetune: training examples per task (0: all)"})
-    ft_eval_examples: int = field(default=1000, metadata={"help": "finetune: dev examples per task (0: all)"})
+    ft_epochs: int = field(default=1, metadata={"help": "finetune: epochs per task", **COUNT})
+    ft_train_examples: int = field(default=2000, metadata={"help": "finetune: training examples per task (0: all)",
+                                                           **NONNEGATIVE})
+    ft_eval_examples: int = field(default=1000, metadata={"help": "finetune: dev examples per task (0: all)",
+                                                          **NONNEGATIVE})
 
 
 def run_method(cfg, space, score, latency, budget_ms, cache, on_generation):
@@ -465,30 +475,28 @@ def check_inputs(cfg):
     if not (superplm / "checkpoint.pt" if superplm.is_dir() else superplm).exists():
         raise UserError(f"no SuperPLM at {superplm}: train one with `python superplm.py --preset tiny --out "
                         f"{superplm}` (or pass --superplm)")
-    if not Path(cfg.latency).exists():
-        raise UserError(f"no latency predictor at {cfg.latency}: make one with `python latency.py measure --out "
-                        f"lat.jsonl && python latency.py fit --data lat.jsonl --out {cfg.latency}`")
+    if not (Path(cfg.latency) / "predictor.pt" if Path(cfg.latency).is_dir() else Path(cfg.latency)).exists():
+        raise UserError(f"no latency predictor at {cfg.latency}: make one with `python latency.py measure --space "
+                        f"{superplm} --out runs/latency && python latency.py fit --timings runs/latency --out "
+                        f"{cfg.latency}`")
     return superplm / "checkpoint.pt" if superplm.is_dir() else superplm
 
 
-def open_run(cfg):
-    """(config, run folder, records of the candidates scored before): --resume continues with the saved config."""
-    out = fresh_out_dir(cfg.out, cfg.resume, cfg.overwrite, marker="candidates.jsonl")
+def open_run(cfg, folder):
+    """(config, records of the candidates scored before): --resume continues with the saved config."""
+    out = folder.path
     state = out / "candidates.jsonl"  # one line per scored architecture: what --resume replays
-    if cfg.resume and (out / "config.json").exists():  # the saved search wins, so that the replay is exact
-        saved = json.loads((out / "config.json").read_text())
+    if cfg.resume and folder.old_record:  # the saved search wins, so that the replay is exact
+        saved = config_values(Config, json.loads(folder.old_record))
         cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in RESUMABLE})
-    elif not cfg.resume:  # --overwrite (or a new folder): nothing of an old search is kept
-        state.unlink(missing_ok=True)
-        shutil.rmtree(out / "top", ignore_errors=True)
-    save_json(dataclasses.asdict(cfg), out / "config.json")
+        folder.update(cfg)
     records = {Arch.parse(r["arch"]): r for r in (read_jsonl(state) if state.exists() else [])}
     if records:  # rewritten whole: a torn last line from a killed run would spoil the lines appended after it
         atomic_write(state, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records.values())))
-    return cfg, out, records
+    return cfg, records
 
 
-RESUMABLE = ("resume", "overwrite", "out", "device", "extract", "top")  # flags a resumed search may change
+RESUMABLE = ("resume", "overwrite", "out", "device", "dtype", "extract", "top")  # flags a resumed search may change
 
 
 SCORE_NAMES = {"mlm": "score = -(masked-LM loss)", "finetune": "score = (MNLI acc + SQuAD F1) / 2"}
@@ -590,17 +598,21 @@ class Shared:
 
 
 def main(argv=None):
-    cfg = config_from_args(Config, config_parser(Config, __doc__.split("\n")[0]).parse_args(argv))
-    if cfg.top < 1 or cfg.generations < 1 or cfg.population < 1:
-        raise UserError("--top, --generations and --population must be at least 1")
-    check_inputs(cfg)
-    import latency
-    import superplm
+    cfg = parse_config(Config, argv, __doc__.split("\n")[0])
     rank, world, device = superplm.init_distributed(cfg.device, timeout_h=24)  # a candidate may take hours
-    opened = [open_run(cfg) if rank == 0 else None]  # worker 0 owns the run folder
-    if world > 1:
-        dist.broadcast_object_list(opened)
-    cfg, out, records = opened[0]
+    folder = RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="candidates.jsonl", argv=argv) if rank == 0 \
+        else nullcontext()  # worker 0 owns the run folder
+    with folder:
+        opened = [open_run(cfg, folder) if rank == 0 else None]  # a resumed search: its saved settings
+        if world > 1:
+            dist.broadcast_object_list(opened)
+        cfg, records = opened[0]
+        check_inputs(cfg)
+        return run_search(cfg, folder, records, rank, world, device)
+
+
+def run_search(cfg, folder, records, rank, world, device):
+    out = Path(cfg.out)
     model, space, tokenizer = superplm.load_superplm(check_inputs(cfg))
     predictor = latency.LatencyPredictor.load(cfg.latency)
     budget_ms = latency.parse_target(cfg.target, predictor.base_ms)
@@ -620,7 +632,13 @@ def main(argv=None):
     def scored(arch, value):  # appended at once: an interrupted search loses at most the round in progress
         append_jsonl(out / "candidates.jsonl", dict(arch=str(arch), score=value, latency=predictor(arch),
                                                     metrics=score.metrics.get(arch, {})))
+        folder.done_first()
         bar.update()
+        if stop.signal:
+            bar.close()
+            n = len(read_jsonl(out / "candidates.jsonl"))
+            raise Interrupted(f"{stop.signal}: the {n} candidates scored so far are kept in {out}/candidates.jsonl; "
+                              f"resume with: {command_line(['--out', cfg.out, '--resume'], 'search.py')}")
 
     def rows(candidates):
         return [dict(c.to_dict(), speedup=predictor.base_ms / c.latency, **score.metrics.get(c.arch, {}))
@@ -635,8 +653,8 @@ def main(argv=None):
     if rank:  # the other workers score what worker 0's search asks for
         shared.serve()
     else:
-        with warnings.catch_warnings():  # a search's warnings (a dropped window, a short generation): one line each
-            warnings.simplefilter("always")
+        with warnings.catch_warnings(), stop_after_step() as stop:
+            warnings.simplefilter("always")  # a search's warnings (a dropped window, a short generation): one line each
             warnings.showwarning = lambda message, *_, **__: bar.write(f"warning: {message}")
             try:
                 results = run_method(cfg, space, shared, predictor, budget_ms,

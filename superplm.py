@@ -10,18 +10,22 @@ averaged over the workers and one optimizer step updates the whole SuperPLM. A w
     python superplm.py --arch 5-564-1054-8-512 --init runs/superplm --out runs/s1   # stage 3: further training
 
 The run folder (--out) holds checkpoint.pt (what search.py, latency.py and finetune.py read, see load_superplm),
-metrics.jsonl and the vocabulary (tokenizer.json, vocab.txt); a stage-3 run also leaves a Hugging Face BERT there.
+metrics.jsonl, log.txt, config.json (settings, command line, versions, start and end) and the vocabulary
+(tokenizer.json, vocab.txt); a stage-3 run also leaves a Hugging Face BERT there (model.safetensors, its keys in
+config.json). SIGINT or SIGTERM finishes the step, writes the checkpoint and prints the command that resumes.
 """
 
 import dataclasses
 import os
 import random
+import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -29,8 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (DEVICE_HELP, DTYPE_HELP, DTYPES, UserError, append_jsonl, config_from_args, config_parser,
-                    fresh_out_dir, resolve_compute, resolve_device, run_main, seed_everything, torch_load, torch_save)
+from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, POSITIVE, SHARE, Interrupted, RunFolder,
+                    UserError, append_jsonl, command_line, config_values, keep_jsonl, resolve_compute, resolve_device,
+                    run_main, seed_everything, stop_after_step, torch_load, torch_save)
+from common import parse_config as parse_with
 from data import (DataConfig, batches, derive_seed, masked_positions, prefetch, prepare, save_tokenizer, split,
                   steps_per_epoch)
 from model import SUPERPLM, Arch, Bert, SearchSpace, extract, grid, sub
@@ -43,8 +49,9 @@ class Config(DataConfig):  # the corpus flags (--corpus, --tokenizer, --vocab-si
                 "CPU cores in minutes. A preset changes the defaults; flags given still win",
         "choices": ["paper", "tiny"]})
     out: str = field(default="runs/superplm", metadata={"help": "run folder: checkpoint, metrics, vocabulary"})
-    superplm: str = field(default=str(SUPERPLM), metadata={
-        "help": "the SuperPLM layers-hidden-ffn-heads-qkv (§3.4); sampling uses Table B.1's ranges scaled to it"})
+    superplm_arch: str = field(default=str(SUPERPLM), metadata={
+        "help": "the SuperPLM's layers-hidden-ffn-heads-qkv (§3.4); sampling uses Table B.1's ranges scaled to it",
+        "aliases": ("superplm",)})
     objective: str = field(default="mlm", metadata={
         "help": "mlm: BERT pre-training; kd: TinyBERT's last-layer distillation from --teacher (§4.1)",
         "choices": ["mlm", "kd"]})
@@ -55,23 +62,28 @@ class Config(DataConfig):  # the corpus flags (--corpus, --tokenizer, --vocab-si
     arch: str = field(default="", metadata={"help": "train only this architecture, e.g. 5-564-1054-8-512: with "
                                                     "--init, the stage-3 further training of §3.6 (no warm-up)"})
     init: str = field(default="", metadata={"help": "start from this SuperPLM (run folder or checkpoint.pt)"})
-    batch_size: int = field(default=256, metadata={"help": "global batch, split over the ranks (§4.1)"})
-    lr: float = field(default=1e-5, metadata={"help": "peak learning rate of AdamW (§4.1)"})
+    batch_size: int = field(default=256, metadata={"help": "global batch, split over the ranks (§4.1)", **COUNT})
+    lr: float = field(default=1e-5, metadata={"help": "peak learning rate of AdamW (§4.1)", **POSITIVE})
     warmup: float = field(default=0.1, metadata={"help": "share of the steps with linear warm-up, then linear "
-                                                         "decay to 0 (§4.1)"})
-    epochs: int = field(default=5, metadata={"help": "passes over the corpus (§4.1), unless --max-steps"})
-    max_steps: int = field(default=0, metadata={"help": "the run's length in optimizer steps (the schedule is "
-                                                        "laid over it); 0: --epochs"})
-    samples: int = field(default=3, metadata={"help": "M: sub-models each rank samples per batch (Algorithm 1)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases, LayerNorm)"})
-    adam_eps: float = field(default=1e-6, metadata={"help": "AdamW epsilon (BERT's)"})
-    clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout of a new model"})
-    seed: int = field(default=0, metadata={"help": "seeds the weights, the data order, masks, sub-models"})
+                                                         "decay to 0 (§4.1)", **SHARE})
+    epochs: int = field(default=5, metadata={"help": "passes over the corpus (§4.1), unless --steps", **COUNT})
+    steps: Optional[int] = field(default=None, metadata={"help": "the run's length in optimizer steps (the "
+                                                                 "schedule is laid over it); default: --epochs",
+                                                         "aliases": ("max_steps",), **COUNT})
+    sub_models: int = field(default=3, metadata={"help": "M of Algorithm 1: sub-models each worker samples per "
+                                                         "batch", "aliases": ("samples",), **COUNT})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases, LayerNorm)",
+                                                        **NONNEGATIVE})
+    adam_eps: float = field(default=1e-6, metadata={"help": "AdamW epsilon (BERT's)", **POSITIVE})
+    clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this", **POSITIVE})
+    dropout: float = field(default=0.1, metadata={"help": "dropout of a new model", "min": 0, "max": 0.99})
+    seed: int = field(default=0, metadata={"help": "seeds the weights, the data order, masks, sub-models",
+                                           **NONNEGATIVE})
+    save_every: int = field(default=1000, metadata={"help": "write the checkpoint every K steps (and at the end)",
+                                                    **COUNT})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
     dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
-    save_every: int = field(default=1000, metadata={"help": "write the checkpoint every K steps (and at the end)"})
-    log_every: int = field(default=50, metadata={"help": "one log line every N steps"})
+    log_every: int = field(default=50, metadata={"help": "one log line every N steps", **COUNT})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoint, with its "
                                                           "saved settings"})
     overwrite: bool = field(default=False, metadata={"help": "replace the run in --out"})
@@ -80,31 +92,33 @@ class Config(DataConfig):  # the corpus flags (--corpus, --tokenizer, --vocab-si
 # Small runs: a SuperPLM of BERT-S3's shape (Table 4) on the stdlib corpus, with a learning rate that shows
 # progress within minutes rather than the paper's 1e-5 over days.
 PRESETS = {"paper": {},
-           "tiny": dict(superplm="4-256-1024-4-256", vocab_size=4096, seq_len=64, batch_size=32, lr=1e-3,
-                        max_steps=600, save_every=100, log_every=20, out="runs/superplm-tiny")}
+           "tiny": dict(superplm_arch="4-256-1024-4-256", vocab_size=4096, seq_len=64, batch_size=32, lr=1e-3,
+                        steps=600, save_every=100, log_every=20, out="runs/superplm-tiny")}
 
 
-INHERITED = ("objective", "teacher", "corpus", "tokenizer", "vocab_size", "seq_len", "cache_dir", "batch_size", "lr", "samples",
-             "weight_decay", "adam_eps", "clip", "dropout", "log_every", "save_every")  # what --init carries over
+INHERITED = ("superplm_arch", "objective", "teacher", "corpus", "tokenizer", "vocab_size", "seq_len", "cache_dir",
+             "batch_size", "lr", "sub_models", "weight_decay", "adam_eps", "clip", "dropout", "log_every",
+             "save_every")  # what --init carries over
 
 
-def parse_config(argv=None):
-    parser = config_parser(Config, __doc__.split("\n")[0])
-    first, _ = parser.parse_known_args(argv)
-    defaults = dict(PRESETS[first.preset])
+def defaults(first):
+    """The defaults a command line starts from: the preset's, then (with --init) the one-shot run's settings."""
+    out = dict(PRESETS[first.preset])
     if first.init:  # §4.1: further training keeps the one-shot run's settings (corpus, batch, lr, ...)
         path = Path(first.init) / "checkpoint.pt" if Path(first.init).is_dir() else Path(first.init)
         if not path.exists():
-            raise UserError(f"--init {path} does not exist: train a SuperPLM first (python superplm.py "
-                            "--out DIR)")
-        saved = torch_load(path).get("config", {})
-        defaults.update({k: saved[k] for k in INHERITED if k in saved})
+            raise UserError(f"--init {path} does not exist: train a SuperPLM first (python superplm.py --out DIR)")
+        saved = config_values(Config, torch_load(path).get("config", {}))
+        out.update({k: saved[k] for k in INHERITED if k in saved})
     if first.arch:
-        defaults["samples"] = 1  # one architecture: nothing to sample
+        out["sub_models"] = 1  # one architecture: nothing to sample
         if first.init:
-            defaults["warmup"] = 0.0  # §4.1: further training is the one-shot setting without warm-up
-    parser.set_defaults(**defaults)
-    return config_from_args(Config, parser.parse_args(argv))
+            out["warmup"] = 0.0  # §4.1: further training is the one-shot setting without warm-up
+    return out
+
+
+def parse_config(argv=None):
+    return parse_with(Config, argv, __doc__.split("\n")[0], defaults=defaults)
 
 
 # ----------------------------------------------------------------------------- search space and sampling
@@ -298,28 +312,38 @@ def build_model(cfg, vocab_size, init=None):
             space = single(model.arch)
         return model, space
     mha = cfg.mha or ("dims" if cfg.objective == "kd" else "heads")  # Figure 3: (c) distillation, (b) pre-training
-    arch = Arch.parse(cfg.arch or cfg.superplm)
+    arch = Arch.parse(cfg.arch or cfg.superplm_arch)
     model = Bert(arch, vocab_size=vocab_size, mha=mha, max_position=max(512, cfg.seq_len), dropout=cfg.dropout)
     return model, single(arch) if cfg.arch else space_for(arch, mha)
 
 
-def train(cfg):
+def train(cfg, argv=None):
+    """Algorithm 1 in cfg.out; argv (the command line, sys.argv's by default) goes into config.json."""
     rank, world, device = init_distributed(cfg.device)
-    compute = resolve_compute(str(device), cfg.dtype)
-    out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pt"
-    if rank == 0:
-        fresh_out_dir(out, cfg.resume, cfg.overwrite)
-        if cfg.overwrite and not cfg.resume:
-            for name in ("checkpoint.pt", "metrics.jsonl"):
-                (out / name).unlink(missing_ok=True)
+    folder = RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="checkpoint.pt", argv=argv) if rank == 0 \
+        else nullcontext()
     if world > 1:
         dist.barrier()
-    ckpt = torch_load(ckpt_path) if cfg.resume and ckpt_path.exists() else None
-    if ckpt:  # the saved configuration wins, so that the run continues exactly
-        cfg = dataclasses.replace(Config(**ckpt["config"]), out=cfg.out, resume=True, device=cfg.device,
-                                  dtype=cfg.dtype)  # where and how to compute: this run's flags
+    with folder:
+        model = _train(cfg, folder, rank, world, device)
+    if world > 1:
+        dist.destroy_process_group()
+    return model
 
+
+def _train(cfg, folder, rank, world, device):
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pt"
+    ckpt = torch_load(ckpt_path) if cfg.resume else None
+    if ckpt:  # the saved configuration wins, so that the run continues exactly
+        cfg = dataclasses.replace(Config(**config_values(Config, ckpt["config"])), out=cfg.out, resume=True,
+                                  device=cfg.device, dtype=cfg.dtype)  # where and how to compute: this run's flags
+        if rank == 0:
+            folder.update(cfg)
+            keep_jsonl(out / "metrics.jsonl", lambda r: r["step"] <= ckpt["step"])  # no step logged twice
+
+    compute = resolve_compute(str(device), cfg.dtype)
+    Arch.parse(cfg.arch or cfg.superplm_arch)  # a shape that does not parse fails before the corpus is read
     teacher, vocab = None, cfg.tokenizer  # the vocabulary: the run's own, the teacher's, the init's, or trained
     if cfg.objective == "kd":
         if not cfg.teacher:
@@ -327,17 +351,17 @@ def train(cfg):
         import distill
         teacher, vocab = distill.load_teacher(cfg.teacher)
         if not cfg.init:  # fail before the corpus is tokenised
-            distill.check_compatible(teacher, Arch.parse(cfg.arch or cfg.superplm))
+            distill.check_compatible(teacher, Arch.parse(cfg.arch or cfg.superplm_arch))
     source = ckpt_path if ckpt else cfg.init  # weights to start from: the run's own, or --init's SuperPLM
     init = load_superplm(source) if source else None
     vocab = init[2] if init else vocab
     _, tok, dataset = rank0_first(rank, world, lambda: prepare(dataclasses.replace(cfg, tokenizer=str(vocab or ""))))
     dataset = split(dataset)[0]  # the held-out tail is for scoring sub-models (search.py), never trained on
-    if rank == 0 and ckpt is None:
-        save_tokenizer(tok, out)
 
     seed_everything(cfg.seed)  # the new weights
     model, space = build_model(cfg, tok.get_vocab_size(), init)
+    if rank == 0 and ckpt is None:
+        save_tokenizer(tok, out)
     objective = make_objective(cfg, model, space, teacher)
     if ckpt:
         objective.load_state_dict(ckpt["objective_state"])
@@ -355,7 +379,7 @@ def train(cfg):
     flat = flat_grads(params)
     optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay, cfg.adam_eps)
     spe = steps_per_epoch(dataset, cfg.batch_size)
-    total = cfg.max_steps or cfg.epochs * spe
+    total = cfg.steps or cfg.epochs * spe
     step = 0
     if ckpt:
         if ckpt["data"]["rows"] != len(dataset):
@@ -372,51 +396,81 @@ def train(cfg):
                         schedule=dict(total=total, warmup=cfg.warmup, peak=cfg.lr), step=step,
                         data=dict(epoch=step // spe, batch=step % spe, rows=len(dataset)), rng=rng_states(),
                         config=dataclasses.asdict(cfg)), ckpt_path)
+        folder.done_first()
 
-    M = cfg.samples
+    def log(line):  # on the terminal (above the progress bar) and in log.txt
+        bar.write(line)
+        with open(out / "log.txt", "a") as f:
+            f.write(line + "\n")
+
+    M = cfg.sub_models
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="superplm", unit="step")
     if rank == 0:
         n = sum(p.numel() for p in model.parameters())
-        print(f"{'resuming at step ' + str(step) if ckpt else 'training'} {model.arch} ({n / 1e6:.1f}M parameters, "
-              f"{cfg.objective}) on {world} worker(s), {compute}: {total} steps of {cfg.batch_size} x {cfg.seq_len} "
-              f"tokens, {len(dataset)} sequences ({spe} steps/epoch), M={M}, space of {space.size():,} archs")
-    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="superplm", unit="step")
+        log(f"{'resuming at step ' + str(step) if ckpt else 'training'} {model.arch} ({n / 1e6:.1f}M parameters, "
+            f"{cfg.objective}) on {world} worker(s), {compute}: {total} steps of {cfg.batch_size} x {cfg.seq_len} "
+            f"tokens, {len(dataset)} sequences ({spe} steps/epoch), M={M}, space of {space.size():,} archs")
     window, t0, steps0 = defaultdict(float), time.time(), step
-    while step < total:
-        epoch, pos = divmod(step, spe)
-        # lines 2-4: this worker's sub-batches, masked by a background thread while the step before computes
-        for batch in prefetch(batches(dataset, cfg.batch_size, epoch, cfg.seed, rank, world, start=pos), device):
-            flat.zero_()  # line 5: clear the gradients
-            archs, stats = accumulate(model, objective, batch, space, M, cfg.seed, step, rank, compute.autocast)
-            lr = learning_rate(step, total, cfg.lr, cfg.warmup)
-            update(flat, world, optimizer, lr, cfg.clip)  # line 11
-            step += 1
-            bar.update()
-            for k, v in stats.items():
-                window[k] += v
-            if step % cfg.log_every == 0 or step == total:
-                means = window_means(window, (step - steps0) * world, world, device)
-                rate = cfg.batch_size * cfg.seq_len * (step - steps0) / (time.time() - t0)  # global tokens/s
-                if rank == 0:
-                    record = dict(step=step, epoch=epoch, lr=lr, tokens_per_s=rate, **means,
-                                  archs=[str(a) for a in archs])  # rank 0's sub-models of this step
-                    append_jsonl(out / "metrics.jsonl", record)
-                    bar.write(f"step {step}/{total} | " + " | ".join(f"{k} {v:.4f}" for k, v in means.items())
-                              + f" | lr {lr:.2e} | {rate:,.0f} tok/s | archs {' '.join(record['archs'])}")
-                window, t0, steps0 = defaultdict(float), time.time(), step
-            if rank == 0 and (step % cfg.save_every == 0 or step == total):
-                save()
-            if step == total:
-                break
+    with stop_after_step() as stop:
+        while step < total:
+            epoch, pos = divmod(step, spe)
+            # lines 2-4: this worker's sub-batches, masked by a background thread while the step before computes
+            for batch in prefetch(batches(dataset, cfg.batch_size, epoch, cfg.seed, rank, world, start=pos), device):
+                flat.zero_()  # line 5: clear the gradients
+                archs, stats = accumulate(model, objective, batch, space, M, cfg.seed, step, rank, compute.autocast)
+                lr = learning_rate(step, total, cfg.lr, cfg.warmup)
+                update(flat, world, optimizer, lr, cfg.clip)  # line 11
+                step += 1
+                bar.update()
+                for k, v in stats.items():
+                    window[k] += v
+                if step % cfg.log_every == 0 or step == total:
+                    means = window_means(window, (step - steps0) * world, world, device)
+                    rate = cfg.batch_size * cfg.seq_len * (step - steps0) / (time.time() - t0)  # global tokens/s
+                    if rank == 0:
+                        record = dict(step=step, epoch=epoch, lr=lr, tokens_per_s=rate, **means,
+                                      archs=[str(a) for a in archs])  # rank 0's sub-models of this step
+                        append_jsonl(out / "metrics.jsonl", record)
+                        log(f"step {step}/{total} | " + " | ".join(f"{k} {v:.4f}" for k, v in means.items())
+                            + f" | lr {lr:.2e} | {rate:,.0f} tok/s | archs {' '.join(record['archs'])}")
+                    window, t0, steps0 = defaultdict(float), time.time(), step
+                stopping = stopped(stop, world, device)
+                if rank == 0 and (step % cfg.save_every == 0 or step == total or stopping):
+                    save()
+                if stopping and step < total:
+                    bar.close()
+                    if world > 1:
+                        dist.barrier()
+                        if rank:
+                            sys.exit(130)  # rank 0 says what was saved
+                    raise Interrupted(f"{stop.signal or 'a signal'} at step {step}/{total}: saved {ckpt_path}; "
+                                      f"resume with: {resume_command(cfg)}")
+                if step == total:
+                    break
     bar.close()
     if rank == 0 and cfg.arch:  # a stand-alone model: the run folder is also a Hugging Face BERT folder
         model.save_pretrained(out)
-    if world > 1:
-        dist.destroy_process_group()
     return model
 
 
+def stopped(stop, world, device):
+    """Whether a SIGINT/SIGTERM arrived; with several workers, whether any of them got one (all stop together)."""
+    if world == 1:
+        return stop.signal is not None
+    flag = torch.tensor([float(stop.signal is not None)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def resume_command(cfg):
+    command = command_line(["--out", cfg.out, "--resume"], "superplm.py")
+    if "WORLD_SIZE" in os.environ:  # as many workers again (per node, with the same rendezvous flags)
+        command = command.replace("python", f"torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']}", 1)
+    return command
+
+
 def main(argv=None):
-    train(parse_config(argv))
+    train(parse_config(argv), argv)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def main():
 
     # the data set: resumes where an earlier run stopped
     data_path = out / "latency_pretrain.jsonl"
-    cmd_measure(MeasureCfg(**timing, space="pretrain", samples=cfg.samples, out=str(data_path), seed=cfg.seed))
+    cmd_measure(MeasureCfg(**timing, space="pretrain", samples=cfg.samples, out=str(data_path), seed=cfg.seed,
+                           resume=True))
     collect_s = sum(r.get("seconds", 0.0) for r in read_jsonl(data_path))
     data = load_data(data_path)
     fit_cfg = FitCfg(seed=cfg.seed)
@@ -110,8 +111,8 @@ def main():
         ("seconds per arch", collect_s / len(data["archs"]), None, False),
         ("fit, seconds", fit_s, None, False),
     ]
-    print(f"\nlatency predictor on {cpu_model()}, {cfg.threads} thread(s), batch {cfg.batch}, {cfg.seq_len} tokens; "
-          f"{ours['train']} archs to fit, {h['n']} held out")
+    print(f"\nlatency predictor on {cpu_model()}, {cfg.threads} thread(s), batch {cfg.batch_size}, {cfg.seq_len} "
+          f"tokens; {ours['train']} archs to fit, {h['n']} held out")
     print(f"{'metric':58s} {'value':>9s} {'target':>8s} {'ratio':>6s}")
     for what, value, target, higher in rows:
         if target is None:

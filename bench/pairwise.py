@@ -52,12 +52,13 @@ class Config:
     preset: str = field(default="tiny", metadata={"help": "superplm.py preset of every training run",
                                                   "choices": list(superplm.PRESETS)})
     train_args: str = field(default="", metadata={
-        "help": "more superplm.py flags for every run, e.g. \"--corpus my.txt --superplm 6-384-1536-6-384 "
-                "--batch-size 64\" (this study sets --out, --arch, --mha, --samples, --max-steps)"})
+        "help": "more superplm.py flags for every run, e.g. \"--corpus my.txt --superplm-arch 6-384-1536-6-384 "
+                "--batch-size 64\" (this study sets --out, --arch, --mha, --sub-models, --steps)"})
     tokens: int = field(default=819_200, metadata={
         "help": "token budget: the batch-wise SuperPLMs and every stand-alone model train on this many tokens "
                 "(rounded to whole batches; the default is 400 steps of the tiny preset)"})
-    samples: int = field(default=3, metadata={"help": "M of Algorithm 1 for the batch-wise SuperPLMs (the paper's)"})
+    sub_models: int = field(default=3, metadata={"help": "M of Algorithm 1 for the batch-wise SuperPLMs (the "
+                                                         "paper's)", "aliases": ("samples",), "min": 1})
     ablation: bool = field(default=True, metadata={
         "help": "also train SuperPLMs with one sub-model per batch and M x the steps (Table 3's EBL ablation)"})
     mha: list[str] = field(default_factory=lambda: ["heads", "dims"], metadata={
@@ -158,10 +159,11 @@ def variants(cfg, steps):
     """Table 3's rows at this scale: (name, mha, M, optimizer steps, label)."""
     out = []
     for mha in cfg.mha:
-        out.append((f"{mha}-m{cfg.samples}", mha, cfg.samples, steps, f"{mha}, batch-wise M={cfg.samples} (Alg. 1)"))
+        out.append((f"{mha}-m{cfg.sub_models}", mha, cfg.sub_models, steps,
+                    f"{mha}, batch-wise M={cfg.sub_models} (Alg. 1)"))
         if cfg.ablation:
-            out.append((f"{mha}-m1", mha, 1, cfg.samples * steps,
-                        f"{mha}, one sub-model per batch ({cfg.samples}x steps)"))
+            out.append((f"{mha}-m1", mha, 1, cfg.sub_models * steps,
+                        f"{mha}, one sub-model per batch ({cfg.sub_models}x steps)"))
     return out
 
 
@@ -180,10 +182,12 @@ def run(name, out, done, base, archs, tok_path, rows, cfg, **changes):
     if name in done:
         return done[name]
     t0 = time.time()
-    model = superplm.train(dataclasses.replace(base, out=str(out / name), resume=True, overwrite=False, **changes))
+    again = (out / name / "checkpoint.pt").exists()  # a run stopped part-way continues
+    model = superplm.train(dataclasses.replace(base, out=str(out / name), resume=again, overwrite=not again,
+                                               **changes))
     train_s = time.time() - t0
-    record = dict(run=name, steps=changes["max_steps"], samples=changes["samples"], train_s=train_s,
-                  tokens=changes["max_steps"] * base.batch_size * base.seq_len,
+    record = dict(run=name, steps=changes["steps"], samples=changes["sub_models"], train_s=train_s,
+                  tokens=changes["steps"] * base.batch_size * base.seq_len,
                   scores=scores(model, archs, base, tok_path, rows, cfg))
     append_jsonl(out / "runs.jsonl", record)
     done[name] = record
@@ -298,15 +302,15 @@ def main(argv=None):
     base = superplm.parse_config(["--preset", cfg.preset, *shlex.split(cfg.train_args)])
     if base.objective != "mlm":
         raise UserError("this study scores masked-LM loss: drop --objective from --train-args")
-    if cfg.ablation and cfg.samples < 2:
-        raise UserError("--ablation compares M sub-models per batch with one: use --samples >= 2 or --no-ablation")
+    if cfg.ablation and cfg.sub_models < 2:
+        raise UserError("--ablation compares M sub-models per batch with one: use --sub-models >= 2 or --no-ablation")
     t0 = time.time()
     out = open_study(cfg)
     tok_path, tok, dataset = prepare(base)
     tok_path = Path(tok_path).resolve()
     rows = len(split(dataset)[1])  # MLMScore scores the first `rows` of the held-out tail: all of it
     steps = max(1, round(cfg.tokens / (base.batch_size * base.seq_len)))
-    big = Arch.parse(base.superplm)
+    big = Arch.parse(base.superplm_arch)
     spaces = {mha: superplm.space_for(big, mha) for mha in ("heads", "dims")}
     cost_name, cost = ("FLOPs", flops) if not cfg.latency else \
         ("pred. ms", latency.LatencyPredictor.load(cfg.latency).predict)
@@ -330,10 +334,10 @@ def main(argv=None):
         for name, m, M, n_steps, _ in variants(cfg, steps):
             if m == mha:  # one-shot: every arch inside this SuperPLM, no further training
                 run(f"superplm-{name}", out, done, base, sets[mha], tok_path, rows, cfg, arch="", init="", mha=mha,
-                    samples=M, max_steps=n_steps, tokenizer=str(tok_path))
+                    sub_models=M, steps=n_steps, tokenizer=str(tok_path))
         for a in sets[mha]:  # stand-alone: each arch alone from scratch, as many tokens as the batch-wise SuperPLM
-            run(f"standalone-{a}", out, done, base, [a], tok_path, rows, cfg, arch=str(a), init="", samples=1,
-                max_steps=steps, tokenizer=str(tok_path))
+            run(f"standalone-{a}", out, done, base, [a], tok_path, rows, cfg, arch=str(a), init="", sub_models=1,
+                steps=steps, tokenizer=str(tok_path))
         report(out, picked, sets, done, cfg, steps, info, t0)
 
 

@@ -162,8 +162,9 @@ def toy_superplm(folder):
     corpus.parent.mkdir(parents=True, exist_ok=True)
     corpus.write_text("\n\n".join(" ".join(rng.choices(rng.choice(topics), k=12)) + " ." for _ in range(3000)))
     superplm.train(superplm.Config(corpus=str(corpus), vocab_size=200, seq_len=32, out=str(folder),
-                                   cache_dir=str(folder.parent / "cache"), superplm="4-64-256-4-64", batch_size=32,
-                                   lr=3e-3, max_steps=600, save_every=600, log_every=200, dropout=0.0, seed=0))
+                                   cache_dir=str(folder.parent / "cache"), superplm_arch="4-64-256-4-64",
+                                   batch_size=32, lr=3e-3, steps=600, save_every=600, log_every=200, dropout=0.0,
+                                   seed=0))
     return folder
 
 

@@ -7,7 +7,7 @@ design (fused AdamW where torch has it), while the plain model's step updates on
 Part 2: a full 8-768-3072-12-768 training step (forward, backward, AdamW) against transformers' BertForMaskedLM of
 the same shape (which computes logits at every position). Target: ratio <= 1.0.
 
-    python bench/superplm_speed.py                 # CPU: small batches; on a GPU raise --batch
+    python bench/superplm_speed.py                 # CPU: small batches; on a GPU raise --batch-size
 """
 
 import random
@@ -28,7 +28,7 @@ from superplm import MLM, adamw, flat_grads  # noqa: E402
 
 @dataclass
 class BenchConfig:
-    batch: int = field(default=4, metadata={"help": "sequences per step"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per step", "aliases": ("batch",), "min": 1})
     seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
     vocab_size: int = field(default=30522, metadata={"help": "vocabulary (BERT's)"})
     archs: int = field(default=4, metadata={"help": "sub-models sampled from PRETRAIN_SPACE"})
@@ -40,7 +40,7 @@ class BenchConfig:
 
 def make_batch(cfg, device):
     g = torch.Generator().manual_seed(cfg.seed)
-    ids = torch.randint(5, cfg.vocab_size, (cfg.batch, cfg.seq_len), generator=g)
+    ids = torch.randint(5, cfg.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g)
     ids[:, 0], ids[:, -1] = 2, 3  # [CLS] ... [SEP]
     inputs, labels = mask_tokens(ids, Specials(0, 1, 2, 3, 4, cfg.vocab_size), g)
     return {k: v.to(device) for k, v in dict(input_ids=inputs, labels=labels,
@@ -72,8 +72,8 @@ def part1(cfg, device, batch):
     opt = adamw(superplm.parameters(), lr=1e-5)
     rng = random.Random(cfg.seed)
     archs = [PRETRAIN_SPACE.sample(rng) for _ in range(cfg.archs)]
-    tokens = cfg.batch * cfg.seq_len
-    print(f"part 1: fwd+bwd of sub-models, {cfg.batch}x{cfg.seq_len} tokens, {cfg.repeats} repeats, medians")
+    tokens = cfg.batch_size * cfg.seq_len
+    print(f"part 1: fwd+bwd of sub-models, {cfg.batch_size}x{cfg.seq_len} tokens, {cfg.repeats} repeats, medians")
     print(f"{'arch':<22}{'SuperPLM tok/s':>16}{'plain tok/s':>14}{'ratio':>8}{'step Super ms':>15}"
           f"{'step plain ms':>15}")
     ratios = []
@@ -124,8 +124,8 @@ def part2(cfg, device, batch):
             times["ours"].append(t_ours)
             times["hf"].append(t_hf)
     med = {k: statistics.median(v) for k, v in times.items()}
-    tokens = cfg.batch * cfg.seq_len
-    print(f"\npart 2: full {a} training step (fwd+bwd+AdamW), {cfg.batch}x{cfg.seq_len} tokens, medians")
+    tokens = cfg.batch_size * cfg.seq_len
+    print(f"\npart 2: full {a} training step (fwd+bwd+AdamW), {cfg.batch_size}x{cfg.seq_len} tokens, medians")
     print(f"{'model':<28}{'ms':>10}{'tok/s':>10}")
     for k, name in (("ours", "model.Bert"), ("hf", "transformers BertForMaskedLM")):
         print(f"{name:<28}{1e3 * med[k]:>10.1f}{tokens / med[k]:>10,.0f}")

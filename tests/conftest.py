@@ -14,4 +14,4 @@ torch.set_num_threads(1)  # the suite's models are tiny: one thread is fastest a
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: over ~5 s; `-m 'not slow'` skips them")
+    config.addinivalue_line("markers", "slow: takes more than ~5 s (deselect with -m 'not slow')")

@@ -323,3 +323,62 @@ def test_cli_help_and_one_line_errors(capsys):
     with pytest.raises(SystemExit) as e:
         run_main(lambda: ft.main(["--task", "rte"]))
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: no model")
+
+
+def rte(tmp_path, vocab):
+    model = tiny_bert_folder(tmp_path / "model", vocab)
+    glue = tmp_path / "glue"
+    write_tsv(glue / "RTE" / "train.tsv", keyword_task(32, 0))
+    write_tsv(glue / "RTE" / "dev.tsv", keyword_task(8, 1))
+    return ["--task", "RTE", "--model", str(model), "--data", str(glue), "--batch-size", "8"]  # GLUE's spelling
+
+
+def test_cli_run_folder_records_its_settings_and_a_failed_start_leaves_nothing(tmp_path, vocab):
+    flags, out = rte(tmp_path, vocab), tmp_path / "run"
+    wrong = [*flags, "--data", str(tmp_path / "nowhere"), "--out", str(out)]  # the last --data wins
+    with pytest.raises(ft.UserError, match="pass the right --data"):
+        ft.main(wrong)
+    assert not out.exists()
+    out.mkdir()
+    with pytest.raises(ft.UserError):
+        ft.main(wrong)
+    assert list(out.iterdir()) == []  # as it was found: the next attempt needs no --overwrite
+    result = ft.main([*flags, "--epochs", "2", "--out", str(out), "--log-every", "2"])
+    record = json.loads((out / "config.json").read_text())
+    assert record["config"]["task"] == "rte" and record["config"]["lr"] == [2e-5]  # resolved: Table D.1's
+    assert record["command"].startswith("python ") and "--task RTE" in record["command"]
+    assert record["status"] == "finished" and record["started"] <= record["ended"]
+    log = (out / "log.txt").read_text().splitlines()
+    assert [line.split(" | ")[1] for line in log if " | step " in line] == ["step 2/4", "step 4/4"] * 2
+    assert sum(" | epoch " in line for line in log) == 2
+    # config.json round-trips into the same run
+    again = ft.main(["--config", str(out / "config.json"), "--out", str(tmp_path / "again")])
+    assert again == result and json.loads((tmp_path / "again" / "config.json").read_text())["config"] == dict(
+        record["config"], out=str(tmp_path / "again"))
+
+
+def test_sigterm_keeps_the_finished_epochs_and_says_so(tmp_path, vocab, monkeypatch):
+    import os
+    import signal
+    flags, calls = rte(tmp_path, vocab), []
+    loss_fn = ft.loss_fn
+
+    def preempted_at(step):  # SIGTERM to this process during training step `step`
+        def patched(*args):
+            calls.append(1)
+            if len(calls) == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return loss_fn(*args)
+        calls.clear()
+        monkeypatch.setattr(ft, "loss_fn", patched)
+
+    preempted_at(2)  # in the first epoch: nothing to keep, the folder is not left behind
+    with pytest.raises(KeyboardInterrupt, match="nothing kept"):
+        ft.main([*flags, "--epochs", "3", "--out", str(tmp_path / "a")])
+    assert not (tmp_path / "a").exists() and len(calls) == 2  # the step in progress was finished, no more
+    preempted_at(6)  # in the second epoch: the first one's results are kept
+    with pytest.raises(KeyboardInterrupt, match=r"SIGTERM: kept .*metrics.jsonl.*best/ \(lr 2e-05 epochs 3 epoch 1"):
+        ft.main([*flags, "--epochs", "3", "--out", str(tmp_path / "b")])
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [1]
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["status"] == "interrupted"
+    assert (tmp_path / "b" / "best" / "model.safetensors").exists()

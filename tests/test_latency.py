@@ -1,3 +1,4 @@
+import json
 import warnings
 
 import numpy as np
@@ -5,7 +6,7 @@ import pytest
 import torch
 
 import latency
-from common import UserError, read_jsonl, torch_load, torch_save
+from common import UserError, config_parser, parse_config, read_jsonl, torch_load, torch_save
 from latency import LatencyPredictor, accuracy, kendall_tau, measure, parse_target, relative, sample_archs
 from model import BERT_BASE, PRETRAIN_SPACE, Arch, SearchSpace, grid
 
@@ -52,7 +53,7 @@ def test_save_load_same_predictions_and_foreign_cpu_warns(tmp_path):
     torch_save(state, tmp_path / "other.pt")
     with pytest.warns(UserWarning, match="Some Other CPU 9000"):
         LatencyPredictor.load(tmp_path / "other.pt")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="latency.py fit"):
         LatencyPredictor.load(tmp_path / "missing.pt")
 
 
@@ -82,7 +83,7 @@ def test_kendall_tau_and_accuracy():
 def test_collect_times_each_arch_beside_the_reference(monkeypatch):
     monkeypatch.setattr(latency, "BERT_BASE", Arch(2, 128, 512, 2, 128))  # keep the test fast
     monkeypatch.setattr(latency, "BASE_EVERY", 2)
-    cfg = latency.TimingCfg(seq_len=32, warmup=0, repeats=3)
+    cfg = latency.TimingCfg(seq_len=32, warmup_passes=0, repeats=3)
     archs = [Arch(1, 64, 64, 1, 64), Arch(2, 96, 128, 2, 128), Arch(1, 64, 128, 1, 64)]
     recs = list(latency.collect(archs, cfg, start=5))
     assert [r["kind"] for r in recs] == ["base", "arch", "arch", "base", "arch"]
@@ -110,39 +111,74 @@ def test_measure_fit_cli_resumes_and_refuses_mixing(tmp_path, monkeypatch, capsy
     ckpt = tmp_path / "checkpoint.pt"
     torch_save(dict(space=dict(layers=list(TINY.layers), hidden=list(TINY.hidden), ffn=list(TINY.ffn),
                                heads=list(TINY.heads), qkv=None, head_dim=64)), ckpt)
-    out = tmp_path / "lat.jsonl"
-    flags = ["--space", str(ckpt), "--out", str(out), "--warmup", "0", "--repeats", "2",
+    out = tmp_path / "latency"
+    flags = ["--space", str(ckpt), "--out", str(out), "--warmup-passes", "0", "--repeats", "2",
              "--seq-len", "32"]
     latency.main(["measure", "--samples", "7", *flags])
-    with open(out, "a") as f:
+    with open(out / "timings.jsonl", "a") as f:
         f.write('{"kind": "arch", "ar')  # a run killed mid-line
-    latency.main(["measure", "--samples", "12", *flags])
-    recs = read_jsonl(out)
+    with pytest.raises(UserError, match="--resume"):  # never appended to without being asked
+        latency.main(["measure", "--samples", "12", *flags])
+    latency.main(["measure", "--samples", "12", *flags, "--resume"])
+    recs = read_jsonl(out / "timings.jsonl")
     archs = [r["arch"] for r in recs if r["kind"] == "arch"]
     assert len(archs) == 12 == len(set(archs)) and all(Arch.parse(a) in TINY for a in archs)
     assert [r["i"] for r in recs if r["kind"] == "arch"] == list(range(12))
     assert sum(r["kind"] == "base" for r in recs) == 2  # one per session
     assert recs[0]["reference"] == "2-128-256-2-128"  # the reference shrunk to the tiny space
     assert all(r["ms"] > 0 and r["spread"] >= 0 for r in recs[1:])
+    record = json.loads((out / "config.json").read_text())  # the resumed run's settings, round-tripping
+    assert record["config"]["samples"] == 12 and record["command"].startswith("python latency.py measure --samples 12")
+    assert parse_config(latency.MeasureCfg, ["--config", str(out / "config.json")],
+                        parser=config_parser(latency.MeasureCfg)) == latency.MeasureCfg(**dict(record["config"],
+                                                                                               resume=False))
     with pytest.raises(UserError, match="seq_len"):
-        latency.main(["measure", "--samples", "13", *flags[:-1], "64"])
-    with pytest.raises(UserError, match="SuperPLM checkpoint"):
-        latency.main(["measure", "--space", "nowhere", "--out", str(tmp_path / "x.jsonl")])
+        latency.main(["measure", "--samples", "13", *flags[:-1], "64", "--resume"])
+    with pytest.raises(UserError, match="SuperPLM"):
+        latency.main(["measure", "--space", "nowhere", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()  # a failed start leaves nothing behind
 
-    pt = tmp_path / "lat.pt"
-    latency.main(["fit", "--data", str(out), "--out", str(pt), "--steps", "100"])
-    assert "MAPE" in capsys.readouterr().out and (tmp_path / "lat.json").exists()
-    pred = LatencyPredictor.load(pt)
+    fit = tmp_path / "predictor"
+    latency.main(["fit", "--timings", str(out), "--out", str(fit), "--steps", "100"])
+    assert "MAPE" in capsys.readouterr().out and (fit / "metrics.json").exists()
+    pred = LatencyPredictor.load(fit)
     assert pred.device["seq_len"] == 32 and pred.base_ms > 0 and pred(archs[0]) > 0
     assert pred.state["metrics"]["heldout"]["n"] == 2
     with pytest.raises(UserError, match="--overwrite"):
-        latency.main(["fit", "--data", str(out), "--out", str(pt)])
+        latency.main(["fit", "--timings", str(out), "--out", str(fit)])
+    # config.json round-trips: the same settings fit the same predictor
+    latency.main(["fit", "--config", str(fit / "config.json"), "--out", str(tmp_path / "again")])
+    again = torch_load(tmp_path / "again" / "predictor.pt")
+    assert all(torch.equal(v, again["net"][k]) for k, v in pred.state["net"].items())
+
+    # the old spellings (one more release): a file for --out, --data, --warmup, --batch
+    old = tmp_path / "old.jsonl"
+    capsys.readouterr()
+    latency.main(["measure", "--samples", "10", "--space", str(ckpt), "--out", str(old), "--warmup", "0",
+                  "--batch", "1", "--repeats", "2", "--seq-len", "32"])
+    latency.main(["fit", "--data", str(old), "--out", str(tmp_path / "old.pt"), "--steps", "50"])
+    err = capsys.readouterr().err
+    assert "--warmup is deprecated, use --warmup-passes" in err and "--data is deprecated, use --timings" in err
+    assert (tmp_path / "old.pt").exists() and (tmp_path / "old.json").exists()
+
+
+def test_a_predictor_warns_once_outside_the_shapes_it_was_fitted_on(capsys):
+    pred, test, _ = fitted(n=60, steps=50)
+    ranges = pred.state["ranges"]
+    inside = [a for a in test if all(lo <= getattr(a, d) <= hi for d, (lo, hi) in ranges.items())]
+    pred.predict(inside)
+    assert capsys.readouterr().err == ""
+    big = Arch(ranges["layers"][1] + 1, ranges["hidden"][1], ranges["ffn"][1], ranges["heads"][1], ranges["qkv"][1])
+    pred.predict([big, big])
+    pred(big)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"layers {big.layers} not in" in err and str(big) in err
 
 
 def test_table_measures_every_arch(monkeypatch, capsys):
     monkeypatch.setattr(latency, "BERT_BASE", Arch(2, 128, 512, 2, 128))
     monkeypatch.setattr(latency, "TABLE4", [("S9", "BERT", "1-64-256-1-64", 3.0), ("S9", "Auto", "1-96-64-1-64", 4.0)])
-    latency.main(["table", "--warmup", "0", "--repeats", "2", "--seq-len", "32"])
+    latency.main(["table", "--warmup-passes", "0", "--repeats", "2", "--seq-len", "32"])
     lines = capsys.readouterr().out.splitlines()
     assert any("1-64-256-1-64" in line and "3.0x" in line for line in lines)
     assert any("1-96-64-1-64" in line for line in lines)
@@ -159,3 +195,16 @@ def test_sample_archs_distinct_prefix_and_too_many():
     assert len(set(a)) == 50 and sample_archs(PRETRAIN_SPACE, 20, seed=3) == a[:20]
     with pytest.raises(UserError, match="--samples"):
         sample_archs(TINY, TINY.size() + 1, seed=0)
+
+
+def test_an_interrupted_measure_keeps_its_timings_and_says_how_to_continue(tmp_path, monkeypatch):
+    def collect(archs, cfg, start=0, reference=None):  # one timing, then Ctrl-C
+        yield dict(kind="arch", arch=str(archs[0]), ms=2.0, spread=0.0, ref_ms=1.0, ref_spread=0.0, i=start)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latency, "collect", collect)
+    out = tmp_path / "lat"
+    with pytest.raises(KeyboardInterrupt, match=r"the 1 archs timed so far are kept in \S+timings.jsonl; continue "
+                                                 r"with: python latency.py measure --samples 5 --out \S+ --resume$"):
+        latency.main(["measure", "--samples", "5", "--out", str(out)])
+    assert [r["kind"] for r in read_jsonl(out / "timings.jsonl")] == ["meta", "arch"]

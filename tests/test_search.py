@@ -220,8 +220,8 @@ def trained(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cfg = superplm.Config(corpus=str(root / "corpus.txt"), vocab_size=200, seq_len=32, cache_dir=str(root / "cache"),
-                          out=str(root / "superplm"), superplm="2-64-128-2-64", batch_size=32, lr=3e-3,
-                          max_steps=300, save_every=300, log_every=1000, dropout=0.0)
+                          out=str(root / "superplm"), superplm_arch="2-64-128-2-64", batch_size=32, lr=3e-3,
+                          steps=300, save_every=300, log_every=1000, dropout=0.0)
     superplm.train(cfg)
     model, space, _ = superplm.load_superplm(root / "superplm")
     archs = list({space.sample(rng) for _ in range(200)})
@@ -333,6 +333,7 @@ def test_cli_names_the_command_that_makes_a_missing_input(trained, tmp_path, cap
                                         tmp_path / "out"))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and command in err
+    assert not (tmp_path / "out").exists()  # a failed start leaves nothing behind
 
 
 def write_finetune_data(root, seed=1):
@@ -411,3 +412,34 @@ def subprocess_search(args, workers=0):
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
+def test_sigterm_keeps_the_scored_candidates_and_resume_ends_as_an_uninterrupted_search(trained, tmp_path,
+                                                                                        monkeypatch, capsys):
+    import os
+    import signal
+    root = trained[0]
+    args = ["--superplm", root / "superplm", "--latency", root / "latency.pt", "--target", "2ms", "--generations", 2,
+            "--population", 4, "--eval-rows", 32, "--device", "cpu"]
+    top = run_cli(*args, "--out", tmp_path / "whole")
+    score, calls = search.MLMScore.__call__, []
+
+    def preempted(self, arch):  # SIGTERM arrives while the third candidate is scored
+        calls.append(arch)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return score(self, arch)
+
+    monkeypatch.setattr(search.MLMScore, "__call__", preempted)
+    with pytest.raises(KeyboardInterrupt, match="the 3 candidates scored so far are kept") as e:
+        run_cli(*args, "--out", tmp_path / "cut")
+    assert str(e.value).endswith(f"resume with: python search.py --out {tmp_path / 'cut'} --resume")
+    assert len(read_jsonl(tmp_path / "cut" / "candidates.jsonl")) == 3 == len(calls)
+    monkeypatch.setattr(search.MLMScore, "__call__", score)
+    assert run_cli("--out", tmp_path / "cut", "--resume") == top  # the printed command: its settings are saved
+    assert read_jsonl(tmp_path / "cut" / "candidates.jsonl") == read_jsonl(tmp_path / "whole" / "candidates.jsonl")
+    record = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert record["config"]["resume"] and record["status"] == "finished"  # --resume itself is not a setting:
+    assert search.parse_config(search.Config, ["--config", str(tmp_path / "cut" / "config.json")]) == \
+        search.Config(**dict(record["config"], resume=False))
+    with pytest.raises(search.UserError, match="no run to resume"):
+        run_cli(*args, "--out", tmp_path / "empty", "--resume")
+    assert not (tmp_path / "empty").exists()

@@ -1,5 +1,6 @@
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 
 import distill
 import superplm
-from common import UserError, seed_everything, torch_load
+from common import UserError, read_jsonl, seed_everything, torch_load
 from data import batches, build_dataset, load_tokenizer, split, stdlib_corpus
 from model import KD_SPACE, PRETRAIN_SPACE, SUPERPLM, Arch, Bert, SearchSpace, extract
 from superplm import (MLM, accumulate, flat_grads, learning_rate, load_superplm, make_optimizer, sample_arch,
@@ -41,7 +42,7 @@ def one_thread():
 
 def flags(corpus, out, *more):
     path, cache = corpus
-    return ["--corpus", str(path), "--cache-dir", str(cache), "--vocab-size", "300", "--superplm", str(TINY),
+    return ["--corpus", str(path), "--cache-dir", str(cache), "--vocab-size", "300", "--superplm-arch", str(TINY),
             "--seq-len", "32", "--batch-size", "8", "--lr", "1e-3", "--log-every", "1", "--out", str(out), *more]
 
 
@@ -65,7 +66,7 @@ def finish(proc):
 def test_space_for_the_paper_superplm_is_table_b1():
     assert space_for(SUPERPLM, "heads") == PRETRAIN_SPACE
     assert space_for(SUPERPLM, "dims") == KD_SPACE
-    tiny = space_for(Arch.parse(superplm.PRESETS["tiny"]["superplm"]))
+    tiny = space_for(Arch.parse(superplm.PRESETS["tiny"]["superplm_arch"]))
     assert tiny.largest() == Arch(4, 256, 1024, 4, 256) and tiny.head_dim == 64
 
 
@@ -160,7 +161,7 @@ def test_a_samples_gradient_lives_in_its_slice_and_equals_the_extracted_models(m
 
 def test_two_workers_equal_one_process_replaying_their_sub_batches_and_sub_models(tmp_path, corpus, one_thread):
     out = tmp_path / "dist"
-    log = finish(run(flags(corpus, out, "--max-steps", "3", "--samples", "2", "--device", "cpu"), torchrun=2))
+    log = finish(run(flags(corpus, out, "--steps", "3", "--sub-models", "2", "--device", "cpu"), torchrun=2))
     assert "on 2 worker(s)" in log
     ckpt = torch_load(out / "checkpoint.pt")
     cfg = superplm.Config(**ckpt["config"])
@@ -178,7 +179,7 @@ def test_two_workers_equal_one_process_replaying_their_sub_batches_and_sub_model
         grads = []
         for rank in range(2):
             flat.zero_()
-            accumulate(model, MLM(), next(streams[rank]), space, cfg.samples, cfg.seed, step, rank)
+            accumulate(model, MLM(), next(streams[rank]), space, cfg.sub_models, cfg.seed, step, rank)
             grads.append(flat.clone())
         flat.copy_((grads[0] + grads[1]) / 2)
         update(flat, 1, opt, learning_rate(step, 3, cfg.lr, cfg.warmup), cfg.clip)
@@ -188,7 +189,7 @@ def test_two_workers_equal_one_process_replaying_their_sub_batches_and_sub_model
 
 
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, corpus):
-    steps = ["--max-steps", "40", "--save-every", "4"]
+    steps = ["--steps", "40", "--save-every", "4"]
     whole = run(flags(corpus, tmp_path / "whole", *steps))
     finish(whole)
     broken = run(flags(corpus, tmp_path / "broken", *steps), stdout=subprocess.DEVNULL)
@@ -206,10 +207,69 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, c
     assert a["step"] == b["step"] == 40
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
+    # the lines logged after the last checkpoint were dropped on resume: each step once, with the same loss
+    assert losses(tmp_path / "broken") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 40
     # What the other stages read: the SuperPLM, its space and its vocabulary.
     model, space, tok = load_superplm(tmp_path / "whole")
     assert model.arch == TINY and space == space_for(TINY) and Path(tok).exists() and not model.training
     assert load_tokenizer(tok).get_vocab_size() == model.word.num_embeddings
+
+
+def losses(out):
+    """{step: loss} of a run's metrics.jsonl, refusing a step logged twice."""
+    steps = [(r["step"], r["loss"]) for r in read_jsonl(Path(out) / "metrics.jsonl")]
+    assert len({s for s, _ in steps}) == len(steps), f"a step logged twice: {[s for s, _ in steps]}"
+    return dict(steps)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_that_step_and_the_printed_command_resumes_to_the_same_run(tmp_path, corpus):
+    steps = ["--steps", "30", "--save-every", "10"]
+    broken = run(flags(corpus, tmp_path / "broken", *steps))
+    metrics, deadline = tmp_path / "broken" / "metrics.jsonl", time.time() + 120
+    while (not metrics.exists() or len(read_jsonl(metrics)) < 3) and broken.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    broken.send_signal(signal.SIGTERM)  # as a cluster preempts a job
+    printed, _ = broken.communicate(timeout=300)
+    assert broken.returncode == 130, printed
+    step = torch_load(tmp_path / "broken" / "checkpoint.pt")["step"]  # the step in progress was finished, saved
+    assert 3 <= step < 30 and list(losses(tmp_path / "broken")) == list(range(1, step + 1))
+    command = shlex.split(printed.split("resume with: ")[1].splitlines()[0])
+    assert command == ["python", "superplm.py", "--out", str(tmp_path / "broken"), "--resume"]
+    record = json.loads((tmp_path / "broken" / "config.json").read_text())
+    assert record["status"] == "interrupted" and record["ended"] and record["versions"]["torch"] == torch.__version__
+    # config.json round-trips: its settings, in another folder, make the same run
+    finish(run(["--config", str(tmp_path / "broken" / "config.json"), "--out", str(tmp_path / "whole")]))
+    assert "resuming at step " + str(step) in finish(run(command[2:]))
+    a, b = torch_load(tmp_path / "whole" / "checkpoint.pt"), torch_load(tmp_path / "broken" / "checkpoint.pt")
+    assert a["step"] == b["step"] == 30
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert losses(tmp_path / "broken") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 30
+    saved = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert superplm.Config(**saved["config"]) == superplm.Config(**dict(record["config"], out=str(tmp_path / "whole")))
+    assert superplm.parse_config(["--config", str(tmp_path / "whole" / "config.json")]) == \
+        superplm.Config(**saved["config"])
+
+
+def test_a_failed_start_leaves_the_folder_as_it_found_it(tmp_path, corpus):
+    empty, new, old = tmp_path / "empty", tmp_path / "new", tmp_path / "old"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no run to resume"):  # never silently a fresh run
+        superplm.main(flags(corpus, empty, "--resume"))
+    for out in (empty, new):
+        with pytest.raises(UserError, match="--teacher"):  # fails after the folder was opened
+            superplm.main(flags(corpus, out, "--objective", "kd", "--teacher", str(tmp_path / "nowhere")))
+        with pytest.raises(ValueError, match="divisible"):  # an arch that does not fit
+            superplm.main(flags(corpus, out, "--superplm-arch", "2-64-128-3-64"))
+    assert list(empty.iterdir()) == [] and not new.exists()
+    old.mkdir()  # an earlier run: --overwrite sets it aside, and a failed start puts it back
+    (old / "checkpoint.pt").write_bytes(b"the old run")
+    (old / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="--teacher"):
+        superplm.main(flags(corpus, old, "--overwrite", "--objective", "kd", "--teacher", str(tmp_path / "nowhere")))
+    assert sorted(p.name for p in old.iterdir()) == ["checkpoint.pt", "config.json"]
+    assert (old / "checkpoint.pt").read_bytes() == b"the old run" and (old / "config.json").read_text() == "{}"
 
 
 def finish_fail(proc):
@@ -225,7 +285,7 @@ def test_further_training_of_one_arch_and_the_distillation_seam(tmp_path, corpus
     teacher = distill.make_tiny_teacher(tmp_path / "teacher", Arch(2, 48, 96, 2, 48), vocab_size=300,
                                         texts=stdlib_corpus()[:150])
     out = tmp_path / "kd"
-    superplm.main(flags(corpus, out, "--objective", "kd", "--teacher", str(teacher), "--max-steps", "2"))
+    superplm.main(flags(corpus, out, "--objective", "kd", "--teacher", str(teacher), "--steps", "2"))
     ckpt = torch_load(out / "checkpoint.pt")
     assert ckpt["objective"] == "kd" and ckpt["model_config"]["mha"] == "dims"
     assert set(ckpt["objective_state"]) == {"proj.weight", "proj.bias"}  # the projection, not the teacher
@@ -235,9 +295,9 @@ def test_further_training_of_one_arch_and_the_distillation_seam(tmp_path, corpus
     arch = Arch(1, 32, 64, 2, 48)
     stage3 = tmp_path / "s3"
     superplm.main(flags(corpus, stage3, "--objective", "kd", "--teacher", str(teacher), "--arch", str(arch),
-                        "--init", str(out), "--max-steps", "2"))
+                        "--init", str(out), "--steps", "2"))
     ckpt3 = torch_load(stage3 / "checkpoint.pt")
-    assert ckpt3["config"]["warmup"] == 0.0 and ckpt3["config"]["samples"] == 1
+    assert ckpt3["config"]["warmup"] == 0.0 and ckpt3["config"]["sub_models"] == 1
     assert Arch.parse(ckpt3["model_config"]["arch"]) == arch
     assert ckpt3["objective_state"]["proj.weight"].shape == (48, 32)
     back = Bert.from_pretrained(stage3, mha="dims")  # the run folder is also a Hugging Face BERT
