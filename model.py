@@ -132,6 +132,8 @@ def sub(p, *sizes, shape=None):
     the same block of p.grad instead, so a sub-model trains through the SuperPLM as fast as alone
     (bench/superplm_speed.py). Such gradients bypass autograd's accumulation: torch.autograd.grad and DDP's hooks
     do not see them."""
+    if shape is None and tuple(sizes) == tuple(p.shape):
+        return p  # the whole tensor (a stand-alone model): no view, so exported graphs hold plain weights
     shape = p.shape if shape is None else shape
     index = tuple(slice(0, s) for s in sizes)
     block = p.view(shape)[index]
@@ -171,6 +173,8 @@ class Layer(nn.Module):
 
     def qkv_weights(self, lin, H, D, h, d, hidden):
         """Rows of the first h heads and first d dims of each head, from a weight laid out as (H*D, hidden)."""
+        if (h, d, hidden) == (H, D, lin.in_features):
+            return lin.weight, lin.bias  # all of it (a stand-alone model)
         w = sub(lin.weight, h, d, hidden, shape=(H, D, -1)).reshape(h * d, hidden)  # a view when d == D
         b = sub(lin.bias, h, d, shape=(H, D)).reshape(h * d)
         return w, b
@@ -190,7 +194,10 @@ class Layer(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                dropout_p=dropout if self.training else 0.0)  # (B, h, T, d)
         y = y.transpose(1, 2).reshape(B, T, h * d)
-        wo = sub(self.o.weight, C, h, d, shape=(-1, H, D)).reshape(C, h * d)  # columns matching the kept rows
+        if (C, h, d) == (self.o.out_features, H, D):
+            wo = self.o.weight  # all of it (a stand-alone model)
+        else:
+            wo = sub(self.o.weight, C, h, d, shape=(-1, H, D)).reshape(C, h * d)  # columns matching the kept rows
         y = F.linear(y, wo, sub(self.o.bias, C))
         x = F.layer_norm(x + F.dropout(y, dropout, self.training), (C,), sub(self.ln1.weight, C),
                          sub(self.ln1.bias, C), self.ln1.eps)

@@ -518,7 +518,7 @@ def main(argv=None):
     score = make_score(cfg, model, tokenizer, torch_load(check_inputs(cfg)), out)
     score.metrics.update({a: r.get("metrics", {}) for a, r in records.items()})
     print(f"searching {space.size():,} architectures of {model.arch} ({cfg.method}, {cfg.evaluator} evaluator) for "
-          f"{cfg.target}: latency <= {budget_ms:.4g} ms (BERT-base {predictor.base_ms:.4g} ms)"
+          f"{cfg.target}: latency <= {budget_ms:.4g} ms on {predictor.backend} (BERT-base {predictor.base_ms:.4g} ms)"
           + (f"; {len(records)} scored before, replayed" if records else ""))
     n_evals = len(space.layers) if cfg.method == "fast" else cfg.generations * cfg.population
     bar = tqdm(total=n_evals, initial=len(records), desc="scoring", unit="arch")
@@ -546,8 +546,9 @@ def main(argv=None):
     bar.close()
     top = results[:cfg.top]
     save_json(rows(results), out / "scored.json")
-    save_json(dict(target=cfg.target, budget_ms=budget_ms, base_ms=predictor.base_ms, method=cfg.method,
-                   evaluator=cfg.evaluator, superplm=str(cfg.superplm), best=str(top[0].arch), top=rows(top)),
+    save_json(dict(target=cfg.target, budget_ms=budget_ms, base_ms=predictor.base_ms, backend=predictor.backend,
+                   method=cfg.method, evaluator=cfg.evaluator, superplm=str(cfg.superplm), best=str(top[0].arch),
+                   top=rows(top)),
               out / "top.json")
     made = [out / "top.json", out / "scored.json", out / "candidates.jsonl"]
     made += filter(None, [figure(results, top, predictor.base_ms, predictor.base_ms / budget_ms, out / "search.png",
