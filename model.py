@@ -317,12 +317,15 @@ class Bert(nn.Module):
         out["cls.predictions.decoder.bias"] = ours["mlm_bias"]
         return out
 
-    def save_pretrained(self, folder):
-        """Write config.json + model.safetensors as transformers' BertForMaskedLM does."""
+    def save_pretrained(self, folder, head=None, **config_fields):
+        """Write config.json + model.safetensors as transformers' BertForMaskedLM does, plus the modeling file
+        that lets stock transformers load any qkv (trust_remote_code=True; a plain BERT loads without it).
+        `head`: more tensors under transformers' names (a fine-tuned head); `config_fields` go into config.json."""
         from safetensors.torch import save_file
         from common import atomic_write, save_json
         a, c = self.arch, self.cfg
-        config = dict(architectures=["BertForMaskedLM"], model_type="bert", vocab_size=c["vocab_size"],
+        config = dict(architectures=["BertForMaskedLM"], auto_map=HF_AUTO_MAP, model_type="bert",
+                      vocab_size=c["vocab_size"],
                       hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.heads,
                       intermediate_size=a.ffn, hidden_act=c["act"], hidden_dropout_prob=c["dropout"],
                       attention_probs_dropout_prob=c["dropout"], max_position_embeddings=c["max_position"],
@@ -332,10 +335,13 @@ class Bert(nn.Module):
             config["qkv_size"] = a.qkv
         if c["embedding_size"]:
             config["embedding_size"] = c["embedding_size"]
-        tensors = {k: v.detach().contiguous().clone() for k, v in self.hf_state_dict().items()
+        config.update(config_fields)
+        tensors = {k: v.detach().contiguous().clone() for k, v in dict(self.hf_state_dict(), **(head or {})).items()
                    if k != "cls.predictions.decoder.weight"}  # tied: safetensors stores no shared tensors
         Path(folder).mkdir(parents=True, exist_ok=True)
         atomic_write(Path(folder) / "model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+        modeling = HF_MODELING.read_text()  # copied as text: the product never imports it
+        atomic_write(Path(folder) / HF_MODELING.name, lambda tmp: Path(tmp).write_text(modeling))
         save_json(config, Path(folder) / "config.json")
 
     @classmethod
@@ -364,6 +370,12 @@ class Bert(nn.Module):
         model.load_state_dict(ours, strict=False)  # a discriminator has no MLM head: it keeps its fresh init
         model.has_mlm_head = "mlm_dense.weight" in ours
         return model
+
+
+# transformers' classes for any qkv: modeling_autotinybert.py, written into every saved folder
+HF_MODELING = Path(__file__).with_name("modeling_autotinybert.py")
+HF_AUTO_MAP = {f"AutoModel{task}": f"modeling_autotinybert.AutoTinyBert{task or 'Model'}"
+               for task in ("", "ForMaskedLM", "ForSequenceClassification", "ForQuestionAnswering")}
 
 
 def read_pretrained(folder):
