@@ -147,8 +147,11 @@ def to_onnx(module, inputs, outputs):
 def quantize_int8(proto):
     """ONNX Runtime's dynamic quantization: int8 weights, activations quantized on the fly per batch."""
     onnx, _, quantization = onnx_modules()
+    bare = onnx.ModelProto()
+    bare.CopyFrom(proto)
+    del bare.graph.value_info[:]  # the quantizer infers shapes afresh; the exporter's annotations trip it (Gemm)
     with tempfile.TemporaryDirectory() as tmp, quiet():
-        quantization.quantize_dynamic(proto, f"{tmp}/int8.onnx", weight_type=quantization.QuantType.QInt8)
+        quantization.quantize_dynamic(bare, f"{tmp}/int8.onnx", weight_type=quantization.QuantType.QInt8)
         return onnx.load(f"{tmp}/int8.onnx")
 
 
@@ -536,10 +539,11 @@ def parse_target(text, base_ms):
 def cmd_table(cfg):
     pred = LatencyPredictor.load(cfg.predictor) if cfg.predictor else None
     if pred:
+        described = dict(pred.device, backend=pred.backend)
         for key in ("threads", "seq_len", "batch", "backend"):
-            if pred.device.get(key, "torch") != getattr(cfg, key):
-                raise UserError(f"{cfg.predictor} describes {key}={pred.device[key]}: pass "
-                                f"--{key.replace('_', '-')} {pred.device[key]}")
+            if described[key] != getattr(cfg, key):
+                raise UserError(f"{cfg.predictor} describes {key}={described[key]}: pass "
+                                f"--{key.replace('_', '-')} {described[key]}")
     archs = list(dict.fromkeys(Arch.parse(a) for _, _, a, _ in TABLE4))
     records = list(tqdm(collect(archs, cfg), total=len(archs) + 1, unit="model"))
     base = np.median([relative(r) for r in records if r["kind"] == "base"])

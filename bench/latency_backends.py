@@ -90,7 +90,8 @@ def collect(cfg, path):
         with ctx.Pool(cfg.workers) as pool:
             for r in tqdm(pool.imap_unordered(_timed, todo), total=len(todo), unit="model"):
                 append_jsonl(path, r)
-    records = read_jsonl(path)
+    wanted = {(kind, i) for i, kind, _, _ in tasks}  # a smaller --samples reports on a prefix of a longer run
+    records = [r for r in read_jsonl(path) if (r["kind"], r["i"]) in wanted]
     return [r for r in records if r["kind"] == "arch"], [r for r in records if r["kind"] == "base"]
 
 
