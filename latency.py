@@ -9,9 +9,12 @@ On a shared machine it is drift, not the predictor, that limits accuracy (HAT's 
 in the order of measurement). So archs are timed in random order, each one interleaved pass by pass with a fixed
 reference model; both figures are stored, and the predictor learns the drift-free ratio of the two, turned back
 into ms with the reference's median latency. With one thread we time CPU time, not wall-clock (see `timings`).
+`--backend` times each model as it ships: PyTorch eager (default), or its ONNX export (fp32 or dynamically
+int8-quantized) on ONNX Runtime, one session thread, in the calling thread; the reference runs on the same backend.
 
     python latency.py measure --space pretrain --samples 2000 --out lat.jsonl   # resumable, hours
     python latency.py measure --samples 150 --warmup 1 --repeats 3 --out lat.jsonl   # quick look, ~1.5 min
+    python latency.py measure --backend onnxruntime-int8 --out lat-int8.jsonl   # the ONNX export on ONNX Runtime
     python latency.py fit --data lat.jsonl --out latency.pt
     python latency.py table --predictor latency.pt
 """
