@@ -54,11 +54,11 @@ def load(folder):
     return model.eval(), ["last_hidden_state"], f"{model.arch}, bare encoder"
 
 
-def check_inputs(vocab, seed):
+def check_inputs(vocab, max_len, seed):
     """Three padded batches of shapes other than the export's example (2, 16): dynamic axes in use."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for B, T in ((1, 7), (3, 40), (4, 128)):
+    for B, T in ((1, 7), (3, 40), (4, min(128, max_len))):
         ids = torch.randint(1, vocab, (B, T), generator=g)
         mask = torch.ones(B, T, dtype=torch.long)
         mask[-1, T // 2:] = 0  # the last sequence is padded
@@ -97,10 +97,9 @@ def run(cfg):
                         "further training or finetune.py)")
     onnx_modules()  # fail early, before loading, if the extra is not installed
     model, outputs, what = load(cfg.model)
-    vocab = (model.bert if hasattr(model, "bert") else model).word.num_embeddings
-    example = {k: v[:2, :16] for k, v in check_inputs(vocab, cfg.seed)[2].items()}
-    proto = to_onnx(model, example, outputs)
-    batches = check_inputs(vocab, cfg.seed)
+    bert = model.bert if hasattr(model, "bert") else model
+    batches = check_inputs(bert.cfg["vocab_size"], bert.cfg["max_position"], cfg.seed)
+    proto = to_onnx(model, {k: v[:2, :16] for k, v in batches[2].items()}, outputs)
     worst, _, _ = compare(model, OrtModel(proto), batches)
     result = dict(max_abs_diff=worst)
     shapes = ", ".join("x".join(map(str, b["input_ids"].shape)) for b in batches)
