@@ -265,6 +265,21 @@ class Finetuner(nn.Module):
     def head_state(self):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("bert.")}
 
+    def hf_head(self, task):
+        """The head under transformers' names and the config.json fields that make the folder load as
+        BertForSequenceClassification / BertForQuestionAnswering (through Auto* classes) with this head."""
+        if self.span:
+            return {f"qa_outputs.{k}": v for k, v in self.qa.state_dict().items()}, dict(
+                architectures=["BertForQuestionAnswering"])
+        labels = GLUE[task].labels or ("score",)  # STS-B: one regression output
+        tensors = {f"bert.pooler.dense.{k}": v for k, v in self.pooler.state_dict().items()}
+        tensors.update({f"classifier.{k}": v for k, v in self.classifier.state_dict().items()})
+        config = dict(architectures=["BertForSequenceClassification"], id2label=dict(enumerate(labels)),
+                      label2id={name: i for i, name in enumerate(labels)})
+        if not GLUE[task].labels:
+            config["problem_type"] = "regression"
+        return tensors, config
+
 
 def load_model(folder, task, arch=""):
     """(model, tokenizer path or None). The BERT of a save_pretrained / Hugging Face folder, or the sub-model
@@ -311,7 +326,8 @@ def save_checkpoint(model, folder, task, tokenizer_path, record):
     folder = Path(folder)
     tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.bert.save_pretrained(tmp)
+    head, config = model.hf_head(task)
+    model.bert.save_pretrained(tmp, head, **config)
     torch_save({"task": task, "head": model.head_state()}, tmp / "head.pt")
     for f in tokenizer_files(tokenizer_path):
         shutil.copyfile(f, tmp / f.name)

@@ -9,9 +9,12 @@ On a shared machine it is drift, not the predictor, that limits accuracy (HAT's 
 in the order of measurement). So archs are timed in random order, each one interleaved pass by pass with a fixed
 reference model; both figures are stored, and the predictor learns the drift-free ratio of the two, turned back
 into ms with the reference's median latency. With one thread we time CPU time, not wall-clock (see `timings`).
+`--backend` times each model as it ships: PyTorch eager (default), or its ONNX export (fp32 or dynamically
+int8-quantized) on ONNX Runtime, one session thread, in the calling thread; the reference runs on the same backend.
 
     python latency.py measure --space pretrain --samples 2000 --out runs/latency   # hours; --resume continues
     python latency.py measure --samples 150 --warmup-passes 1 --repeats 3 --out runs/latency   # quick look, ~1.5 min
+    python latency.py measure --backend onnxruntime-int8 --out runs/latency-int8   # the ONNX export on ONNX Runtime
     python latency.py fit --timings runs/latency --out runs/predictor
     python latency.py table --predictor runs/predictor
 
@@ -21,11 +24,13 @@ measure's run folder holds timings.jsonl, fit's predictor.pt and metrics.json; e
 import argparse
 import contextlib
 import dataclasses
+import logging
 import os
 import platform
 import random
 import re
 import sys
+import tempfile
 import time
 import types
 import warnings
@@ -60,8 +65,15 @@ TABLE4 = [("S1", "BERT", "4-512-2048-8-512", 7.1), ("S1", "AutoTinyBERT", "5-564
           ("S5", "AutoTinyBERT-Fast", "5-432-720-6-384", 10.3)]
 
 
+BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")  # PyTorch eager; the ONNX export, fp32 or int8-quantized
+
+
 @dataclass
 class TimingCfg:
+    backend: str = field(default="torch", metadata={"help": "runtime the models are timed on: PyTorch eager, or "
+                                                            "their ONNX export on ONNX Runtime (fp32 or dynamic "
+                                                            "int8); the last two need requirements-onnx.txt",
+                                                    "choices": BACKENDS})
     threads: int = field(default=1, metadata={"help": "CPU threads while timing (the paper: a single CPU); one "
                                                       "thread is timed by its CPU time, more by wall-clock", **COUNT})
     seq_len: int = field(default=128, metadata={"help": "tokens per input (the paper: 128)", "min": 1, "max": 512})
@@ -114,12 +126,99 @@ def in_folder(path, name, old_suffix):
     return path / name if path.is_dir() or path.suffix == "" else path
 
 
+# ----------------------------------------------------------------------------- a model on ONNX Runtime
+
+
+def onnx_modules():
+    """(onnx, onnxruntime, onnxruntime.quantization): the optional extra, imported when first needed."""
+    try:
+        import onnx
+        import onnxruntime
+        import onnxruntime.quantization
+    except ImportError as e:
+        raise UserError(f"{e.name} is not installed: pip install -r requirements-onnx.txt") from None
+    return onnx, onnxruntime, onnxruntime.quantization
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence the exporter's and the quantizer's warnings and log chatter (torchvision absent, pre-processing)."""
+    loggers = [logging.getLogger(), logging.getLogger("torch.onnx")]
+    levels = [log.level for log in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for log, level in zip(loggers, levels):
+                log.setLevel(level)
+
+
+def to_onnx(module, inputs, outputs):
+    """The ONNX graph (a ModelProto) of module(**inputs), exported by torch's dynamo exporter with dynamic batch
+    and sequence axes. `inputs`: name -> (B, T) example tensor, B and T > 1 (a size of 1 would be specialised);
+    `outputs`: names of the returned tensors. (torch's legacy TorchScript exporter cannot export our sliced
+    views with dynamic axes.)"""
+    onnx_modules()
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    with quiet():
+        program = torch.onnx.export(module.eval(), (), kwargs=inputs, dynamo=True, optimize=True,
+                                    input_names=list(inputs), output_names=list(outputs), verbose=False,
+                                    dynamic_shapes={k: {0: batch, 1: seq} for k in inputs})
+    return program.model_proto
+
+
+def quantize_int8(proto):
+    """ONNX Runtime's dynamic quantization: int8 weights, activations quantized on the fly per batch."""
+    onnx, _, quantization = onnx_modules()
+    bare = onnx.ModelProto()
+    bare.CopyFrom(proto)
+    del bare.graph.value_info[:]  # the quantizer infers shapes afresh; the exporter's annotations trip it (Gemm)
+    with tempfile.TemporaryDirectory() as tmp, quiet():
+        quantization.quantize_dynamic(bare, f"{tmp}/int8.onnx", weight_type=quantization.QuantType.QInt8)
+        return onnx.load(f"{tmp}/int8.onnx")
+
+
+class OrtModel:
+    """An ONNX graph on an ONNX Runtime CPU session, called like the torch module it was exported from."""
+
+    def __init__(self, proto, threads=1, cfg=None):
+        _, ort, _ = onnx_modules()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1  # 1: run in the calling thread
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+        self.cfg = cfg  # the exported Bert's config, as timings() reads it
+
+    def __call__(self, *args, **kwargs):
+        feed = dict(zip(self.names, args), **kwargs)
+        outs = self.session.run(None, {k: v.cpu().numpy() for k, v in feed.items() if v is not None})
+        outs = [torch.from_numpy(o) for o in outs]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
 # ----------------------------------------------------------------------------- timing one model
 
 
-def build(arch):
-    """A stand-alone BERT of this shape, as deployed (its weights do not change its latency)."""
-    return Bert(arch).eval()
+def build(arch, backend="torch", threads=1):
+    """A stand-alone BERT of this shape, as deployed on `backend` (its weights do not change its latency)."""
+    return builds(arch, (backend,), threads)[0]
+
+
+def builds(arch, backends, threads=1):
+    """The same stand-alone BERT on each of `backends`, exported to ONNX once and quantized once."""
+    model = Bert(arch).eval()
+    out = {"torch": model}
+    if set(backends) - {"torch"}:
+        ids = torch.zeros(2, 16, dtype=torch.long)  # an example input; the graph takes any (B, T)
+        proto = to_onnx(model, dict(input_ids=ids), ["hidden"])
+        out["onnxruntime"] = OrtModel(proto, threads, model.cfg)
+        if "onnxruntime-int8" in backends:
+            out["onnxruntime-int8"] = OrtModel(quantize_int8(proto), threads, model.cfg)
+    return [out[b] for b in backends]
 
 
 @contextlib.contextmanager
@@ -143,7 +242,7 @@ def timings(models, threads=1, seq_len=128, batch=1, warmup=3, repeats=10):
     out = [[] for _ in models]
     with num_threads(threads):
         gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(models[0].word.num_embeddings, (batch, seq_len), generator=gen)  # (B, T), no padding
+        ids = torch.randint(models[0].cfg["vocab_size"], (batch, seq_len), generator=gen)  # (B, T), no padding
         for n in range(warmup + repeats):
             for model, times in zip(models, out):
                 t = clock()
@@ -153,9 +252,10 @@ def timings(models, threads=1, seq_len=128, batch=1, warmup=3, repeats=10):
     return out
 
 
-def measure(arch, threads=1, seq_len=128, batch=1, warmup=3, repeats=10):
-    """Latency in ms of `arch` as a stand-alone BERT: the median of `repeats` timed forward passes."""
-    return float(np.median(timings([build(arch)], threads, seq_len, batch, warmup, repeats)[0]))
+def measure(arch, threads=1, seq_len=128, batch=1, warmup=3, repeats=10, backend="torch"):
+    """Latency in ms of `arch` as a stand-alone BERT on `backend`: the median of `repeats` timed forward passes."""
+    model = build(arch, backend, threads)
+    return float(np.median(timings([model], threads, seq_len, batch, warmup, repeats)[0]))
 
 
 def cpu_model():
@@ -168,8 +268,11 @@ def cpu_model():
 
 def device_info(cfg):
     """What a latency figure depends on besides the architecture."""
-    return dict(cpu=cpu_model(), cores=os.cpu_count(), threads=cfg.threads, torch=str(torch.__version__),
-                seq_len=cfg.seq_len, batch=cfg.batch_size)
+    info = dict(cpu=cpu_model(), cores=os.cpu_count(), threads=cfg.threads, torch=str(torch.__version__),
+                seq_len=cfg.seq_len, batch=cfg.batch_size, backend=cfg.backend)
+    if cfg.backend != "torch":
+        info["onnxruntime"] = onnx_modules()[1].__version__
+    return info
 
 
 # ----------------------------------------------------------------------------- collecting data (§3.5, HAT)
@@ -188,13 +291,13 @@ def collect(archs, cfg, start=0, reference=REFERENCE):
     """Time `archs` in the given order, each interleaved pass by pass with the reference model (drift and the
     machine's load then act on both alike); BERT-base likewise first and every BASE_EVERY archs. Yields one record
     per timed model: its median ms and the reference's, each with its spread (relative interquartile range)."""
-    ref = build(reference)
+    ref = build(reference, cfg.backend, cfg.threads)
 
     def timed(kind, arch, **extra):
         t0 = time.time()
-        ms, ref_ms = (np.percentile(t, [25, 50, 75]) for t in timings([build(arch), ref], cfg.threads, cfg.seq_len,
-                                                                        cfg.batch_size, cfg.warmup_passes,
-                                                                        cfg.repeats))
+        ms, ref_ms = (np.percentile(t, [25, 50, 75])
+                      for t in timings([build(arch, cfg.backend, cfg.threads), ref], cfg.threads, cfg.seq_len,
+                                       cfg.batch_size, cfg.warmup_passes, cfg.repeats))
         return dict(kind=kind, arch=str(arch), ms=float(ms[1]), spread=float((ms[2] - ms[0]) / ms[1]),
                     ref_ms=float(ref_ms[1]), ref_spread=float((ref_ms[2] - ref_ms[0]) / ref_ms[1]),
                     time=time.time(), seconds=time.time() - t0, **extra)
@@ -279,7 +382,7 @@ def cmd_measure(cfg, argv=None):
             _drop_torn_tail(path)
             records = read_jsonl(path)
         if records:
-            old = dict(records[0], **records[0].get("device", {}))
+            old = dict(records[0], **dict(dict(backend="torch"), **records[0].get("device", {})))  # older: torch
             for key, value in dict(meta, **meta["device"]).items():
                 if key != "device" and old.get(key) != value:
                     raise UserError(f"{path} was measured with {key}={old.get(key)}, not {value}: pass the same "
@@ -354,6 +457,11 @@ class LatencyPredictor:
     @property
     def device(self):
         return self.state["device"]
+
+    @property
+    def backend(self):
+        """The runtime its latencies were measured on (BACKENDS; files from before backends: torch)."""
+        return self.device.get("backend", "torch")
 
     def _inputs(self, archs):
         s = self.state
@@ -491,7 +599,7 @@ def cmd_fit(cfg, argv=None):
     h, r = m["heldout"], m["heldout_raw"]
     print(f"fit on {m['train']} archs in {time.time() - t0:.1f}s; held-out {h['n']}: MAPE {h['mape']:.2f}%  "
           f"RMSE {h['rmse']:.2f}ms  Kendall tau {h['tau']:.3f}  (against raw timings: MAPE {r['mape']:.2f}%, "
-          f"tau {r['tau']:.3f}); BERT-base {m['base_ms']:.1f}ms -> {path}")
+          f"tau {r['tau']:.3f}); BERT-base {m['base_ms']:.1f}ms on {pred.backend} -> {path}")
 
 
 # ----------------------------------------------------------------------------- targets and Table 4
@@ -510,17 +618,19 @@ def parse_target(text, base_ms):
 def cmd_table(cfg, argv=None):
     pred = LatencyPredictor.load(cfg.predictor) if cfg.predictor else None
     if pred:
-        for key, flag in (("threads", "threads"), ("seq_len", "seq_len"), ("batch", "batch_size")):
-            if pred.device[key] != getattr(cfg, flag):
-                raise UserError(f"{cfg.predictor} describes {key}={pred.device[key]}: pass "
-                                f"--{flag.replace('_', '-')} {pred.device[key]}")
+        described = dict(pred.device, backend=pred.backend)
+        for key, flag in (("threads", "threads"), ("seq_len", "seq_len"), ("batch", "batch_size"),
+                          ("backend", "backend")):
+            if described[key] != getattr(cfg, flag):
+                raise UserError(f"{cfg.predictor} describes {key}={described[key]}: pass "
+                                f"--{flag.replace('_', '-')} {described[key]}")
     archs = list(dict.fromkeys(Arch.parse(a) for _, _, a, _ in TABLE4))
     if pred:
         pred.check_ranges(archs)
     records = list(tqdm(collect(archs, cfg), total=len(archs) + 1, unit="model"))
     base = np.median([relative(r) for r in records if r["kind"] == "base"])
     speedup = {r["arch"]: base / relative(r) for r in records if r["kind"] == "arch"}
-    print(f"speedup over BERT-base on {cpu_model()}, {cfg.threads} thread(s), batch {cfg.batch_size}, "
+    print(f"speedup over BERT-base on {cfg.backend}, {cpu_model()}, {cfg.threads} thread(s), batch {cfg.batch_size}, "
           f"{cfg.seq_len} tokens" + (f"; predicted by {cfg.predictor}" if pred else ""))
     print(f"{'setting':8s} {'model':18s} {'arch':18s} {'paper':>7s} {'measured':>9s}" + (" predicted" if pred else ""))
     for setting, name, arch, paper in TABLE4:

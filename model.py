@@ -135,6 +135,8 @@ def sub(p, *sizes, shape=None):
     (bench/superplm_speed.py). Such gradients bypass autograd's accumulation: torch.autograd.grad and DDP's hooks
     do not see them. Under autocast the block is cast to bf16 only after it leaves here, so the gradient that arrives
     is fp32 (autograd returns a gradient in its input's dtype) and is added unrounded (tests/test_precision.py)."""
+    if shape is None and tuple(sizes) == tuple(p.shape):
+        return p  # the whole tensor (a stand-alone model): no view, so exported graphs hold plain weights
     shape = p.shape if shape is None else shape
     index = tuple(slice(0, s) for s in sizes)
     block = p.view(shape)[index]
@@ -174,6 +176,8 @@ class Layer(nn.Module):
 
     def qkv_weights(self, lin, H, D, h, d, hidden):
         """Rows of the first h heads and first d dims of each head, from a weight laid out as (H*D, hidden)."""
+        if (h, d, hidden) == (H, D, lin.in_features):
+            return lin.weight, lin.bias  # all of it (a stand-alone model)
         w = sub(lin.weight, h, d, hidden, shape=(H, D, -1)).reshape(h * d, hidden)  # a view when d == D
         b = sub(lin.bias, h, d, shape=(H, D)).reshape(h * d)
         return w, b
@@ -193,7 +197,10 @@ class Layer(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                dropout_p=dropout if self.training else 0.0)  # (B, h, T, d)
         y = y.transpose(1, 2).reshape(B, T, h * d)
-        wo = sub(self.o.weight, C, h, d, shape=(-1, H, D)).reshape(C, h * d)  # columns matching the kept rows
+        if (C, h, d) == (self.o.out_features, H, D):
+            wo = self.o.weight  # all of it (a stand-alone model)
+        else:
+            wo = sub(self.o.weight, C, h, d, shape=(-1, H, D)).reshape(C, h * d)  # columns matching the kept rows
         y = F.linear(y, wo, sub(self.o.bias, C))
         x = F.layer_norm(x + F.dropout(y, dropout, self.training), (C,), sub(self.ln1.weight, C),
                          sub(self.ln1.bias, C), self.ln1.eps)
@@ -313,12 +320,15 @@ class Bert(nn.Module):
         out["cls.predictions.decoder.bias"] = ours["mlm_bias"]
         return out
 
-    def save_pretrained(self, folder):
-        """Write config.json + model.safetensors as transformers' BertForMaskedLM does."""
+    def save_pretrained(self, folder, head=None, **config_fields):
+        """Write config.json + model.safetensors as transformers' BertForMaskedLM does, plus the modeling file
+        that lets stock transformers load any qkv (trust_remote_code=True; a plain BERT loads without it).
+        `head`: more tensors under transformers' names (a fine-tuned head); `config_fields` go into config.json."""
         from safetensors.torch import save_file
         from common import atomic_write, save_json
         a, c = self.arch, self.cfg
-        config = dict(architectures=["BertForMaskedLM"], model_type="bert", vocab_size=c["vocab_size"],
+        config = dict(architectures=["BertForMaskedLM"], auto_map=HF_AUTO_MAP, model_type="bert",
+                      vocab_size=c["vocab_size"],
                       hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.heads,
                       intermediate_size=a.ffn, hidden_act=c["act"], hidden_dropout_prob=c["dropout"],
                       attention_probs_dropout_prob=c["dropout"], max_position_embeddings=c["max_position"],
@@ -328,10 +338,13 @@ class Bert(nn.Module):
             config["qkv_size"] = a.qkv
         if c["embedding_size"]:
             config["embedding_size"] = c["embedding_size"]
-        tensors = {k: v.detach().contiguous().clone() for k, v in self.hf_state_dict().items()
+        config.update(config_fields)
+        tensors = {k: v.detach().contiguous().clone() for k, v in dict(self.hf_state_dict(), **(head or {})).items()
                    if k != "cls.predictions.decoder.weight"}  # tied: safetensors stores no shared tensors
         Path(folder).mkdir(parents=True, exist_ok=True)
         atomic_write(Path(folder) / "model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+        modeling = HF_MODELING.read_text()  # copied as text: the product never imports it
+        atomic_write(Path(folder) / HF_MODELING.name, lambda tmp: Path(tmp).write_text(modeling))
         save_json(config, Path(folder) / "config.json")
 
     @classmethod
@@ -360,6 +373,12 @@ class Bert(nn.Module):
         model.load_state_dict(ours, strict=False)  # a discriminator has no MLM head: it keeps its fresh init
         model.has_mlm_head = "mlm_dense.weight" in ours
         return model
+
+
+# transformers' classes for any qkv: modeling_autotinybert.py, written into every saved folder
+HF_MODELING = Path(__file__).with_name("modeling_autotinybert.py")
+HF_AUTO_MAP = {f"AutoModel{task}": f"modeling_autotinybert.AutoTinyBert{task or 'Model'}"
+               for task in ("", "ForMaskedLM", "ForSequenceClassification", "ForQuestionAnswering")}
 
 
 def read_pretrained(folder):

@@ -623,8 +623,8 @@ def run_search(cfg, folder, records, rank, world, device):
     score.metrics.update({a: r.get("metrics", {}) for a, r in records.items()})
     if rank == 0:
         print(f"searching {space.size():,} architectures of {model.arch} ({cfg.method}, {cfg.evaluator} evaluator) "
-              f"for {cfg.target}: latency <= {budget_ms:.4g} ms (BERT-base {predictor.base_ms:.4g} ms) on {world} "
-              f"worker(s), {resolve_compute(str(device), cfg.dtype)}"
+              f"for {cfg.target}: latency <= {budget_ms:.4g} ms on {predictor.backend} (BERT-base "
+              f"{predictor.base_ms:.4g} ms) on {world} worker(s), {resolve_compute(str(device), cfg.dtype)}"
               + (f"; {len(records)} scored before, replayed" if records else ""))
     n_evals = len(space.layers) if cfg.method == "fast" else cfg.generations * cfg.population
     bar = tqdm(total=n_evals, initial=len(records), desc="scoring", unit="arch", disable=rank != 0)
@@ -668,8 +668,9 @@ def run_search(cfg, folder, records, rank, world, device):
         return None
     top = results[:cfg.top]
     save_json(rows(results), out / "scored.json")
-    save_json(dict(target=cfg.target, budget_ms=budget_ms, base_ms=predictor.base_ms, method=cfg.method,
-                   evaluator=cfg.evaluator, superplm=str(cfg.superplm), best=str(top[0].arch), top=rows(top)),
+    save_json(dict(target=cfg.target, budget_ms=budget_ms, base_ms=predictor.base_ms, backend=predictor.backend,
+                   method=cfg.method, evaluator=cfg.evaluator, superplm=str(cfg.superplm), best=str(top[0].arch),
+                   top=rows(top)),
               out / "top.json")
     made = [out / "top.json", out / "scored.json", out / "candidates.jsonl"]
     made.append(figure(results, top, predictor.base_ms, predictor.base_ms / budget_ms, out / "search.png",

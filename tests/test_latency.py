@@ -208,3 +208,35 @@ def test_an_interrupted_measure_keeps_its_timings_and_says_how_to_continue(tmp_p
                                                  r"with: python latency.py measure --samples 5 --out \S+ --resume$"):
         latency.main(["measure", "--samples", "5", "--out", str(out)])
     assert [r["kind"] for r in read_jsonl(out / "timings.jsonl")] == ["meta", "arch"]
+@pytest.mark.slow
+def test_onnx_runtime_backends(tmp_path, monkeypatch):
+    """The ONNX Runtime models compute the model; measure records the backend and refuses to mix backends;
+    a predictor knows its backend and `table` refuses another one."""
+    torch.manual_seed(0)
+    arch = Arch(2, 60, 96, 4, 40)
+    eager, fp32, int8 = latency.builds(arch, latency.BACKENDS)
+    ids = torch.randint(30522, (3, 9))
+    with torch.no_grad():
+        ref = eager(ids)
+    assert (fp32(ids) - ref).abs().max().item() <= 1e-4
+    err = (int8(ids) - ref).abs().max().item()
+    assert 0 < err < 0.1 * ref.abs().max().item()  # quantized: close, not equal
+
+    monkeypatch.setattr(latency, "BERT_BASE", Arch(2, 48, 64, 2, 32))
+    space = dict(layers=(1, 2), hidden=(32, 48), ffn=(64,), heads=(1, 2), head_dim=16)
+    torch_save({"space": space}, tmp_path / "superplm.pt")
+    out = tmp_path / "lat.jsonl"
+    flags = ["--space", str(tmp_path / "superplm.pt"), "--samples", "1", "--seq-len", "16", "--warmup", "0",
+             "--repeats", "2", "--out", str(out)]
+    latency.main(["measure", "--backend", "onnxruntime-int8"] + flags)
+    records = read_jsonl(out)
+    assert records[0]["device"]["backend"] == "onnxruntime-int8" and "onnxruntime" in records[0]["device"]
+    assert [r["kind"] for r in records[1:]] == ["base", "arch"] and all(r["ms"] > 0 for r in records[1:])
+    with pytest.raises(UserError, match="backend=onnxruntime-int8, not torch"):
+        latency.main(["measure"] + flags)  # resuming with another backend
+
+    pred, _, _ = fitted(n=50, steps=50)
+    assert pred.backend == "torch"  # DEVICE predates backends
+    pred.save(tmp_path / "lat.pt")
+    with pytest.raises(UserError, match="--backend torch"):
+        latency.cmd_table(latency.TableCfg(backend="onnxruntime", predictor=str(tmp_path / "lat.pt")))
