@@ -294,7 +294,9 @@ def build_model(cfg, vocab_size, init=None):
     return model, single(arch) if cfg.arch else space_for(arch, mha)
 
 
-def train(cfg):
+def train(cfg, on_save=None):
+    """Algorithm 1 (one architecture with --arch); returns the model. on_save(step, model), if given, runs on rank 0
+    after each checkpoint is written (bench/table1_mini.py measures held-out loss curves there)."""
     rank, world, device = init_distributed()
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
@@ -395,6 +397,8 @@ def train(cfg):
                 window, t0, steps0 = defaultdict(float), time.time(), step
             if rank == 0 and (step % cfg.save_every == 0 or step == total):
                 save()
+                if on_save:
+                    on_save(step, model)
             if step == total:
                 break
     bar.close()
