@@ -452,7 +452,7 @@ def main(argv=None):
                                               str(seed)], heldout, cfg.curve_points))
             for key in ("auto",) + tuple(k for k, _ in scratch):
                 pair[key + "_acc"] = task_acc(pair[key], seed)
-            done[f"pair-s{seed}-{target}"] = pair  # derived from the stages: not stored
+            done[f"pair-s{seed}-{target}"] = dict(pair, run=f"pair-s{seed}-{target}")  # not in runs.jsonl
             candidates = [c["arch"] for c in found["candidates"]]
             measured_ms(out, [best, bert, *([best] if cfg.scratch_searched else []), *candidates])
         report(out, done, cfg, steps, info, t0)
