@@ -5,7 +5,8 @@ Each stage is run as its own command, printed before it runs, so that the demo d
     2. latency.py   time sampled architectures on this CPU and fit the latency predictor (§3.5)
     3. search.py    evolutionary search for the latency target, sub-models scored inside the SuperPLM (§3.5)
     4. superplm.py  further-train the winner alone, initialised from its SuperPLM weights (§3.6)
-and ends with a summary table and the files it made.
+    5. superplm.py  BERT-S, BERT's default-rule shape at the same latency, from scratch for the steps of 1 + 4 (Table 1)
+and ends with a summary table, the two models side by side, and the files it made.
 """
 
 import json
@@ -71,12 +72,21 @@ def main(argv=None):
     best = found["best"]
     t["4 further"] = run("superplm.py", "--init", splm, "--arch", best, "--out", further, "--max-steps",
                          cfg.further_steps, "--seed", cfg.seed)
-    summary(cfg, out, found, t)
+    from latency import LatencyPredictor
+    from model import Arch
+    from search import bert_s
+    predictor = LatencyPredictor.load(lat.with_suffix(".pt"))
+    bert = bert_s(predictor(Arch.parse(best)), predictor)  # default rule, 4 layers, closest latency from below
+    t["5 BERT-S"] = run("superplm.py", "--preset", "tiny", "--arch", bert, "--tokenizer", splm / "tokenizer.json",
+                        "--out", out / "bert-s", "--max-steps", cfg.steps + cfg.further_steps, "--seed", cfg.seed)
+    summary(cfg, out, found, t, bert)
 
 
-def summary(cfg, out, found, t):
+def summary(cfg, out, found, t, bert):
+    from latency import measure
     from model import Arch
     splm_log = [r for r in read_jsonl(out / "superplm" / "metrics.jsonl") if "loss" in r]
+    bert_log = [r for r in read_jsonl(out / "bert-s" / "metrics.jsonl") if "loss" in r]
     further_log = [r for r in read_jsonl(out / "further" / "metrics.jsonl") if "loss" in r]
     fit = json.loads((out / "latency.json").read_text()) if (out / "latency.json").exists() else {}
     held = fit.get("heldout", {})
@@ -91,7 +101,8 @@ def summary(cfg, out, found, t):
                           f"{held.get('tau', float('nan')):.2f}"),
             ("3 search", f"{len(json.loads((out / 'search' / 'scored.json').read_text()))} architectures scored "
                          f"inside the SuperPLM; best {best}"),
-            ("4 further", f"{best} trained alone: loss {further_log[0]['loss']:.2f} -> {further_log[-1]['loss']:.2f}")]
+            ("4 further", f"{best} trained alone: loss {further_log[0]['loss']:.2f} -> {further_log[-1]['loss']:.2f}"),
+            ("5 BERT-S", f"{bert} from scratch: loss {bert_log[0]['loss']:.2f} -> {bert_log[-1]['loss']:.2f}")]
     for (name, what), minutes in zip(rows, t.values()):
         print(f"{name:<12}{what:<62}{minutes / 60:>8.1f}")
     print(f"\ntop architectures (layers-hidden-ffn-heads-qkv, Table 4's notation):")
@@ -101,8 +112,15 @@ def summary(cfg, out, found, t):
     after = held_out_loss(out / "further")
     print(f"\nafter further training, {best} reaches held-out MLM loss {after:.3f} "
           f"(inside the SuperPLM: {-found['top'][0]['score']:.3f})")
+    print(f"\nat the same latency, as many training steps (Table 1 in miniature; bench/table1_mini.py adds seeds):")
+    print(f"{'model':<14}{'arch':<20}{'training steps':<32}{'held-out MLM loss':>18}{'measured ms':>13}")
+    for name, arch, steps, loss in (
+            ("AutoTinyBERT", best, f"{cfg.steps} one-shot + {cfg.further_steps} further", after),
+            ("BERT-S", bert, f"{cfg.steps + cfg.further_steps} from scratch", held_out_loss(out / "bert-s"))):
+        print(f"{name:<14}{str(arch):<20}{steps:<32}{loss:>18.3f}{measure(arch):>13.2f}")
     print(f"\nfiles: {out}/superplm/checkpoint.pt (SuperPLM), {out}/latency.pt (predictor), {out}/search/top.json "
-          f"and search.png (search), {out}/search/top/ (Hugging Face folders), {out}/further/ (further-trained model)")
+          f"and search.png (search), {out}/search/top/ (Hugging Face folders), {out}/further/ (further-trained model), "
+          f"{out}/bert-s/ (BERT-S)")
 
 
 if __name__ == "__main__":

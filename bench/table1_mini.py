@@ -48,14 +48,13 @@ from common import UserError, append_jsonl, config_from_args, config_parser, rea
 from data import load_corpus, prepare, split, steps_per_epoch  # noqa: E402
 from model import Arch  # noqa: E402
 from pairwise import open_study  # noqa: E402
-from search import MLMScore  # noqa: E402
+from search import MLMScore, bert_s, default_rule  # noqa: E402
 
 # Table 1 (pre-training setting): speedup over BERT-base and GLUE dev average without SQuAD ("score")
 PAPER = [("S1", "5-564-1054-8-512", 7.2, 78.3, "4-512-2048-8-512", 7.1, 76.5),
          ("S2", "4-396-624-6-384", 15.7, 76.4, "4-320-1280-5-320", 14.8, 75.1),
          ("S3", "4-432-384-4-256", 20.2, 75.3, "4-256-1024-4-256", 20.1, 74.3),
          ("S4", "3-320-608-4-256", 31.0, 73.0, "4-192-768-3-192", 31.3, 71.0)]
-HEAD = 64  # BERT's head width: the default rule's heads = hidden / 64
 
 
 @dataclass
@@ -92,22 +91,8 @@ class Config:
 # ----------------------------------------------------------------------------- BERT's default rule
 
 
-def default_rule(layers, hidden):
-    """BERT's conventional shape: qkv = hidden, ffn = 4 x hidden, heads of 64 dimensions."""
-    return Arch(layers, hidden, 4 * hidden, hidden // HEAD, hidden)
-
-
 def is_default_rule(arch):
-    return arch.hidden % HEAD == 0 and arch == default_rule(arch.layers, arch.hidden)
-
-
-def bert_s(ms, predictor, layers):
-    """BERT-S at a latency: the default-rule shape (hidden 64 ... 768) whose predicted latency is closest to `ms`
-    from below; the smallest one when none is below."""
-    shapes = [default_rule(layers, HEAD * k) for k in range(1, 13)]
-    pred = predictor.predict(shapes)
-    below = [k for k in range(len(shapes)) if pred[k] <= ms]
-    return shapes[max(below, key=lambda k: pred[k]) if below else 0]
+    return arch.hidden % 64 == 0 and arch == default_rule(arch.layers, arch.hidden)
 
 
 # ----------------------------------------------------------------------------- the downstream task

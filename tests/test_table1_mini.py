@@ -23,7 +23,7 @@ class WidthPredictor:
         return np.array([a.layers * a.hidden / 100 for a in archs], dtype=np.float64)
 
 
-def test_default_rule_and_bert_s():
+def test_default_rule_and_bert_s():  # search.py's, used by the study and the demo
     assert t1.default_rule(4, 256) == Arch.parse("4-256-1024-4-256")  # BERT-S3 of Table 4
     assert t1.default_rule(4, 512) == Arch.parse("4-512-2048-8-512")  # BERT-S1
     assert t1.is_default_rule(Arch.parse("4-192-768-3-192"))
