@@ -112,7 +112,7 @@ def summary(cfg, out, found, t, bert):
     after = held_out_loss(out / "further")
     print(f"\nafter further training, {best} reaches held-out MLM loss {after:.3f} "
           f"(inside the SuperPLM: {-found['top'][0]['score']:.3f})")
-    print(f"\nat the same latency, as many training steps (Table 1 in miniature; bench/table1_mini.py adds seeds):")
+    print("\nat the same latency, as many training steps (Table 1 in miniature; bench/table1_mini.py adds seeds):")
     print(f"{'model':<14}{'arch':<20}{'training steps':<32}{'held-out MLM loss':>18}{'measured ms':>13}")
     for name, arch, steps, loss in (
             ("AutoTinyBERT", best, f"{cfg.steps} one-shot + {cfg.further_steps} further", after),

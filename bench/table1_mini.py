@@ -44,7 +44,8 @@ import finetune  # noqa: E402
 import latency  # noqa: E402
 import search  # noqa: E402
 import superplm  # noqa: E402
-from common import UserError, append_jsonl, config_from_args, config_parser, read_jsonl, run_main, save_json  # noqa: E402
+from common import (UserError, append_jsonl, config_from_args, config_parser, read_jsonl, run_main,  # noqa: E402
+                    save_json)
 from data import load_corpus, prepare, split, steps_per_epoch  # noqa: E402
 from model import Arch  # noqa: E402
 from pairwise import open_study  # noqa: E402
@@ -244,17 +245,20 @@ def summarize(done, cfg, steps, ms):
         models = []
         for label, key in kinds.items():
             runs = [done[p[key]] for p in pairs]
+            cpu = [r["cpu_s"] for r in runs]
+            if key == "auto":  # its share of the one-shot run, its search, its further training
+                cpu = [c + done[f"superplm-s{s}"]["cpu_s"] / len(cfg.targets) + done[f"search-s{s}-{target}"]["cpu_s"]
+                       for c, s in zip(cpu, seeds)]
             models.append(dict(model=label, archs=[r["arch"] for r in runs],
                                pred_ms=[p[key + "_pred_ms"] for p in pairs], ms=[ms[r["arch"]] for r in runs],
                                loss=[r["loss"] for r in runs], acc=[p.get(key + "_acc") for p in pairs],
-                               cpu_s=[r["cpu_s"] for r in runs], steps=runs[0]["steps"]))
+                               cpu_s=cpu, steps=runs[0]["steps"]))
         auto, bert = models[0], models[1]
         row = dict(target=target, budget_ms=[p["budget_ms"] for p in pairs], seeds=seeds, models=models,
                    majority=pairs[0].get("majority"),
                    loss_gain=[b - a for a, b in zip(auto["loss"], bert["loss"])],
                    acc_gain=[None if a is None else a - b for a, b in zip(auto["acc"], bert["acc"])])
         if cfg.scratch_searched:
-            alone = models[2]
             reach = [steps_to_reach(done[p["alone"]]["curve"], done[p["auto"]]["loss"]) for p in pairs]
             row.update(reach=reach, further_steps=steps["further"],
                        alone_at_further=[float(np.interp(steps["further"], *zip(*done[p["alone"]]["curve"])))
@@ -269,6 +273,7 @@ def print_table(rows, info):
     print(f"AutoTinyBERT: {info['steps']['oneshot']} one-shot + {info['steps']['further']} further steps; models from "
           f"scratch: {info['steps']['total']} steps; {info['batch_size']} x {info['seq_len']} tokens a step "
           f"({info['epoch_steps']} steps an epoch)")
+    print("CPU min: of training (AutoTinyBERT: its share of the one-shot run, its search and its further training)")
     print(f"{'target':16} {'model':19} {'archs (one per seed)':56} {'pred ms':>7} {'meas ms':>7} "
           f"{'MLM loss':>15} {'task acc %':>12} {'CPU min':>7}")
     for r in rows:
@@ -316,6 +321,10 @@ def figures(rows, done, cfg, out):
             marker, color = styles[m["model"]]
             ax.scatter(m["ms"], m["loss"], marker=marker, color=color, s=30,
                        label=m["model"] + " (trained)" if r is rows[0] else None)
+    for r in rows:
+        ax.axvline(np.mean(r["budget_ms"]), color="grey", ls=":", lw=1)
+        ax.annotate(f"budget {r['target']}", (np.mean(r["budget_ms"]), ax.get_ylim()[1]), fontsize=6, rotation=90,
+                    va="top", ha="right")
     ax.set(xlabel="measured latency (ms, one 128-token input, 1 thread)", ylabel="held-out masked-LM loss",
            title="Figure 1 in miniature: loss against latency, every seed and target")
     ax.legend(fontsize=7)
@@ -342,9 +351,18 @@ def figures(rows, done, cfg, out):
     return made
 
 
+def stage_minutes(done):
+    """CPU minutes of each kind of stage, summed over the study."""
+    kinds = dict(superplm="one-shot SuperPLMs", latency="latency predictor", search="searches",
+                 further="further training", scratch="training from scratch", task="fine-tuning")
+    return {label: sum(r.get("cpu_s", 0) for name, r in done.items() if name.split("-")[0] == kind) / 60
+            for kind, label in kinds.items()}
+
+
 def report(out, done, cfg, steps, info, t0):
     rows = summarize(done, cfg, steps, json.loads((out / "latency_measured.json").read_text()))
     print_table(rows, info)
+    print("CPU minutes by stage: " + ", ".join(f"{k} {v:.1f}" for k, v in stage_minutes(done).items()))
     cpu = sum(r.get("cpu_s", 0) for r in done.values())
     save_json(dict(config=dataclasses.asdict(cfg), info=info, targets=rows, runs=list(done.values()),
                    cpu_s=cpu, session_s=time.time() - t0, paper_table1=PAPER), out / "results.json")
