@@ -73,10 +73,9 @@ def main(argv=None):
     t["4 further"] = run("superplm.py", "--init", splm, "--arch", best, "--out", further, "--max-steps",
                          cfg.further_steps, "--seed", cfg.seed)
     from latency import LatencyPredictor
-    from model import Arch
     from search import bert_s
     predictor = LatencyPredictor.load(lat.with_suffix(".pt"))
-    bert = bert_s(predictor(Arch.parse(best)), predictor)  # default rule, 4 layers, closest latency from below
+    bert = bert_s(found["budget_ms"], predictor)  # default rule, 4 layers, within the same latency budget
     t["5 BERT-S"] = run("superplm.py", "--preset", "tiny", "--arch", bert, "--tokenizer", splm / "tokenizer.json",
                         "--out", out / "bert-s", "--max-steps", cfg.steps + cfg.further_steps, "--seed", cfg.seed)
     summary(cfg, out, found, t, bert)

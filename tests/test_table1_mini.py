@@ -91,13 +91,13 @@ def test_whole_study_runs_and_resumes(tmp_path):
     assert row["seeds"] == [0, 1] and row["majority"] == 50.0
     auto, bert, alone = row["models"]
     assert [m["model"] for m in row["models"]] == ["AutoTinyBERT", "BERT-S (scratch)", "searched (scratch)"]
-    assert bert["archs"] == ["2-64-256-1-64"] * 2 or all(t1.is_default_rule(Arch.parse(a)) for a in bert["archs"])
+    assert bert["archs"] == ["2-64-256-1-64"] * 2  # the target's shape meets its own budget (slack 1.1)
     assert alone["archs"] == auto["archs"]  # Figure 5: the same arch, inherited or from scratch
     assert auto["steps"] == steps["further"] and bert["steps"] == alone["steps"] == steps["total"]
     for s, a, b, pa, pb in zip(row["seeds"], auto["archs"], bert["archs"], auto["pred_ms"], bert["pred_ms"]):
         found = next(r for r in results["runs"] if r["run"] == f"search-s{s}-2-64-256-1-64")
         assert found["best"] == a and pa <= found["budget_ms"]  # the winner meets the budget
-        assert pb <= pa or b == "2-64-256-1-64"  # BERT-S: from below (or the smallest)
+        assert b == "2-64-256-1-64" and pb <= found["budget_ms"]  # BERT-S: the target's shape, within the budget
     assert row["loss_gain"] == pytest.approx([b - a for a, b in zip(auto["loss"], bert["loss"])])
     assert all(0 <= x <= 100 for m in row["models"] for x in m["acc"])
     runs = {r["run"]: r for r in results["runs"]}
