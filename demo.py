@@ -5,7 +5,8 @@ Each stage is run as its own command, printed before it runs, so that the demo d
     2. latency.py   time sampled architectures on this CPU and fit the latency predictor (§3.5)
     3. search.py    evolutionary search for the latency target, sub-models scored inside the SuperPLM (§3.5)
     4. superplm.py  further-train the winner alone, initialised from its SuperPLM weights (§3.6)
-and ends with a summary table and the files it made.
+    5. superplm.py  BERT-S, BERT's default-rule shape at the same latency, from scratch for the steps of 1 + 4 (Table 1)
+and ends with a summary table, the two models side by side, and the files it made.
 """
 
 import json
@@ -17,6 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import COUNT, NONNEGATIVE, RunFolder, UserError, parse_config, read_jsonl, run_main, torch_load
+from latency import LatencyPredictor, measure
+from model import Arch
+from search import MLMScore, bert_s
+from superplm import load_superplm
 
 
 @dataclass
@@ -46,8 +51,6 @@ def run(*args):
 
 def held_out_loss(run_dir, arch=None):
     """Masked-LM loss of a model (a sub-model of a SuperPLM) on the held-out sequences, as search.py scores it."""
-    from search import MLMScore
-    from superplm import load_superplm
     model, _, tok = load_superplm(Path(run_dir) / "checkpoint.pt")
     cfg = torch_load(Path(run_dir) / "checkpoint.pt")["config"]
     return -MLMScore(model, tok, cfg["corpus"], cfg["seq_len"], cfg["cache_dir"])(arch or model.arch)
@@ -72,12 +75,15 @@ def main(argv=None):
         best = found["best"]
         t["4 further"] = run("superplm.py", "--init", splm, "--arch", best, "--out", further, "--steps",
                              cfg.further_steps, "--seed", cfg.seed)
-        summary(cfg, out, found, t)
+        bert = bert_s(found["budget_ms"], LatencyPredictor.load(pred))  # default rule, 4 layers, same budget
+        t["5 BERT-S"] = run("superplm.py", "--preset", "tiny", "--arch", bert, "--tokenizer", splm / "tokenizer.json",
+                            "--out", out / "bert-s", "--steps", cfg.steps + cfg.further_steps, "--seed", cfg.seed)
+        summary(cfg, out, found, t, bert)
 
 
-def summary(cfg, out, found, t):
-    from model import Arch
+def summary(cfg, out, found, t, bert):
     splm_log = [r for r in read_jsonl(out / "superplm" / "metrics.jsonl") if "loss" in r]
+    bert_log = [r for r in read_jsonl(out / "bert-s" / "metrics.jsonl") if "loss" in r]
     further_log = [r for r in read_jsonl(out / "further" / "metrics.jsonl") if "loss" in r]
     fit = json.loads((out / "predictor" / "metrics.json").read_text())
     held = fit.get("heldout", {})
@@ -92,19 +98,26 @@ def summary(cfg, out, found, t):
                           f"{held.get('tau', float('nan')):.2f}"),
             ("3 search", f"{len(json.loads((out / 'search' / 'scored.json').read_text()))} architectures scored "
                          f"inside the SuperPLM; best {best}"),
-            ("4 further", f"{best} trained alone: loss {further_log[0]['loss']:.2f} -> {further_log[-1]['loss']:.2f}")]
+            ("4 further", f"{best} trained alone: loss {further_log[0]['loss']:.2f} -> {further_log[-1]['loss']:.2f}"),
+            ("5 BERT-S", f"{bert} from scratch: loss {bert_log[0]['loss']:.2f} -> {bert_log[-1]['loss']:.2f}")]
     for (name, what), minutes in zip(rows, t.values()):
         print(f"{name:<12}{what:<62}{minutes / 60:>8.1f}")
-    print(f"\ntop architectures (layers-hidden-ffn-heads-qkv, Table 4's notation):")
+    print("\ntop architectures (layers-hidden-ffn-heads-qkv, Table 4's notation):")
     print(f"{'arch':<22}{'speedup':>9}{'held-out MLM loss':>20}")
     for r in found["top"]:
         print(f"{r['arch']:<22}{r['speedup']:>8.1f}x{-r['score']:>20.3f}")
     after = held_out_loss(out / "further")
     print(f"\nafter further training, {best} reaches held-out MLM loss {after:.3f} "
           f"(inside the SuperPLM: {-found['top'][0]['score']:.3f})")
+    print("\nat the same latency, as many training steps (Table 1 in miniature; bench/table1_mini.py adds seeds):")
+    print(f"{'model':<14}{'arch':<20}{'training steps':<32}{'held-out MLM loss':>18}{'measured ms':>13}")
+    for name, arch, steps, loss in (
+            ("AutoTinyBERT", best, f"{cfg.steps} one-shot + {cfg.further_steps} further", after),
+            ("BERT-S", bert, f"{cfg.steps + cfg.further_steps} from scratch", held_out_loss(out / "bert-s"))):
+        print(f"{name:<14}{str(arch):<20}{steps:<32}{loss:>18.3f}{measure(arch):>13.2f}")
     print(f"\nfiles: {out}/superplm/checkpoint.pt (SuperPLM), {out}/predictor/ (latency predictor), "
           f"{out}/search/top.json and search.png (search), {out}/search/top/ (Hugging Face folders), "
-          f"{out}/further/ (further-trained model)")
+          f"{out}/further/ (further-trained model), {out}/bert-s/ (BERT-S)")
 
 
 if __name__ == "__main__":

@@ -328,6 +328,24 @@ def fast_search(space, score, latency, budget_ms, seed=0, cache=None, on_generat
     return ranked(evals.done)
 
 
+# ----------------------------------------------------------------------------- BERT's default rule: Table 1's BERT-S
+
+
+def default_rule(layers, hidden):
+    """BERT's conventional shape (§3.3): qkv = hidden, ffn = 4 x hidden, heads of 64 dimensions."""
+    return Arch(layers, hidden, 4 * hidden, hidden // 64, hidden)
+
+
+def bert_s(ms, latency, layers=4):
+    """BERT-S at a latency (Table 1's baseline): the default-rule shape of `layers` layers, hidden 64 to 768, whose
+    latency predicted by `latency` (a latency.LatencyPredictor) is closest to `ms` from below; the smallest when
+    none is below."""
+    shapes = [default_rule(layers, 64 * k) for k in range(1, 13)]
+    pred = latency.predict(shapes)
+    below = [k for k in range(len(shapes)) if pred[k] <= ms]
+    return shapes[max(below, key=lambda k: pred[k]) if below else 0]
+
+
 METHODS = {"evolve": evolve, "evolve-elite": evolve_elite, "random": random_search, "fast": fast_search}
 
 # ----------------------------------------------------------------------------- evaluators: score(arch) from a SuperPLM

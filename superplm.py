@@ -317,21 +317,23 @@ def build_model(cfg, vocab_size, init=None):
     return model, single(arch) if cfg.arch else space_for(arch, mha)
 
 
-def train(cfg, argv=None):
-    """Algorithm 1 in cfg.out; argv (the command line, sys.argv's by default) goes into config.json."""
+def train(cfg, argv=None, on_save=None):
+    """Algorithm 1 in cfg.out (one architecture with --arch); returns the model. argv (the command line, sys.argv's
+    by default) goes into config.json; on_save(step, model), if given, runs on rank 0 after each checkpoint is
+    written (bench/table1_mini.py measures held-out loss curves there)."""
     rank, world, device = init_distributed(cfg.device)
     folder = RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="checkpoint.pt", argv=argv) if rank == 0 \
         else nullcontext()
     if world > 1:
         dist.barrier()
     with folder:
-        model = _train(cfg, folder, rank, world, device)
+        model = _train(cfg, folder, rank, world, device, on_save)
     if world > 1:
         dist.destroy_process_group()
     return model
 
 
-def _train(cfg, folder, rank, world, device):
+def _train(cfg, folder, rank, world, device, on_save=None):
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
     ckpt = torch_load(ckpt_path) if cfg.resume else None
@@ -437,6 +439,8 @@ def _train(cfg, folder, rank, world, device):
                 stopping = stopped(stop, world, device)
                 if rank == 0 and (step % cfg.save_every == 0 or step == total or stopping):
                     save()
+                    if on_save:
+                        on_save(step, model)
                 if stopping and step < total:
                     bar.close()
                     if world > 1:

@@ -279,8 +279,9 @@ def report(out, picked, sets, done, cfg, steps, info, t0):
 MADE = ("config.json", "runs.jsonl", "results.json", "pairwise.png")
 
 
-def open_study(cfg):
-    """The study folder; --resume needs the settings it was started with (its runs depend on them)."""
+def open_study(cfg, made=MADE, prefixes=("init-", "superplm-", "standalone-")):
+    """The study folder; --resume needs the settings it was started with (its runs depend on them). --overwrite
+    removes what a study makes (the files `made`, the runs named with `prefixes`), nothing else."""
     out = fresh_out_dir(cfg.out, cfg.resume, cfg.overwrite, marker="config.json")
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "overwrite")}
     if cfg.resume and (out / "config.json").exists():
@@ -291,7 +292,7 @@ def open_study(cfg):
                             "own flags (see its config.json) or pass --overwrite")
     elif cfg.overwrite:  # what a study makes, nothing else
         for p in out.iterdir():
-            if p.name in MADE or p.name.startswith(("init-", "superplm-", "standalone-")):
+            if p.name in made or p.name.startswith(prefixes):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     save_json(settings, out / "config.json")
     return out
