@@ -14,8 +14,8 @@ matmuls (latency.features' encoder multiply-adds x 2, the MLM head at the masked
 of part 3 although transformers computes it at every position).
 
     python bench/gpu_step.py                       # on a GPU: the paper's sizes, bf16
-    python bench/gpu_step.py --superplm 4-256-1024-4-256 --bert 4-256-1024-4-256 --batch 4 --seq-len 64 \\
-        --vocab-size 4096 --ft-batch 8 --steps 3      # the same on a CPU, small
+    python bench/gpu_step.py --superplm-arch 4-256-1024-4-256 --bert 4-256-1024-4-256 --batch-size 4 \\
+        --seq-len 64 --vocab-size 4096 --ft-batch 8 --steps 3      # the same on a CPU, small
 """
 
 import platform
@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import DTYPES, parse_config, resolve_compute, save_json, seed_everything, to_device  # noqa: E402
+from common import (COUNT, DTYPES, NONNEGATIVE, parse_config, resolve_compute, save_json, seed_everything,  # noqa: E402
+                    to_device)
 from data import Specials, batches, mask_tokens, masked_positions, prefetch  # noqa: E402
 from finetune import Finetuner, adamw as finetune_adamw, train_epoch  # noqa: E402
 from latency import features  # noqa: E402
@@ -42,15 +43,15 @@ PEAKS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0)
 
 @dataclass
 class BenchConfig:
-    superplm: str = field(default=str(SUPERPLM), metadata={"help": "the SuperPLM of parts 1, 2 and 5"})
+    superplm_arch: str = field(default=str(SUPERPLM), metadata={"help": "the SuperPLM of parts 1, 2 and 5"})
     bert: str = field(default=str(BERT_BASE), metadata={"help": "the model of parts 3 and 4 (BERT-base)"})
-    samples: int = field(default=3, metadata={"help": "M of Algorithm 1"})
-    batch: int = field(default=16, metadata={"help": "sequences per step and GPU (256 over 16 GPUs)"})
+    sub_models: int = field(default=3, metadata={"help": "M of Algorithm 1", **COUNT})
+    batch_size: int = field(default=16, metadata={"help": "sequences per step and GPU (256 over 16 GPUs)", **COUNT})
     seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
     ft_batch: int = field(default=32, metadata={"help": "fine-tuning batch (Table D.1, MNLI)"})
     vocab_size: int = field(default=30522, metadata={"help": "vocabulary (BERT's)"})
     steps: int = field(default=10, metadata={"help": "timed steps of each measurement (median reported)"})
-    warmup: int = field(default=3, metadata={"help": "untimed steps first"})
+    warmup_steps: int = field(default=3, metadata={"help": "untimed steps first", **NONNEGATIVE})
     device: str = field(default="auto", metadata={"help": "auto: cuda if there is one, else cpu"})
     dtype: str = field(default="auto", metadata={"help": "auto: bf16 on cuda, fp32 on cpu",
                                                  "choices": ["auto", *DTYPES]})
@@ -104,14 +105,14 @@ class PeakMemory:
 
 
 def median_time(fn, cfg, device):
-    """Median seconds of fn() over cfg.steps runs after cfg.warmup; fn(i) gets the run's index."""
+    """Median seconds of fn() over cfg.steps runs after cfg.warmup_steps; fn(i) gets the run's index."""
     times = []
-    for i in range(cfg.warmup + cfg.steps):
+    for i in range(cfg.warmup_steps + cfg.steps):
         sync(device)
         t = time.perf_counter()
         fn(i)
         sync(device)
-        if i >= cfg.warmup:
+        if i >= cfg.warmup_steps:
             times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -156,11 +157,11 @@ def main(argv=None):
     device, autocast = compute.device, compute.autocast
     seed_everything(cfg.seed)
     peak, peak_note = peak_tflops(cfg, device)
-    big, bert = Arch.parse(cfg.superplm), Arch.parse(cfg.bert)
-    B, T, V, M = cfg.batch, cfg.seq_len, cfg.vocab_size, cfg.samples
+    big, bert = Arch.parse(cfg.superplm_arch), Arch.parse(cfg.bert)
+    B, T, V, M = cfg.batch_size, cfg.seq_len, cfg.vocab_size, cfg.sub_models
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"{name} ({compute}), torch {torch.__version__}, {torch.get_num_threads()} threads; peak: {peak_note}")
-    print(f"medians of {cfg.steps} steps after {cfg.warmup}\n")
+    print(f"medians of {cfg.steps} steps after {cfg.warmup_steps}\n")
     print(f"{'':<60}{'ms/step':>10}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}")
     table, ratios, memory = [], {}, PeakMemory(device)
 
@@ -178,7 +179,7 @@ def main(argv=None):
         update(flat, 1, opt, 1e-5, 1.0)
 
     flops = statistics.mean(sum(train_flops(sample_arch(space, cfg.seed, i, 0, m), B * T, masked, V, T)
-                                for m in range(M)) for i in range(cfg.warmup, cfg.warmup + cfg.steps))
+                                for m in range(M)) for i in range(cfg.warmup_steps, cfg.warmup_steps + cfg.steps))
     memory.start()
     t_step = median_time(step, cfg, device)
     Row(table, peak, f"1. SuperPLM {big} step, M={M}, {B}x{T}", t_step, B * T, flops)
@@ -246,13 +247,13 @@ def main(argv=None):
 
     # 4. fine-tuning steps: finetune.train_epoch (collate, fwd, bwd, clip, AdamW) on BERT-base, 3 classes
     model = Finetuner(ours, 3).to(device)
-    n = cfg.ft_batch * (cfg.warmup + cfg.steps)
+    n = cfg.ft_batch * (cfg.warmup_steps + cfg.steps)
     ids = RandomRows(n, T, V, cfg.seed + 1).ids
     feats, targets = [(row.tolist(), [0] * T) for row in ids], torch.randint(3, (n,))
     opt_ft, sched = finetune_adamw(model, 2e-5, 10 ** 6, 0.0, 0.01)
     g = torch.Generator().manual_seed(cfg.seed)
-    train_epoch(model, feats[:cfg.ft_batch * cfg.warmup], targets, cfg.ft_batch, opt_ft, sched, g, 0, device, "warm",
-                autocast)
+    train_epoch(model, feats[:cfg.ft_batch * cfg.warmup_steps], targets, cfg.ft_batch, opt_ft, sched, g, 0, device,
+                "warm", autocast)
     sync(device)
     memory.start()
     t = time.perf_counter()
@@ -264,7 +265,7 @@ def main(argv=None):
     memory.record("4. fine-tuning")
 
     # 5. the data path: data.batches' masking per batch, and part 1's loop fed directly or through prefetch
-    rows = RandomRows(B * (2 * (cfg.warmup + cfg.steps) + 2), T, V, cfg.seed)
+    rows = RandomRows(B * (2 * (cfg.warmup_steps + cfg.steps) + 2), T, V, cfg.seed)
     stream = batches(rows, B, 0, cfg.seed)
     t_data = median_time(lambda i: next(stream), cfg, torch.device("cpu"))
     print(f"\n5. data.batches: {1e3 * t_data:.2f} ms per {B}x{T} batch = {100 * t_data / t_step:.1f}% of part 1's "
@@ -277,10 +278,10 @@ def main(argv=None):
         t = time.perf_counter()
         for i, b in enumerate(source):
             step(i, b)
-            if i + 1 == cfg.warmup + cfg.steps:
+            if i + 1 == cfg.warmup_steps + cfg.steps:
                 break
         sync(device)
-        return (time.perf_counter() - t) / (cfg.warmup + cfg.steps)
+        return (time.perf_counter() - t) / (cfg.warmup_steps + cfg.steps)
 
     rounds = [(loop("direct"), loop("prefetch")) for _ in range(3)]  # interleaved
     loops = {k: statistics.median(r[i] for r in rounds) for i, k in enumerate(("direct", "prefetch"))}

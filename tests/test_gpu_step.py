@@ -36,8 +36,9 @@ def test_model_flops_are_what_torch_counts_for_the_forward_times_three():
 @pytest.mark.parametrize("device", ["cpu"] + ["cuda"] * torch.cuda.is_available())
 def test_the_bench_runs_on_the_cpu_and_prints_every_part(tmp_path, capsys, device):
     out = tmp_path / "gpu_step.json"
-    result = gpu_step.main(["--superplm", "2-64-128-2-64", "--bert", "2-64-128-2-64", "--batch", "2", "--seq-len",
-                            "16", "--vocab-size", "200", "--ft-batch", "2", "--steps", "2", "--warmup", "1",
+    result = gpu_step.main(["--superplm-arch", "2-64-128-2-64", "--bert", "2-64-128-2-64", "--batch-size", "2",
+                            "--seq-len", "16", "--vocab-size", "200", "--ft-batch", "2", "--steps", "2",
+                            "--warmup-steps", "1",
                             "--device", device, "--out", str(out)])
     printed = capsys.readouterr().out
     names = [r["name"] for r in result["rows"]]
