@@ -1,4 +1,4 @@
-"""The whole AutoTinyBERT pipeline at demo scale on a CPU, in about 15 minutes (the README's first command).
+"""The whole AutoTinyBERT pipeline at demo scale on a CPU, in about 10 minutes (the README's first command).
 
 Each stage is run as its own command, printed before it runs, so that the demo doubles as a recipe:
     1. superplm.py  train a tiny SuperPLM on the stdlib corpus with Algorithm 1 (§3.4)
