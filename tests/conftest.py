@@ -1,4 +1,5 @@
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -8,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)  # the suite's models are tiny: one thread is fastest and immune to a busy second core
@@ -15,3 +17,14 @@ torch.set_num_threads(1)  # the suite's models are tiny: one thread is fastest a
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~5 s (deselect with -m 'not slow')")
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    """250 shuffled stdlib docstrings in one text file: about 800 sequences of 32 tokens, a study in seconds."""
+    from data import stdlib_corpus
+    docs = list(stdlib_corpus())
+    random.Random(0).shuffle(docs)
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(docs[:250]))
+    return path

@@ -226,7 +226,7 @@ def test_superplm_distils_from_a_transformers_electra_teacher(tmp_path):
     out = tmp_path / "run"
     superplm.main(["--preset", "tiny", "--objective", "kd", "--teacher", str(tmp_path / "teacher"),
                    "--corpus", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-                   "--superplm", "2-96-192-4-96", "--seq-len", "32", "--batch-size", "8", "--max-steps", "24",
+                   "--superplm-arch", "2-96-192-4-96", "--seq-len", "32", "--batch-size", "8", "--steps", "24",
                    "--log-every", "4", "--samples", "2"])
     losses = [r["loss"] for r in read_jsonl(out / "metrics.jsonl")]
     assert len(losses) == 6 and losses[-1] < 0.8 * losses[0], losses

@@ -226,7 +226,7 @@ def test_onnx_runtime_backends(tmp_path, monkeypatch):
     space = dict(layers=(1, 2), hidden=(32, 48), ffn=(64,), heads=(1, 2), head_dim=16)
     torch_save({"space": space}, tmp_path / "superplm.pt")
     out = tmp_path / "lat.jsonl"
-    flags = ["--space", str(tmp_path / "superplm.pt"), "--samples", "1", "--seq-len", "16", "--warmup", "0",
+    flags = ["--space", str(tmp_path / "superplm.pt"), "--samples", "1", "--seq-len", "16", "--warmup-passes", "0",
              "--repeats", "2", "--out", str(out)]
     latency.main(["measure", "--backend", "onnxruntime-int8"] + flags)
     records = read_jsonl(out)

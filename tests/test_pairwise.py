@@ -2,7 +2,6 @@
 
 import itertools
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import pairwise  # noqa: E402
-from data import stdlib_corpus  # noqa: E402
 from latency import kendall_tau  # noqa: E402
 from model import Arch  # noqa: E402
 from search import MLMScore  # noqa: E402
@@ -76,13 +74,10 @@ def test_pick_archs_spreads_sizes_and_shapes():
     assert all(pairwise.as_dims(a, dims) in dims and pairwise.as_dims(a, dims).qkv == a.qkv for a in archs)
 
 
-def test_whole_study_runs_and_resumes(tmp_path):
-    docs = list(stdlib_corpus())
-    random.Random(0).shuffle(docs)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(docs[:250]))  # a slice: ~900 sequences of 32 tokens
+def test_whole_study_runs_and_resumes(tmp_path, small_corpus):
+    corpus = small_corpus
     out = tmp_path / "study"
-    argv = ["--train-args", f"--superplm 2-64-128-2-64 --corpus {corpus} --vocab-size 300 --seq-len 32 "
+    argv = ["--train-args", f"--superplm-arch 2-64-128-2-64 --corpus {corpus} --vocab-size 300 --seq-len 32 "
             f"--batch-size 8 --cache-dir {tmp_path / 'cache'} --log-every 100",
             "--tokens", str(8 * 32 * 6), "--archs", "4", "--group", "2", "--pool", "300", "--out", str(out)]
     pairwise.main(argv)

@@ -132,7 +132,7 @@ def test_a_bf16_run_of_superplm_py_follows_the_fp32_loss_curve(tmp_path, corpus,
     curves = {}
     for dtype in ("fp32", "bf16"):
         log = tmp_path / dtype
-        superplm.main(flags(corpus, log, "--max-steps", "30", "--dtype", dtype, "--device", "cpu"))
+        superplm.main(flags(corpus, log, "--steps", "30", "--dtype", dtype, "--device", "cpu"))
         curves[dtype] = np.array([r["loss"] for r in read_jsonl(log / "metrics.jsonl")])
     a, b = curves["fp32"], curves["bf16"]
     assert len(a) == len(b) == 30 and a[-1] < a[0]
@@ -149,7 +149,7 @@ def test_distillation_runs_in_bf16(tmp_path, corpus):
                                         texts=stdlib_corpus()[:150])
     losses = {}
     for dtype in ("fp32", "bf16"):
-        superplm.main(flags(corpus, tmp_path / dtype, "--objective", "kd", "--teacher", str(teacher), "--max-steps",
+        superplm.main(flags(corpus, tmp_path / dtype, "--objective", "kd", "--teacher", str(teacher), "--steps",
                             "3", "--dtype", dtype))
         losses[dtype] = [r["loss"] for r in read_jsonl(tmp_path / dtype / "metrics.jsonl")]
     assert np.allclose(losses["bf16"], losses["fp32"], rtol=1e-2) and losses["bf16"] != losses["fp32"]

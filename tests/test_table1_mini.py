@@ -2,7 +2,6 @@
 end on a minute-sized budget."""
 
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import table1_mini as t1  # noqa: E402
-from data import stdlib_corpus  # noqa: E402
 from model import Arch  # noqa: E402
 from superplm import load_superplm  # noqa: E402
 
@@ -70,11 +68,8 @@ def test_coherence_task():
 
 
 @pytest.mark.slow
-def test_whole_study_runs_and_resumes(tmp_path):
-    docs = list(stdlib_corpus())
-    random.Random(0).shuffle(docs)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(docs[:250]))  # a slice: ~800 sequences of 32 tokens
+def test_whole_study_runs_and_resumes(tmp_path, small_corpus):
+    corpus = small_corpus
     out = tmp_path / "study"
     argv = ["--train-args", f"--superplm-arch 2-128-256-2-128 --corpus {corpus} --vocab-size 300 --seq-len 32 "
             f"--batch-size 8 --cache-dir {tmp_path / 'cache'}", "--targets", "2-64-256-1-64", "--bert-layers", "2",
