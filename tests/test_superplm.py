@@ -159,6 +159,7 @@ def test_a_samples_gradient_lives_in_its_slice_and_equals_the_extracted_models(m
 # ----------------------------------------------------------------------------- Algorithm 1 on torch.distributed
 
 
+@pytest.mark.slow
 def test_two_workers_equal_one_process_replaying_their_sub_batches_and_sub_models(tmp_path, corpus, one_thread):
     out = tmp_path / "dist"
     log = finish(run(flags(corpus, out, "--steps", "3", "--sub-models", "2", "--device", "cpu"), torchrun=2))
@@ -188,6 +189,7 @@ def test_two_workers_equal_one_process_replaying_their_sub_batches_and_sub_model
     assert any(not torch.equal(start[k], v) for k, v in ckpt["model"].items())
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, corpus):
     steps = ["--steps", "40", "--save-every", "4"]
     whole = run(flags(corpus, tmp_path / "whole", *steps))
