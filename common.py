@@ -409,21 +409,6 @@ def read_jsonl(path):
     return out
 
 
-def fresh_out_dir(out, resume=None, overwrite=False, marker=None):
-    """An output folder that is never silently overwritten, for outputs that are not a run (RunFolder is):
-    an existing one needs --resume (where the script has it, resume not None) or --overwrite."""
-    out = Path(out)
-    taken = out.exists() and any(out.iterdir()) if marker is None else (out / marker).exists()
-    if resume and not taken:
-        raise UserError(f"--resume: {out} holds nothing to resume: drop --resume to start")
-    if taken and not (resume or overwrite):
-        how = "pass --resume to continue it, --overwrite to replace it" if resume is not None else \
-            "pass --overwrite to replace it"
-        raise UserError(f"{out} already holds a run: {how}, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def keep_jsonl(path, keep):
     """Rewrite a JSONL file with only the records where keep(record): a resumed run drops the lines its
     checkpoint does not cover (and a torn last line), so that no step is logged twice."""

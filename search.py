@@ -520,10 +520,9 @@ RESUMABLE = ("resume", "overwrite", "out", "device", "dtype", "extract", "top") 
 SCORE_NAMES = {"mlm": "score = -(masked-LM loss)", "finetune": "score = (MNLI acc + SQuAD F1) / 2"}
 
 
-def make_score(cfg, model, tokenizer, ckpt, out, device):
-    compute = resolve_compute(str(device), cfg.dtype)
+def make_score(cfg, model, tokenizer, ckpt, out, compute):
     if cfg.evaluator == "finetune":
-        return FinetuneScore(model, tokenizer, out, dataclasses.replace(cfg, device=str(device)))
+        return FinetuneScore(model, tokenizer, out, dataclasses.replace(cfg, device=str(compute.device)))
     if ckpt.get("objective") != "mlm":
         raise UserError(f"{cfg.superplm} was trained by {ckpt.get('objective')}, so its masked-LM head is untrained: "
                         "use --evaluator finetune")
@@ -636,13 +635,14 @@ def run_search(cfg, folder, records, rank, world, device):
     budget_ms = latency.parse_target(cfg.target, predictor.base_ms)
     Budget(space, predictor, budget_ms)  # a target that no architecture meets fails here, before any work
     seed_everything(cfg.seed)
+    compute = resolve_compute(str(device), cfg.dtype)
     score = superplm.rank0_first(rank, world, lambda: make_score(cfg, model, tokenizer, torch_load(check_inputs(cfg)),
-                                                                 out, device))  # rank 0 builds the MLM cache
+                                                                 out, compute))  # rank 0 builds the MLM cache
     score.metrics.update({a: r.get("metrics", {}) for a, r in records.items()})
     if rank == 0:
         print(f"searching {space.size():,} architectures of {model.arch} ({cfg.method}, {cfg.evaluator} evaluator) "
               f"for {cfg.target}: latency <= {budget_ms:.4g} ms on {predictor.backend} (BERT-base "
-              f"{predictor.base_ms:.4g} ms) on {world} worker(s), {resolve_compute(str(device), cfg.dtype)}"
+              f"{predictor.base_ms:.4g} ms) on {world} worker(s), {compute}"
               + (f"; {len(records)} scored before, replayed" if records else ""))
     n_evals = len(space.layers) if cfg.method == "fast" else cfg.generations * cfg.population
     bar = tqdm(total=n_evals, initial=len(records), desc="scoring", unit="arch", disable=rank != 0)

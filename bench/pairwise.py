@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import latency  # noqa: E402
 import superplm  # noqa: E402
-from common import (UserError, append_jsonl, config_from_args, config_parser, fresh_out_dir, read_jsonl,  # noqa: E402
+from common import (UserError, append_jsonl, config_from_args, config_parser, read_jsonl,  # noqa: E402
                     resolve_compute, run_main, save_json)
 from data import prepare, split  # noqa: E402
 from model import Arch  # noqa: E402
@@ -277,6 +277,21 @@ def report(out, picked, sets, done, cfg, steps, info, t0):
 
 
 MADE = ("config.json", "runs.jsonl", "results.json", "pairwise.png")
+
+
+def fresh_out_dir(out, resume=None, overwrite=False, marker=None):
+    """The study's folder, never silently overwritten: an existing one needs --resume or --overwrite. (A study
+    holds many runs, each a RunFolder of its own; this guards the study around them.)"""
+    out = Path(out)
+    taken = out.exists() and any(out.iterdir()) if marker is None else (out / marker).exists()
+    if resume and not taken:
+        raise UserError(f"--resume: {out} holds nothing to resume: drop --resume to start")
+    if taken and not (resume or overwrite):
+        how = "pass --resume to continue it, --overwrite to replace it" if resume is not None else \
+            "pass --overwrite to replace it"
+        raise UserError(f"{out} already holds a run: {how}, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def open_study(cfg, made=MADE, prefixes=("init-", "superplm-", "standalone-")):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import parse_config, seed_everything  # noqa: E402
+from common import parse_config, resolve_device, seed_everything  # noqa: E402
 from data import Specials, mask_tokens  # noqa: E402
 from model import PRETRAIN_SPACE, SUPERPLM, Bert, extract  # noqa: E402
 from superplm import MLM, adamw, flat_grads  # noqa: E402
@@ -136,7 +136,7 @@ def main():
     cfg = parse_config(BenchConfig, description=__doc__.split("\n")[0])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device()
     seed_everything(cfg.seed)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     batch = make_batch(cfg, device)
