@@ -1,25 +1,20 @@
-"""Plumbing shared by every stage: config dataclass -> argparse, one-line errors, run folders, interrupts, atomic
-files, seeds, logs.
+"""Plumbing shared by every stage: config dataclass -> argparse, one-line errors, interrupts, atomic files, seeds,
+devices and workers (run folders: runs.py).
 
 Each stage script (superplm.py, latency.py, search.py, ...) keeps its own config dataclass with the paper's
 defaults; this file only turns such a dataclass into command-line flags (one grammar for all: names, old
-spellings, ranges) and handles what every script must do the same way (a run folder with its config.json, stop
-cleanly on SIGINT/SIGTERM, write files atomically, fail with one clear line, log JSONL).
+spellings, ranges) and handles what every script must do the same way (stop cleanly on SIGINT/SIGTERM, write
+files atomically, fail with one clear line, log JSONL, start torchrun's workers).
 """
 
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import random
-import shlex
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,10 +23,12 @@ import typing
 import urllib.parse
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 
@@ -94,12 +91,6 @@ def stop_after_step():
     finally:
         for s, h in before.items():
             signal.signal(s, h)
-
-
-def command_line(argv=None, script=None):
-    """The command that ran (or would run) `script` (default: this process's) with `argv`, quoted for a shell."""
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    return shlex.join(["python", script or Path(sys.argv[0]).name, *argv])
 
 
 # ----------------------------------------------------------------------------- config dataclass -> argparse
@@ -234,125 +225,6 @@ def parse_config(cls, argv=None, description=None, parser=None, defaults=None):
     return config_from_args(cls, parser.parse_args(argv))
 
 
-# ----------------------------------------------------------------------------- run folders
-
-
-def versions():
-    """What a result depends on besides its settings: torch, python, and this repository's commit if any."""
-    try:
-        here = Path(__file__).resolve().parent
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-        dirty = commit and bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                                               capture_output=True, text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    return dict(torch=str(torch.__version__), python=platform.python_version(), git_commit=commit,
-                git_dirty=dirty)
-
-
-def _now():
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-class RunFolder:
-    """A run's output folder (--out). It is never silently overwritten: a run already there needs --resume (where
-    the script has it) or --overwrite. It holds config.json: the resolved settings, the command line, the versions
-    and the start and end times. Until `done_first()` (the run's first result is written), a failure or an
-    interrupt puts the folder back as it was found: what the run created is removed, what --overwrite set aside
-    is restored.
-
-        with RunFolder(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, marker="checkpoint.pt") as run:
-            ...; run.done_first(); ...
-    """
-
-    def __init__(self, out, cfg, resume=None, overwrite=False, marker=None, argv=None):
-        self.path, self.cfg, self.marker = Path(out), cfg, marker
-        module = type(cfg).__module__  # argv given: the stage's own command line, also when main(argv) is called
-        self.command = command_line(argv, module + ".py" if argv is not None and module != "__main__" else None)
-        self.first, self.status = False, None
-        path = self.path
-        if path.exists() and not path.is_dir():
-            raise UserError(f"--out {path} is a file: --out names a folder")
-        self.existed = path.exists()
-        self.before = set(os.listdir(path)) if self.existed else set()
-        self.before -= {".replaced"}
-        taken = (marker is None and bool(self.before)) or (marker is not None and (path / marker).exists())
-        how = "pass --resume to continue it, --overwrite to replace it, or another --out" if resume is not None \
-            else "pass --overwrite to replace it or another --out"
-        if resume and not taken:
-            raise UserError(f"--resume: {path} holds no run to resume{f' (no {marker})' if marker else ''}: "
-                            "drop --resume to start one")
-        if taken and not (resume or overwrite):
-            raise UserError(f"{path} already holds a run: {how}")
-        self.old_record = (path / "config.json").read_bytes() if (path / "config.json").exists() else None
-        self.resume = bool(resume)
-        path.mkdir(parents=True, exist_ok=True)
-        self.aside = None
-        if overwrite and not resume and self.before:  # set the old run aside until this one has a result
-            self.aside = path / ".replaced"
-            shutil.rmtree(self.aside, ignore_errors=True)
-            self.aside.mkdir()
-            for name in self.before:
-                os.replace(path / name, self.aside / name)
-            self.before = set()
-        self.started = _now()
-        self.write_record()
-
-    RECORD = ("config", "command", "versions", "started", "ended", "status")
-
-    def write_record(self, ended=None):
-        """config.json; in a folder that is also a Hugging Face model (save_pretrained) its keys stay beside ours."""
-        path, model = self.path / "config.json", {}
-        if path.exists():
-            try:
-                model = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                pass
-            model = {k: v for k, v in model.items() if k not in self.RECORD} if "model_type" in model else {}
-        save_json(dict(model, config=dataclasses.asdict(self.cfg), command=self.command, versions=versions(),
-                       started=self.started, ended=ended, status=self.status), path)
-
-    def update(self, cfg):
-        """The settings changed once known (a resumed run takes its saved ones)."""
-        self.cfg = cfg
-        self.write_record()
-
-    def done_first(self):
-        """The run has written its first result: from now on a failure keeps what is there."""
-        if not self.first:
-            self.first = True
-            if self.aside:
-                shutil.rmtree(self.aside, ignore_errors=True)
-
-    def rollback(self):
-        for name in set(os.listdir(self.path)) - self.before - {".replaced"}:
-            p = self.path / name
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        if self.aside:
-            for name in os.listdir(self.aside):
-                os.replace(self.aside / name, self.path / name)
-            self.aside.rmdir()
-        if self.old_record is not None:
-            (self.path / "config.json").write_bytes(self.old_record)
-        if not self.existed:
-            shutil.rmtree(self.path, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, tb):
-        if kind is not None and not self.first:
-            self.rollback()
-            return False
-        self.status = self.status or ("finished" if kind is None else
-                                      "interrupted" if issubclass(kind, KeyboardInterrupt) else f"failed: {error}")
-        self.write_record(ended=_now())
-        if self.aside:
-            shutil.rmtree(self.aside, ignore_errors=True)
-        return False
-
-
 # ----------------------------------------------------------------------------- files written atomically
 
 def atomic_write(path, write):
@@ -409,13 +281,6 @@ def read_jsonl(path):
     return out
 
 
-def keep_jsonl(path, keep):
-    """Rewrite a JSONL file with only the records where keep(record): a resumed run drops the lines its
-    checkpoint does not cover (and a torn last line), so that no step is logged twice."""
-    path = Path(path)
-    if path.exists():
-        records = [r for r in read_jsonl(path) if keep(r)]
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
 # ----------------------------------------------------------------------------- the Hugging Face hub, offline
 
 
@@ -540,3 +405,37 @@ def to_device(batch, device):
     if device.type == "cuda":
         batch = {k: v.pin_memory() for k, v in batch.items()}
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- workers (torchrun)
+
+
+def init_distributed(device="auto", timeout_h=None):
+    """(rank, world, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain run is one worker. Workers
+    on GPUs talk over NCCL, workers on CPUs (--device cpu, or no GPU) over gloo. timeout_h: how long a collective
+    may wait for a slower worker (torch's default is minutes)."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # kernels and NCCL's buffers on this worker's GPU
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=timedelta(hours=timeout_h) if timeout_h else None)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def end_distributed(world):
+    """Leave the process group together: a worker that left while another still waited on its last message would
+    take that worker down (gloo aborts on a closed connection)."""
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def rank0_first(rank, world, make):
+    """Run make() on rank 0 (which may build a cache), then on the others (which then read it)."""
+    if rank == 0:
+        result = make()
+    if world > 1:
+        dist.barrier()
+    return make() if rank else result

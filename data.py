@@ -102,6 +102,14 @@ def save_tokenizer(tok, out_folder):
     return out / "tokenizer.json"
 
 
+def tokenizer_files(path):
+    """The files load_tokenizer reads: tokenizer.json / vocab.txt and the casing in tokenizer_config.json."""
+    path = Path(path)
+    names = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+    folder, names = (path.parent, (path.name, names[2])) if path.is_file() else (path, names)
+    return [folder / n for n in names if (folder / n).exists()]
+
+
 @dataclass(frozen=True)
 class Specials:
     """The ids masked LM needs: special tokens are never masked; [PAD] marks padding."""

@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import COUNT, NONNEGATIVE, RunFolder, UserError, parse_config, read_jsonl, run_main, torch_load
+from common import COUNT, NONNEGATIVE, UserError, parse_config, read_jsonl, run_main, torch_load
 from latency import LatencyPredictor, measure
 from model import Arch
+from runs import RunFolder, load_superplm
 from search import MLMScore, bert_s
-from superplm import load_superplm
 
 
 @dataclass

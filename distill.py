@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 
 from common import UserError, config_from_args, config_parser, run_main, seed_everything
 from data import load_tokenizer, stdlib_corpus, train_tokenizer
+from hf import from_pretrained, save_pretrained
 from model import Arch, Bert, sub
 
 # Where a Hugging Face folder keeps its vocabulary; tokenizer.json first, as it also records the casing.
@@ -45,7 +46,7 @@ def load_teacher(folder):
     embed."""
     folder = Path(folder)
     try:
-        teacher = Bert.from_pretrained(folder)
+        teacher = from_pretrained(folder)
     except UserError as e:
         raise UserError(f"--teacher: {e}") from None
     except KeyError as e:
@@ -82,7 +83,7 @@ def make_tiny_teacher(folder, arch=TINY_TEACHER, vocab_size=4096, texts=None, se
     """A random BERT teacher with its own WordPiece vocabulary, for demos and tests (it teaches nothing useful)."""
     seed_everything(seed)
     tokenizer = train_tokenizer(stdlib_corpus() if texts is None else texts, vocab_size, folder)
-    Bert(arch, vocab_size=tokenizer.get_vocab_size()).save_pretrained(folder)
+    save_pretrained(Bert(arch, vocab_size=tokenizer.get_vocab_size()), folder)
     return Path(folder)
 
 

@@ -23,7 +23,7 @@ import torch
 from common import UserError, atomic_write, config_from_args, config_parser, run_main, torch_load
 from finetune import load_model
 from latency import OrtModel, onnx_modules, quantize_int8, to_onnx
-from model import Bert
+from hf import from_pretrained
 
 TOLERANCE = 1e-4  # largest |ONNX Runtime - PyTorch| accepted for the fp32 graph
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -50,7 +50,7 @@ def load(folder):
         model = load_model(folder, task)[0]
         outputs = ["start_logits", "end_logits"] if model.span else ["logits"]
         return model.eval(), outputs, f"{model.bert.arch} with its {task} head"
-    model = Bert.from_pretrained(folder)
+    model = from_pretrained(folder)
     return model.eval(), ["last_hidden_state"], f"{model.arch}, bare encoder"
 
 

@@ -29,14 +29,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, POSITIVE, SHARE, Interrupted, RunFolder,
-                    UserError, append_jsonl, atomic_write, check_config, load_hub_dataset, parse_config,
+from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, POSITIVE, SHARE, Interrupted, UserError, append_jsonl, atomic_write, check_config, load_hub_dataset, parse_config,
                     resolve_compute, run_main, save_json, seed_everything, stop_after_step, to_device, torch_load,
                     torch_save)
-from data import load_tokenizer
-from model import Arch, Bert, extract, read_pretrained
+from data import load_tokenizer, tokenizer_files
+from hf import from_pretrained, read_pretrained, save_pretrained
+from model import Arch, Bert, extract, learning_rate, make_optimizer
+from runs import RunFolder, load_superplm
 from squad import decode, read_squad, squad_scores, squad_windows
-from superplm import learning_rate, load_superplm, make_optimizer
 
 # ----------------------------------------------------------------------------- tasks and Table D.1
 
@@ -293,7 +293,7 @@ def load_model(folder, task, arch=""):
         return Finetuner(bert, outputs, span=task == "squad"), tokenizer
     if arch:
         raise UserError(f"--arch needs a SuperPLM run folder or checkpoint.pt to extract from; {folder} has none")
-    model = Finetuner(Bert.from_pretrained(folder), outputs, span=task == "squad")
+    model = Finetuner(from_pretrained(folder), outputs, span=task == "squad")
     head = torch_load(path / "head.pt") if (path / "head.pt").exists() else {}
     if head.get("task") == task:
         model.load_state_dict(head["head"], strict=False)
@@ -313,21 +313,13 @@ def is_model_folder(path):
         return False
 
 
-def tokenizer_files(path):
-    """The files load_tokenizer reads: tokenizer.json / vocab.txt and the casing in tokenizer_config.json."""
-    path = Path(path)
-    names = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
-    folder, names = (path.parent, (path.name, names[2])) if path.is_file() else (path, names)
-    return [folder / n for n in names if (folder / n).exists()]
-
-
 def save_checkpoint(model, folder, task, tokenizer_path, record):
     """save_pretrained + head.pt + tokenizer + dev metrics, written beside `folder` and swapped in whole."""
     folder = Path(folder)
     tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     head, config = model.hf_head(task)
-    model.bert.save_pretrained(tmp, head, **config)
+    save_pretrained(model.bert, tmp, head, **config)
     torch_save({"task": task, "head": model.head_state()}, tmp / "head.pt")
     for f in tokenizer_files(tokenizer_path):
         shutil.copyfile(f, tmp / f.name)
@@ -378,7 +370,7 @@ def labels_of(logits):
     return logits[:, 0] if logits.shape[1] == 1 else logits.argmax(1)
 
 
-def adamw(model, lr, steps, warmup, weight_decay):
+def optimizer_and_schedule(model, lr, steps, warmup, weight_decay):
     """AdamW (BERT's: no decay on biases and LayerNorm) with linear warm-up over `warmup` of the steps, then
     linear decay to 0 (§4.1)."""
     opt = make_optimizer(model.parameters(), lr, weight_decay)
@@ -583,7 +575,7 @@ def grid(cfg, name, compute, folder, stop):
         for epochs in cfg.epochs:
             seed_everything(cfg.seed)
             model = copy.deepcopy(base).to(compute.device)
-            opt, sched = adamw(model, lr, epochs * steps_per_epoch, cfg.warmup, cfg.weight_decay)
+            opt, sched = optimizer_and_schedule(model, lr, epochs * steps_per_epoch, cfg.warmup, cfg.weight_decay)
             generator, run_best = torch.Generator().manual_seed(cfg.seed), None
             for epoch in range(1, epochs + 1):
                 t0 = time.time()

@@ -43,10 +43,10 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import (COUNT, NONNEGATIVE, POSITIVE, Interrupted, RunFolder, UserError, append_jsonl, command_line,
-                    config_parser, parse_config, read_jsonl, run_main, save_json, seed_everything, torch_load,
-                    torch_save)
+from common import (COUNT, NONNEGATIVE, POSITIVE, Interrupted, UserError, append_jsonl, config_parser, parse_config,
+                    read_jsonl, run_main, save_json, seed_everything, torch_load, torch_save)
 from model import BERT_BASE, KD_SPACE, PRETRAIN_SPACE, Arch, Bert, SearchSpace
+from runs import RunFolder, command_line
 
 SPACES = {"pretrain": PRETRAIN_SPACE, "kd": KD_SPACE}  # Table B.1
 REFERENCE = Arch(4, 512, 2048, 8, 512)  # timed alongside every arch: BERT-S1 of Table 4, ~1/7 of BERT-base

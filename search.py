@@ -36,12 +36,17 @@ import torch.distributed as dist
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, SHARE, Interrupted, RunFolder, UserError,
-                    append_jsonl, atomic_write, command_line, config_values, parse_config, read_jsonl,
-                    resolve_compute, run_main, save_json, seed_everything, stop_after_step, to_device, torch_load)
+import finetune
 import latency
-import superplm
+from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, SHARE, Interrupted, UserError, append_jsonl,
+                    atomic_write, config_values, end_distributed, init_distributed, parse_config, rank0_first,
+                    read_jsonl, resolve_compute, run_main, save_json, seed_everything, stop_after_step, to_device,
+                    torch_load)
+from data import build_dataset, load_tokenizer, mask_tokens, masked_positions, split, tokenizer_files
+from hf import save_pretrained
 from model import Arch, SearchSpace, extract
+from runs import RunFolder, command_line, load_superplm
+from superplm import MLM
 
 # ----------------------------------------------------------------------------- scored architectures
 
@@ -359,8 +364,6 @@ class MLMScore:
 
     def __init__(self, model, tokenizer_path, corpus, seq_len, cache_dir, rows=256, batch_size=32, seed=0,
                  compute=None):
-        from data import build_dataset, load_tokenizer, mask_tokens, masked_positions, split
-        from superplm import MLM
         compute = compute or resolve_compute("cpu")
         data, heldout = split(build_dataset(corpus, load_tokenizer(tokenizer_path), seq_len, cache_dir))
         rows = min(rows, len(heldout))  # a small corpus holds out fewer: score what there is
@@ -398,7 +401,6 @@ class FinetuneScore:
         self.model, self.tokenizer, self.work, self.cfg, self.metrics = model.eval(), tokenizer_path, work, cfg, {}
 
     def __call__(self, arch):
-        import finetune
         folder = Path(self.work) / f"candidate-{arch}"
         save_model(self.model, arch, self.tokenizer, folder)
         c, scores = self.cfg, {}
@@ -416,8 +418,7 @@ class FinetuneScore:
 def save_model(superplm, arch, tokenizer_path, folder):
     """The sub-model as a stand-alone Hugging Face BERT folder with its vocabulary, ready for superplm.py --init
     or finetune.py (§3.6)."""
-    from finetune import tokenizer_files
-    extract(superplm, arch).save_pretrained(folder)
+    save_pretrained(extract(superplm, arch), folder)
     for f in tokenizer_files(Path(tokenizer_path).parent):
         shutil.copyfile(f, Path(folder) / f.name)
     return folder
@@ -616,7 +617,7 @@ class Shared:
 
 def main(argv=None):
     cfg = parse_config(Config, argv, __doc__.split("\n")[0])
-    rank, world, device = superplm.init_distributed(cfg.device, timeout_h=24)  # a candidate may take hours
+    rank, world, device = init_distributed(cfg.device, timeout_h=24)  # a candidate may take hours
     folder = RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="candidates.jsonl", argv=argv) if rank == 0 \
         else nullcontext()  # worker 0 owns the run folder
     with folder:
@@ -630,13 +631,13 @@ def main(argv=None):
 
 def run_search(cfg, folder, records, rank, world, device):
     out = Path(cfg.out)
-    model, space, tokenizer = superplm.load_superplm(check_inputs(cfg))
+    model, space, tokenizer = load_superplm(check_inputs(cfg))
     predictor = latency.LatencyPredictor.load(cfg.latency)
     budget_ms = latency.parse_target(cfg.target, predictor.base_ms)
     Budget(space, predictor, budget_ms)  # a target that no architecture meets fails here, before any work
     seed_everything(cfg.seed)
     compute = resolve_compute(str(device), cfg.dtype)
-    score = superplm.rank0_first(rank, world, lambda: make_score(cfg, model, tokenizer, torch_load(check_inputs(cfg)),
+    score = rank0_first(rank, world, lambda: make_score(cfg, model, tokenizer, torch_load(check_inputs(cfg)),
                                                                  out, compute))  # rank 0 builds the MLM cache
     score.metrics.update({a: r.get("metrics", {}) for a, r in records.items()})
     if rank == 0:
@@ -680,8 +681,7 @@ def run_search(cfg, folder, records, rank, world, device):
             finally:
                 shared.stop()
     bar.close()
-    if world > 1:
-        dist.destroy_process_group()
+    end_distributed(world)
     if rank:
         return None
     top = results[:cfg.top]

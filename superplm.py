@@ -23,7 +23,6 @@ import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -33,13 +32,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, POSITIVE, SHARE, Interrupted, RunFolder,
-                    UserError, append_jsonl, command_line, config_values, keep_jsonl, resolve_compute, resolve_device,
+from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, POSITIVE, SHARE, Interrupted, UserError,
+                    append_jsonl, config_values, end_distributed, init_distributed, rank0_first, resolve_compute,
                     run_main, seed_everything, stop_after_step, torch_load, torch_save)
 from common import parse_config as parse_with
 from data import (DataConfig, batches, derive_seed, masked_positions, prefetch, prepare, save_tokenizer, split,
                   steps_per_epoch)
-from model import SUPERPLM, Arch, Bert, SearchSpace, extract, grid, sub
+from distill import KDObjective, check_compatible, load_teacher
+from hf import save_pretrained
+from model import SUPERPLM, Arch, Bert, SearchSpace, extract, grid, learning_rate, make_optimizer, sub
+from runs import RunFolder, command_line, keep_jsonl, load_superplm, rng_states, set_rng_states
 
 
 @dataclass
@@ -168,9 +170,8 @@ class MLM(nn.Module):
 def make_objective(cfg, model, space, teacher):
     if cfg.objective == "mlm":
         return MLM()
-    import distill  # only the distillation setting needs it
-    distill.check_compatible(teacher, model, space)
-    return distill.KDObjective(teacher, model.arch.hidden)
+    check_compatible(teacher, model, space)
+    return KDObjective(teacher, model.arch.hidden)
 
 
 # ----------------------------------------------------------------------------- Algorithm 1
@@ -214,60 +215,6 @@ def update(flat, world, optimizer, lr, clip):
     optimizer.step()
 
 
-def learning_rate(step, total, peak, warmup):
-    """§4.1: linear warm-up over the first `warmup` share of the steps, then linear decay to 0."""
-    w = int(warmup * total)
-    if step < w:
-        return peak * (step + 1) / w
-    return peak * max(0.0, (total - step) / max(1, total - w))
-
-
-def adamw(params, **kw):
-    """AdamW with fused kernels (one kernel over all parameters) where torch has them: CUDA, and CPU since 2.4."""
-    params = list(params)
-    try:
-        return torch.optim.AdamW(params, fused=True, **kw)
-    except RuntimeError:
-        return torch.optim.AdamW(params, **kw)
-
-
-def make_optimizer(params, lr, weight_decay, eps=1e-6):
-    """AdamW; no weight decay on biases and LayerNorm (BERT)."""
-    params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
-    return adamw([dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)], lr=lr, eps=eps)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def load_superplm(path):
-    """(SuperPLM as a Bert in eval mode, its SearchSpace, path of its tokenizer) from a run folder or checkpoint."""
-    path = Path(path)
-    path = path / "checkpoint.pt" if path.is_dir() else path
-    if not path.exists():
-        raise UserError(f"{path} does not exist: train a SuperPLM first (python superplm.py --out DIR)")
-    ckpt = torch_load(path)
-    model = Bert.from_config(ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
-    space = SearchSpace(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in ckpt["space"].items()})
-    beside = path.parent / Path(ckpt["tokenizer"]).name  # the run folder may have moved
-    return model.eval(), space, str(beside if beside.exists() else ckpt["tokenizer"])
-
-
-def rng_states():
-    return dict(python=random.getstate(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
-def set_rng_states(s):
-    random.setstate(s["python"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"]:
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -278,29 +225,6 @@ def window_means(window, n, world, device):
     if world > 1:
         dist.all_reduce(sums)
     return dict(zip(keys, (sums / n).tolist()))
-
-
-def init_distributed(device="auto", timeout_h=None):
-    """(rank, world, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain run is one worker. Workers
-    on GPUs talk over NCCL, workers on CPUs (--device cpu, or no GPU) over gloo. timeout_h: how long a collective
-    may wait for a slower worker (torch's default is minutes)."""
-    device = resolve_device(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # kernels and NCCL's buffers on this worker's GPU
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1, device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=timedelta(hours=timeout_h) if timeout_h else None)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def rank0_first(rank, world, make):
-    """Run make() on rank 0 (which may build a cache), then on the others (which then read it)."""
-    if rank == 0:
-        result = make()
-    if world > 1:
-        dist.barrier()
-    return make() if rank else result
 
 
 def build_model(cfg, vocab_size, init=None):
@@ -328,8 +252,7 @@ def train(cfg, argv=None, on_save=None):
         dist.barrier()
     with folder:
         model = _train(cfg, folder, rank, world, device, on_save)
-    if world > 1:
-        dist.destroy_process_group()
+    end_distributed(world)
     return model
 
 
@@ -350,10 +273,9 @@ def _train(cfg, folder, rank, world, device, on_save=None):
     if cfg.objective == "kd":
         if not cfg.teacher:
             raise UserError("--objective kd needs --teacher DIR (python distill.py make-teacher writes a tiny one)")
-        import distill
-        teacher, vocab = distill.load_teacher(cfg.teacher)
+        teacher, vocab = load_teacher(cfg.teacher)
         if not cfg.init:  # fail before the corpus is tokenised
-            distill.check_compatible(teacher, Arch.parse(cfg.arch or cfg.superplm_arch))
+            check_compatible(teacher, Arch.parse(cfg.arch or cfg.superplm_arch))
     source = ckpt_path if ckpt else cfg.init  # weights to start from: the run's own, or --init's SuperPLM
     init = load_superplm(source) if source else None
     vocab = init[2] if init else vocab
@@ -453,7 +375,7 @@ def _train(cfg, folder, rank, world, device, on_save=None):
                     break
     bar.close()
     if rank == 0 and cfg.arch:  # a stand-alone model: the run folder is also a Hugging Face BERT folder
-        model.save_pretrained(out)
+        save_pretrained(model, out)
     return model
 
 

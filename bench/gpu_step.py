@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (COUNT, DTYPES, NONNEGATIVE, parse_config, resolve_compute, save_json, seed_everything,  # noqa: E402
                     to_device)
 from data import Specials, batches, mask_tokens, masked_positions, prefetch  # noqa: E402
-from finetune import Finetuner, adamw as finetune_adamw, train_epoch  # noqa: E402
+from finetune import Finetuner, optimizer_and_schedule, train_epoch  # noqa: E402
 from latency import features  # noqa: E402
-from model import BERT_BASE, SUPERPLM, Arch, Bert, extract  # noqa: E402
-from superplm import MLM, accumulate, adamw, flat_grads, sample_arch, space_for, update  # noqa: E402
+from model import BERT_BASE, SUPERPLM, Arch, Bert, extract, make_optimizer  # noqa: E402
+from superplm import MLM, accumulate, flat_grads, sample_arch, space_for, update  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks as the vendors state them, TFLOP/s; the first name found in
 # torch.cuda.get_device_name() wins, so the more specific come first. NVL boards (other clocks) are left unknown.
@@ -169,7 +169,7 @@ def main(argv=None):
     superplm = Bert(big, vocab_size=V).to(device).train()
     space = space_for(big)
     flat = flat_grads(list(superplm.parameters()))
-    opt = adamw(superplm.parameters(), lr=1e-5)
+    opt = make_optimizer(superplm.parameters(), 1e-5, 0.01)
     batch = mlm_batch(cfg, B, cfg.seed, device)
     masked = batch["masked"].numel()
 
@@ -210,7 +210,7 @@ def main(argv=None):
 
     # 3. BERT-base masked-LM step: ours against transformers' BertForMaskedLM, both under the same autocast
     ours = Bert(bert, vocab_size=V).to(device).train()
-    opts = {"ours": adamw(ours.parameters(), lr=1e-5)}
+    opts = {"ours": make_optimizer(ours.parameters(), 1e-5, 0.01)}
     f3 = train_flops(bert, B * T, masked, V, T)
 
     def ours_step(i):
@@ -229,7 +229,7 @@ def main(argv=None):
         hf = BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=bert.hidden, num_hidden_layers=bert.layers,
                                         num_attention_heads=bert.heads, intermediate_size=bert.ffn,
                                         max_position_embeddings=max(512, T))).to(device).train()
-        opts["hf"] = adamw(hf.parameters(), lr=1e-5)
+        opts["hf"] = make_optimizer(hf.parameters(), 1e-5, 0.01)
 
         def hf_step(i):
             hf.zero_grad(set_to_none=True)
@@ -250,7 +250,7 @@ def main(argv=None):
     n = cfg.ft_batch * (cfg.warmup_steps + cfg.steps)
     ids = RandomRows(n, T, V, cfg.seed + 1).ids
     feats, targets = [(row.tolist(), [0] * T) for row in ids], torch.randint(3, (n,))
-    opt_ft, sched = finetune_adamw(model, 2e-5, 10 ** 6, 0.0, 0.01)
+    opt_ft, sched = optimizer_and_schedule(model, 2e-5, 10 ** 6, 0.0, 0.01)
     g = torch.Generator().manual_seed(cfg.seed)
     train_epoch(model, feats[:cfg.ft_batch * cfg.warmup_steps], targets, cfg.ft_batch, opt_ft, sched, g, 0, device,
                 "warm", autocast)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import search  # noqa: E402
 from common import UserError, config_from_args, config_parser, run_main, save_json  # noqa: E402
 from model import BERT_BASE, PRETRAIN_SPACE, Arch, SearchSpace  # noqa: E402
+from runs import load_superplm  # noqa: E402
 
 
 @dataclass
@@ -188,11 +189,10 @@ def mlm_table(cfg, space, model, tokenizer, ckpt):
 
 
 def mlm(cfg):
-    import superplm
     from common import torch_load
     if cfg.superplm == "toy":
         cfg = dataclasses.replace(cfg, superplm=str(toy_superplm(Path(cfg.out).parent / "toy-superplm")))
-    model, full_space, tokenizer = superplm.load_superplm(cfg.superplm)
+    model, full_space, tokenizer = load_superplm(cfg.superplm)
     if full_space.qkv is not None:
         raise UserError("the mlm study covers pre-training SuperPLMs (tied qkv); this one was trained by distillation")
     path = Path(cfg.superplm)

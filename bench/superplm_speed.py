@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import parse_config, resolve_device, seed_everything  # noqa: E402
 from data import Specials, mask_tokens  # noqa: E402
-from model import PRETRAIN_SPACE, SUPERPLM, Bert, extract  # noqa: E402
-from superplm import MLM, adamw, flat_grads  # noqa: E402
+from model import PRETRAIN_SPACE, SUPERPLM, Bert, extract, make_optimizer  # noqa: E402
+from superplm import MLM, flat_grads  # noqa: E402
 
 
 @dataclass
@@ -69,7 +69,7 @@ def part1(cfg, device, batch):
     """Sub-model through the SuperPLM (gradients in the trainer's flat buffer) vs the same model extracted."""
     superplm = Bert(SUPERPLM, vocab_size=cfg.vocab_size).to(device).train()
     flat = flat_grads(list(superplm.parameters()))  # as superplm.py keeps them
-    opt = adamw(superplm.parameters(), lr=1e-5)
+    opt = make_optimizer(superplm.parameters(), 1e-5, 0.01)
     rng = random.Random(cfg.seed)
     archs = [PRETRAIN_SPACE.sample(rng) for _ in range(cfg.archs)]
     tokens = cfg.batch_size * cfg.seq_len
@@ -79,7 +79,7 @@ def part1(cfg, device, batch):
     ratios = []
     for arch in archs:
         plain = extract(superplm, arch).train()
-        plain_opt = adamw(plain.parameters(), lr=1e-5)
+        plain_opt = make_optimizer(plain.parameters(), 1e-5, 0.01)
         times = {k: [] for k in ("super", "plain", "super_step", "plain_step")}
         for r in range(cfg.repeats + 1):  # the first round warms up
             flat.zero_()
@@ -105,7 +105,7 @@ def part2(cfg, device, batch):
     hf = BertForMaskedLM(BertConfig(vocab_size=cfg.vocab_size, hidden_size=a.hidden, num_hidden_layers=a.layers,
                                     num_attention_heads=a.heads, intermediate_size=a.ffn)).to(device).train()
     ours = Bert(a, vocab_size=cfg.vocab_size).to(device).train()
-    opts = {"ours": adamw(ours.parameters(), lr=1e-5), "hf": adamw(hf.parameters(), lr=1e-5)}
+    opts = {"ours": make_optimizer(ours.parameters(), 1e-5, 0.01), "hf": make_optimizer(hf.parameters(), 1e-5, 0.01)}
 
     def step_ours():
         ours.zero_grad(set_to_none=True)

@@ -50,6 +50,7 @@ from common import (UserError, append_jsonl, config_from_args, config_parser, re
                     resolve_compute, run_main, save_json)
 from data import load_corpus, prepare, split, steps_per_epoch  # noqa: E402
 from model import Arch  # noqa: E402
+from runs import load_superplm  # noqa: E402
 from pairwise import open_study  # noqa: E402
 from search import MLMScore, bert_s, default_rule  # noqa: E402
 
@@ -443,7 +444,7 @@ def main(argv=None):
                              "--out", str(out / name), *resuming(out / name, "candidates.jsonl")])
                 top = json.loads((out / name / "top.json").read_text())
                 scored = json.loads((out / name / "scored.json").read_text())
-                best_loss = heldout(superplm.load_superplm(out / splm)[0], Arch.parse(top["best"]))
+                best_loss = heldout(load_superplm(out / splm)[0], Arch.parse(top["best"]))
                 return dict(best=top["best"], best_loss=best_loss, budget_ms=top["budget_ms"],
                             candidates=[dict(arch=c["arch"], loss=-c["score"], pred_ms=c["latency"]) for c in scored])
 

@@ -14,7 +14,8 @@ import finetune
 import latency
 import search
 import superplm
-from common import RunFolder, UserError, run_main
+from common import UserError, run_main
+from runs import RunFolder
 
 # (script, subcommand or None, its config class): every stage that takes flags
 STAGES = [(superplm, None, superplm.Config), (latency, "measure", latency.MeasureCfg),

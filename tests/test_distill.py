@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from common import UserError
 from distill import KDObjective, check_compatible, load_teacher, make_tiny_teacher
+from hf import save_pretrained
 from model import KD_SPACE, Arch, Bert, SearchSpace
 
 VOCAB = 120
@@ -192,7 +193,7 @@ def test_teacher_folders_that_cannot_teach_fail_with_one_line(tmp_path):
         load_teacher(tmp_path / "gpt")
 
     torch.manual_seed(0)
-    Bert(TEACHER, vocab_size=VOCAB).save_pretrained(tmp_path / "novocab")
+    save_pretrained(Bert(TEACHER, vocab_size=VOCAB), tmp_path / "novocab")
     with pytest.raises(UserError, match="no vocab.txt or tokenizer.json"):
         load_teacher(tmp_path / "novocab")
     from data import train_tokenizer

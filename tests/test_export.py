@@ -11,6 +11,7 @@ import torch
 import export
 import finetune as ft
 from common import run_main, torch_save
+from hf import save_pretrained
 from model import Arch, Bert
 
 ARCH = Arch(2, 60, 96, 4, 40)  # qkv != hidden, head width 10, heads not dividing hidden
@@ -24,7 +25,7 @@ def write_folder(path, task):
         for p in bert.parameters():
             p.normal_(0, 0.2)
     if task is None:
-        bert.save_pretrained(path)
+        save_pretrained(bert, path)
         return bert.eval()
     model = ft.Finetuner(bert, 2 if task == "squad" else len(ft.GLUE[task].labels) or 1, span=task == "squad")
     with torch.no_grad():

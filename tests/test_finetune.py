@@ -8,6 +8,7 @@ import torch
 
 import finetune as ft
 from common import UserError, read_jsonl, run_main, torch_save
+from hf import save_pretrained
 from model import Arch, Bert, SearchSpace
 from test_squad import WORDS, squad_examples, tok, vocab, write_squad  # noqa: F401 (tok, vocab: fixtures)
 
@@ -23,8 +24,8 @@ def one_thread():
 
 def tiny_bert_folder(folder, vocab, seed=0):
     torch.manual_seed(seed)
-    Bert(Arch(2, 64, 128, 2, 64), vocab_size=len((vocab / "vocab.txt").read_text().split()),
-         max_position=512).save_pretrained(folder)
+    save_pretrained(Bert(Arch(2, 64, 128, 2, 64), vocab_size=len((vocab / "vocab.txt").read_text().split()),
+                         max_position=512), folder)
     (folder / "vocab.txt").write_text((vocab / "vocab.txt").read_text())
     return folder
 

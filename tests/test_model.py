@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from common import UserError
-from model import (BERT_BASE, KD_SPACE, PRETRAIN_SPACE, SUPERPLM, Arch, Bert, SearchSpace, extract, grid,
-                   read_pretrained)
+from hf import from_pretrained, read_pretrained, save_pretrained
+from model import BERT_BASE, KD_SPACE, PRETRAIN_SPACE, SUPERPLM, Arch, Bert, SearchSpace, extract, grid
 
 VOCAB = 97
 
@@ -209,7 +209,7 @@ def test_loads_transformers_checkpoints(tmp_path, kind):
         hf = transformers.BertForMaskedLM(transformers.BertConfig(**TINY)).eval()
         body = hf.bert
     hf.save_pretrained(tmp_path, safe_serialization=kind != "bert-bin")
-    ours = Bert.from_pretrained(tmp_path).eval()
+    ours = from_pretrained(tmp_path).eval()
     assert _hf_equal(body, ours) <= 1e-5
     if kind.startswith("bert"):  # the MLM head came along too
         assert _mlm_equal(hf, ours) <= 1e-4
@@ -218,7 +218,7 @@ def test_loads_transformers_checkpoints(tmp_path, kind):
 def test_save_pretrained_loads_in_transformers(tmp_path):
     torch.manual_seed(0)
     ours = Bert(Arch(2, 64, 96, 4, 64), vocab_size=VOCAB, max_position=64).eval()
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     assert "qkv_size" not in json.loads((tmp_path / "config.json").read_text())
     hf = transformers.BertForMaskedLM.from_pretrained(tmp_path).eval()
     assert _hf_equal(hf.bert, ours) <= 1e-5
@@ -228,9 +228,9 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
 def test_qkv_different_from_hidden_round_trips_exactly(tmp_path):
     torch.manual_seed(0)
     ours = Bert(Arch(2, 80, 96, 4, 48), vocab_size=VOCAB, max_position=64).eval()
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["qkv_size"] == 48
-    back = Bert.from_pretrained(tmp_path).eval()
+    back = from_pretrained(tmp_path).eval()
     assert back.arch == ours.arch
     for (n, a), (_, b) in zip(ours.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), n
@@ -241,24 +241,24 @@ def test_qkv_different_from_hidden_round_trips_exactly(tmp_path):
 
 def test_bad_model_folders_get_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        Bert.from_pretrained(tmp_path / "nope")
+        from_pretrained(tmp_path / "nope")
     with pytest.raises(UserError, match="config.json"):
-        Bert.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "bert",')
     with pytest.raises(UserError, match=r"config\.json is not JSON"):
-        Bert.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(UserError, match="expected model_type"):
-        Bert.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(dict(model_type="bert", **{
         "vocab_size": VOCAB, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "intermediate_size": 96})))
     with pytest.raises(UserError, match="model.safetensors"):
-        Bert.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     from safetensors.torch import save_file
     save_file({"bert.embeddings.word_embeddings.weight": torch.zeros(VOCAB, 64)}, tmp_path / "model.safetensors")
     with pytest.raises(UserError, match="missing weights"):
-        Bert.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     config, state = read_pretrained(tmp_path)
     assert config["hidden_size"] == 64 and list(state) == ["bert.embeddings.word_embeddings.weight"]
 

@@ -13,7 +13,8 @@ import pairwise  # noqa: E402
 from latency import kendall_tau  # noqa: E402
 from model import Arch  # noqa: E402
 from search import MLMScore  # noqa: E402
-from superplm import load_superplm, space_for  # noqa: E402
+from runs import load_superplm  # noqa: E402
+from superplm import space_for  # noqa: E402
 
 
 def luo(f, s):

@@ -13,7 +13,9 @@ import torch
 
 import search
 from common import UserError, read_jsonl
+from hf import from_pretrained
 from model import KD_SPACE, PRETRAIN_SPACE, Arch, SearchSpace, grid
+from runs import load_superplm
 
 SMALL = SearchSpace(layers=grid(1, 6, 1), hidden=grid(64, 384, 16), ffn=grid(64, 1536, 32), heads=grid(1, 6, 1))
 
@@ -223,7 +225,7 @@ def trained(tmp_path_factory):
                           out=str(root / "superplm"), superplm_arch="2-64-128-2-64", batch_size=32, lr=3e-3,
                           steps=300, save_every=300, log_every=1000, dropout=0.0)
     superplm.train(cfg)
-    model, space, _ = superplm.load_superplm(root / "superplm")
+    model, space, _ = load_superplm(root / "superplm")
     archs = list({space.sample(rng) for _ in range(200)})
     ref = flops_ms(latency.REFERENCE)
     predictor = latency.LatencyPredictor.fit(archs, torch.tensor([flops_ms(a) / ref for a in archs]).numpy(), ref,
@@ -292,7 +294,6 @@ def run_cli(*argv):
 
 
 def test_cli_searches_writes_extracts_and_resumes(trained, tmp_path, capsys):
-    from model import Bert
     root, model, space, cfg = trained
     args = ["--superplm", root / "superplm", "--latency", root / "latency.pt", "--target", "2ms", "--generations", 2,
             "--population", 4, "--eval-rows", 32, "--top", 2, "--device", "cpu"]
@@ -308,7 +309,7 @@ def test_cli_searches_writes_extracts_and_resumes(trained, tmp_path, capsys):
     assert (folder / "tokenizer.json").exists() and (folder / "vocab.txt").exists()
     ids = torch.randint(5, model.word.num_embeddings, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(Bert.from_pretrained(folder).eval()(ids), model(ids, arch=top[0].arch))
+        torch.testing.assert_close(from_pretrained(folder).eval()(ids), model(ids, arch=top[0].arch))
 
     # A search killed after 5 evaluations (the 6th line torn) and resumed equals the uninterrupted one.
     (tmp_path / "b").mkdir()

@@ -14,9 +14,10 @@ import distill
 import superplm
 from common import UserError, read_jsonl, seed_everything, torch_load
 from data import batches, build_dataset, load_tokenizer, split, stdlib_corpus
-from model import KD_SPACE, PRETRAIN_SPACE, SUPERPLM, Arch, Bert, SearchSpace, extract
-from superplm import (MLM, accumulate, flat_grads, learning_rate, load_superplm, make_optimizer, sample_arch,
-                      space_for, update)
+from hf import from_pretrained
+from model import KD_SPACE, PRETRAIN_SPACE, SUPERPLM, Arch, Bert, SearchSpace, extract, learning_rate, make_optimizer
+from runs import load_superplm
+from superplm import MLM, accumulate, flat_grads, sample_arch, space_for, update
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Arch(2, 64, 128, 2, 64)  # head width 32
@@ -302,7 +303,7 @@ def test_further_training_of_one_arch_and_the_distillation_seam(tmp_path, corpus
     assert ckpt3["config"]["warmup"] == 0.0 and ckpt3["config"]["sub_models"] == 1
     assert Arch.parse(ckpt3["model_config"]["arch"]) == arch
     assert ckpt3["objective_state"]["proj.weight"].shape == (48, 32)
-    back = Bert.from_pretrained(stage3, mha="dims")  # the run folder is also a Hugging Face BERT
+    back = from_pretrained(stage3, mha="dims")  # the run folder is also a Hugging Face BERT
     assert all(torch.equal(back.state_dict()[k], v) for k, v in ckpt3["model"].items())
 
 

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import table1_mini as t1  # noqa: E402
 from model import Arch  # noqa: E402
-from superplm import load_superplm  # noqa: E402
+from runs import load_superplm  # noqa: E402
 
 
 class WidthPredictor:

@@ -10,6 +10,7 @@ from transformers import (AutoModel, AutoModelForMaskedLM, AutoModelForQuestionA
                           AutoModelForSequenceClassification)
 
 import finetune as ft
+from hf import save_pretrained
 from model import Arch, Bert, extract
 from test_finetune import keyword_task, write_tsv
 from test_model import VOCAB, batch
@@ -48,7 +49,7 @@ def check_encoder_and_mlm(folder, ours):
                                   "1-64-96-4-64"])   # a plain BERT
 def test_saved_folders_load_through_auto_classes(tmp_path, arch):
     ours = random_bert(Arch.parse(arch))
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "bert" and (tmp_path / "modeling_autotinybert.py").exists()
     assert config.get("qkv_size", config["hidden_size"]) == ours.arch.qkv
@@ -57,7 +58,7 @@ def test_saved_folders_load_through_auto_classes(tmp_path, arch):
 
 def test_plain_bert_needs_no_remote_code(tmp_path):
     ours = random_bert(Arch(1, 64, 96, 4, 64))
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     stock = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()  # no trust_remote_code: transformers' own class
     assert type(stock) is transformers.BertForMaskedLM
     ids, mask, types = batch()
@@ -72,7 +73,7 @@ def test_plain_bert_needs_no_remote_code(tmp_path):
 def test_extracted_sub_models_load(tmp_path, mha, arch):
     superplm = random_bert(Arch(3, 64, 128, 4, 128), mha=mha)
     ours = extract(superplm, arch).eval()
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     check_encoder_and_mlm(tmp_path, ours)
     ids, mask, types = batch()
     with torch.no_grad():  # and the folder is still the SuperPLM's sub-model
@@ -107,8 +108,8 @@ def test_fine_tuned_folders_load_with_their_heads(tmp_path, task):
 
 def test_a_fine_tuned_folder_predicts_the_same_labels(tmp_path, vocab):  # noqa: F811
     torch.manual_seed(0)
-    Bert(Arch(2, 64, 128, 2, 48), vocab_size=len((vocab / "vocab.txt").read_text().split()),
-         max_position=512).save_pretrained(tmp_path / "model")
+    save_pretrained(Bert(Arch(2, 64, 128, 2, 48), vocab_size=len((vocab / "vocab.txt").read_text().split()),
+                         max_position=512), tmp_path / "model")
     (tmp_path / "model" / "vocab.txt").write_text((vocab / "vocab.txt").read_text())
     glue = tmp_path / "glue"
     write_tsv(glue / "RTE" / "train.tsv", keyword_task(160, 0))

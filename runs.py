@@ -1,0 +1,196 @@
+"""Run folders: what every stage writes in --out, how a run resumes, and the SuperPLM checkpoint's reader.
+
+A stage's run folder holds config.json (settings, command line, versions, start and end; see RunFolder) beside its
+results. superplm.py's also holds checkpoint.pt, which every later stage reads with `load_superplm`:
+
+    model_config, model     the SuperPLM (Bert.config() and its state_dict)
+    space                   its SearchSpace (Table B.1 scaled to it)
+    tokenizer               the vocabulary's path (tokenizer.json beside the checkpoint)
+    objective, objective_state   mlm or kd, and the KD projection's weights
+    optimizer, schedule, step, data, rng, config   what --resume needs to continue exactly
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from common import UserError, atomic_write, read_jsonl, save_json, torch_load
+from model import Bert, SearchSpace
+
+
+def command_line(argv=None, script=None):
+    """The command that ran (or would run) `script` (default: this process's) with `argv`, quoted for a shell."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    return shlex.join(["python", script or Path(sys.argv[0]).name, *argv])
+
+
+def versions():
+    """What a result depends on besides its settings: torch, python, and this repository's commit if any."""
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = commit and bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                               capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return dict(torch=str(torch.__version__), python=platform.python_version(), git_commit=commit,
+                git_dirty=dirty)
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunFolder:
+    """A run's output folder (--out). It is never silently overwritten: a run already there needs --resume (where
+    the script has it) or --overwrite. It holds config.json: the resolved settings, the command line, the versions
+    and the start and end times. Until `done_first()` (the run's first result is written), a failure or an
+    interrupt puts the folder back as it was found: what the run created is removed, what --overwrite set aside
+    is restored.
+
+        with RunFolder(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, marker="checkpoint.pt") as run:
+            ...; run.done_first(); ...
+    """
+
+    def __init__(self, out, cfg, resume=None, overwrite=False, marker=None, argv=None):
+        self.path, self.cfg, self.marker = Path(out), cfg, marker
+        module = type(cfg).__module__  # argv given: the stage's own command line, also when main(argv) is called
+        self.command = command_line(argv, module + ".py" if argv is not None and module != "__main__" else None)
+        self.first, self.status = False, None
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out {path} is a file: --out names a folder")
+        self.existed = path.exists()
+        self.before = set(os.listdir(path)) if self.existed else set()
+        self.before -= {".replaced"}
+        taken = (marker is None and bool(self.before)) or (marker is not None and (path / marker).exists())
+        how = "pass --resume to continue it, --overwrite to replace it, or another --out" if resume is not None \
+            else "pass --overwrite to replace it or another --out"
+        if resume and not taken:
+            raise UserError(f"--resume: {path} holds no run to resume{f' (no {marker})' if marker else ''}: "
+                            "drop --resume to start one")
+        if taken and not (resume or overwrite):
+            raise UserError(f"{path} already holds a run: {how}")
+        self.old_record = (path / "config.json").read_bytes() if (path / "config.json").exists() else None
+        self.resume = bool(resume)
+        path.mkdir(parents=True, exist_ok=True)
+        self.aside = None
+        if overwrite and not resume and self.before:  # set the old run aside until this one has a result
+            self.aside = path / ".replaced"
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside.mkdir()
+            for name in self.before:
+                os.replace(path / name, self.aside / name)
+            self.before = set()
+        self.started = _now()
+        self.write_record()
+
+    RECORD = ("config", "command", "versions", "started", "ended", "status")
+
+    def write_record(self, ended=None):
+        """config.json; in a folder that is also a Hugging Face model (save_pretrained) its keys stay beside ours."""
+        path, model = self.path / "config.json", {}
+        if path.exists():
+            try:
+                model = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                pass
+            model = {k: v for k, v in model.items() if k not in self.RECORD} if "model_type" in model else {}
+        save_json(dict(model, config=dataclasses.asdict(self.cfg), command=self.command, versions=versions(),
+                       started=self.started, ended=ended, status=self.status), path)
+
+    def update(self, cfg):
+        """The settings changed once known (a resumed run takes its saved ones)."""
+        self.cfg = cfg
+        self.write_record()
+
+    def done_first(self):
+        """The run has written its first result: from now on a failure keeps what is there."""
+        if not self.first:
+            self.first = True
+            if self.aside:
+                shutil.rmtree(self.aside, ignore_errors=True)
+
+    def rollback(self):
+        for name in set(os.listdir(self.path)) - self.before - {".replaced"}:
+            p = self.path / name
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if self.aside:
+            for name in os.listdir(self.aside):
+                os.replace(self.aside / name, self.path / name)
+            self.aside.rmdir()
+        if self.old_record is not None:
+            (self.path / "config.json").write_bytes(self.old_record)
+        if not self.existed:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if kind is not None and not self.first:
+            self.rollback()
+            return False
+        self.status = self.status or ("finished" if kind is None else
+                                      "interrupted" if issubclass(kind, KeyboardInterrupt) else f"failed: {error}")
+        self.write_record(ended=_now())
+        if self.aside:
+            shutil.rmtree(self.aside, ignore_errors=True)
+        return False
+
+
+def keep_jsonl(path, keep):
+    """Rewrite a JSONL file with only the records where keep(record): a resumed run drops the lines its
+    checkpoint does not cover (and a torn last line), so that no step is logged twice."""
+    path = Path(path)
+    if path.exists():
+        records = [r for r in read_jsonl(path) if keep(r)]
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
+
+
+# ----------------------------------------------------------------------------- the SuperPLM checkpoint
+
+
+def checkpoint_path(path):
+    """checkpoint.pt of a SuperPLM run folder (or the file itself); one line if there is none."""
+    path = Path(path)
+    path = path / "checkpoint.pt" if path.is_dir() else path
+    if not path.exists():
+        raise UserError(f"{path} does not exist: train a SuperPLM first (python superplm.py --out DIR)")
+    return path
+
+
+def load_superplm(path, ckpt=None):
+    """(SuperPLM as a Bert in eval mode, its SearchSpace, path of its tokenizer) from a run folder or checkpoint
+    (ckpt: the checkpoint's contents, when the caller has already read them)."""
+    path = checkpoint_path(path)
+    ckpt = ckpt or torch_load(path)
+    model = Bert.from_config(ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    space = SearchSpace(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in ckpt["space"].items()})
+    beside = path.parent / Path(ckpt["tokenizer"]).name  # the run folder may have moved
+    return model.eval(), space, str(beside if beside.exists() else ckpt["tokenizer"])
+
+
+def rng_states():
+    """Every random generator's state, saved in a checkpoint so that a resumed run draws what it would have."""
+    return dict(python=random.getstate(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_states(s):
+    random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
