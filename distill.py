@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from common import UserError, config_from_args, config_parser, run_main, seed_everything
-from data import load_tokenizer, stdlib_corpus, train_tokenizer
+from data import stdlib_corpus
 from hf import from_pretrained, save_pretrained
 from model import Arch, Bert, sub
+from tokenizer import load_tokenizer, train_tokenizer
 
 # Where a Hugging Face folder keeps its vocabulary; tokenizer.json first, as it also records the casing.
 VOCAB_FILES = ("tokenizer.json", "vocab.txt")

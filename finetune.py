@@ -32,11 +32,11 @@ from tqdm import tqdm
 from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, POSITIVE, SHARE, Interrupted, UserError, append_jsonl, atomic_write, check_config, load_hub_dataset, parse_config,
                     resolve_compute, run_main, save_json, seed_everything, stop_after_step, to_device, torch_load,
                     torch_save)
-from data import load_tokenizer, tokenizer_files
 from hf import from_pretrained, read_pretrained, save_pretrained
 from model import Arch, Bert, extract, learning_rate, make_optimizer
 from runs import RunFolder, load_superplm
 from squad import decode, read_squad, squad_scores, squad_windows
+from tokenizer import load_tokenizer, tokenizer_files
 
 # ----------------------------------------------------------------------------- tasks and Table D.1
 

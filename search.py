@@ -42,11 +42,12 @@ from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, SHARE, 
                     atomic_write, config_values, end_distributed, init_distributed, parse_config, rank0_first,
                     read_jsonl, resolve_compute, run_main, save_json, seed_everything, stop_after_step, to_device,
                     torch_load)
-from data import build_dataset, load_tokenizer, mask_tokens, masked_positions, split, tokenizer_files
+from data import build_dataset, mask_tokens, masked_positions, split
 from hf import save_pretrained
 from model import Arch, SearchSpace, extract
 from runs import RunFolder, command_line, load_superplm
 from superplm import MLM
+from tokenizer import load_tokenizer, tokenizer_files
 
 # ----------------------------------------------------------------------------- scored architectures
 
