@@ -151,7 +151,7 @@ def config_parser(cls, description=None, parser=None):
             parser.add_argument(o, dest=f.name, action=_Deprecated, new=flag, default=argparse.SUPPRESS,
                                 help=argparse.SUPPRESS, **{k: v for k, v in spec.items() if k != "choices"})
     if not any(a.dest == "config" for a in parser._actions):
-        parser.add_argument("--config", default=None, metavar="FILE",
+        parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",  # no default to show
                             help="start from the settings in a run's config.json (flags given still win)")
     return parser
 
@@ -214,11 +214,21 @@ def read_config_file(path):
 
 def parse_config(cls, argv=None, description=None, parser=None, defaults=None):
     """The config from the command line: field defaults < `defaults(first parse)` (presets, inherited values) <
-    --config FILE < flags given."""
+    --config FILE < flags given. For a script of several commands, `cls` is {command: (dataclass, help)} and the
+    result (command, config): `script.py COMMAND --flag ...`, each command with its own flags."""
+    if isinstance(cls, dict):
+        top = argparse.ArgumentParser(description=description)
+        commands = top.add_subparsers(dest="command", required=True)
+        parsers = {name: config_parser(c, parser=commands.add_parser(
+            name, help=help_, description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+            for name, (c, help_) in cls.items()}
+        argv = sys.argv[1:] if argv is None else list(argv)
+        name = top.parse_known_args(argv)[0].command
+        return name, parse_config(cls[name][0], argv[argv.index(name) + 1:], parser=parsers[name], defaults=defaults)
     parser = parser or config_parser(cls, description)
     first, _ = parser.parse_known_args(argv)
     preset = dict(defaults(first) if defaults else {})
-    if first.config:  # the run's settings; what to do with a folder (--resume, --overwrite) is asked anew
+    if getattr(first, "config", None):  # the run's settings; what to do with a folder (--resume, ...) is asked anew
         saved = config_values(cls, read_config_file(first.config))
         preset.update({k: v for k, v in saved.items() if k not in ("resume", "overwrite")})
     parser.set_defaults(**preset)
