@@ -216,17 +216,17 @@ def parse_config(cls, argv=None, description=None, parser=None, defaults=None):
     """The config from the command line: field defaults < `defaults(first parse)` (presets, inherited values) <
     --config FILE < flags given. For a script of several commands, `cls` is {command: (dataclass, help)} and the
     result (command, config): `script.py COMMAND --flag ...`, each command with its own flags."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     if isinstance(cls, dict):
         top = argparse.ArgumentParser(description=description)
         commands = top.add_subparsers(dest="command", required=True)
         parsers = {name: config_parser(c, parser=commands.add_parser(
             name, help=help_, description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
             for name, (c, help_) in cls.items()}
-        argv = sys.argv[1:] if argv is None else list(argv)
         name = top.parse_known_args(argv)[0].command
         return name, parse_config(cls[name][0], argv[argv.index(name) + 1:], parser=parsers[name], defaults=defaults)
     parser = parser or config_parser(cls, description)
-    first, _ = parser.parse_known_args(argv)
+    first, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])  # --help shows the preset's
     preset = dict(defaults(first) if defaults else {})
     if getattr(first, "config", None):  # the run's settings; what to do with a folder (--resume, ...) is asked anew
         saved = config_values(cls, read_config_file(first.config))

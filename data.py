@@ -47,8 +47,9 @@ class DataConfig:
     seq_len: int = field(default=128, metadata={"help": "tokens per packed sequence (§4.1)", "min": 3})
     cache_dir: str = field(default="data_cache", metadata={"help": "where packed corpora and vocabularies go"})
     preset: str = field(default="paper", metadata={
-        "help": "paper: BERT's vocabulary size and §4.1's 128 tokens (shown here); tiny: the corpus of superplm.py "
-                "--preset tiny. A preset changes the defaults; flags given still win", "choices": ["paper", "tiny"]})
+        "help": "paper: BERT's vocabulary size and §4.1's 128 tokens; tiny: the corpus of superplm.py --preset tiny. "
+                "A preset changes the defaults (--preset tiny --help shows them); flags given still win",
+        "choices": ["paper", "tiny"]})
 
 
 PRESETS = {"paper": {}, "tiny": dict(vocab_size=4096, seq_len=64)}  # tiny: as superplm.py's tiny preset
