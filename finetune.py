@@ -132,8 +132,8 @@ def grid(cfg, base, feats, targets, evaluate, pad, compute, log, stop=None):
                 metrics, predictions = evaluate(lambda f: predict(model, f, 2 * cfg.batch_size, pad, compute.device,
                                                                   compute.autocast))
                 log(finetune_epoch_line(cfg.task, lr, epochs, epoch, loss, metrics, time.time() - t0))
-                yield dict(task=cfg.task, lr=lr, epochs=epochs, epoch=epoch, train_loss=loss, **metrics), model, \
-                    predictions
+                record = dict(task=cfg.task, lr=lr, epochs=epochs, epoch=epoch, train_loss=loss, **metrics)
+                yield record, model, predictions
 
 
 def optimizer_and_schedule(model, lr, steps, warmup, weight_decay):
@@ -173,7 +173,7 @@ def train_epoch(model, feats, targets, batch_size, opt, sched, generator, pad, d
     return float(total) / max(len(feats), 1)
 
 
-def fine_tune(cfg, compute, folder, stop):
+def best_of_grid(cfg, compute, folder, stop):
     """Run the grid on cfg.task and keep the best dev score (with a run folder: its model, metrics, predictions)."""
     out = folder.path if folder else None
 
@@ -318,7 +318,7 @@ def save_checkpoint(model, folder, task, tokenizer_path, record):
     shutil.rmtree(old, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------- data: features, targets, dev evaluation
+# ----------------------------------------------------------------------------- batches, loss, predictions
 
 
 def collate(feats, pad, device):
@@ -375,7 +375,7 @@ def run(cfg, argv=None):
     stopper = stop_after_step() if folder else nullcontext(types.SimpleNamespace(signal=None))
     with folder or nullcontext(), stopper as stop:
         try:
-            return fine_tune(cfg, compute, folder, stop)
+            return best_of_grid(cfg, compute, folder, stop)
         except KeyboardInterrupt:
             if folder is None:
                 raise

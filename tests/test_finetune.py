@@ -330,10 +330,18 @@ def test_pooler_is_taken_from_a_hugging_face_checkpoint(tmp_path):
     assert model(ids, mask, types).shape == (2, 3)
 
 
-def test_cli_help_and_one_line_errors(capsys):
+def test_cli_help_shows_table_d1_and_one_line_errors(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
     with pytest.raises(SystemExit) as e:
         ft.main(["--help"])
-    assert e.value.code == 0 and "Table D.1" in capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    # the default task's (MNLI's) Table D.1 values as the defaults, every task's in the text
+    for shown in ("(default: [3e-05])", "rte 2e-05", "cola 1e-05", "squad 3e-05", "(default: [4])", "mrpc 10", "qqp 5",
+                  "Table D.1's: 32, SQuAD 16 (default: 32)", "tokens per input: 128, SQuAD 384 (default: 128)"):
+        assert shown in text, shown
+    # None only where it is a documented value (every example), and --config's
+    assert text.count("(default: None)") == 3 and text.count("None: all (default: None)") == 2
     with pytest.raises(SystemExit) as e:
         run_main(lambda: ft.main(["--task", "rte"]))
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: no model")
@@ -345,6 +353,20 @@ def rte(tmp_path, vocab):
     write_tsv(glue_dir / "RTE" / "train.tsv", keyword_task(32, 0))
     write_tsv(glue_dir / "RTE" / "dev.tsv", keyword_task(8, 1))
     return ["--task", "RTE", "--model", str(model), "--data", str(glue_dir), "--batch-size", "8"]  # GLUE's spelling
+
+
+def test_table_d1_per_task_and_the_presets(monkeypatch):
+    runs = []
+    monkeypatch.setattr(ft, "run", lambda cfg, argv=None: runs.append(cfg))
+    for argv in (["--task", "rte"], ["--task", "SQuAD"], ["--task", "cola", "--preset", "tiny"],
+                 ["--task", "rte", "--preset", "tiny", "--lr", "1e-4", "3e-4", "--max-eval-examples", "50"]):
+        ft.main(["--model", "m", *argv])
+    # (batch size, learning rate, epochs) as in the paper's Table D.1, and §4.1's input lengths
+    assert [(c.task, c.batch_size, c.lr, c.epochs, c.max_len, c.max_train_examples, c.max_eval_examples, c.out)
+            for c in runs] == [("rte", 32, [2e-5], [10], 128, None, None, "runs/finetune/rte"),
+                               ("squad", 16, [3e-5], [4], 384, None, None, "runs/finetune/squad"),
+                               ("cola", 32, [1e-5], [1], 128, 2000, 1000, "runs/finetune-tiny/cola"),
+                               ("rte", 32, [1e-4, 3e-4], [1], 128, 2000, 50, "runs/finetune-tiny/rte")]
 
 
 def test_cli_run_folder_records_its_settings_and_a_failed_start_leaves_nothing(tmp_path, vocab):
@@ -369,6 +391,10 @@ def test_cli_run_folder_records_its_settings_and_a_failed_start_leaves_nothing(t
     again = ft.main(["--config", str(out / "config.json"), "--out", str(tmp_path / "again")])
     assert again == result and json.loads((tmp_path / "again" / "config.json").read_text())["config"] == dict(
         record["config"], out=str(tmp_path / "again"))
+    # run() resolves Table D.1's values on a copy: the caller's config is left as it was
+    cfg = ft.FinetuneConfig(task="RTE", model=flags[3], data=flags[5], epochs=[2], batch_size=8)
+    assert ft.run(cfg) == result and cfg == ft.FinetuneConfig(task="RTE", model=flags[3], data=flags[5], epochs=[2],
+                                                              batch_size=8)
 
 
 def test_sigterm_keeps_the_finished_epochs_and_says_so(tmp_path, vocab, monkeypatch):
