@@ -1,22 +1,21 @@
 """Task fine-tuning on GLUE and SQuAD v1.1 (paper §4.1, Appendix D, Table D.1).
 
-Every score in the paper's Tables 1, 2 and F.1 is a dev score after fine-tuning a model on each task the way
-TinyBERT and BERT fine-tune: BERT's pooler + a classifier (or a start/end span head, SQuAD) on the model, AdamW with
-10% linear warm-up then linear decay, the dev set evaluated after every epoch, for every (learning rate, epochs) of
-the §4.1 grid from the same start; the best dev score counts. Table D.1 gives each task's cell of that grid (the
-default here). glue.py reads GLUE's files and scores them, squad.py SQuAD's.
+Every score in the paper's Tables 1, 2 and F.1 is a dev score after fine-tuning on each task as BERT and TinyBERT
+do: BERT's pooler + a classifier (SQuAD: a start/end span head) on the model, AdamW with 10% linear warm-up then
+linear decay, dev evaluated after every epoch, for every (learning rate, epochs) of the §4.1 grid from the same
+start; the best dev score counts. Table D.1 is each task's cell of that grid (the default). glue.py and squad.py
+read the tasks' files and score them.
 
     python finetune.py --task rte --model runs/further --data glue_data/RTE --preset tiny   # minutes on 2 CPU cores
     python finetune.py --task mnli --model runs/further --data glue_data/MNLI --lr 1e-5 2e-5 3e-5 --epochs 4 5 10
 
-The run folder (--out) holds config.json, metrics.jsonl (every epoch), log.txt, best/ (the best model as a Hugging
-Face folder with its head), results.json, and GLUE's test predictions (MNLI-m.tsv, ...) or SQuAD's dev
-predictions.json. search.py's evaluator calls `finetune(model_folder, "mnli", ...)` and reads result["score"].
+--out holds config.json, metrics.jsonl (every epoch), log.txt, best/ (the best model: a Hugging Face folder with its
+head), results.json, and GLUE's test predictions (MNLI-m.tsv, ...) or SQuAD's dev predictions.json. search.py's
+evaluator calls `finetune(model_folder, "mnli", ...)` and reads result["score"].
 """
 
 import copy
 import dataclasses
-import functools
 import json
 import shutil
 import time
@@ -56,8 +55,7 @@ def paper_settings(task):
     return dict(batch_size=batch_size, lr=[lr], epochs=[epochs], max_len=384 if task == "squad" else 128)
 
 
-def per_task(column):
-    return ", ".join(f"{task} {values[column]:g}" for task, values in TABLE_D1.items())
+D1_LR, D1_EPOCHS = (", ".join(f"{t} {cell[i]:g}" for t, cell in TABLE_D1.items()) for i in (1, 2))  # for --help
 
 
 @dataclass
@@ -80,9 +78,9 @@ class FinetuneConfig:
                                                     "dev-v1.1.json; empty: load with datasets (online)"})
     lr: Optional[list[float]] = field(default=None, metadata={
         "help": "peak learning rates; several, with several --epochs, run the §4.1 grid (1e-5 2e-5 3e-5 x 4 5 10). "
-                f"Default: Table D.1's for the task ({per_task(1)}); shown: MNLI's", **POSITIVE})
+                f"Default: Table D.1's for the task ({D1_LR}); shown: MNLI's", **POSITIVE})
     epochs: Optional[list[int]] = field(default=None, metadata={
-        "help": f"epoch counts. Default: Table D.1's for the task ({per_task(2)}); shown: MNLI's", **COUNT})
+        "help": f"epoch counts. Default: Table D.1's for the task ({D1_EPOCHS}); shown: MNLI's", **COUNT})
     batch_size: Optional[int] = field(default=None, metadata={"help": "Table D.1's: 32, SQuAD 16", **COUNT})
     max_len: Optional[int] = field(default=None, metadata={"help": "tokens per input: 128, SQuAD 384",
                                                            "min": 3, "max": 512})
@@ -128,7 +126,7 @@ def grid(cfg, base, feats, targets, evaluate, pad, compute, log, stop=None):
                 t0 = time.time()
                 loss = train_epoch(model, feats, targets, cfg.batch_size, opt, sched, generator, pad, compute.device,
                                    f"{cfg.task} lr {lr:g} epoch {epoch}/{epochs}", compute.autocast,
-                                   functools.partial(log, terminal=False), cfg.log_every, stop)
+                                   lambda line: log(line, terminal=False), cfg.log_every, stop)
                 metrics, predictions = evaluate(lambda f: predict(model, f, 2 * cfg.batch_size, pad, compute.device,
                                                                   compute.autocast))
                 log(finetune_epoch_line(cfg.task, lr, epochs, epoch, loss, metrics, time.time() - t0))

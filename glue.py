@@ -5,7 +5,8 @@
     with its quirks (a byte-order mark, headerless files, malformed lines), or from `datasets`,
   - encode_glue: [CLS] a [SEP] (b [SEP]) features of 128 tokens,
   - compute_metrics: the paper's score per task (Matthews for CoLA, Pearson-Spearman for STS-B, accuracy else),
-  - write_submission: a test split's predictions in the layout of GLUE's leaderboard.
+  - glue_task: a task as fine-tuning needs it (train features and labels, the dev evaluation),
+  - hf_labels, write_test_predictions: the labels' names in a saved model, and in GLUE's submission files.
 """
 
 import sys
@@ -206,6 +207,9 @@ def encode_glue(tokenizer, split, max_len=128):
     tokenizer.enable_truncation(max_len)
     batch = list(zip(split.a, split.b)) if split.b is not None else split.a
     return [(e.ids, e.type_ids) for e in tokenizer.encode_batch(batch)]
+
+
+# ----------------------------------------------------------------------------- a task as finetune.py needs it
 
 
 def labels_of(logits):

@@ -5,7 +5,8 @@ BERT's run_squad recipe, on a fast tokenizer's character offsets:
   - squad_windows: [CLS] question [SEP] context window [SEP] features, 384-token windows with a document stride
     of 128, labelled with the tokens of the first gold answer where a window holds it,
   - decode: n-best decoding of the start/end logits back to answer text, answers of at most 30 tokens,
-  - squad_scores: the official v1.1 evaluation (exact match and F1, the max over a question's gold answers).
+  - squad_scores: the official v1.1 evaluation (exact match and F1, the max over a question's gold answers),
+  - squad_task: SQuAD as fine-tuning needs it (train features and answer spans, the dev evaluation).
 """
 
 import json
