@@ -348,6 +348,13 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def subset_indices(n_total, n, seed):
+    """A seeded random choice of n of range(n_total) (all of them when n is None), in order."""
+    if n is None or n >= n_total:
+        return list(range(n_total))
+    return sorted(np.random.default_rng(seed).choice(n_total, n, replace=False).tolist())
+
+
 # ----------------------------------------------------------------------------- device and compute dtype
 
 DEVICE_HELP = "auto: cuda if torch sees a GPU (under torchrun cuda:LOCAL_RANK), else cpu; or cpu, cuda, cuda:N"
