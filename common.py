@@ -216,7 +216,8 @@ def parse_config(cls, argv=None, description=None, parser=None, defaults=None):
     """The config from the command line: field defaults < `defaults(first parse)` (presets, inherited values) <
     --config FILE < flags given."""
     parser = parser or config_parser(cls, description)
-    first, _ = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    first, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])  # --help shows the defaults
     preset = dict(defaults(first) if defaults else {})
     if first.config:  # the run's settings; what to do with a folder (--resume, --overwrite) is asked anew
         saved = config_values(cls, read_config_file(first.config))
