@@ -77,9 +77,11 @@ class Config:
                                                   **COUNT})
     population: int = field(default=25, metadata={"help": "S of Algorithm 2: architectures per generation", **COUNT})
     p_mutate: Optional[float] = field(default=None, metadata={
-        "help": "pm of Algorithm 2; the default follows --method: evolve 0.5 (the paper's), evolve-elite 0.8", **SHARE})
+        "help": "pm of Algorithm 2 (random and fast have none); the default follows --method: evolve 0.5 (the "
+                "paper's), evolve-elite 0.8", **SHARE})
     p_explore: Optional[float] = field(default=None, metadata={
-        "help": "pe of Algorithm 2; the default follows --method: evolve 0.5 (the paper's), evolve-elite 0.2",
+        "help": "pe of Algorithm 2 (random and fast have none); the default follows --method: evolve 0.5 (the "
+                "paper's), evolve-elite 0.2",
         **SHARE})
     top: int = field(default=3, metadata={"help": "architectures reported and extracted (§3.6: the top three)",
                                           **COUNT})
