@@ -216,7 +216,7 @@ def parse_config(cls, argv=None, description=None, parser=None, defaults=None):
     """The config from the command line: field defaults < `defaults(first parse)` (presets, inherited values) <
     --config FILE < flags given. For a script of several commands, `cls` is {command: (dataclass, help)} and the
     result (command, config): `script.py COMMAND --flag ...`, each command with its own flags."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if isinstance(cls, dict):
         top = argparse.ArgumentParser(description=description)
         commands = top.add_subparsers(dest="command", required=True)

@@ -42,7 +42,7 @@ from common import (UserError, append_jsonl, parse_config, read_jsonl, resolve_c
                     save_json)
 from data import prepare, split  # noqa: E402
 from model import Arch  # noqa: E402
-from search import MLMScore  # noqa: E402
+from evaluators import MLMScore  # noqa: E402
 
 PAPER = {"HAT baseline": 90.0, "ILS": 91.6, "ILS + SME": 94.2, "ILS + SME + EBL (ours)": 96.7}  # Table 3, %
 

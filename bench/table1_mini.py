@@ -48,7 +48,8 @@ from data import load_corpus, prepare, split, steps_per_epoch  # noqa: E402
 from model import Arch  # noqa: E402
 from runs import load_superplm  # noqa: E402
 from pairwise import Study, machine, open_study, study_config  # noqa: E402
-from search import MLMScore, bert_s, default_rule  # noqa: E402
+from evaluators import MLMScore  # noqa: E402
+from rules import bert_s, default_rule  # noqa: E402
 
 # Table 1 (pre-training setting): speedup over BERT-base and GLUE dev average without SQuAD ("score")
 PAPER = [("S1", "5-564-1054-8-512", 7.2, 78.3, "4-512-2048-8-512", 7.1, 76.5),

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import pairwise  # noqa: E402
 from latency import kendall_tau  # noqa: E402
 from model import Arch  # noqa: E402
-from search import MLMScore  # noqa: E402
+from evaluators import MLMScore  # noqa: E402
 from runs import load_superplm  # noqa: E402
 from superplm import space_for  # noqa: E402
 
