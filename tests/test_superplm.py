@@ -286,7 +286,7 @@ def finish_fail(proc):
 # ----------------------------------------------------------------------------- stage 3 and distillation
 
 
-def test_further_training_of_one_arch_and_the_distillation_seam(tmp_path, corpus):
+def test_further_training_of_one_arch_and_the_distillation_seam(tmp_path, corpus, monkeypatch):
     teacher = distill.make_tiny_teacher(tmp_path / "teacher", Arch(2, 48, 96, 2, 48), vocab_size=300,
                                         texts=stdlib_corpus()[:150])
     out = tmp_path / "kd"
@@ -299,8 +299,12 @@ def test_further_training_of_one_arch_and_the_distillation_seam(tmp_path, corpus
     # Stage 3 (§3.6): one architecture of that SuperPLM, trained alone, no warm-up, projection sliced.
     arch = Arch(1, 32, 64, 2, 48)
     stage3 = tmp_path / "s3"
+    reads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda path, *a, **k: reads.append(Path(path)) or load(path, *a, **k))
     superplm.main(flags(corpus, stage3, "--objective", "kd", "--teacher", str(teacher), "--arch", str(arch),
                         "--init", str(out), "--steps", "2"))
+    monkeypatch.undo()
+    assert reads.count(out / "checkpoint.pt") == 1  # settings, weights and projection from one read
     ckpt3 = torch_load(stage3 / "checkpoint.pt")
     assert ckpt3["config"]["warmup"] == 0.0 and ckpt3["config"]["sub_models"] == 1
     assert Arch.parse(ckpt3["model_config"]["arch"]) == arch
