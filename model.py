@@ -8,8 +8,10 @@ by one of the two strategies of Figure 3:
 `extract` copies those slices into a stand-alone Bert whose outputs equal the SuperPLM run at that arch.
 """
 
+import contextlib
 import math
 import random
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -127,24 +129,44 @@ KD_SPACE = SearchSpace(layers=grid(1, 8, 1), hidden=grid(128, 768, 4), ffn=grid(
 def sub(p, *sizes, shape=None):
     """The leading block p.view(shape)[:a, :b, ...]. All of §3.4's sub-matrix extraction goes through here.
 
-    Autograd gives a slice a full-size gradient, zero outside the block, then adds all of it to p.grad. When p
-    already holds a .grad (superplm.py keeps them in one flat buffer), the block's gradient is added straight into
-    the same block of p.grad instead, so a sub-model trains through the SuperPLM as fast as alone
-    (bench/superplm_speed.py). Such gradients bypass autograd's accumulation: torch.autograd.grad and DDP's hooks
-    do not see them. Under autocast the block is cast to bf16 only after it leaves here, so the gradient that arrives
-    is fp32 (autograd returns a gradient in its input's dtype) and is added unrounded (tests/test_precision.py)."""
+    Plain slicing: autograd gives the slice a full-size gradient, zero outside the block, and adds all of it to
+    p.grad. Inside `in_place_grads()` (one-shot training) the block's gradient is added into p.grad's block instead."""
     if shape is None and tuple(sizes) == tuple(p.shape):
         return p  # the whole tensor (a stand-alone model): no view, so exported graphs hold plain weights
     shape = p.shape if shape is None else shape
     index = tuple(slice(0, s) for s in sizes)
     block = p.view(shape)[index]
-    if p.grad is None or not (p.requires_grad and torch.is_grad_enabled()) or block.numel() == p.numel():
-        return block
-    return _AddToGrad.apply(p, shape, index)
+    if _in_place.on and p.grad is not None and p.requires_grad and torch.is_grad_enabled() \
+            and block.numel() < p.numel():
+        return _AddToGrad.apply(p, shape, index)  # the same block, its gradient added in place
+    return block
+
+
+class _InPlace(threading.local):
+    on = False  # inside in_place_grads(), on this thread
+
+
+_in_place = _InPlace()
+
+
+@contextlib.contextmanager
+def in_place_grads():
+    """An optimisation of one-shot training (§3.4), switched on by superplm.accumulate: inside, `sub` adds a block's
+    gradient straight into the same block of p.grad, for every parameter that already holds a .grad (superplm.py
+    keeps them in one flat buffer), instead of autograd's full-size zero-padded gradient. The sums are the same
+    (tests/test_superplm.py, tests/test_precision.py); the time is not: a sub-model trains through the SuperPLM
+    about as fast as alone (bench/superplm_speed.py). Such gradients bypass autograd's accumulation, so
+    torch.autograd.grad and DDP's hooks do not see them. Under autocast the block is cast to bf16 only after it
+    leaves `sub`, so the gradient that arrives is fp32 and is added unrounded."""
+    before, _in_place.on = _in_place.on, True
+    try:
+        yield
+    finally:
+        _in_place.on = before
 
 
 class _AddToGrad(torch.autograd.Function):
-    """p.view(shape)[index], whose backward adds the block's gradient into p.grad in place (see `sub`)."""
+    """p.view(shape)[index], whose backward adds the block's gradient into p.grad in place (see in_place_grads)."""
 
     @staticmethod
     def forward(ctx, p, shape, index):

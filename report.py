@@ -9,6 +9,13 @@ from matplotlib.figure import Figure
 # ----------------------------------------------------------------------------- superplm.py
 
 
+def superplm_line(step, total, means, lr, rate, archs):
+    """superplm.py's log line: the window's mean loss and statistics, the learning rate, global tokens/s, and rank
+    0's sub-models of this step."""
+    return (f"step {step}/{total} | " + " | ".join(f"{k} {v:.4f}" for k, v in means.items())
+            + f" | lr {lr:.2e} | {rate:,.0f} tok/s | archs {' '.join(archs)}")
+
+
 # ----------------------------------------------------------------------------- latency.py
 
 

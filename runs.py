@@ -23,9 +23,10 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from common import (Interrupted, UserError, append_jsonl, atomic_write, config_values, read_jsonl, save_json,
-                    torch_load)
+                    torch_load, torch_save)
 from model import Arch, Bert, SearchSpace
 
 
@@ -195,6 +196,73 @@ def set_rng_states(s):
     torch.set_rng_state(s["torch"])
     if s["cuda"]:
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ----------------------------------------------------------------------------- superplm.py
+
+
+def resume_command(script, out):
+    """The command that continues the run in `out`: as many workers again under torchrun (per node, with the same
+    rendezvous flags)."""
+    command = command_line(["--out", out, "--resume"], script)
+    if "WORLD_SIZE" in os.environ:
+        command = command.replace("python", f"torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']}", 1)
+    return command
+
+
+def resume_superplm(cfg, folder, rank):
+    """--resume: (the run's checkpoint, its saved settings with this command's --out, --device and --dtype), with
+    config.json and metrics.jsonl brought back to that checkpoint (no step logged twice); else (None, cfg)."""
+    if not cfg.resume:
+        return None, cfg
+    out = Path(cfg.out)
+    ckpt = torch_load(out / "checkpoint.pt")
+    cfg = dataclasses.replace(type(cfg)(**config_values(type(cfg), ckpt["config"])), out=cfg.out, resume=True,
+                              device=cfg.device, dtype=cfg.dtype)  # the saved settings, where and how: this run's
+    if rank == 0:
+        folder.update(cfg)
+        keep_jsonl(out / "metrics.jsonl", lambda r: r["step"] <= ckpt["step"])
+    return ckpt, cfg
+
+
+def save_superplm(out, model, space, objective, optimizer, cfg, step, total, spe, rows):
+    """Write out/checkpoint.pt (the format above) at `step` of `total` (spe steps per epoch over `rows` sequences)."""
+    torch_save(dict(model_config=model.config(), model=model.state_dict(), space=dataclasses.asdict(space),
+                    objective=cfg.objective, objective_state=objective.state_dict(),
+                    tokenizer=str((Path(out) / "tokenizer.json").resolve()), optimizer=optimizer.state_dict(),
+                    schedule=dict(total=total, warmup=cfg.warmup, peak=cfg.lr), step=step,
+                    data=dict(epoch=step // spe, batch=step % spe, rows=rows), rng=rng_states(),
+                    config=dataclasses.asdict(cfg)), Path(out) / "checkpoint.pt")
+
+
+def restore_superplm(ckpt, optimizer, rows):
+    """Continue from a checkpoint on a corpus of `rows` sequences: the optimizer's state and every random
+    generator's as they were; returns the step to go on from."""
+    if ckpt["data"]["rows"] != rows:
+        raise UserError(f"the corpus now gives {rows} sequences, the checkpoint's {ckpt['data']['rows']}: "
+                        "resume with the corpus and --seq-len the run started with")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_states(ckpt["rng"])
+    return ckpt["step"]
+
+
+def stopped(stop, world, device):
+    """Whether a SIGINT/SIGTERM arrived; with several workers, whether any of them got one (all stop together)."""
+    if world == 1:
+        return stop.signal is not None
+    flag = torch.tensor([float(stop.signal is not None)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def interrupt(cfg, stop, step, total, rank, world):
+    """superplm.py stops after a signal, its step saved: rank 0 says how to resume, the other workers leave."""
+    if world > 1:
+        dist.barrier()
+        if rank:
+            sys.exit(130)
+    raise Interrupted(f"{stop.signal or 'a signal'} at step {step}/{total}: saved {Path(cfg.out) / 'checkpoint.pt'}; "
+                      f"resume with: {resume_command('superplm.py', cfg.out)}")
 
 
 # ----------------------------------------------------------------------------- search.py

@@ -15,10 +15,9 @@ metrics.jsonl, log.txt, config.json (settings, command line, versions, start and
 config.json). SIGINT or SIGTERM finishes the step, writes the checkpoint and prints the command that resumes.
 """
 
+import argparse
 import dataclasses
-import os
 import random
-import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -32,15 +31,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, POSITIVE, SHARE, Interrupted, UserError,
-                    append_jsonl, config_values, end_distributed, init_distributed, rank0_first, resolve_compute,
-                    run_main, seed_everything, stop_after_step, torch_load, torch_save)
+from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, POSITIVE, SHARE, UserError,
+                    append_jsonl, config_parser, config_values, end_distributed, init_distributed, rank0_first,
+                    resolve_compute, run_main, seed_everything, stop_after_step, torch_load)
 from common import parse_config as parse_with
 from data import DataConfig, batches, derive_seed, masked_positions, prefetch, prepare, split, steps_per_epoch
 from distill import KDObjective, check_compatible, load_teacher
 from hf import save_pretrained
-from model import SUPERPLM, Arch, Bert, SearchSpace, extract, grid, learning_rate, make_optimizer, sub
-from runs import RunFolder, command_line, keep_jsonl, load_superplm, rng_states, set_rng_states
+from model import (SUPERPLM, Arch, Bert, SearchSpace, extract, grid, in_place_grads, learning_rate, make_optimizer,
+                   sub)
+from report import superplm_line
+from runs import RunFolder, interrupt, load_superplm, restore_superplm, resume_superplm, save_superplm, stopped
 from tokenizer import save_tokenizer
 
 
@@ -69,9 +70,9 @@ class Config(DataConfig):  # the corpus flags (--corpus, --tokenizer, --vocab-si
     warmup: float = field(default=0.1, metadata={"help": "share of the steps with linear warm-up, then linear "
                                                          "decay to 0 (§4.1)", **SHARE})
     epochs: int = field(default=5, metadata={"help": "passes over the corpus (§4.1), unless --steps", **COUNT})
-    steps: Optional[int] = field(default=None, metadata={"help": "the run's length in optimizer steps (the "
-                                                                 "schedule is laid over it); default: --epochs",
-                                                         "aliases": ("max_steps",), **COUNT})
+    steps: Optional[int] = field(default=None, metadata={  # None: --epochs decides (configure keeps it off --help)
+        "help": "the run's length in optimizer steps (the schedule is laid over it) (default: --epochs passes over "
+                "the corpus)", "aliases": ("max_steps",), **COUNT})
     sub_models: int = field(default=3, metadata={"help": "M of Algorithm 1: sub-models each worker samples per "
                                                          "batch", "aliases": ("samples",), **COUNT})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases, LayerNorm)",
@@ -98,29 +99,110 @@ PRESETS = {"paper": {},
                         steps=600, save_every=100, log_every=20, out="runs/superplm-tiny")}
 
 
-INHERITED = ("superplm_arch", "objective", "teacher", "corpus", "tokenizer", "vocab_size", "seq_len", "cache_dir",
-             "batch_size", "lr", "sub_models", "weight_decay", "adam_eps", "clip", "dropout", "log_every",
-             "save_every")  # what --init carries over
+# ----------------------------------------------------------------------------- Algorithm 1
 
 
-def defaults(first):
-    """The defaults a command line starts from: the preset's, then (with --init) the one-shot run's settings."""
-    out = dict(PRESETS[first.preset])
-    if first.init:  # §4.1: further training keeps the one-shot run's settings (corpus, batch, lr, ...)
-        path = Path(first.init) / "checkpoint.pt" if Path(first.init).is_dir() else Path(first.init)
-        if not path.exists():
-            raise UserError(f"--init {path} does not exist: train a SuperPLM first (python superplm.py --out DIR)")
-        saved = config_values(Config, torch_load(path).get("config", {}))
-        out.update({k: saved[k] for k in INHERITED if k in saved})
-    if first.arch:
-        out["sub_models"] = 1  # one architecture: nothing to sample
-        if first.init:
-            out["warmup"] = 0.0  # §4.1: further training is the one-shot setting without warm-up
-    return out
+def sample_arch(space, seed, step, rank, m) -> Arch:
+    """Algorithm 1, line 7: the m-th sub-model of worker `rank` at `step`. The authors' code seeded with (step, m)
+    alone, so every GPU trained the same sub-model; with the rank, each worker samples its own as the paper says."""
+    return space.sample(random.Random(derive_seed(seed, step, rank, m)))
 
 
-def parse_config(argv=None):
-    return parse_with(Config, argv, __doc__.split("\n")[0], defaults=defaults)
+def flat_grads(params):
+    """Give every parameter a .grad that is a view into one flat buffer: zeroing the buffer clears the gradients
+    (Algorithm 1, line 5) and one all-reduce of it averages them all over the workers (line 11)."""
+    flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+    i = 0
+    for p in params:
+        p.grad = flat[i:i + p.numel()].view_as(p)
+        i += p.numel()
+    return flat
+
+
+def accumulate(model, objective, batch, space, M, seed, step, rank, autocast=nullcontext):
+    """Algorithm 1, lines 6-10 on one worker: M times sample a sub-model and add its gradients on this sub-batch.
+    Each loss is divided by M, so the update uses the average gradient of all N*M sampled sub-models."""
+    archs, stats = [], defaultdict(float)
+    # Each slice's gradient goes straight into its block of the flat buffer rather than through a full-size
+    # zero-padded copy: the same sums, a sub-model at about the cost of training it alone (model.in_place_grads).
+    with in_place_grads():
+        for m in range(M):  # line 6
+            arch = sample_arch(space, seed, step, rank, m)  # lines 7-8: this worker's own sub-model
+            torch.manual_seed(derive_seed(seed, step, rank, m, 1))  # its dropout: replayable, resumable
+            with autocast():
+                loss, more = objective(model, batch, arch)
+            (loss / M).backward()  # line 9: parameters outside the sub-model get zero
+            archs.append(arch)
+            for k, v in {"loss": loss.detach(), **more}.items():
+                stats[k] += v / M
+    return archs, stats
+
+
+def update(flat, world, optimizer, lr, clip):
+    """Algorithm 1, line 11: average the gradients over the workers, clip them, one AdamW step."""
+    if world > 1:
+        dist.all_reduce(flat)  # sum of every worker's gradients, parameters a sample missed count as zero
+        flat.div_(world)
+    flat.mul_((clip / (flat.norm() + 1e-6)).clamp(max=1.0))  # = clip_grad_norm_ over all parameters
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+
+
+def train(cfg, argv=None, on_save=None, init=None):
+    """Algorithm 1 in cfg.out (one architecture with --arch); returns the model. argv (the command line, sys.argv's
+    by default) goes into config.json; init: --init's checkpoint if the caller has read it (configure does);
+    on_save(step, model), if given, runs on rank 0 after each checkpoint is written (bench/table1_mini.py)."""
+    rank, world, device = init_distributed(cfg.device)
+    folder = RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="checkpoint.pt", argv=argv) if rank == 0 \
+        else nullcontext()
+    if world > 1:
+        dist.barrier()
+    with folder:
+        ckpt, cfg = resume_superplm(cfg, folder, rank)  # --resume: the run's checkpoint, and its settings
+        compute = resolve_compute(str(device), cfg.dtype)
+        model, space, objective, dataset = setup(cfg, rank, world, device, ckpt, init)
+        params = list(model.parameters()) + [p for p in objective.parameters() if p.requires_grad]
+        if world > 1:  # every worker starts from rank 0's weights
+            for p in params:
+                dist.broadcast(p.data, 0)
+        flat = flat_grads(params)
+        optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay, cfg.adam_eps)
+        spe = steps_per_epoch(dataset, cfg.batch_size)
+        total = cfg.steps or cfg.epochs * spe
+        step = restore_superplm(ckpt, optimizer, len(dataset)) if ckpt else 0
+        log = Log(cfg, rank, world, device, step, total)
+        log.start(model, space, compute, len(dataset), spe, resumed=ckpt is not None)
+        with stop_after_step() as stop:
+            while step < total:
+                epoch, pos = divmod(step, spe)
+                # lines 2-4: this worker's sub-batches, masked by a background thread while the step before computes
+                rows = batches(dataset, cfg.batch_size, epoch, cfg.seed, rank, world, start=pos)
+                for batch in prefetch(rows, device):
+                    flat.zero_()  # line 5: clear the gradients
+                    archs, stats = accumulate(model, objective, batch, space, cfg.sub_models, cfg.seed, step, rank,
+                                              compute.autocast)  # lines 6-10
+                    lr = learning_rate(step, total, cfg.lr, cfg.warmup)
+                    update(flat, world, optimizer, lr, cfg.clip)  # line 11
+                    step += 1
+                    log.step(step, epoch, lr, stats, archs)
+                    stopping = stopped(stop, world, device)
+                    if rank == 0 and (step % cfg.save_every == 0 or step == total or stopping):
+                        save_superplm(Path(cfg.out), model, space, objective, optimizer, cfg, step, total, spe,
+                                      len(dataset))
+                        folder.done_first()
+                        if on_save:
+                            on_save(step, model)
+                    if stopping and step < total:
+                        log.bar.close()
+                        interrupt(cfg, stop, step, total, rank, world)
+                    if step == total:
+                        break
+        log.bar.close()
+        if rank == 0 and cfg.arch:  # a stand-alone model: the run folder is also a Hugging Face BERT folder
+            save_pretrained(model, Path(cfg.out))
+    end_distributed(world)
+    return model
 
 
 # ----------------------------------------------------------------------------- search space and sampling
@@ -140,12 +222,6 @@ def space_for(superplm: Arch, mha="heads") -> SearchSpace:
 def single(arch: Arch) -> SearchSpace:
     """The space of one architecture (stage 3 trains it alone)."""
     return SearchSpace((arch.layers,), (arch.hidden,), (arch.ffn,), (arch.heads,), (arch.qkv,), arch.head_dim)
-
-
-def sample_arch(space, seed, step, rank, m) -> Arch:
-    """Algorithm 1, line 7: the m-th sub-model of worker `rank` at `step`. The authors' code seeded with (step, m)
-    alone, so every GPU trained the same sub-model; with the rank, each worker samples its own as the paper says."""
-    return space.sample(random.Random(derive_seed(seed, step, rank, m)))
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -174,57 +250,40 @@ def make_objective(cfg, model, space, teacher):
     return KDObjective(teacher, model.arch.hidden)
 
 
-# ----------------------------------------------------------------------------- Algorithm 1
+# ----------------------------------------------------------------------------- what the run starts from
 
 
-def flat_grads(params):
-    """Give every parameter a .grad that is a view into one flat buffer: zeroing the buffer clears the gradients
-    (Algorithm 1, line 5) and one all-reduce of it averages them all over the workers (line 11)."""
-    flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
-    i = 0
-    for p in params:
-        p.grad = flat[i:i + p.numel()].view_as(p)
-        i += p.numel()
-    return flat
-
-
-def accumulate(model, objective, batch, space, M, seed, step, rank, autocast=nullcontext):
-    """Algorithm 1, lines 6-10 on one worker: M times sample a sub-model and add its gradients on this sub-batch.
-    Each loss is divided by M, so the update uses the average gradient of all N*M sampled sub-models."""
-    archs, stats = [], defaultdict(float)
-    for m in range(M):  # line 6
-        arch = sample_arch(space, seed, step, rank, m)  # lines 7-8: this worker's own sub-model
-        torch.manual_seed(derive_seed(seed, step, rank, m, 1))  # its dropout: replayable, resumable
-        with autocast():
-            loss, more = objective(model, batch, arch)
-        (loss / M).backward()  # line 9: parameters outside the sub-model get zero
-        archs.append(arch)
-        for k, v in {"loss": loss.detach(), **more}.items():
-            stats[k] += v / M
-    return archs, stats
-
-
-def update(flat, world, optimizer, lr, clip):
-    """Algorithm 1, line 11: average the gradients over the workers, clip them, one AdamW step."""
-    if world > 1:
-        dist.all_reduce(flat)  # sum of every worker's gradients, parameters a sample missed count as zero
-        flat.div_(world)
-    flat.mul_((clip / (flat.norm() + 1e-6)).clamp(max=1.0))  # = clip_grad_norm_ over all parameters
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-
-
-# ----------------------------------------------------------------------------- the run
-
-
-def window_means(window, n, world, device):
-    """The mean of each statistic over n = steps x workers: one small all-reduce per log line."""
-    keys = sorted(window)
-    sums = torch.stack([torch.as_tensor(window[k], device=device, dtype=torch.float32) for k in keys])
-    if world > 1:
-        dist.all_reduce(sums)
-    return dict(zip(keys, (sums / n).tolist()))
+def setup(cfg, rank, world, device, ckpt=None, init=None):
+    """(model, space, objective, training rows) of a run: its weights and KD projection are the run's own checkpoint
+    (ckpt, --resume), --init's SuperPLM (init: its checkpoint, read here if the caller has not) or new ones; its
+    vocabulary the run's own, the teacher's, --init's, or trained on the corpus."""
+    Arch.parse(cfg.arch or cfg.superplm_arch)  # a shape that does not parse fails before the corpus is read
+    teacher, vocab = None, cfg.tokenizer
+    if cfg.objective == "kd":
+        if not cfg.teacher:
+            raise UserError("--objective kd needs --teacher DIR (python distill.py make-teacher writes a tiny one)")
+        teacher, vocab = load_teacher(cfg.teacher)
+        if not cfg.init:  # fail before the corpus is tokenised
+            check_compatible(teacher, Arch.parse(cfg.arch or cfg.superplm_arch))
+    if cfg.init and not ckpt:
+        init = init or read_init(cfg.init)
+    start = load_superplm(cfg.out, ckpt) if ckpt else load_superplm(cfg.init, init) if cfg.init else None
+    vocab = start[2] if start else vocab
+    _, tok, dataset = rank0_first(rank, world, lambda: prepare(dataclasses.replace(cfg, tokenizer=str(vocab or ""))))
+    dataset = split(dataset)[0]  # the held-out tail is for scoring sub-models (search.py), never trained on
+    seed_everything(cfg.seed)  # the new weights
+    model, space = build_model(cfg, tok.get_vocab_size(), start)
+    if rank == 0 and not ckpt:
+        save_tokenizer(tok, Path(cfg.out))
+    objective = make_objective(cfg, model, space, teacher)
+    if ckpt:
+        objective.load_state_dict(ckpt["objective_state"])
+    elif cfg.init and cfg.objective == "kd" and init.get("objective") == "kd":  # an MLM SuperPLM has none
+        own = objective.state_dict()  # the trained projection, its leading block for a narrower model
+        objective.load_state_dict({k: sub(v, *own[k].shape) for k, v in init["objective_state"].items()})
+    model.to(device).train()
+    objective.to(device).train()
+    return model, space, objective, dataset
 
 
 def build_model(cfg, vocab_size, init=None):
@@ -241,162 +300,98 @@ def build_model(cfg, vocab_size, init=None):
     return model, single(arch) if cfg.arch else space_for(arch, mha)
 
 
-def train(cfg, argv=None, on_save=None):
-    """Algorithm 1 in cfg.out (one architecture with --arch); returns the model. argv (the command line, sys.argv's
-    by default) goes into config.json; on_save(step, model), if given, runs on rank 0 after each checkpoint is
-    written (bench/table1_mini.py measures held-out loss curves there)."""
-    rank, world, device = init_distributed(cfg.device)
-    folder = RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="checkpoint.pt", argv=argv) if rank == 0 \
-        else nullcontext()
-    if world > 1:
-        dist.barrier()
-    with folder:
-        model = _train(cfg, folder, rank, world, device, on_save)
-    end_distributed(world)
-    return model
+# ----------------------------------------------------------------------------- progress
 
 
-def _train(cfg, folder, rank, world, device, on_save=None):
-    out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pt"
-    ckpt = torch_load(ckpt_path) if cfg.resume else None
-    if ckpt:  # the saved configuration wins, so that the run continues exactly
-        cfg = dataclasses.replace(Config(**config_values(Config, ckpt["config"])), out=cfg.out, resume=True,
-                                  device=cfg.device, dtype=cfg.dtype)  # where and how to compute: this run's flags
-        if rank == 0:
-            folder.update(cfg)
-            keep_jsonl(out / "metrics.jsonl", lambda r: r["step"] <= ckpt["step"])  # no step logged twice
+class Log:
+    """Rank 0's progress bar, and every log_every steps one line (terminal and log.txt) and one metrics.jsonl
+    record: each statistic averaged over the steps since the last line and over the workers (one all-reduce)."""
 
-    compute = resolve_compute(str(device), cfg.dtype)
-    Arch.parse(cfg.arch or cfg.superplm_arch)  # a shape that does not parse fails before the corpus is read
-    teacher, vocab = None, cfg.tokenizer  # the vocabulary: the run's own, the teacher's, the init's, or trained
-    if cfg.objective == "kd":
-        if not cfg.teacher:
-            raise UserError("--objective kd needs --teacher DIR (python distill.py make-teacher writes a tiny one)")
-        teacher, vocab = load_teacher(cfg.teacher)
-        if not cfg.init:  # fail before the corpus is tokenised
-            check_compatible(teacher, Arch.parse(cfg.arch or cfg.superplm_arch))
-    source = ckpt_path if ckpt else cfg.init  # weights to start from: the run's own, or --init's SuperPLM
-    init = load_superplm(source) if source else None
-    vocab = init[2] if init else vocab
-    _, tok, dataset = rank0_first(rank, world, lambda: prepare(dataclasses.replace(cfg, tokenizer=str(vocab or ""))))
-    dataset = split(dataset)[0]  # the held-out tail is for scoring sub-models (search.py), never trained on
+    def __init__(self, cfg, rank, world, device, step, total):
+        self.cfg, self.rank, self.world, self.device, self.total = cfg, rank, world, device, total
+        self.bar = tqdm(total=total, initial=step, disable=rank != 0, desc="superplm", unit="step")
+        self.window, self.t0, self.steps0 = defaultdict(float), time.time(), step
 
-    seed_everything(cfg.seed)  # the new weights
-    model, space = build_model(cfg, tok.get_vocab_size(), init)
-    if rank == 0 and ckpt is None:
-        save_tokenizer(tok, out)
-    objective = make_objective(cfg, model, space, teacher)
-    if ckpt:
-        objective.load_state_dict(ckpt["objective_state"])
-    elif cfg.init and cfg.objective == "kd":  # the trained projection, its leading block for a narrower model
-        saved = torch_load(Path(cfg.init) / "checkpoint.pt" if Path(cfg.init).is_dir() else cfg.init)
-        own = objective.state_dict()
-        if saved.get("objective") == "kd":  # an MLM SuperPLM has no projection: this one starts fresh
-            objective.load_state_dict({k: sub(v, *own[k].shape) for k, v in saved["objective_state"].items()})
-    model.to(device).train()
-    objective.to(device).train()
-    params = list(model.parameters()) + [p for p in objective.parameters() if p.requires_grad]
-    if world > 1:
-        for p in params:
-            dist.broadcast(p.data, 0)
-    flat = flat_grads(params)
-    optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay, cfg.adam_eps)
-    spe = steps_per_epoch(dataset, cfg.batch_size)
-    total = cfg.steps or cfg.epochs * spe
-    step = 0
-    if ckpt:
-        if ckpt["data"]["rows"] != len(dataset):
-            raise UserError(f"the corpus now gives {len(dataset)} sequences, the checkpoint's {ckpt['data']['rows']}: "
-                            "resume with the corpus and --seq-len the run started with")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_states(ckpt["rng"])
-        step = ckpt["step"]
-
-    def save():
-        torch_save(dict(model_config=model.config(), model=model.state_dict(), space=dataclasses.asdict(space),
-                        objective=cfg.objective, objective_state=objective.state_dict(),
-                        tokenizer=str((out / "tokenizer.json").resolve()), optimizer=optimizer.state_dict(),
-                        schedule=dict(total=total, warmup=cfg.warmup, peak=cfg.lr), step=step,
-                        data=dict(epoch=step // spe, batch=step % spe, rows=len(dataset)), rng=rng_states(),
-                        config=dataclasses.asdict(cfg)), ckpt_path)
-        folder.done_first()
-
-    def log(line):  # on the terminal (above the progress bar) and in log.txt
-        bar.write(line)
-        with open(out / "log.txt", "a") as f:
+    def write(self, line):  # on the terminal (above the progress bar) and in log.txt
+        self.bar.write(line)
+        with open(Path(self.cfg.out) / "log.txt", "a") as f:
             f.write(line + "\n")
 
-    M = cfg.sub_models
-    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="superplm", unit="step")
-    if rank == 0:
-        n = sum(p.numel() for p in model.parameters())
-        log(f"{'resuming at step ' + str(step) if ckpt else 'training'} {model.arch} ({n / 1e6:.1f}M parameters, "
-            f"{cfg.objective}) on {world} worker(s), {compute}: {total} steps of {cfg.batch_size} x {cfg.seq_len} "
-            f"tokens, {len(dataset)} sequences ({spe} steps/epoch), M={M}, space of {space.size():,} archs")
-    window, t0, steps0 = defaultdict(float), time.time(), step
-    with stop_after_step() as stop:
-        while step < total:
-            epoch, pos = divmod(step, spe)
-            # lines 2-4: this worker's sub-batches, masked by a background thread while the step before computes
-            for batch in prefetch(batches(dataset, cfg.batch_size, epoch, cfg.seed, rank, world, start=pos), device):
-                flat.zero_()  # line 5: clear the gradients
-                archs, stats = accumulate(model, objective, batch, space, M, cfg.seed, step, rank, compute.autocast)
-                lr = learning_rate(step, total, cfg.lr, cfg.warmup)
-                update(flat, world, optimizer, lr, cfg.clip)  # line 11
-                step += 1
-                bar.update()
-                for k, v in stats.items():
-                    window[k] += v
-                if step % cfg.log_every == 0 or step == total:
-                    means = window_means(window, (step - steps0) * world, world, device)
-                    rate = cfg.batch_size * cfg.seq_len * (step - steps0) / (time.time() - t0)  # global tokens/s
-                    if rank == 0:
-                        record = dict(step=step, epoch=epoch, lr=lr, tokens_per_s=rate, **means,
-                                      archs=[str(a) for a in archs])  # rank 0's sub-models of this step
-                        append_jsonl(out / "metrics.jsonl", record)
-                        log(f"step {step}/{total} | " + " | ".join(f"{k} {v:.4f}" for k, v in means.items())
-                            + f" | lr {lr:.2e} | {rate:,.0f} tok/s | archs {' '.join(record['archs'])}")
-                    window, t0, steps0 = defaultdict(float), time.time(), step
-                stopping = stopped(stop, world, device)
-                if rank == 0 and (step % cfg.save_every == 0 or step == total or stopping):
-                    save()
-                    if on_save:
-                        on_save(step, model)
-                if stopping and step < total:
-                    bar.close()
-                    if world > 1:
-                        dist.barrier()
-                        if rank:
-                            sys.exit(130)  # rank 0 says what was saved
-                    raise Interrupted(f"{stop.signal or 'a signal'} at step {step}/{total}: saved {ckpt_path}; "
-                                      f"resume with: {resume_command(cfg)}")
-                if step == total:
-                    break
-    bar.close()
-    if rank == 0 and cfg.arch:  # a stand-alone model: the run folder is also a Hugging Face BERT folder
-        save_pretrained(model, out)
-    return model
+    def start(self, model, space, compute, rows, spe, resumed):  # the run's first line
+        cfg, n = self.cfg, sum(p.numel() for p in model.parameters())
+        if self.rank == 0:
+            self.write(f"{'resuming at step ' + str(self.steps0) if resumed else 'training'} {model.arch} "
+                       f"({n / 1e6:.1f}M parameters, {cfg.objective}) on {self.world} worker(s), {compute}: "
+                       f"{self.total} steps of {cfg.batch_size} x {cfg.seq_len} tokens, {rows} sequences ({spe} "
+                       f"steps/epoch), M={cfg.sub_models}, space of {space.size():,} archs")
+
+    def step(self, step, epoch, lr, stats, archs):
+        self.bar.update()
+        for k, v in stats.items():
+            self.window[k] += v
+        if step % self.cfg.log_every and step != self.total:
+            return
+        keys = sorted(self.window)
+        sums = torch.stack([torch.as_tensor(self.window[k], device=self.device, dtype=torch.float32) for k in keys])
+        if self.world > 1:
+            dist.all_reduce(sums)
+        means = dict(zip(keys, (sums / ((step - self.steps0) * self.world)).tolist()))  # over steps x workers
+        rate = self.cfg.batch_size * self.cfg.seq_len * (step - self.steps0) / (time.time() - self.t0)  # global
+        if self.rank == 0:
+            record = dict(step=step, epoch=epoch, lr=lr, tokens_per_s=rate, **means,
+                          archs=[str(a) for a in archs])  # rank 0's sub-models of this step
+            append_jsonl(Path(self.cfg.out) / "metrics.jsonl", record)
+            self.write(superplm_line(step, self.total, means, lr, rate, record["archs"]))
+        self.window, self.t0, self.steps0 = defaultdict(float), time.time(), step
 
 
-def stopped(stop, world, device):
-    """Whether a SIGINT/SIGTERM arrived; with several workers, whether any of them got one (all stop together)."""
-    if world == 1:
-        return stop.signal is not None
-    flag = torch.tensor([float(stop.signal is not None)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+# ----------------------------------------------------------------------------- the command line
 
 
-def resume_command(cfg):
-    command = command_line(["--out", cfg.out, "--resume"], "superplm.py")
-    if "WORLD_SIZE" in os.environ:  # as many workers again (per node, with the same rendezvous flags)
-        command = command.replace("python", f"torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']}", 1)
-    return command
+INHERITED = ("superplm_arch", "objective", "teacher", "corpus", "tokenizer", "vocab_size", "seq_len", "cache_dir",
+             "batch_size", "lr", "sub_models", "weight_decay", "adam_eps", "clip", "dropout", "log_every",
+             "save_every")  # what --init carries over
+
+
+def read_init(path):
+    """--init's checkpoint (a run folder or its checkpoint.pt): its settings and its weights, read once."""
+    path = Path(path) / "checkpoint.pt" if Path(path).is_dir() else Path(path)
+    if not path.exists():
+        raise UserError(f"--init {path} does not exist: train a SuperPLM first (python superplm.py --out DIR)")
+    return torch_load(path)
+
+
+def defaults(first, init=None):
+    """The defaults a command line starts from: the preset's, --init's settings (init: its checkpoint), --arch's."""
+    out = dict(PRESETS[first.preset])
+    if init:  # §4.1: further training keeps the one-shot run's settings (corpus, batch, lr, ...)
+        saved = config_values(Config, init.get("config", {}))
+        out.update({k: saved[k] for k in INHERITED if k in saved})
+    if first.arch:
+        out["sub_models"] = 1  # one architecture: nothing to sample
+        if first.init:
+            out["warmup"] = 0.0  # §4.1: further training is the one-shot setting without warm-up
+    return out
+
+
+def configure(argv=None):
+    """(config, --init's checkpoint or None) of a command line: the flags are parsed, --init's checkpoint is read
+    once (train takes its weights from the same read), and the settings resolve as field defaults < --preset <
+    --init's settings < what --arch implies < --config FILE < flags given."""
+    parser = config_parser(Config, __doc__.split("\n")[0])
+    parser._option_string_actions["--steps"].default = argparse.SUPPRESS  # unset: --epochs decides (not "None")
+    path = parser.parse_known_args(argv)[0].init
+    init = read_init(path) if path else None
+    return parse_with(Config, argv, parser=parser, defaults=lambda first: defaults(first, init)), init
+
+
+def parse_config(argv=None):
+    return configure(argv)[0]
 
 
 def main(argv=None):
-    train(parse_config(argv), argv)
+    cfg, init = configure(argv)
+    train(cfg, argv, init=init)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from common import (COUNT, DTYPES, NONNEGATIVE, parse_config, resolve_compute, s
 from data import batches, mask_tokens, masked_positions, prefetch  # noqa: E402
 from finetune import Finetuner, optimizer_and_schedule, train_epoch  # noqa: E402
 from latency import features  # noqa: E402
-from model import BERT_BASE, SUPERPLM, Arch, Bert, extract, make_optimizer  # noqa: E402
+from model import BERT_BASE, SUPERPLM, Arch, Bert, extract, in_place_grads, make_optimizer  # noqa: E402
 from superplm import MLM, accumulate, flat_grads, sample_arch, space_for, update  # noqa: E402
 from tokenizer import Specials  # noqa: E402
 
@@ -192,9 +192,10 @@ def main(argv=None):
     f2 = train_flops(arch, B * T, masked, V, T)
 
     def through(i):  # the flat buffer is cleared once per step of M samples (part 1), not timed here
-        with autocast():
-            loss, _ = MLM()(superplm, batch, arch)
-        loss.backward()
+        with in_place_grads():  # as superplm.accumulate trains
+            with autocast():
+                loss, _ = MLM()(superplm, batch, arch)
+            loss.backward()
 
     def by_itself(i):
         alone.zero_grad(set_to_none=True)

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import parse_config, resolve_device, seed_everything  # noqa: E402
 from data import mask_tokens  # noqa: E402
-from model import PRETRAIN_SPACE, SUPERPLM, Bert, extract, make_optimizer  # noqa: E402
+from model import PRETRAIN_SPACE, SUPERPLM, Bert, extract, in_place_grads, make_optimizer  # noqa: E402
 from superplm import MLM, flat_grads  # noqa: E402
 from tokenizer import Specials  # noqa: E402
 
@@ -84,7 +84,8 @@ def part1(cfg, device, batch):
         times = {k: [] for k in ("super", "plain", "super_step", "plain_step")}
         for r in range(cfg.repeats + 1):  # the first round warms up
             flat.zero_()
-            t_super = timed(lambda: fwd_bwd(superplm, batch, arch), device)
+            with in_place_grads():  # as superplm.accumulate trains
+                t_super = timed(lambda: fwd_bwd(superplm, batch, arch), device)
             t_super_step = timed(opt.step, device)
             plain.zero_grad(set_to_none=True)
             t_plain = timed(lambda: fwd_bwd(plain, batch), device)

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import random
 
@@ -6,7 +7,8 @@ import torch
 
 from common import UserError
 from hf import from_pretrained, read_pretrained, save_pretrained
-from model import BERT_BASE, KD_SPACE, PRETRAIN_SPACE, SUPERPLM, Arch, Bert, SearchSpace, extract, grid
+from model import (BERT_BASE, KD_SPACE, PRETRAIN_SPACE, SUPERPLM, Arch, Bert, SearchSpace, extract, grid,
+                   in_place_grads, sub)
 
 VOCAB = 97
 
@@ -144,6 +146,32 @@ def test_extracted_blocks_are_the_expected_sub_matrices(superplm):
     assert torch.equal(sub.word.weight, superplm.word.weight[:, :C])
     assert torch.equal(sub.mlm_dense.weight, superplm.mlm_dense.weight[:C, :C])
     assert len(sub.layers) == arch.layers
+
+
+def test_in_place_slice_gradients_are_switched_on_explicitly_and_sum_as_autograd():
+    """model.sub is plain slicing unless in_place_grads() is entered: a preallocated .grad alone changes nothing.
+    Inside, a block's gradient is added into p.grad's block, exactly autograd's sum (two uses of one weight, as
+    the tied embedding and decoder, included); a frozen weight and a whole tensor stay plain autograd."""
+    torch.manual_seed(0)
+    p, frozen = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8)
+    a, b = torch.randn(3, 4), torch.randn(2, 8)
+
+    def loss():
+        return (sub(p, 3, 4) * a).sum() + (sub(p, 2, 8) * b).sum() ** 2 + (sub(frozen, 3, 4) * a).sum()
+
+    grads = {}
+    for in_place in (False, True):
+        p.grad = torch.zeros_like(p)  # as superplm.flat_grads leaves them
+        with in_place_grads() if in_place else contextlib.nullcontext():
+            kinds = {type(sub(p, 3, 4).grad_fn).__name__, type(sub(frozen, 3, 4)).__name__}
+            assert sub(p, 6, 8) is p
+            loss().backward()
+        assert kinds == ({"_AddToGradBackward", "Tensor"} if in_place else {"SliceBackward0", "Tensor"})
+        grads[in_place] = p.grad.clone()
+    assert torch.equal(grads[True], grads[False]) and grads[True][3:].abs().sum() == 0 and grads[True].abs().sum() > 0
+    with pytest.raises(RuntimeError), in_place_grads():
+        raise RuntimeError  # the switch goes back off on the way out, an error included
+    assert type(sub(p, 3, 4).grad_fn).__name__ == "SliceBackward0"
 
 
 def test_archs_that_do_not_fit_are_rejected(superplm):

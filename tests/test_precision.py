@@ -10,7 +10,7 @@ import finetune as ft
 import superplm
 from common import UserError, read_jsonl, resolve_compute, resolve_device
 from data import stdlib_corpus
-from model import Arch, Bert, make_optimizer
+from model import Arch, Bert, in_place_grads, make_optimizer
 from superplm import MLM, accumulate, flat_grads, sample_arch, space_for, update
 from test_finetune import keyword_task, tiny_bert_folder, write_tsv
 from test_squad import vocab  # noqa: F401 (fixture)
@@ -75,9 +75,9 @@ def test_in_place_slice_gradients_equal_autograd_slicing_under_autocast(mha, dev
     for i in range(4):
         arch = sample_arch(space, 0, i, 0, 0)
         flat.zero_()
-        with bf16.autocast():
+        with in_place_grads(), bf16.autocast():  # as superplm.accumulate trains
             loss, _ = MLM()(model, batch, arch)
-        loss.backward()
+            loss.backward()
         plain.zero_grad(set_to_none=True)
         with bf16.autocast():
             MLM()(plain, batch, arch)[0].backward()  # autograd's slicing: full-size gradients

@@ -15,7 +15,8 @@ import superplm
 from common import UserError, read_jsonl, seed_everything, torch_load
 from data import batches, build_dataset, split, stdlib_corpus
 from hf import from_pretrained
-from model import KD_SPACE, PRETRAIN_SPACE, SUPERPLM, Arch, Bert, SearchSpace, extract, learning_rate, make_optimizer
+from model import (KD_SPACE, PRETRAIN_SPACE, SUPERPLM, Arch, Bert, SearchSpace, extract, in_place_grads, learning_rate,
+                   make_optimizer)
 from runs import load_superplm
 from superplm import MLM, accumulate, flat_grads, sample_arch, space_for, update
 from tokenizer import load_tokenizer
@@ -137,7 +138,8 @@ def test_a_samples_gradient_lives_in_its_slice_and_equals_the_extracted_models(m
     for i in range(4):
         arch = sample_arch(space, 0, i, 0, 0)
         flat.zero_()
-        MLM()(model, batch, arch)[0].backward()
+        with in_place_grads():  # as superplm.accumulate trains
+            MLM()(model, batch, arch)[0].backward()
         plain.zero_grad(set_to_none=True)
         MLM()(plain, batch, arch)[0].backward()  # autograd's own slicing gradients
         alone = extract(model, arch).train()
@@ -145,7 +147,7 @@ def test_a_samples_gradient_lives_in_its_slice_and_equals_the_extracted_models(m
         masks = used(model, arch)
         for name, p in model.named_parameters():
             other = dict(plain.named_parameters())[name].grad
-            torch.testing.assert_close(p.grad, torch.zeros_like(p) if other is None else other)
+            assert torch.equal(p.grad, torch.zeros_like(p) if other is None else other), f"{arch}: {name}"
             assert not p.grad[~masks[name]].any(), f"{arch}: {name} has gradient outside its slice"
             assert p.grad[masks[name]].any() or not masks[name].any(), f"{arch}: {name} got no gradient"
             if name.startswith("layers.") and int(name.split(".")[1]) >= arch.layers:
@@ -285,7 +287,7 @@ def finish_fail(proc):
 # ----------------------------------------------------------------------------- stage 3 and distillation
 
 
-def test_further_training_of_one_arch_and_the_distillation_seam(tmp_path, corpus):
+def test_further_training_of_one_arch_and_the_distillation_seam(tmp_path, corpus, monkeypatch):
     teacher = distill.make_tiny_teacher(tmp_path / "teacher", Arch(2, 48, 96, 2, 48), vocab_size=300,
                                         texts=stdlib_corpus()[:150])
     out = tmp_path / "kd"
@@ -298,8 +300,12 @@ def test_further_training_of_one_arch_and_the_distillation_seam(tmp_path, corpus
     # Stage 3 (§3.6): one architecture of that SuperPLM, trained alone, no warm-up, projection sliced.
     arch = Arch(1, 32, 64, 2, 48)
     stage3 = tmp_path / "s3"
+    reads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda path, *a, **k: reads.append(Path(path)) or load(path, *a, **k))
     superplm.main(flags(corpus, stage3, "--objective", "kd", "--teacher", str(teacher), "--arch", str(arch),
                         "--init", str(out), "--steps", "2"))
+    monkeypatch.undo()
+    assert reads.count(out / "checkpoint.pt") == 1  # settings, weights and projection from one read
     ckpt3 = torch_load(stage3 / "checkpoint.pt")
     assert ckpt3["config"]["warmup"] == 0.0 and ckpt3["config"]["sub_models"] == 1
     assert Arch.parse(ckpt3["model_config"]["arch"]) == arch
