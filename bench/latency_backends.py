@@ -76,7 +76,7 @@ def table4(cfg, path):
 
 def collect(cfg, path):
     """Part 2, resumable: one record per arch (and BERT-base every latency.BASE_EVERY archs) in `path`."""
-    archs = latency.sample_archs(PRETRAIN_SPACE, cfg.samples, cfg.seed)
+    archs = latency.archs_to_time(PRETRAIN_SPACE, cfg.samples, cfg.seed)
     tasks = []
     for n, arch in enumerate(archs):
         if n % latency.BASE_EVERY == 0:
