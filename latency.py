@@ -1,15 +1,13 @@
 """The latency evaluator lat(·) of §3.5: time sampled architectures on this CPU, fit a small MLP (HAT style).
 
-Following HAT (Wang et al. 2020), we sample architectures from a search space, time each one as a stand-alone
-BERT on the target device ("a single CPU with a single input of 128 tokens", Table 1) and fit a feed-forward
-network from architecture features (Eq. 1-3) to latency. Speedups are over BERT-base (12-768-3072-12-768), timed
-in the same file on the same device: a target "7x" means lat(α) <= lat(BERT-base) / 7.
+As in HAT (Wang et al. 2020), sampled architectures are timed as stand-alone BERTs on the target device ("a single
+CPU with a single input of 128 tokens", Table 1) and a feed-forward network is fit from their features (Eq. 1-3) to
+latency. A target "7x" means lat(α) <= lat(BERT-base) / 7, BERT-base timed in the same file on the same device.
 
-On a shared machine drift, not the predictor, limits accuracy (HAT's own errors correlate with the order of
-measurement). So archs are timed in random order, each interleaved pass by pass with a fixed reference model, and
-the predictor learns the drift-free ratio of the two, turned back into ms with the reference's median latency.
-One thread is timed by its CPU time, not wall-clock. `--backend` times each model as it ships (runtime.py):
-PyTorch eager, or its ONNX export, fp32 or int8-quantized, on ONNX Runtime; the reference on the same backend.
+On a shared machine drift, not the predictor, limits accuracy. So archs are timed in random order, each one pass
+by pass beside a fixed reference model, and the predictor learns the drift-free ratio of the two (times the
+reference's median ms). One thread is timed by its CPU time, not wall-clock. --backend: PyTorch eager, or the
+ONNX export on ONNX Runtime, fp32 or int8 (runtime.py); the reference runs on the same backend.
 
     python latency.py measure --space pretrain --samples 2000 --out runs/latency   # hours; --resume continues
     python latency.py measure --preset tiny --out runs/latency   # a quick look: 150 archs, ~1.5 min
@@ -32,11 +30,11 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import (COUNT, NONNEGATIVE, POSITIVE, Interrupted, UserError, append_jsonl, config_parser, parse_config,
-                    read_jsonl, run_main, save_json, seed_everything, torch_load, torch_save)
+from common import (COUNT, NONNEGATIVE, POSITIVE, UserError, append_jsonl, config_parser, parse_config, run_main,
+                    save_json, seed_everything, torch_load, torch_save)
 from model import BERT_BASE, Arch, Bert
-from report import TABLE4, speedup_table
-from runs import check_resumed, in_folder, output, read_appended, read_timings, resume_command, space_from
+from report import TABLE4, fitted_line, speedup_table
+from runs import check_resumed, in_folder, kept_on_interrupt, output, read_appended, read_timings, space_from
 from runtime import BACKENDS, cpu_model, device_info, num_threads, on_backends, timings
 
 REFERENCE = Arch(4, 512, 2048, 8, 512)  # timed alongside every arch: BERT-S1 of Table 4, ~1/7 of BERT-base
@@ -45,9 +43,8 @@ BASE_EVERY = 200  # BERT-base is timed at the start of a session and every 200 a
 
 @dataclass
 class TimingCfg:
-    backend: str = field(default="torch", metadata={"help": "runtime the models are timed on: PyTorch eager, or "
-                                                            "their ONNX export on ONNX Runtime (fp32 or dynamic "
-                                                            "int8); the last two need requirements-onnx.txt",
+    backend: str = field(default="torch", metadata={"help": "runtime to time on: PyTorch eager, or the ONNX export on "
+                                                            "ONNX Runtime, fp32 or int8 (requirements-onnx.txt)",
                                                     "choices": BACKENDS})
     threads: int = field(default=1, metadata={"help": "CPU threads while timing (the paper: a single CPU); one "
                                                       "thread is timed by its CPU time, more by wall-clock", **COUNT})
@@ -67,11 +64,9 @@ class MeasureCfg(TimingCfg):
     space: str = field(default="pretrain", metadata={"help": "pretrain or kd (Table B.1), or a SuperPLM run folder "
                                                              "or checkpoint whose search space to sample"})
     samples: int = field(default=2000, metadata={"help": "distinct architectures to time", **COUNT})
-    out: str = field(default="runs/latency", metadata={"help": "run folder: timings.jsonl (one line per timed "
-                                                               "model), config.json"})
+    out: str = field(default="runs/latency", metadata={"help": "run folder: timings.jsonl, config.json"})
     seed: int = field(default=0, metadata={"help": "seed of the sampled architectures", **NONNEGATIVE})
-    resume: bool = field(default=False, metadata={"help": "continue (or extend to more --samples) the timings in "
-                                                          "--out"})
+    resume: bool = field(default=False, metadata={"help": "continue (or extend to more --samples) the timings"})
     overwrite: bool = field(default=False, metadata={"help": "replace the timings in --out"})
 
 
@@ -80,10 +75,9 @@ PRESETS = {"paper": {}, "tiny": dict(samples=150, warmup_passes=1, repeats=3)}
 
 @dataclass
 class FitCfg:
-    timings: str = field(default="runs/latency", metadata={"help": "`latency.py measure`'s run folder (or its "
-                                                                   "timings.jsonl)", "aliases": ("data",)})
-    out: str = field(default="runs/predictor", metadata={"help": "run folder: predictor.pt, metrics.json, "
-                                                                 "config.json"})
+    timings: str = field(default="runs/latency", metadata={"help": "`latency.py measure`'s run folder (or file)",
+                                                           "aliases": ("data",)})
+    out: str = field(default="runs/predictor", metadata={"help": "run folder: predictor.pt, metrics.json, config"})
     holdout: float = field(default=0.2, metadata={"help": "share of archs held out for MAPE/RMSE/Kendall tau",
                                                   "gt": 0, "max": 0.9})
     width: int = field(default=128, metadata={"help": "hidden units of each of the MLP's 3 hidden layers", **COUNT})
@@ -115,8 +109,7 @@ def features(archs, seq_len, batch):
                 elementwise=B * L * T * (2 * dm + df))  # LayerNorms, residuals, GELU
 
 
-FEATURES = ("layers", "hidden", "ffn", "heads", "qkv", "ffn_macs", "proj_macs", "attn_macs", "softmax",
-            "elementwise")
+FEATURES = ("layers", "hidden", "ffn", "heads", "qkv", "ffn_macs", "proj_macs", "attn_macs", "softmax", "elementwise")
 
 
 def mlp(n_in, width):
@@ -128,11 +121,10 @@ class LatencyPredictor:
     """lat(·) of §3.5: an MLP from log-scaled, standardised features to log(latency / reference latency)."""
 
     def __init__(self, state, name="the latency predictor"):
-        self.state, self.name = state, name  # state: plain data, what save() writes
+        self.state, self.name, self.warned = state, name, False  # state: plain data, what save() writes
         self.net = mlp(len(state["features"]), state["width"])
         self.net.load_state_dict(state["net"])
         self.net.eval()
-        self.warned = False
 
     base_ms = property(lambda self: self.state["base_ms"])  # BERT-base's latency on the device measured on
     device = property(lambda self: self.state["device"])  # what its latencies depend on besides the arch
@@ -158,10 +150,8 @@ class LatencyPredictor:
     def check_ranges(self, archs):
         """Say once (one line on stderr) when asked about shapes outside those it was fitted on: an MLP
         extrapolates badly (a tiny space's predictor on Table 4's models is off by 20%)."""
-        ranges = self.state.get("ranges")
-        if self.warned or not ranges:
-            return
-        for a in archs:
+        ranges = self.state.get("ranges") or {}
+        for a in [] if self.warned else archs:
             out = [f"{d} {getattr(a, d)} not in {lo}-{hi}" for d, (lo, hi) in ranges.items()
                    if not lo <= getattr(a, d) <= hi]
             if out:
@@ -224,9 +214,8 @@ class LatencyPredictor:
 def kendall_tau(a, b):
     """Kendall's tau-a: the share of concordant minus discordant pairs."""
     a, b = np.asarray(a), np.asarray(b)
-    s = np.sign(a[:, None] - a[None, :]) * np.sign(b[:, None] - b[None, :])  # (N, N)
-    n = len(a)
-    return float(s[np.triu_indices(n, 1)].sum() / (n * (n - 1) / 2))
+    s = np.sign(a[:, None] - a[None, :]) * np.sign(b[:, None] - b[None, :])  # (N, N): +1 concordant, -1 not
+    return float(s[np.triu_indices(len(a), 1)].mean())  # over the N (N - 1) / 2 pairs i < j
 
 
 def accuracy(pred_ms, true_ms):
@@ -268,32 +257,20 @@ def cmd_fit(cfg, argv=None):
         pred.save(path)
         save_json(dict(m, config=dataclasses.asdict(cfg)),
                   path.with_name("metrics.json") if path.name == "predictor.pt" else path.with_suffix(".json"))
-    h, r = m["heldout"], m["heldout_raw"]
-    print(f"fit on {m['train']} archs in {time.time() - t0:.1f}s; held-out {h['n']}: MAPE {h['mape']:.2f}%  "
-          f"RMSE {h['rmse']:.2f}ms  Kendall tau {h['tau']:.3f}  (against raw timings: MAPE {r['mape']:.2f}%, "
-          f"tau {r['tau']:.3f}); BERT-base {m['base_ms']:.1f}ms on {pred.backend} -> {path}")
+    fitted_line(m, time.time() - t0, pred.backend, path)
 
 
-# ----------------------------------------------------------------------------- timing one model
+# ----------------------------------------------------------------------------- collecting data (§3.5, HAT)
 
 
 def build(arch, backend="torch", threads=1):
     """A stand-alone BERT of this shape, as deployed on `backend` (its weights do not change its latency)."""
-    return builds(arch, (backend,), threads)[0]
-
-
-def builds(arch, backends, threads=1):
-    """The same stand-alone BERT on each of `backends`, exported to ONNX once and quantized once."""
-    return on_backends(Bert(arch).eval(), backends, threads)
+    return on_backends(Bert(arch).eval(), [backend], threads)[0]
 
 
 def measure(arch, threads=1, seq_len=128, batch=1, warmup=3, repeats=10, backend="torch"):
     """Latency in ms of `arch` as a stand-alone BERT on `backend`: the median of `repeats` timed forward passes."""
-    model = build(arch, backend, threads)
-    return float(np.median(timings([model], threads, seq_len, batch, warmup, repeats)[0]))
-
-
-# ----------------------------------------------------------------------------- collecting data (§3.5, HAT)
+    return float(np.median(timings([build(arch, backend, threads)], threads, seq_len, batch, warmup, repeats)[0]))
 
 
 def reference_for(space):
@@ -347,21 +324,16 @@ def archs_to_time(space, n, seed):
     """n distinct architectures in the random order they are drawn (a prefix of the same draw for a larger n)."""
     if n > space.size():
         raise UserError(f"the space holds only {space.size()} architectures: pass --samples <= {space.size()}")
-    rng, seen, out = random.Random(seed), set(), []
-    while len(out) < n:
-        arch = space.sample(rng)
-        if arch not in seen:
-            seen.add(arch)
-            out.append(arch)
-    return out
+    rng, drawn = random.Random(seed), {}  # a dict: distinct keys in the order first drawn
+    while len(drawn) < n:
+        drawn.setdefault(space.sample(rng))
+    return list(drawn)
 
 
 def cmd_measure(cfg, argv=None):
     space = space_from(cfg.space)
     meta = dict(kind="meta", space=cfg.space, seed=cfg.seed, warmup=cfg.warmup_passes, repeats=cfg.repeats,
-                reference=str(reference_for(space)),
-                device=device_info(cfg.threads, cfg.seq_len, cfg.batch_size, cfg.backend))
-    # the old --out FILE: appended to and resumed as before, no run folder
+                reference=str(reference_for(space)), device=device_info(cfg))
     path, folder = output(cfg, "timings.jsonl", ".jsonl", argv, resume=cfg.resume, marker="timings.jsonl")
     with folder as run:
         records = read_appended(path)
@@ -378,19 +350,13 @@ def cmd_measure(cfg, argv=None):
             path.parent.mkdir(parents=True, exist_ok=True)
             append_jsonl(path, meta)
         print(f"timing {len(archs)} archs ({done} done) on {meta['device']['cpu']}, {cfg.threads} thread(s) -> {path}")
-        bar = tqdm(total=len(archs), unit="arch")
-        try:
+        with tqdm(total=len(archs), unit="arch") as bar, kept_on_interrupt(
+                path, "arch", "archs timed", argv, "latency.py", resume=path.name == "timings.jsonl"):
             for r in collect(archs, cfg, start=done, reference=reference_for(space)):
                 append_jsonl(path, r)  # every timing is kept at once
                 run.done_first()
                 bar.update(r["kind"] == "arch")
                 bar.set_postfix_str(f"{r['kind']} {r['arch']} {r['ms']:.1f}ms")
-        except KeyboardInterrupt:
-            bar.close()
-            kept = sum(r["kind"] == "arch" for r in read_jsonl(path)) if path.exists() else 0
-            again = resume_command(argv, "latency.py", resume=path.name == "timings.jsonl")
-            raise Interrupted(f"the {kept} archs timed so far are kept in {path}; continue with: {again}") from None
-        bar.close()
 
 
 # ----------------------------------------------------------------------------- targets and Table 4
@@ -408,6 +374,7 @@ def parse_target(text, base_ms):
 
 def cmd_table(cfg, argv=None):
     pred = LatencyPredictor.load(cfg.predictor) if cfg.predictor else None
+    archs = list(dict.fromkeys(Arch.parse(a) for _, _, a, _ in TABLE4))
     if pred:
         described = dict(pred.device, backend=pred.backend)
         for key, flag in (("threads", "threads"), ("seq_len", "seq_len"), ("batch", "batch_size"),
@@ -415,8 +382,6 @@ def cmd_table(cfg, argv=None):
             if described[key] != getattr(cfg, flag):
                 raise UserError(f"{cfg.predictor} describes {key}={described[key]}: pass "
                                 f"--{flag.replace('_', '-')} {described[key]}")
-    archs = list(dict.fromkeys(Arch.parse(a) for _, _, a, _ in TABLE4))
-    if pred:
         pred.check_ranges(archs)
     records = list(tqdm(collect(archs, cfg), total=len(archs) + 1, unit="model"))
     base = np.median([relative(r) for r in records if r["kind"] == "base"])
@@ -434,13 +399,10 @@ COMMANDS = {"measure": (MeasureCfg, cmd_measure, "time sampled architectures int
 
 
 def parse_command(argv):
-    """(command, its config) from `COMMAND FLAGS`: each command's flags in every stage's grammar (defaults <
-    --preset < --config FILE < flags given)."""
-    parser = argparse.ArgumentParser(prog="latency.py", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, (_, _, help_) in COMMANDS.items():
-        commands.add_parser(name, help=help_, add_help=False)
-    name = parser.parse_args(argv[:1]).command
+    """(command, its config) from `COMMAND FLAGS`, in every stage's grammar: defaults < --preset < --config < flags."""
+    top = argparse.ArgumentParser(prog="latency.py", description=__doc__.splitlines()[0])
+    top.add_argument("command", choices=COMMANDS, help="; ".join(f"{k}: {v[2]}" for k, v in COMMANDS.items()))
+    name = top.parse_args(argv[:1]).command
     Cfg, _, help_ = COMMANDS[name]
     sub = argparse.ArgumentParser(prog=f"latency.py {name}", description=help_,
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)

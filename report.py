@@ -22,6 +22,14 @@ TABLE4 = [("S1", "BERT", "4-512-2048-8-512", 7.1), ("S1", "AutoTinyBERT", "5-564
           ("S5", "AutoTinyBERT-Fast", "5-432-720-6-384", 10.3)]
 
 
+def fitted_line(m, seconds, backend, path):
+    """`latency.py fit`'s line: the held-out accuracy of the predictor just fitted (m: its metrics.json)."""
+    h, r = m["heldout"], m["heldout_raw"]
+    print(f"fit on {m['train']} archs in {seconds:.1f}s; held-out {h['n']}: MAPE {h['mape']:.2f}%  "
+          f"RMSE {h['rmse']:.2f}ms  Kendall tau {h['tau']:.3f}  (against raw timings: MAPE {r['mape']:.2f}%, "
+          f"tau {r['tau']:.3f}); BERT-base {m['base_ms']:.1f}ms on {backend} -> {path}")
+
+
 def speedup_table(title, rows, measured, predicted=None):
     """Table 4 beside this machine (`latency.py table`): rows as TABLE4's; measured and predicted (or None):
     arch -> speedup over BERT-base."""

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, atomic_write, read_jsonl, save_json, torch_load
+from common import Interrupted, UserError, atomic_write, read_jsonl, save_json, torch_load
 from model import KD_SPACE, PRETRAIN_SPACE, Bert, SearchSpace
 
 
@@ -232,11 +232,17 @@ def read_appended(path):
     return read_jsonl(path)
 
 
-def resume_command(argv=None, script=None, resume=True):
-    """The command that continues an interrupted run: the same one, with --resume added if `resume` asks for it
-    and it is not there."""
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    return command_line(argv + (["--resume"] if resume and "--resume" not in argv else []), script)
+@contextlib.contextmanager
+def kept_on_interrupt(path, kind, what, argv=None, script=None, resume=True):
+    """Inside: Ctrl-C (or SIGTERM) becomes Interrupted, saying how many records of `kind` the JSONL file `path`
+    keeps and the command that continues: the same one, with --resume where `resume` asks for it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        kept = sum(r["kind"] == kind for r in read_jsonl(path)) if Path(path).exists() else 0
+        argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+        again = command_line(argv + (["--resume"] if resume and "--resume" not in argv else []), script)
+        raise Interrupted(f"the {kept} {what} so far are kept in {path}; continue with: {again}") from None
 
 
 def space_from(name):

@@ -147,10 +147,10 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def device_info(threads, seq_len, batch, backend):
-    """What a latency figure depends on besides the architecture."""
-    info = dict(cpu=cpu_model(), cores=os.cpu_count(), threads=threads, torch=str(torch.__version__),
-                seq_len=seq_len, batch=batch, backend=backend)
-    if backend != "torch":
+def device_info(cfg):
+    """What a latency figure depends on besides the architecture (cfg: latency.TimingCfg's settings)."""
+    info = dict(cpu=cpu_model(), cores=os.cpu_count(), threads=cfg.threads, torch=str(torch.__version__),
+                seq_len=cfg.seq_len, batch=cfg.batch_size, backend=cfg.backend)
+    if cfg.backend != "torch":
         info["onnxruntime"] = onnx_modules()[1].__version__
     return info

@@ -21,9 +21,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import append_jsonl, parse_config, read_jsonl, run_main, save_json  # noqa: E402
-from latency import (FitCfg, MeasureCfg, TimingCfg, accuracy, cmd_measure, collect, cpu_model, fit_data,  # noqa: E402
-                     load_data, relative, archs_to_time)
+from latency import (FitCfg, MeasureCfg, TimingCfg, accuracy, archs_to_time, cmd_measure, collect, fit_data,  # noqa: E402
+                     load_data, relative)
 from model import PRETRAIN_SPACE, Arch  # noqa: E402
+from runtime import cpu_model  # noqa: E402
 
 HAT_FEATURES = ("hidden", "layers", "ffn", "qkv")  # HAT's and the authors' predictor inputs
 

@@ -8,8 +8,9 @@ import torch
 import latency
 from common import UserError, config_parser, parse_config, read_jsonl, torch_load, torch_save
 from latency import LatencyPredictor, accuracy, kendall_tau, measure, parse_target, relative, archs_to_time
-from model import BERT_BASE, KD_SPACE, PRETRAIN_SPACE, Arch, SearchSpace, grid
+from model import BERT_BASE, KD_SPACE, PRETRAIN_SPACE, Arch, Bert, SearchSpace, grid
 from report import TABLE4
+from runtime import BACKENDS, on_backends
 
 DEVICE = dict(cpu=latency.cpu_model(), cores=2, threads=1, torch=str(torch.__version__), seq_len=128, batch=1)
 
@@ -251,7 +252,7 @@ def test_onnx_runtime_backends(tmp_path, monkeypatch):
     a predictor knows its backend and `table` refuses another one."""
     torch.manual_seed(0)
     arch = Arch(2, 60, 96, 4, 40)
-    eager, fp32, int8 = latency.builds(arch, latency.BACKENDS)
+    eager, fp32, int8 = on_backends(Bert(arch).eval(), BACKENDS)
     ids = torch.randint(30522, (3, 9))
     with torch.no_grad():
         ref = eager(ids)
