@@ -10,7 +10,7 @@ reference's median ms). One thread is timed by its CPU time, not wall-clock. --b
 ONNX export on ONNX Runtime, fp32 or int8 (runtime.py); the reference runs on the same backend.
 
     python latency.py measure --space pretrain --samples 2000 --out runs/latency   # hours; --resume continues
-    python latency.py measure --preset tiny --out runs/latency   # a quick look: 150 archs, ~1.5 min
+    python latency.py measure --preset tiny --out runs/latency   # a quick look: 150 archs, 1-3 minutes
     python latency.py fit --timings runs/latency --out runs/predictor   # predictor.pt, metrics.json
     python latency.py table --predictor runs/predictor
 """

@@ -1,4 +1,5 @@
 import json
+import types
 import warnings
 
 import numpy as np
@@ -90,8 +91,26 @@ def test_collect_times_each_arch_beside_the_reference(monkeypatch):
     recs = list(latency.collect(archs, cfg, start=5))
     assert [r["kind"] for r in recs] == ["base", "arch", "arch", "base", "arch"]
     assert [r["i"] for r in recs if r["kind"] == "arch"] == [5, 6, 7]
-    assert all(r["ms"] > 0 and r["ref_ms"] > 0 and r["spread"] >= 0 and r["ref_spread"] >= 0 for r in recs)
     assert relative(recs[1]) == recs[1]["ms"] / recs[1]["ref_ms"] < 1  # a 1-layer 64-wide model vs BERT-S1
+
+
+def test_collect_records_the_median_and_spread_of_each_model_and_its_reference(monkeypatch):
+    calls = []
+
+    def timings(models, *settings):  # the model's passes, then the reference's
+        calls.append(([m.arch for m in models], settings))
+        return [[3.0, 1.0, 2.0, 10.0], [5.0, 4.0, 4.0, 6.0]]
+
+    monkeypatch.setattr(latency, "timings", timings)
+    monkeypatch.setattr(latency, "build", lambda arch, backend, threads: types.SimpleNamespace(arch=arch))
+    cfg = latency.TimingCfg(threads=2, seq_len=32, batch_size=3, warmup_passes=4, repeats=5)
+    arch, ref = Arch(1, 64, 64, 1, 64), Arch(2, 128, 256, 2, 128)
+    base, rec = latency.collect([arch], cfg, reference=ref)
+    assert calls == [([BERT_BASE, ref], (2, 32, 3, 4, 5)), ([arch, ref], (2, 32, 3, 4, 5))]
+    # medians 2.5 and 4.5; quartiles (numpy's linear interpolation) 1.75-4.75 and 4-5.25
+    assert (rec["ms"], rec["spread"], rec["ref_ms"], rec["ref_spread"]) == (2.5, 3.0 / 2.5, 4.5, 1.25 / 4.5)
+    assert (base["kind"], base["arch"], rec["kind"], rec["arch"], rec["i"]) == ("base", str(BERT_BASE), "arch",
+                                                                                str(arch), 0)
 
 
 def test_measure_positive_larger_is_slower_and_threads_restored():
