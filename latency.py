@@ -34,7 +34,7 @@ from common import (COUNT, NONNEGATIVE, POSITIVE, UserError, append_jsonl, confi
                     save_json, seed_everything, torch_load, torch_save)
 from model import BERT_BASE, Arch, Bert
 from report import TABLE4, fitted_line, speedup_table
-from runs import check_resumed, in_folder, kept_on_interrupt, output, read_appended, read_timings, space_from
+from runs import check_resumed, in_folder, kept_on_interrupt, out_file, read_appended, read_timings, space_from
 from runtime import BACKENDS, cpu_model, device_info, num_threads, on_backends, timings
 
 REFERENCE = Arch(4, 512, 2048, 8, 512)  # timed alongside every arch: BERT-S1 of Table 4, ~1/7 of BERT-base
@@ -248,7 +248,7 @@ def fit_data(data, cfg, names=FEATURES):
 
 
 def cmd_fit(cfg, argv=None):
-    path, folder = output(cfg, "predictor.pt", ".pt", argv)
+    path, folder = out_file(cfg, "predictor.pt", ".pt", argv)
     if path.name != "predictor.pt" and path.exists() and not cfg.overwrite:  # the old --out FILE.pt
         raise UserError(f"{path} already exists: pass --overwrite to replace it or another --out")
     with folder:
@@ -334,7 +334,7 @@ def cmd_measure(cfg, argv=None):
     space = space_from(cfg.space)
     meta = dict(kind="meta", space=cfg.space, seed=cfg.seed, warmup=cfg.warmup_passes, repeats=cfg.repeats,
                 reference=str(reference_for(space)), device=device_info(cfg))
-    path, folder = output(cfg, "timings.jsonl", ".jsonl", argv, resume=cfg.resume, marker="timings.jsonl")
+    path, folder = out_file(cfg, "timings.jsonl", ".jsonl", argv, resume=cfg.resume, marker="timings.jsonl")
     with folder as run:
         records = read_appended(path)
         if records:  # resumed: only with the settings it was begun with (older files: on torch)

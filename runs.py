@@ -211,7 +211,7 @@ def in_folder(path, name, old_suffix):
     return path / name if path.is_dir() or path.suffix == "" else path
 
 
-def output(cfg, name, old_suffix, argv=None, **run_folder):
+def out_file(cfg, name, old_suffix, argv=None, **run_folder):
     """(the file a command writes, the context to write it in) for cfg.out: FOLDER/name inside a RunFolder
     (run_folder: its resume and marker); an --out ending in old_suffix is that file, with no run folder."""
     path = in_folder(cfg.out, name, old_suffix)
