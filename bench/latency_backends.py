@@ -102,7 +102,7 @@ def backend_data(timed, bases, backend, cfg):
     rel = lambda r: r[backend]["ms"] / r[backend]["ref_ms"]  # noqa: E731
     ref_ms = float(np.median([r[backend]["ref_ms"] for r in timed + bases]))
     device = dict(cpu=cpu_model(), threads=1, seq_len=cfg.seq_len, batch=cfg.batch, backend=backend)
-    meta = dict(device=device, reference=str(REFERENCE), warmup=cfg.warmup, repeats=cfg.repeats)
+    meta = dict(device=device, reference=str(REFERENCE), warmup=cfg.warmup, repeats=cfg.repeats, space="pretrain")
     return dict(meta=meta, archs=[Arch.parse(r["arch"]) for r in timed], ratio=np.array([rel(r) for r in timed]),
                 ms=np.array([r[backend]["ms"] for r in timed]), ref_ms=ref_ms,
                 base_ms=float(np.median([rel(r) for r in bases])) * ref_ms)
