@@ -151,7 +151,7 @@ def config_parser(cls, description=None, parser=None):
             parser.add_argument(o, dest=f.name, action=_Deprecated, new=flag, default=argparse.SUPPRESS,
                                 help=argparse.SUPPRESS, **{k: v for k, v in spec.items() if k != "choices"})
     if not any(a.dest == "config" for a in parser._actions):
-        parser.add_argument("--config", default=None, metavar="FILE",
+        parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",  # no default to show
                             help="start from the settings in a run's config.json (flags given still win)")
     return parser
 
@@ -214,11 +214,21 @@ def read_config_file(path):
 
 def parse_config(cls, argv=None, description=None, parser=None, defaults=None):
     """The config from the command line: field defaults < `defaults(first parse)` (presets, inherited values) <
-    --config FILE < flags given."""
+    --config FILE < flags given. For a script of several commands, `cls` is {command: (dataclass, help)} and the
+    result (command, config): `script.py COMMAND --flag ...`, each command with its own flags."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if isinstance(cls, dict):
+        top = argparse.ArgumentParser(description=description)
+        commands = top.add_subparsers(dest="command", required=True)
+        parsers = {name: config_parser(c, parser=commands.add_parser(
+            name, help=help_, description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+            for name, (c, help_) in cls.items()}
+        name = top.parse_known_args(argv)[0].command
+        return name, parse_config(cls[name][0], argv[argv.index(name) + 1:], parser=parsers[name], defaults=defaults)
     parser = parser or config_parser(cls, description)
-    first, _ = parser.parse_known_args(argv)
+    first, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])  # --help shows the preset's
     preset = dict(defaults(first) if defaults else {})
-    if first.config:  # the run's settings; what to do with a folder (--resume, --overwrite) is asked anew
+    if getattr(first, "config", None):  # the run's settings; what to do with a folder (--resume, ...) is asked anew
         saved = config_values(cls, read_config_file(first.config))
         preset.update({k: v for k, v in saved.items() if k not in ("resume", "overwrite")})
     parser.set_defaults(**preset)
@@ -336,6 +346,13 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def subset_indices(n_total, n, seed):
+    """A seeded random choice of n of range(n_total) (all of them when n is None), in order."""
+    if n is None or n >= n_total:
+        return list(range(n_total))
+    return sorted(np.random.default_rng(seed).choice(n_total, n, replace=False).tolist())
 
 
 # ----------------------------------------------------------------------------- device and compute dtype

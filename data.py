@@ -1,7 +1,8 @@
-"""Data for the SuperPLM (§3.4, §4.1): WordPiece tokenizer, packed and cached corpus, masked LM, rank shares.
+"""Data for the SuperPLM (§3.4, §4.1): a corpus packed into sequences, masked LM, each rank's share of a batch.
 
-A BERT WordPiece tokenizer, a corpus packed into fixed-length sequences cached on disk, BERT's masked-LM
-corruption, and each rank's share of every batch (Algorithm 1).
+The corpus is tokenised with a BERT WordPiece vocabulary (tokenizer.py; trained on the corpus unless given),
+packed into rows of seq_len tokens cached on disk, its tail held out for one-shot scores; every batch is split
+into the ranks' sub-batches (Algorithm 1) and corrupted by BERT's masked LM.
 
 The paper pre-trains on BooksCorpus + English Wikipedia. Those need a download, so the default corpus is one that
 every Python install carries: the docstrings of the standard library (~1.8 MB of English, harvested with `ast`).
@@ -11,6 +12,7 @@ A corpus is named by a spec:
     wikimedia/wikipedia:20231101.en,bookcorpus/bookcorpus   hub datasets name[:config], comma-separated (online)
 
     python data.py --corpus stdlib --vocab-size 30522     # tokenise and cache once, print what came out
+    python data.py --preset tiny                          # the corpus of superplm.py --preset tiny
 """
 
 import ast
@@ -29,107 +31,193 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
 from common import UserError, atomic_write, load_hub_dataset, parse_config, run_main, save_json
+from tokenizer import SPECIAL_TOKENS, Specials, load_tokenizer, train_tokenizer
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT's, in the ids a trained vocabulary gets
+
+@dataclass
+class DataConfig:
+    corpus: str = field(default="stdlib", metadata={"help": "stdlib, a .txt/.json/.jsonl/.parquet file or folder, "
+                                                            "or hub dataset names name[:config],..."})
+    tokenizer: str = field(default="", metadata={"help": "vocab.txt / tokenizer.json / folder; empty: train one"})
+    vocab_size: int = field(default=30522, metadata={"help": "size of a vocabulary trained on the corpus",
+                                                     "min": len(SPECIAL_TOKENS) + 1})
+    seq_len: int = field(default=128, metadata={"help": "tokens per packed sequence (§4.1)", "min": 3})
+    cache_dir: str = field(default="data_cache", metadata={"help": "where packed corpora and vocabularies go"})
+    preset: str = field(default="paper", metadata={
+        "help": "paper: BERT's vocabulary size and §4.1's 128 tokens; tiny: the corpus of superplm.py --preset tiny. "
+                "A preset changes the defaults (--preset tiny --help shows them); flags given still win",
+        "choices": ["paper", "tiny"]})
+
+
+PRESETS = {"paper": {}, "tiny": dict(vocab_size=4096, seq_len=64)}  # tiny: as superplm.py's tiny preset
+
+
+# ----------------------------------------------------------------------------- rows, held-out tail, masked LM
+
+
+def pack(chunks, tok, seq_len, sp):
+    """Yield rows `[CLS] tokens [SEP]` of exactly seq_len ids from the token stream of chunks of documents.
+
+    Documents follow each other, split where a row ends, with a [SEP] between two documents inside a row (one
+    segment per row, no next-sentence task, as the authors'). The last row is padded with [PAD]."""
+    body, buf = seq_len - 2, []
+    for texts in chunks:
+        for enc in tok.encode_batch(texts, add_special_tokens=False):
+            if not enc.ids:
+                continue
+            if buf:
+                buf.append(sp.sep)
+            buf.extend(enc.ids)
+            n = len(buf) // body
+            for i in range(n):
+                yield [sp.cls] + buf[i * body:(i + 1) * body] + [sp.sep]
+            buf = buf[n * body:]
+    if buf:
+        yield [sp.cls] + buf + [sp.sep] + [sp.pad] * (body - len(buf))
+
+
+HELDOUT = 256  # sequences at the end of a corpus that training never sees: one-shot scores are measured on them
+
+
+def split(dataset):
+    """(training rows, held-out rows): the last min(256, N // 10) packed sequences are held out."""
+    n = min(HELDOUT, len(dataset) // 10)
+    return dataset.rows(0, len(dataset) - n), dataset.rows(len(dataset) - n, len(dataset))
+
+
+def mask_tokens(ids, specials, generator, prob=0.15):
+    """BERT's masked LM (Devlin et al. 2019): choose `prob` of the tokens, never special tokens or padding; of
+    those, 80% become [MASK], 10% a random token and 10% stay. Returns (input_ids, labels), labels -100 elsewhere.
+    `generator`: one for all of ids (B, T), or a list of B, one per row (each row then draws exactly what it would
+    alone; only the draws are made row by row, the rest at once for the batch)."""
+    sp = specials if isinstance(specials, Specials) else Specials.of(specials)
+    gens = generator if isinstance(generator, (list, tuple)) else [generator]
+    blocks = ids.split(len(ids) // len(gens))  # the rows each generator draws for
+    draw = lambda: torch.cat([torch.rand(b.shape, generator=g) for b, g in zip(blocks, gens)])  # noqa: E731
+    chosen = (draw() < prob) & ~torch.isin(ids, sp.ids())  # (B, T)
+    labels = torch.where(chosen, ids, -100)
+    r = draw()
+    inputs = ids.masked_fill(chosen & (r < 0.8), sp.mask)
+    rand = chosen & (r >= 0.8) & (r < 0.9)
+    counts = rand.view(len(gens), -1).sum(1).tolist()  # random tokens each generator draws
+    inputs[rand] = torch.cat([torch.randint(sp.vocab_size, (n,), generator=g) for n, g in zip(counts, gens)])
+    return inputs, labels
+
+
+def masked_positions(labels):
+    """Flat indices (n,) of the masked tokens of labels (B, T) (-100 elsewhere), in row-major order."""
+    return (labels.flatten() != -100).nonzero().squeeze(1)
+
+
+def steps_per_epoch(dataset, batch_size):
+    """Whole batches per epoch (the incomplete last one is dropped, so every rank takes as many steps)."""
+    if len(dataset) < batch_size:
+        raise UserError(f"the corpus gives {len(dataset)} sequences, fewer than one batch of {batch_size}: "
+                        "lower --batch-size or use a larger corpus")
+    return len(dataset) // batch_size
+
+
+def batches(dataset, batch_size, epoch, seed, rank=0, world=1, start=0):
+    """This rank's sub-batches of one epoch, from batch number `start` on (Algorithm 1, lines 2-4).
+
+    Every rank draws the same shuffle of the rows (seeded by seed and epoch), splits each batch of `batch_size`
+    rows into `world` equal sub-batches and keeps sub-batch `rank`. A row's mask depends only on (seed, epoch, row),
+    so masks are redrawn every epoch and do not depend on the number of ranks."""
+    if batch_size % world:
+        raise UserError(f"--batch-size {batch_size} does not split into {world} equal sub-batches: "
+                        f"use a multiple of {world}")
+    b = batch_size // world
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(derive_seed(seed, epoch)))
+    for i in range(start, steps_per_epoch(dataset, batch_size)):
+        rows = order[i * batch_size + rank * b: i * batch_size + (rank + 1) * b].sort().values.numpy()
+        ids = dataset[rows]  # (b, T)
+        inputs, labels = mask_tokens(ids, dataset.specials,
+                                     [torch.Generator().manual_seed(derive_seed(seed, epoch, r)) for r in rows])
+        yield dict(input_ids=inputs, labels=labels, attention_mask=(ids != dataset.specials.pad).long(),
+                   masked=masked_positions(labels))
+
+
+def derive_seed(*parts):
+    """One 63-bit seed from several integers (seed, epoch, row, ...): independent streams, reproducible."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+# ----------------------------------------------------------------------------- the packed cache, memory-mapped
+
 FORMAT = 1  # bump when the packed layout changes: old caches are then rebuilt
 
-# ----------------------------------------------------------------------------- tokenizer
+
+class PackedDataset:
+    """N sequences of seq_len token ids, memory-mapped: `ids` is a read-only (N, seq_len) array on disk."""
+
+    def __init__(self, path, meta):
+        self.path, self.meta = Path(path), meta
+        self.seq_len = meta["seq_len"]
+        self.specials = Specials(**meta["specials"])
+        self.ids = np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["rows"], self.seq_len))
+
+    def __len__(self):
+        return self.ids.shape[0]
+
+    def __getitem__(self, rows):
+        return torch.from_numpy(self.ids[rows].astype(np.int64))  # (len(rows), seq_len)
+
+    def rows(self, start, stop):
+        """The same data restricted to rows start..stop-1 (still memory-mapped)."""
+        view = copy.copy(self)
+        view.ids = self.ids[start:stop]
+        return view
 
 
-def _bert_text(tok, lowercase=True):
-    """BERT's (uncased) normalisation and word splitting, and WordPiece decoding."""
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    return tok
+def _chunks(docs, bar, size=1000):
+    """Lists of texts from a list or a `datasets` Dataset, ticking the progress bar."""
+    for s in range(0, len(docs), size):
+        texts = docs[s:s + size] if isinstance(docs, list) else docs[s:s + size]["text"]
+        bar.update(len(texts))
+        yield texts
 
 
-def _with_templates(tok):
-    """BERT's `[CLS] A [SEP]` and `[CLS] A [SEP] B [SEP]` (B with token type 1); no truncation or padding."""
-    tok.no_truncation()
-    tok.no_padding()
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    if cls is None or sep is None:
-        raise UserError("the vocabulary has no [CLS] or [SEP] token: use a BERT WordPiece vocabulary")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    return tok
+def build_dataset(corpus_spec, tokenizer, seq_len, cache_dir):
+    """Tokenise and pack the corpus once into cache_dir (a progress bar while it runs); later calls map the cache.
 
+    The cache is keyed by the corpus, the tokenizer and seq_len, and written atomically (a killed run leaves none)."""
+    if seq_len < 3:
+        raise UserError(f"--seq-len {seq_len} is too short: a packed row needs [CLS], a token and [SEP]")
+    sp = Specials.of(tokenizer)
+    key = hashlib.sha1(f"{FORMAT}|{corpus_key(corpus_spec)}|{seq_len}|{tokenizer.to_str()}".encode()).hexdigest()
+    cache = Path(cache_dir)
+    path, meta_path = cache / f"packed-{key[:16]}.bin", cache / f"packed-{key[:16]}.json"
+    if meta_path.exists() and path.exists():
+        return PackedDataset(path, json.loads(meta_path.read_text()))
+    docs = load_corpus(corpus_spec, str(cache / "hf"))
+    dtype = np.uint16 if sp.vocab_size <= 2**16 else np.int32
+    rows = 0
+    bar = tqdm(total=len(docs), desc=f"tokenising {corpus_spec}", unit="doc", file=sys.stderr)
 
-def load_tokenizer(path):
-    """A BERT tokenizer from a vocab.txt, a tokenizer.json, or a folder holding either (tokenizer.json first)."""
-    path = Path(path)
-    if path.is_dir():
-        found = [path / n for n in ("tokenizer.json", "vocab.txt") if (path / n).exists()]
-        if not found:
-            raise UserError(f"{path} has no tokenizer.json or vocab.txt: point to a BERT vocabulary")
-        path = found[0]
-    if not path.exists():
-        raise UserError(f"tokenizer {path} does not exist: give a vocab.txt, a tokenizer.json or a folder")
-    if path.suffix == ".json":
-        return _with_templates(Tokenizer.from_file(str(path)))
-    vocab = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            vocab.setdefault(line.rstrip("\n"), len(vocab))  # one token per line, id = line number
-    config = path.parent / "tokenizer_config.json"  # a Hugging Face folder records the casing there
-    lowercase = json.loads(config.read_text()).get("do_lower_case", True) if config.exists() else True
-    return _with_templates(_bert_text(Tokenizer(models.WordPiece(vocab, unk_token="[UNK]")), lowercase))
+    def write(tmp):
+        nonlocal rows
+        with open(tmp, "wb") as f:
+            chunk = []
+            for row in pack(_chunks(docs, bar), tokenizer, seq_len, sp):
+                chunk.append(row)
+                if len(chunk) == 8192:
+                    np.asarray(chunk, dtype=dtype).tofile(f)
+                    rows, chunk = rows + len(chunk), []
+            np.asarray(chunk, dtype=dtype).reshape(-1, seq_len).tofile(f)
+            rows += len(chunk)
 
-
-def train_tokenizer(texts, vocab_size, out_folder):
-    """Train an uncased WordPiece vocabulary on `texts`; save tokenizer.json and vocab.txt in out_folder."""
-    tok = _bert_text(Tokenizer(models.WordPiece(unk_token="[UNK]")))
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                        show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    tok = _with_templates(tok)
-    save_tokenizer(tok, out_folder)
-    return tok
-
-
-def save_tokenizer(tok, out_folder):
-    """tokenizer.json (exact) and vocab.txt (for BERT tools), written atomically."""
-    out = Path(out_folder)
-    atomic_write(out / "tokenizer.json", lambda tmp: tok.save(tmp))
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    atomic_write(out / "vocab.txt", lambda tmp: Path(tmp).write_text("".join(t + "\n" for t, _ in vocab),
-                                                                      encoding="utf-8"))
-    return out / "tokenizer.json"
-
-
-def tokenizer_files(path):
-    """The files load_tokenizer reads: tokenizer.json / vocab.txt and the casing in tokenizer_config.json."""
-    path = Path(path)
-    names = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
-    folder, names = (path.parent, (path.name, names[2])) if path.is_file() else (path, names)
-    return [folder / n for n in names if (folder / n).exists()]
-
-
-@dataclass(frozen=True)
-class Specials:
-    """The ids masked LM needs: special tokens are never masked; [PAD] marks padding."""
-    pad: int
-    unk: int
-    cls: int
-    sep: int
-    mask: int
-    vocab_size: int
-
-    @classmethod
-    def of(cls, tok):
-        ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-        missing = [t for t, i in ids.items() if i is None]
-        if missing:
-            raise UserError(f"the vocabulary lacks {missing}: use a BERT WordPiece vocabulary")
-        return cls(*ids.values(), tok.get_vocab_size())
-
-    def ids(self):
-        return torch.tensor([self.pad, self.unk, self.cls, self.sep, self.mask])
+    atomic_write(path, write)
+    bar.close()
+    if rows == 0:
+        path.unlink()
+        raise UserError(f"corpus {corpus_spec} holds no text: give a corpus with documents in it")
+    meta = dict(format=FORMAT, corpus=corpus_spec, seq_len=seq_len, rows=rows, dtype=np.dtype(dtype).name,
+                specials=vars(sp), tokenizer_sha1=hashlib.sha1(tokenizer.to_str().encode()).hexdigest())
+    save_json(meta, meta_path)
+    return PackedDataset(path, meta)
 
 
 # ----------------------------------------------------------------------------- corpora
@@ -262,167 +350,7 @@ def cached_tokenizer(spec, vocab_size, cache_dir):
     return folder / "tokenizer.json"
 
 
-# ----------------------------------------------------------------------------- packed, memory-mapped sequences
-
-
-class PackedDataset:
-    """N sequences of seq_len token ids, memory-mapped: `ids` is a read-only (N, seq_len) array on disk."""
-
-    def __init__(self, path, meta):
-        self.path, self.meta = Path(path), meta
-        self.seq_len = meta["seq_len"]
-        self.specials = Specials(**meta["specials"])
-        self.ids = np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["rows"], self.seq_len))
-
-    def __len__(self):
-        return self.ids.shape[0]
-
-    def __getitem__(self, rows):
-        return torch.from_numpy(self.ids[rows].astype(np.int64))  # (len(rows), seq_len)
-
-    def rows(self, start, stop):
-        """The same data restricted to rows start..stop-1 (still memory-mapped)."""
-        view = copy.copy(self)
-        view.ids = self.ids[start:stop]
-        return view
-
-
-HELDOUT = 256  # sequences at the end of a corpus that training never sees: one-shot scores are measured on them
-
-
-def split(dataset):
-    """(training rows, held-out rows): the last min(256, N // 10) packed sequences are held out."""
-    n = min(HELDOUT, len(dataset) // 10)
-    return dataset.rows(0, len(dataset) - n), dataset.rows(len(dataset) - n, len(dataset))
-
-
-def pack(chunks, tok, seq_len, sp):
-    """Yield rows `[CLS] tokens [SEP]` of exactly seq_len ids from the token stream of chunks of documents.
-
-    Documents follow each other, split where a row ends, with a [SEP] between two documents inside a row (one
-    segment per row, no next-sentence task, as the authors'). The last row is padded with [PAD]."""
-    body, buf = seq_len - 2, []
-    for texts in chunks:
-        for enc in tok.encode_batch(texts, add_special_tokens=False):
-            if not enc.ids:
-                continue
-            if buf:
-                buf.append(sp.sep)
-            buf.extend(enc.ids)
-            n = len(buf) // body
-            for i in range(n):
-                yield [sp.cls] + buf[i * body:(i + 1) * body] + [sp.sep]
-            buf = buf[n * body:]
-    if buf:
-        yield [sp.cls] + buf + [sp.sep] + [sp.pad] * (body - len(buf))
-
-
-def _chunks(docs, bar, size=1000):
-    """Lists of texts from a list or a `datasets` Dataset, ticking the progress bar."""
-    for s in range(0, len(docs), size):
-        texts = docs[s:s + size] if isinstance(docs, list) else docs[s:s + size]["text"]
-        bar.update(len(texts))
-        yield texts
-
-
-def build_dataset(corpus_spec, tokenizer, seq_len, cache_dir):
-    """Tokenise and pack the corpus once into cache_dir (a progress bar while it runs); later calls map the cache.
-
-    The cache is keyed by the corpus, the tokenizer and seq_len, and written atomically (a killed run leaves none)."""
-    if seq_len < 3:
-        raise UserError(f"--seq-len {seq_len} is too short: a packed row needs [CLS], a token and [SEP]")
-    sp = Specials.of(tokenizer)
-    key = hashlib.sha1(f"{FORMAT}|{corpus_key(corpus_spec)}|{seq_len}|{tokenizer.to_str()}".encode()).hexdigest()
-    cache = Path(cache_dir)
-    path, meta_path = cache / f"packed-{key[:16]}.bin", cache / f"packed-{key[:16]}.json"
-    if meta_path.exists() and path.exists():
-        return PackedDataset(path, json.loads(meta_path.read_text()))
-    docs = load_corpus(corpus_spec, str(cache / "hf"))
-    dtype = np.uint16 if sp.vocab_size <= 2**16 else np.int32
-    rows = 0
-    bar = tqdm(total=len(docs), desc=f"tokenising {corpus_spec}", unit="doc", file=sys.stderr)
-
-    def write(tmp):
-        nonlocal rows
-        with open(tmp, "wb") as f:
-            chunk = []
-            for row in pack(_chunks(docs, bar), tokenizer, seq_len, sp):
-                chunk.append(row)
-                if len(chunk) == 8192:
-                    np.asarray(chunk, dtype=dtype).tofile(f)
-                    rows, chunk = rows + len(chunk), []
-            np.asarray(chunk, dtype=dtype).reshape(-1, seq_len).tofile(f)
-            rows += len(chunk)
-
-    atomic_write(path, write)
-    bar.close()
-    if rows == 0:
-        path.unlink()
-        raise UserError(f"corpus {corpus_spec} holds no text: give a corpus with documents in it")
-    meta = dict(format=FORMAT, corpus=corpus_spec, seq_len=seq_len, rows=rows, dtype=np.dtype(dtype).name,
-                specials=vars(sp), tokenizer_sha1=hashlib.sha1(tokenizer.to_str().encode()).hexdigest())
-    save_json(meta, meta_path)
-    return PackedDataset(path, meta)
-
-
-# ----------------------------------------------------------------------------- masked LM and batches
-
-
-def derive_seed(*parts):
-    """One 63-bit seed from several integers (seed, epoch, row, ...): independent streams, reproducible."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def mask_tokens(ids, specials, generator, prob=0.15):
-    """BERT's masked LM (Devlin et al. 2019): choose `prob` of the tokens, never special tokens or padding; of
-    those, 80% become [MASK], 10% a random token and 10% stay. Returns (input_ids, labels), labels -100 elsewhere.
-    `generator`: one for all of ids (B, T), or a list of B, one per row (each row then draws exactly what it would
-    alone; only the draws are made row by row, the rest at once for the batch)."""
-    sp = specials if isinstance(specials, Specials) else Specials.of(specials)
-    gens = generator if isinstance(generator, (list, tuple)) else [generator]
-    blocks = ids.split(len(ids) // len(gens))  # the rows each generator draws for
-    draw = lambda: torch.cat([torch.rand(b.shape, generator=g) for b, g in zip(blocks, gens)])  # noqa: E731
-    chosen = (draw() < prob) & ~torch.isin(ids, sp.ids())  # (B, T)
-    labels = torch.where(chosen, ids, -100)
-    r = draw()
-    inputs = ids.masked_fill(chosen & (r < 0.8), sp.mask)
-    rand = chosen & (r >= 0.8) & (r < 0.9)
-    counts = rand.view(len(gens), -1).sum(1).tolist()  # random tokens each generator draws
-    inputs[rand] = torch.cat([torch.randint(sp.vocab_size, (n,), generator=g) for n, g in zip(counts, gens)])
-    return inputs, labels
-
-
-def masked_positions(labels):
-    """Flat indices (n,) of the masked tokens of labels (B, T) (-100 elsewhere), in row-major order."""
-    return (labels.flatten() != -100).nonzero().squeeze(1)
-
-
-def steps_per_epoch(dataset, batch_size):
-    """Whole batches per epoch (the incomplete last one is dropped, so every rank takes as many steps)."""
-    if len(dataset) < batch_size:
-        raise UserError(f"the corpus gives {len(dataset)} sequences, fewer than one batch of {batch_size}: "
-                        "lower --batch-size or use a larger corpus")
-    return len(dataset) // batch_size
-
-
-def batches(dataset, batch_size, epoch, seed, rank=0, world=1, start=0):
-    """This rank's sub-batches of one epoch, from batch number `start` on (Algorithm 1, lines 2-4).
-
-    Every rank draws the same shuffle of the rows (seeded by seed and epoch), splits each batch of `batch_size`
-    rows into `world` equal sub-batches and keeps sub-batch `rank`. A row's mask depends only on (seed, epoch, row),
-    so masks are redrawn every epoch and do not depend on the number of ranks."""
-    if batch_size % world:
-        raise UserError(f"--batch-size {batch_size} does not split into {world} equal sub-batches: "
-                        f"use a multiple of {world}")
-    b = batch_size // world
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(derive_seed(seed, epoch)))
-    for i in range(start, steps_per_epoch(dataset, batch_size)):
-        rows = order[i * batch_size + rank * b: i * batch_size + (rank + 1) * b].sort().values.numpy()
-        ids = dataset[rows]  # (b, T)
-        inputs, labels = mask_tokens(ids, dataset.specials,
-                                     [torch.Generator().manual_seed(derive_seed(seed, epoch, r)) for r in rows])
-        yield dict(input_ids=inputs, labels=labels, attention_mask=(ids != dataset.specials.pad).long(),
-                   masked=masked_positions(labels))
+# ----------------------------------------------------------------------------- batches on the device
 
 
 def prefetch(batches, device, depth=2):
@@ -463,17 +391,6 @@ def prefetch(batches, device, depth=2):
 # ----------------------------------------------------------------------------- command line
 
 
-@dataclass
-class DataConfig:
-    corpus: str = field(default="stdlib", metadata={"help": "stdlib, a .txt/.json/.jsonl/.parquet file or folder, "
-                                                            "or hub dataset names name[:config],..."})
-    tokenizer: str = field(default="", metadata={"help": "vocab.txt / tokenizer.json / folder; empty: train one"})
-    vocab_size: int = field(default=30522, metadata={"help": "size of a vocabulary trained on the corpus",
-                                                     "min": len(SPECIAL_TOKENS) + 1})
-    seq_len: int = field(default=128, metadata={"help": "tokens per packed sequence (§4.1)", "min": 3})
-    cache_dir: str = field(default="data_cache", metadata={"help": "where packed corpora and vocabularies go"})
-
-
 def prepare(cfg):
     """(tokenizer path, tokenizer, PackedDataset) for a DataConfig-like object; everything cached."""
     tok_path = cfg.tokenizer or cached_tokenizer(cfg.corpus, cfg.vocab_size, cfg.cache_dir)
@@ -482,7 +399,7 @@ def prepare(cfg):
 
 
 def main(argv=None):
-    cfg = parse_config(DataConfig, argv, __doc__.split("\n")[0])
+    cfg = parse_config(DataConfig, argv, __doc__.split("\n")[0], defaults=lambda first: PRESETS[first.preset])
     tok_path, tok, ds = prepare(cfg)
     n = int((ds.ids != ds.specials.pad).sum())
     print(f"{ds.path}: {len(ds)} sequences x {ds.seq_len} = {n:,} tokens, vocabulary {tok_path} "

@@ -21,7 +21,8 @@ from common import COUNT, NONNEGATIVE, UserError, parse_config, read_jsonl, run_
 from latency import LatencyPredictor, measure
 from model import Arch
 from runs import RunFolder, load_superplm
-from search import MLMScore, bert_s
+from evaluators import MLMScore
+from rules import bert_s
 
 
 @dataclass

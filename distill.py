@@ -16,7 +16,6 @@ This file holds the teacher and the loss; superplm.py runs Algorithm 1 with them
     python distill.py check --teacher path/to/electra-base-discriminator
 """
 
-import argparse
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
-from common import UserError, config_from_args, config_parser, run_main, seed_everything
-from data import load_tokenizer, stdlib_corpus, train_tokenizer
+from common import UserError, parse_config, run_main, seed_everything
+from data import stdlib_corpus
 from hf import from_pretrained, save_pretrained
 from model import Arch, Bert, sub
+from tokenizer import load_tokenizer, train_tokenizer
 
 # Where a Hugging Face folder keeps its vocabulary; tokenizer.json first, as it also records the casing.
 VOCAB_FILES = ("tokenizer.json", "vocab.txt")
@@ -172,16 +172,10 @@ class CheckConfig:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    config_parser(TeacherConfig, parser=commands.add_parser(
-        "make-teacher", help="write a tiny random teacher", formatter_class=argparse.ArgumentDefaultsHelpFormatter))
-    config_parser(CheckConfig, parser=commands.add_parser(
-        "check", help="load a teacher and print what a student needs",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
-    args = parser.parse_args(argv)
-    if args.command == "make-teacher":
-        cfg = config_from_args(TeacherConfig, args)
+    command, cfg = parse_config({"make-teacher": (TeacherConfig, "write a tiny random teacher"),
+                                 "check": (CheckConfig, "load a teacher and print what a student needs")},
+                                argv, __doc__.split("\n")[0])
+    if command == "make-teacher":
         out = Path(cfg.out)
         if (out / "config.json").exists() and not cfg.overwrite:
             raise UserError(f"{out} already holds a model: pass --overwrite to replace it or choose another --out")
@@ -190,7 +184,6 @@ def main(argv=None):
         print(f"wrote a random {arch} teacher to {out}; distil into a {arch.heads}-head SuperPLM, e.g. "
               f"python superplm.py --preset tiny --objective kd --teacher {out}")
     else:
-        cfg = config_from_args(CheckConfig, args)
         teacher, vocab = load_teacher(cfg.teacher)
         print(f"teacher {teacher.arch} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M parameters), "
               f"vocabulary {vocab}; students need {teacher.arch.heads} heads and read the corpus with that vocabulary")

@@ -1,21 +1,23 @@
-"""Fine-tuning on GLUE and SQuAD v1.1 (paper §4.1, Appendix D, Table D.1).
+"""Task fine-tuning on GLUE and SQuAD v1.1 (paper §4.1, Appendix D, Table D.1).
 
-Every score in the paper's Tables 1, 2 and F.1 is a dev score after fine-tuning a model on each task. This file
-  - reads GLUE (the original TSV layout, or `datasets`) and SQuAD v1.1 (squad.py: the official JSON, or `datasets`),
-  - encodes sentence pairs (128 tokens) and SQuAD windows (384 tokens, document stride 128, see squad.py),
-  - puts BERT's pooler + a classifier (or a start/end span head) on a model folder and trains it with AdamW,
-    10% linear warm-up then linear decay, evaluating on dev after every epoch, over the lr x epochs grid of §4.1,
-  - keeps the best dev score and its checkpoint, and writes GLUE test predictions / SQuAD dev predictions.
+Every score in the paper's Tables 1, 2 and F.1 is a dev score after fine-tuning on each task as BERT and TinyBERT
+do: BERT's pooler + a classifier (SQuAD: a start/end span head) on the model, AdamW with 10% linear warm-up then
+linear decay, dev evaluated after every epoch, for every (learning rate, epochs) of the §4.1 grid from the same
+start; the best dev score counts. Table D.1 is each task's cell of that grid (the default). glue.py and squad.py
+read the tasks' files and score them.
 
+    python finetune.py --task rte --model runs/further --data glue_data/RTE --preset tiny   # minutes on 2 CPU cores
     python finetune.py --task mnli --model runs/further --data glue_data/MNLI --lr 1e-5 2e-5 3e-5 --epochs 4 5 10
 
-search.py's evaluator calls `finetune(model_folder, "mnli", ...)` with a small budget and reads result["score"].
+--out holds config.json, metrics.jsonl (every epoch), log.txt, best/ (the best model: a Hugging Face folder with its
+head), results.json, and GLUE's test predictions (MNLI-m.tsv, ...) or SQuAD's dev predictions.json. search.py's
+evaluator calls `finetune(model_folder, "mnli", ...)` and reads result["score"].
 """
 
 import copy
+import dataclasses
 import json
 import shutil
-import sys
 import time
 import types
 from contextlib import nullcontext
@@ -29,209 +31,198 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, POSITIVE, SHARE, Interrupted, UserError, append_jsonl, atomic_write, check_config, load_hub_dataset, parse_config,
-                    resolve_compute, run_main, save_json, seed_everything, stop_after_step, to_device, torch_load,
-                    torch_save)
-from data import load_tokenizer, tokenizer_files
+from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, POSITIVE, SHARE, Interrupted, UserError,
+                    append_jsonl, check_config, config_parser, parse_config, resolve_compute, run_main, save_json,
+                    seed_everything, stop_after_step, to_device, torch_load, torch_save)
+from glue import GLUE, TASKS, glue_task, hf_labels, task_name, write_test_predictions
 from hf import from_pretrained, read_pretrained, save_pretrained
 from model import Arch, Bert, extract, learning_rate, make_optimizer
+from report import finetune_best_line, finetune_epoch_line, finetune_stopped
 from runs import RunFolder, load_superplm
-from squad import decode, read_squad, squad_scores, squad_windows
+from squad import squad_task
+from tokenizer import load_tokenizer, tokenizer_files
 
-# ----------------------------------------------------------------------------- tasks and Table D.1
-
-
-@dataclass(frozen=True)
-class GlueTask:
-    """Where a GLUE task's fields live: header names in the original TSV files, column names in `datasets`."""
-    folder: str          # the task's folder in glue_data/, also its submission file's name
-    text: tuple          # text columns of the TSV files: one sentence or a pair
-    hub_text: tuple      # the same columns in the `datasets` copy
-    label: str           # label column of the TSV files
-    labels: tuple        # label names in `datasets`' order (the index is the class); () for a regression
-    dev: tuple = (("dev", ""),)  # (TSV stem, suffix of its metric names); the first one selects the model
-    test: tuple = ()     # (TSV stem, submission name); () means (("test", folder),)
-    no_header: tuple = ()  # column names of the train/dev files that have no header line (CoLA)
-    skip_malformed: bool = False  # skip (and count) lines with missing fields instead of refusing the file (QQP)
-
-
-BINARY, NLI = ("0", "1"), ("entailment", "not_entailment")
-GLUE = {
-    "cola": GlueTask("CoLA", ("sentence",), ("sentence",), "label", BINARY,
-                     no_header=("source", "label", "author_label", "sentence")),
-    "sst2": GlueTask("SST-2", ("sentence",), ("sentence",), "label", BINARY),
-    "mrpc": GlueTask("MRPC", ("#1 String", "#2 String"), ("sentence1", "sentence2"), "Quality", BINARY),
-    "stsb": GlueTask("STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score", ()),
-    "qqp": GlueTask("QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate", BINARY,
-                    skip_malformed=True),
-    "mnli": GlueTask("MNLI", ("sentence1", "sentence2"), ("premise", "hypothesis"), "gold_label",
-                     ("entailment", "neutral", "contradiction"),
-                     dev=(("dev_matched", ""), ("dev_mismatched", "_mm")),
-                     test=(("test_matched", "MNLI-m"), ("test_mismatched", "MNLI-mm"))),
-    "qnli": GlueTask("QNLI", ("question", "sentence"), ("question", "sentence"), "label", NLI),
-    "rte": GlueTask("RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", NLI),
-    "wnli": GlueTask("WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", BINARY),
-}
-TASKS = tuple(GLUE) + ("squad",)
-
-# Table D.1: (batch size, learning rate, epochs). WNLI is not in the paper's tables: the middle of the §4.1 grid.
+# Table D.1: (batch size, learning rate, epochs), each task's cell of the §4.1 grid (GLUE: batch 32, lr from
+# {1e-5, 2e-5, 3e-5}, epochs from {4, 5, 10}; SQuAD: 16, 3e-5, 4). WNLI is not in the paper: the grid's middle.
 TABLE_D1 = {"squad": (16, 3e-5, 4), "sst2": (32, 2e-5, 4), "mnli": (32, 3e-5, 4), "mrpc": (32, 2e-5, 10),
             "cola": (32, 1e-5, 10), "qnli": (32, 2e-5, 10), "qqp": (32, 2e-5, 5), "stsb": (32, 3e-5, 10),
             "rte": (32, 2e-5, 10), "wnli": (32, 2e-5, 5)}
 
 
-def task_name(task):
-    """'SST-2', 'sts-b', 'MNLI' -> the names of TASKS."""
-    name = str(task).lower().replace("-", "").replace("_", "")
-    if name not in TASKS:
-        raise UserError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
-    return name
+def paper_settings(task):
+    """The settings that depend on the task: Table D.1's, and 128 tokens per input (SQuAD: windows of 384)."""
+    batch_size, lr, epochs = TABLE_D1[task]
+    return dict(batch_size=batch_size, lr=[lr], epochs=[epochs], max_len=384 if task == "squad" else 128)
 
 
-# ----------------------------------------------------------------------------- metrics (§4.1), in percent
-
-
-def _pearson(x, y):
-    x, y = x - x.mean(), y - y.mean()
-    denom = np.sqrt((x * x).sum() * (y * y).sum())
-    return float((x * y).sum() / denom) if denom > 0 else 0.0  # 0 for a constant input (undefined)
-
-
-def _rank(x):
-    """Ranks with ties given their average rank (as Spearman's correlation needs)."""
-    ranks = np.empty(len(x))
-    ranks[np.argsort(x, kind="stable")] = np.arange(len(x))
-    _, tie, count = np.unique(x, return_inverse=True, return_counts=True)
-    return (np.bincount(tie, weights=ranks) / count)[tie]
-
-
-def _matthews(p, y):
-    """Matthews correlation from the confusion matrix (the multi-class form; CoLA is binary)."""
-    classes = np.union1d(p, y)
-    cm = np.zeros((len(classes), len(classes)))
-    np.add.at(cm, (np.searchsorted(classes, y), np.searchsorted(classes, p)), 1)
-    t, q, n = cm.sum(1), cm.sum(0), cm.sum()
-    cov_yp, cov_yy, cov_pp = np.trace(cm) * n - t @ q, n * n - t @ t, n * n - q @ q
-    return float(cov_yp / np.sqrt(cov_yy * cov_pp)) if cov_yy * cov_pp > 0 else 0.0
-
-
-def _binary_f1(p, y):
-    tp, fp, fn = ((p == 1) & (y == 1)).sum(), ((p == 1) & (y == 0)).sum(), ((p == 0) & (y == 1)).sum()
-    return float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
-
-
-def compute_metrics(task, predictions, labels):
-    """GLUE dev metrics in percent; "score" is the paper's number for the task (§4.1) and selects the model."""
-    name, p, y = task_name(task), np.asarray(predictions), np.asarray(labels)
-    if name == "stsb":
-        pearson, spearman = 100 * _pearson(p, y), 100 * _pearson(_rank(p), _rank(y))
-        return {"pearson": pearson, "spearman": spearman, "score": (pearson + spearman) / 2}
-    m = {"accuracy": 100 * float((p == y).mean())}
-    if name in ("mrpc", "qqp"):  # the paper reports accuracy on dev, F1 on test
-        m["f1"] = 100 * _binary_f1(p, y)
-    if name == "cola":
-        m["matthews"] = 100 * _matthews(p, y)
-    m["score"] = m.get("matthews", m["accuracy"])
-    return m
-
-
-# ----------------------------------------------------------------------------- GLUE data
+D1_LR, D1_EPOCHS = (", ".join(f"{t} {cell[i]:g}" for t, cell in TABLE_D1.items()) for i in (1, 2))  # for --help
 
 
 @dataclass
-class Split:
-    """One GLUE file: first texts, second texts (None for single-sentence tasks), labels (None on test), ids."""
-    a: list
-    b: Optional[list]
-    labels: list
-    ids: list
-
-    def subset(self, idx):
-        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
-        return Split(pick(self.a), pick(self.b), pick(self.labels), pick(self.ids))
-
-
-def read_tsv(path, header=None, skip_malformed=False):
-    """(column names, [(line number, cells)], numbers of the lines skipped) of a GLUE TSV, as GLUE's files are:
-    `header` names the columns of a file without one (CoLA), a UTF-8 byte-order mark is dropped (MRPC), the last
-    line may lack its newline. No quoting (quotes are text in GLUE) and lines split on \\n only (some sentences hold
-    a stray \\r). A line with another column count than the header is an error, or with skip_malformed skipped (QQP's
-    train.tsv has a few, which the reference processors skip too)."""
-    rows, skipped = [], []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n").removeprefix("\ufeff" if n == 1 else "")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path} line {n} is not UTF-8 (byte {raw[e.start]:#x}): GLUE's files are UTF-8; "
-                                "download the file again or convert it") from None
-            if not line:
-                continue
-            cells = line.split("\t")
-            if header is None:
-                header = cells
-            elif len(cells) == len(header):
-                rows.append((n, cells))
-            elif skip_malformed:
-                skipped.append(n)
-            else:
-                raise UserError(f"{path} line {n}: {len(cells)} tab-separated columns where its header has "
-                                f"{len(header)} ({', '.join(header)}); fix or delete that line")
-    return header or [], rows, skipped
-
-
-def glue_file(t, stem, data_dir):
-    """The TSV file of split `stem` in data_dir: the task's folder, or glue_data/ holding it."""
-    folder = Path(data_dir) / t.folder if (Path(data_dir) / t.folder).is_dir() else Path(data_dir)
-    return folder / f"{stem}.tsv"
-
-
-def read_glue(task, stem, data_dir=None):
-    """One split of a GLUE task: `stem` names the TSV file (train, dev, dev_matched, test, ...) in data_dir (the
-    task's folder or glue_data/ holding it); without data_dir, the same split of `datasets`' copy (online)."""
-    name = task_name(task)
-    t, labelled = GLUE[name], not stem.startswith("test")
-    if not data_dir:
-        ds = load_hub_dataset(f"GLUE {t.folder} (nyu-mll/glue)", f"pass --data with GLUE's {t.folder} folder "
-                              "(its TSV files)", "nyu-mll/glue", name, split=stem.replace("dev", "validation"))
-        labels = [None if y < 0 else (float(y) if not t.labels else int(y)) for y in ds["label"]]
-        return Split(ds[t.hub_text[0]], ds[t.hub_text[1]] if len(t.hub_text) > 1 else None, labels, ds["idx"])
-    path = glue_file(t, stem, data_dir)
-    if not path.exists():
-        files = ", ".join(f"{s}.tsv" for s, _ in (("train", ""),) + t.dev)
-        raise UserError(f"{path.parent} has no {path.name}: expected GLUE's {t.folder} folder ({files}); "
-                        "pass the right --data, or none to load it with datasets")
-    header, rows, skipped = read_tsv(path, t.no_header if stem in ("train", "dev") and t.no_header else None,
-                                     t.skip_malformed)
-    if skipped:
-        print(f"{path}: skipped {len(skipped)} malformed line(s) without {len(header)} tab-separated columns "
-              f"(line {', '.join(map(str, skipped[:3]))}{', ...' if len(skipped) > 3 else ''})", file=sys.stderr)
-    missing = [c for c in t.text + ((t.label,) if labelled else ()) if c not in header]
-    if missing:
-        raise UserError(f"{path}: no column {missing[0]!r} in its header ({', '.join(header)}); is it "
-                        f"{t.folder}'s file?")
-    col = {c: i for i, c in enumerate(header)}
-    a = [cells[col[t.text[0]]] for _, cells in rows]
-    b = [cells[col[t.text[1]]] for _, cells in rows] if len(t.text) > 1 else None
-    labels = [None] * len(rows)
-    for k, (n, cells) in enumerate(rows if labelled else ()):
-        value = cells[col[t.label]]
-        try:
-            labels[k] = float(value) if not t.labels else t.labels.index(value)
-        except ValueError:
-            raise UserError(f"{path} line {n}: label {value!r} is not one of {t.labels or 'numbers'}") from None
-    # the `index`/`id` column numbers the rows of a submission; files without one count their rows
-    id_col = col.get("index", col.get("id"))
-    ids = [cells[id_col] if id_col is not None else k for k, (_, cells) in enumerate(rows)]
-    return Split(a, b, labels, ids)
+class FinetuneConfig:
+    """lr, epochs, batch_size and max_len: None means the task's value (paper_settings); --help shows MNLI's."""
+    task: str = field(default="mnli", metadata={"help": "GLUE task or squad (SQuAD v1.1); any case, RTE = rte",
+                                                "choices": TASKS, "type": task_name})
+    preset: str = field(default="paper", metadata={
+        "help": "paper: Table D.1's settings for the task, the whole data; tiny: one epoch on 2000 training and "
+                "1000 dev examples (search.py's evaluator budget), minutes on 2 CPU cores for a small model. A "
+                "preset changes the defaults; flags given still win", "choices": ["paper", "tiny"]})
+    model: str = field(default="", metadata={"help": "model folder: written by save_pretrained (any qkv), a "
+                                                     "Hugging Face BERT/ELECTRA folder, or a SuperPLM run folder"})
+    arch: str = field(default="", metadata={"help": "with a SuperPLM run folder (checkpoint.pt) as --model: the "
+                                                    "sub-model to extract and fine-tune, e.g. 5-564-1054-8-512"})
+    tokenizer: str = field(default="", metadata={"help": "vocab.txt / tokenizer.json or a folder with one; "
+                                                         "empty: the model's"})
+    data: str = field(default="", metadata={"help": "GLUE: the task's folder in the original layout (or glue_data/ "
+                                                    "holding it); SQuAD: the folder of train-v1.1.json and "
+                                                    "dev-v1.1.json; empty: load with datasets (online)"})
+    lr: Optional[list[float]] = field(default=None, metadata={
+        "help": "peak learning rates; several, with several --epochs, run the §4.1 grid (1e-5 2e-5 3e-5 x 4 5 10). "
+                f"Default: Table D.1's for the task ({D1_LR}); shown: MNLI's", **POSITIVE})
+    epochs: Optional[list[int]] = field(default=None, metadata={
+        "help": f"epoch counts. Default: Table D.1's for the task ({D1_EPOCHS}); shown: MNLI's", **COUNT})
+    batch_size: Optional[int] = field(default=None, metadata={"help": "Table D.1's: 32, SQuAD 16", **COUNT})
+    max_len: Optional[int] = field(default=None, metadata={"help": "tokens per input: 128, SQuAD 384",
+                                                           "min": 3, "max": 512})
+    doc_stride: int = field(default=128, metadata={"help": "SQuAD: tokens between the starts of two windows",
+                                                   **COUNT})
+    max_query_len: int = field(default=64, metadata={"help": "SQuAD: question tokens kept", **COUNT})
+    max_answer_len: int = field(default=30, metadata={"help": "SQuAD: longest answer decoded, in tokens", **COUNT})
+    n_best: int = field(default=20, metadata={"help": "SQuAD: start and end candidates per window", **COUNT})
+    warmup: float = field(default=0.1, metadata={"help": "share of the steps with a linear warm-up", **SHARE})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases, LayerNorm)",
+                                                        **NONNEGATIVE})
+    max_train_examples: Optional[int] = field(default=None, metadata={
+        "help": "train on a seeded random subset of this many examples; None: all", **COUNT})
+    max_eval_examples: Optional[int] = field(default=None, metadata={
+        "help": "evaluate on a seeded random dev subset of this many examples; None: all", **COUNT})
+    seed: int = field(default=0, metadata={"help": "seed of the head, dropout, order and subsets", **NONNEGATIVE})
+    log_every: int = field(default=50, metadata={"help": "one line in OUT/log.txt every N steps", **COUNT})
+    out: str = field(default="", metadata={"help": "run folder (config.json, metrics.jsonl, log.txt, best/, "
+                                                   "predictions); empty: runs/finetune/<task>, --preset tiny: "
+                                                   "runs/finetune-tiny/<task>"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing run folder"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
 
 
-def encode_glue(tokenizer, split, max_len=128):
-    """(ids, token types) per example: [CLS] a [SEP] (b [SEP]), pairs truncated longest-first to max_len."""
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_len)
-    batch = list(zip(split.a, split.b)) if split.b is not None else split.a
-    return [(e.ids, e.type_ids) for e in tokenizer.encode_batch(batch)]
+PRESETS = {"paper": {}, "tiny": dict(epochs=[1], max_train_examples=2000, max_eval_examples=1000)}
+
+# ----------------------------------------------------------------------------- fine-tuning (§4.1)
+
+
+def grid(cfg, base, feats, targets, evaluate, pad, compute, log, stop=None):
+    """The §4.1 grid: for every (lr, epochs), fine-tune a copy of `base` (model + head, seeded alike) with AdamW,
+    linear warm-up and decay over the run's steps, and evaluate on dev after every epoch. Yields (record, model,
+    dev predictions) after each epoch: the caller keeps the best dev score."""
+    steps_per_epoch = -(-len(feats) // cfg.batch_size)
+    for lr in cfg.lr:
+        for epochs in cfg.epochs:
+            seed_everything(cfg.seed)  # every run starts alike: head, dropout and the order of the examples
+            model = copy.deepcopy(base).to(compute.device)
+            opt, sched = optimizer_and_schedule(model, lr, epochs * steps_per_epoch, cfg.warmup, cfg.weight_decay)
+            generator = torch.Generator().manual_seed(cfg.seed)
+            for epoch in range(1, epochs + 1):
+                t0 = time.time()
+                loss = train_epoch(model, feats, targets, cfg.batch_size, opt, sched, generator, pad, compute.device,
+                                   f"{cfg.task} lr {lr:g} epoch {epoch}/{epochs}", compute.autocast,
+                                   lambda line: log(line, terminal=False), cfg.log_every, stop)
+                metrics, predictions = evaluate(lambda f: predict(model, f, 2 * cfg.batch_size, pad, compute.device,
+                                                                  compute.autocast))
+                log(finetune_epoch_line(cfg.task, lr, epochs, epoch, loss, metrics, time.time() - t0))
+                record = dict(task=cfg.task, lr=lr, epochs=epochs, epoch=epoch, train_loss=loss, **metrics)
+                yield record, model, predictions
+
+
+def optimizer_and_schedule(model, lr, steps, warmup, weight_decay):
+    """AdamW (BERT's: no decay on biases and LayerNorm) with linear warm-up over `warmup` of the steps, then
+    linear decay to 0 (§4.1)."""
+    opt = make_optimizer(model.parameters(), lr, weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: learning_rate(step, steps, 1.0, warmup))
+
+
+def train_epoch(model, feats, targets, batch_size, opt, sched, generator, pad, device, desc, autocast=nullcontext,
+                log=None, log_every=50, stop=None):
+    """One pass in a seeded random order; returns the mean training loss. The loss stays on the device (reading it
+    every step would make the host wait for the GPU): it is read every log_every steps, for the bar and log(line).
+    A SIGINT/SIGTERM (stop.signal) ends the pass after the step in progress."""
+    model.train()
+    order, total = torch.randperm(len(feats), generator=generator), 0.0
+    bar = tqdm(range(0, len(feats), batch_size), desc=desc, leave=False, disable=None)  # no bar off a terminal
+    for step, i in enumerate(bar, 1):
+        idx = order[i:i + batch_size]
+        y = to_device(dict(y=targets[idx]), device)["y"]
+        with autocast():
+            loss = loss_fn(model, model(**collate([feats[j] for j in idx], pad, device)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        total += loss.detach() * len(idx)
+        if step % log_every == 0 or step == len(bar):
+            value = loss.item()
+            bar.set_postfix(loss=f"{value:.4f}")
+            if log:
+                log(f"{desc} | step {step}/{len(bar)} | loss {value:.4f} | lr {sched.get_last_lr()[0]:.2e}")
+        if stop is not None and stop.signal:
+            bar.close()
+            raise KeyboardInterrupt
+    return float(total) / max(len(feats), 1)
+
+
+def best_of_grid(cfg, compute, folder, stop):
+    """Run the grid on cfg.task and keep the best dev score (with a run folder: its model, metrics, predictions)."""
+    out = folder.path if folder else None
+
+    def log(line, terminal=True):  # OUT/log.txt: a line every N steps (the terminal has the bar) and each epoch
+        if terminal:
+            tqdm.write(line)
+        if out:
+            with open(out / "log.txt", "a") as f:
+                f.write(line + "\n")
+    seed_everything(cfg.seed)
+    base, checkpoint_tokenizer = load_model(cfg.model, cfg.task, cfg.arch)  # every run starts from this model and head
+    tokenizer_path = cfg.tokenizer or checkpoint_tokenizer or cfg.model
+    tok = load_tokenizer(tokenizer_path)
+    pad = tok.token_to_id("[PAD]")
+    data, n_train, n_dev = cfg.data or None, cfg.max_train_examples, cfg.max_eval_examples
+    if cfg.task == "squad":
+        feats, targets, evaluate = squad_task(tok, data, cfg.max_len, cfg.doc_stride, cfg.max_query_len, cfg.n_best,
+                                              cfg.max_answer_len, n_train, n_dev, cfg.seed)
+    else:
+        feats, targets, evaluate = glue_task(cfg.task, data, tok, cfg.max_len, n_train, n_dev, cfg.seed)
+    # (N,) classes, or STS-B's scores; SQuAD (N, 2): the answer's first and last token
+    targets = torch.tensor(targets, dtype=torch.float if cfg.task == "stsb" else torch.long)
+    if not feats:
+        raise UserError(f"{cfg.task}: no training examples")
+    best, runs = None, []  # the best epoch of the grid, of each run
+    for record, model, predictions in grid(cfg, base, feats, targets, evaluate, pad, compute, log, stop):
+        if out:
+            append_jsonl(out / "metrics.jsonl", dict(kind="epoch", **record))
+        if record["epoch"] == 1:  # a new run of the grid
+            runs.append(record)
+        elif record["score"] > runs[-1]["score"]:
+            runs[-1] = record
+        if best is None or record["score"] > best["score"]:
+            best = record
+            if out:
+                save_checkpoint(model, out / "best", cfg.task, tokenizer_path, record)
+                if predictions is not None:  # SQuAD's official {id: text}
+                    save_json(predictions, out / "predictions.json")
+                folder.done_first()
+        if out and record["epoch"] == record["epochs"]:
+            append_jsonl(out / "metrics.jsonl", dict(kind="run", **runs[-1]))
+    result = dict(best, runs=runs)
+    print(finetune_best_line(best))
+    if out:
+        append_jsonl(out / "metrics.jsonl", dict(kind="best", **best))
+        save_json(result, out / "results.json")
+        if cfg.task != "squad":  # GLUE's test predictions, by the best model
+            best_model = load_model(out / "best", cfg.task)[0].to(compute.device)
+            write_test_predictions(cfg.task, data, tok, cfg.max_len, out, lambda f: predict(
+                best_model, f, 2 * cfg.batch_size, pad, compute.device, compute.autocast))
+    return result
 
 
 # ----------------------------------------------------------------------------- model: BERT + task head
@@ -271,14 +262,9 @@ class Finetuner(nn.Module):
         if self.span:
             return {f"qa_outputs.{k}": v for k, v in self.qa.state_dict().items()}, dict(
                 architectures=["BertForQuestionAnswering"])
-        labels = GLUE[task].labels or ("score",)  # STS-B: one regression output
         tensors = {f"bert.pooler.dense.{k}": v for k, v in self.pooler.state_dict().items()}
         tensors.update({f"classifier.{k}": v for k, v in self.classifier.state_dict().items()})
-        config = dict(architectures=["BertForSequenceClassification"], id2label=dict(enumerate(labels)),
-                      label2id={name: i for i, name in enumerate(labels)})
-        if not GLUE[task].labels:
-            config["problem_type"] = "regression"
-        return tensors, config
+        return tensors, dict(architectures=["BertForSequenceClassification"], **hf_labels(task))
 
 
 def load_model(folder, task, arch=""):
@@ -330,7 +316,7 @@ def save_checkpoint(model, folder, task, tokenizer_path, record):
     shutil.rmtree(old, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------- training and evaluation
+# ----------------------------------------------------------------------------- batches, loss, predictions
 
 
 def collate(feats, pad, device):
@@ -366,168 +352,20 @@ def predict(model, feats, batch_size, pad, device, autocast=nullcontext):
     return out if model.span else np.concatenate(out) if out else np.zeros((0, 1))
 
 
-def labels_of(logits):
-    return logits[:, 0] if logits.shape[1] == 1 else logits.argmax(1)
-
-
-def optimizer_and_schedule(model, lr, steps, warmup, weight_decay):
-    """AdamW (BERT's: no decay on biases and LayerNorm) with linear warm-up over `warmup` of the steps, then
-    linear decay to 0 (§4.1)."""
-    opt = make_optimizer(model.parameters(), lr, weight_decay)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: learning_rate(step, steps, 1.0, warmup))
-
-
-def train_epoch(model, feats, targets, batch_size, opt, sched, generator, pad, device, desc, autocast=nullcontext,
-                log=None, log_every=50, stop=None):
-    """One pass in a seeded random order; returns the mean training loss. The loss stays on the device (reading it
-    every step would make the host wait for the GPU): it is read every log_every steps, for the bar and log(line).
-    A SIGINT/SIGTERM (stop.signal) ends the pass after the step in progress."""
-    model.train()
-    order, total = torch.randperm(len(feats), generator=generator), 0.0
-    bar = tqdm(range(0, len(feats), batch_size), desc=desc, leave=False, disable=None)  # no bar off a terminal
-    for step, i in enumerate(bar, 1):
-        idx = order[i:i + batch_size]
-        y = to_device(dict(y=targets[idx]), device)["y"]
-        with autocast():
-            loss = loss_fn(model, model(**collate([feats[j] for j in idx], pad, device)), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        total += loss.detach() * len(idx)
-        if step % log_every == 0 or step == len(bar):
-            value = loss.item()
-            bar.set_postfix(loss=f"{value:.4f}")
-            if log:
-                log(f"{desc} | step {step}/{len(bar)} | loss {value:.4f} | lr {sched.get_last_lr()[0]:.2e}")
-        if stop is not None and stop.signal:
-            bar.close()
-            raise KeyboardInterrupt
-    return float(total) / max(len(feats), 1)
-
-
-def subset(n_total, n, seed):
-    """A seeded random choice of n indices (all when n is None), kept in file order."""
-    if n is None or n >= n_total:
-        return list(range(n_total))
-    return sorted(np.random.default_rng(seed).choice(n_total, n, replace=False).tolist())
-
-
-def prepare(name, cfg, tok, pad, compute):
-    """(train features, train targets, evaluate(model) -> (dev metrics, dev predictions or None))."""
-    device, autocast = compute.device, compute.autocast
-    max_len, data, eval_bs = cfg.max_len or (384 if name == "squad" else 128), cfg.data or None, 2 * cfg.batch_size
-    if name == "squad":
-        train = read_squad("train", data)
-        train = [train[i] for i in subset(len(train), cfg.max_train_examples, cfg.seed)]
-        dev = read_squad("dev", data)
-        dev = [dev[i] for i in subset(len(dev), cfg.max_eval_examples, cfg.seed)]
-        window = dict(max_len=max_len, doc_stride=cfg.doc_stride, max_query_len=cfg.max_query_len)
-        train_w, dev_w = squad_windows(tok, train, labelled=True, **window), squad_windows(tok, dev, **window)
-        dev_feats, golds = [(w.ids, w.types) for w in dev_w], {ex["id"]: ex["answers"] for ex in dev}
-
-        def evaluate(model):
-            logits = predict(model, dev_feats, eval_bs, pad, device, autocast)
-            predictions = decode(dev, dev_w, logits, cfg.n_best, cfg.max_answer_len)
-            m = squad_scores(predictions, golds)
-            return dict(m, score=m["f1"]), predictions
-
-        return [(w.ids, w.types) for w in train_w], torch.tensor([[w.start, w.end] for w in train_w]), evaluate
-    t = GLUE[name]
-    train = read_glue(name, "train", data)
-    train = train.subset(subset(len(train.a), cfg.max_train_examples, cfg.seed))
-    devs = []
-    for stem, suffix in t.dev:
-        split = read_glue(name, stem, data)
-        split = split.subset(subset(len(split.a), cfg.max_eval_examples, cfg.seed))
-        devs.append((suffix, split, encode_glue(tok, split, max_len)))
-
-    def evaluate(model):
-        metrics = {}
-        for suffix, split, feats in devs:
-            m = compute_metrics(name, labels_of(predict(model, feats, eval_bs, pad, device, autocast)), split.labels)
-            metrics.update({k + suffix: v for k, v in m.items() if not (suffix and k == "score")})
-        return metrics, None
-
-    targets = torch.tensor(train.labels, dtype=torch.long if t.labels else torch.float)
-    return encode_glue(tok, train, max_len), targets, evaluate
-
-
-def write_glue_test(model, name, cfg, tok, pad, compute, out):
-    """GLUE's submission files: `index<TAB>prediction`, label names (STS-B: a score in [0, 5])."""
-    t = GLUE[name]
-    for stem, submission in t.test or (("test", t.folder),):
-        if cfg.data and not glue_file(t, stem, cfg.data).exists():
-            print(f"{name}: no {stem}.tsv, no test predictions")
-            continue
-        split = read_glue(name, stem, cfg.data or None)
-        preds = labels_of(predict(model, encode_glue(tok, split, cfg.max_len or 128), 2 * cfg.batch_size, pad,
-                                  compute.device, compute.autocast))
-        rows = [f"{i}\t{min(max(p, 0.0), 5.0):.3f}" if not t.labels else f"{i}\t{t.labels[p]}"
-                for i, p in zip(split.ids, preds.tolist())]
-        atomic_write(out / f"{submission}.tsv", lambda tmp: Path(tmp).write_text("\n".join(["index\tprediction"]
-                                                                                          + rows) + "\n"))
-
-
-# ----------------------------------------------------------------------------- the grid of §4.1
-
-
-@dataclass
-class FinetuneConfig:
-    task: str = field(default="mnli", metadata={"help": "GLUE task or squad (SQuAD v1.1); any case, RTE = rte",
-                                                "choices": TASKS, "type": task_name})
-    model: str = field(default="", metadata={"help": "model folder: written by save_pretrained (any qkv), a "
-                                                     "Hugging Face BERT/ELECTRA folder, or a SuperPLM run folder"})
-    arch: str = field(default="", metadata={"help": "with a SuperPLM run folder (checkpoint.pt) as --model: the "
-                                                    "sub-model to extract and fine-tune, e.g. 5-564-1054-8-512"})
-    tokenizer: str = field(default="", metadata={"help": "vocab.txt / tokenizer.json or a folder with one; "
-                                                         "empty: the model's"})
-    data: str = field(default="", metadata={"help": "GLUE: the task's folder in the original layout (or glue_data/ "
-                                                    "holding it); SQuAD: the folder of train-v1.1.json and "
-                                                    "dev-v1.1.json; empty: load with datasets (online)"})
-    lr: Optional[list[float]] = field(default=None, metadata={"help": "peak learning rates; with --epochs, several "
-                                                                      "values run the §4.1 grid (1e-5 2e-5 3e-5); "
-                                                                      "default: Table D.1's for the task", **POSITIVE})
-    epochs: Optional[list[int]] = field(default=None, metadata={"help": "epoch counts (§4.1 grid: 4 5 10); "
-                                                                        "default: Table D.1's", **COUNT})
-    batch_size: Optional[int] = field(default=None, metadata={"help": "default: Table D.1's (32; SQuAD 16)",
-                                                              **COUNT})
-    max_len: Optional[int] = field(default=None, metadata={"help": "tokens per input; default 128, SQuAD 384",
-                                                           "min": 3, "max": 512})
-    doc_stride: int = field(default=128, metadata={"help": "SQuAD: tokens between the starts of two windows",
-                                                   **COUNT})
-    max_query_len: int = field(default=64, metadata={"help": "SQuAD: question tokens kept", **COUNT})
-    max_answer_len: int = field(default=30, metadata={"help": "SQuAD: longest answer decoded, in tokens", **COUNT})
-    n_best: int = field(default=20, metadata={"help": "SQuAD: start and end candidates per window", **COUNT})
-    warmup: float = field(default=0.1, metadata={"help": "share of the steps with a linear warm-up", **SHARE})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases, LayerNorm)",
-                                                        **NONNEGATIVE})
-    max_train_examples: Optional[int] = field(default=None, metadata={"help": "train on a seeded random subset",
-                                                                      **COUNT})
-    max_eval_examples: Optional[int] = field(default=None, metadata={"help": "evaluate on a seeded dev subset",
-                                                                     **COUNT})
-    seed: int = field(default=0, metadata={"help": "seed of the head, dropout, order and subsets", **NONNEGATIVE})
-    log_every: int = field(default=50, metadata={"help": "one line in OUT/log.txt every N steps", **COUNT})
-    out: str = field(default="", metadata={"help": "run folder (config.json, metrics.jsonl, log.txt, best/, "
-                                                   "predictions); empty: runs/finetune/<task>"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing run folder"})
-    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
-    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
+# ----------------------------------------------------------------------------- the command line and search.py's call
 
 
 def run(cfg, argv=None):
     """Fine-tune cfg.model on cfg.task for every (lr, epochs) of the grid; returns the best run's dev metrics
     (with "score") plus lr, epochs, epoch, and "runs": the best epoch of each run. Writes files only with cfg.out
-    (and its config.json records argv, the command line)."""
+    (and its config.json records argv, the command line). cfg itself is left as it was."""
     check_config(cfg)
     name = task_name(cfg.task)
     if not cfg.model:
         raise UserError("no model: pass --model FOLDER (save_pretrained output, a BERT/ELECTRA folder or a SuperPLM "
                         "run folder with --arch)")
-    bs, lr, epochs = TABLE_D1[name]
-    cfg.task, cfg.batch_size = name, cfg.batch_size or bs
-    cfg.lr, cfg.epochs = list(cfg.lr or [lr]), list(cfg.epochs or [epochs])
+    cfg = dataclasses.replace(cfg, task=name, **{k: v for k, v in paper_settings(name).items()
+                                                 if getattr(cfg, k) is None})
     compute = resolve_compute(cfg.device, cfg.dtype)
     folder = RunFolder(cfg.out, cfg, overwrite=cfg.overwrite, argv=argv) if cfg.out else None
     # a run with a folder stops after the step in progress; one without (search.py's evaluator) leaves the
@@ -535,79 +373,12 @@ def run(cfg, argv=None):
     stopper = stop_after_step() if folder else nullcontext(types.SimpleNamespace(signal=None))
     with folder or nullcontext(), stopper as stop:
         try:
-            return grid(cfg, name, compute, folder, stop)
+            return best_of_grid(cfg, compute, folder, stop)
         except KeyboardInterrupt:
             if folder is None:
                 raise
-            if not folder.first:
-                raise Interrupted(f"{stop.signal or 'stopped'} before the first epoch ended: nothing kept, "
-                                  f"{cfg.out} is as it was") from None
-            best = json.loads((folder.path / "best" / "dev_metrics.json").read_text())
-            raise Interrupted(f"{stop.signal or 'stopped'}: kept {cfg.out}/metrics.jsonl (every finished epoch) and "
-                              f"{cfg.out}/best/ (lr {best['lr']:g} epochs {best['epochs']} epoch {best['epoch']}, "
-                              f"score {best['score']:.2f}); a grid does not resume: run it again with --overwrite "
-                              "(or only the missing --lr/--epochs with another --out)") from None
-
-
-def grid(cfg, name, compute, folder, stop):
-    """The lr x epochs grid of §4.1 (see run)."""
-    out = folder.path if folder else None
-
-    def to_file(line):  # OUT/log.txt: a line every N steps (the terminal has the progress bar) and each epoch
-        if out:
-            with open(out / "log.txt", "a") as f:
-                f.write(line + "\n")
-
-    def log(line):
-        tqdm.write(line)
-        to_file(line)
-    seed_everything(cfg.seed)
-    base, checkpoint_tokenizer = load_model(cfg.model, name, cfg.arch)  # every run starts from this model and head
-    tokenizer_path = cfg.tokenizer or checkpoint_tokenizer or cfg.model
-    tok = load_tokenizer(tokenizer_path)
-    pad = tok.token_to_id("[PAD]")
-    feats, targets, evaluate = prepare(name, cfg, tok, pad, compute)
-    if not feats:
-        raise UserError(f"{name}: no training examples")
-    steps_per_epoch = -(-len(feats) // cfg.batch_size)
-    best, runs = None, []
-    for lr in cfg.lr:
-        for epochs in cfg.epochs:
-            seed_everything(cfg.seed)
-            model = copy.deepcopy(base).to(compute.device)
-            opt, sched = optimizer_and_schedule(model, lr, epochs * steps_per_epoch, cfg.warmup, cfg.weight_decay)
-            generator, run_best = torch.Generator().manual_seed(cfg.seed), None
-            for epoch in range(1, epochs + 1):
-                t0 = time.time()
-                loss = train_epoch(model, feats, targets, cfg.batch_size, opt, sched, generator, pad, compute.device,
-                                   f"{name} lr {lr:g} epoch {epoch}/{epochs}", compute.autocast, to_file,
-                                   cfg.log_every, stop)
-                metrics, predictions = evaluate(model)
-                record = dict(task=name, lr=lr, epochs=epochs, epoch=epoch, train_loss=loss, **metrics)
-                log(f"{name} lr {lr:g} epochs {epochs} | epoch {epoch} loss {loss:.4f} | "
-                    + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f" | {time.time() - t0:.0f}s")
-                if out:
-                    append_jsonl(out / "metrics.jsonl", dict(kind="epoch", **record))
-                if run_best is None or record["score"] > run_best["score"]:
-                    run_best = record
-                if best is None or record["score"] > best["score"]:  # the best dev score of the whole grid
-                    best = record
-                    if out:
-                        save_checkpoint(model, out / "best", name, tokenizer_path, record)
-                        if predictions is not None:  # SQuAD's official {id: text}
-                            save_json(predictions, out / "predictions.json")
-                        folder.done_first()
-            runs.append(run_best)
-            if out:
-                append_jsonl(out / "metrics.jsonl", dict(kind="run", **run_best))
-    result = dict(best, runs=runs)
-    print(f"{name} best: lr {best['lr']:g} epochs {best['epochs']} epoch {best['epoch']} score {best['score']:.2f}")
-    if out:
-        append_jsonl(out / "metrics.jsonl", dict(kind="best", **best))
-        save_json(result, out / "results.json")
-        if name != "squad":
-            write_glue_test(load_model(out / "best", name)[0].to(compute.device), name, cfg, tok, pad, compute, out)
-    return result
+            best = json.loads((folder.path / "best" / "dev_metrics.json").read_text()) if folder.first else None
+            raise Interrupted(finetune_stopped(stop.signal or "stopped", cfg.out, best)) from None
 
 
 def finetune(model_folder, task, data_dir=None, lr=None, epochs=None, batch_size=None, max_train_examples=None,
@@ -621,9 +392,12 @@ def finetune(model_folder, task, data_dir=None, lr=None, epochs=None, batch_size
 
 
 def main(argv=None):
-    cfg = parse_config(FinetuneConfig, argv, __doc__.split("\n\n")[0])
-    cfg.out = cfg.out or f"runs/finetune/{cfg.task}"
-    return run(cfg, argv)
+    parser = config_parser(FinetuneConfig, __doc__.split("\n\n")[0])
+    parser.set_defaults(**paper_settings("mnli"))  # what --help shows: the default task's
+    cfg = parse_config(FinetuneConfig, argv, parser=parser,
+                       defaults=lambda first: dict(paper_settings(first.task), **PRESETS[first.preset]))
+    out = cfg.out or f"runs/finetune{'-tiny' if cfg.preset == 'tiny' else ''}/{cfg.task}"
+    return run(dataclasses.replace(cfg, out=out), argv)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Functions here take plain values (architectures, numbers, records) and import no
 stage can use them without running the pipeline backwards.
 """
 
+from matplotlib.figure import Figure
+
 # ----------------------------------------------------------------------------- superplm.py
 
 
@@ -44,4 +46,64 @@ def speedup_table(title, rows, measured, predicted=None):
 # ----------------------------------------------------------------------------- finetune.py
 
 
+def finetune_epoch_line(task, lr, epochs, epoch, loss, metrics, seconds):
+    """finetune.py's line after each epoch: the run (lr, epochs), the epoch's training loss, the dev metrics."""
+    return (f"{task} lr {lr:g} epochs {epochs} | epoch {epoch} loss {loss:.4f} | "
+            + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f" | {seconds:.0f}s")
+
+
+def finetune_best_line(best):
+    """finetune.py's last line: the best epoch of the grid (a record of its metrics.jsonl)."""
+    return (f"{best['task']} best: lr {best['lr']:g} epochs {best['epochs']} epoch {best['epoch']} "
+            f"score {best['score']:.2f}")
+
+
+def finetune_stopped(signal, out, best=None):
+    """What an interrupted fine-tuning kept: nothing before its first epoch ended (best None), else every finished
+    epoch and the best checkpoint (best: its dev_metrics.json)."""
+    if best is None:
+        return f"{signal} before the first epoch ended: nothing kept, {out} is as it was"
+    return (f"{signal}: kept {out}/metrics.jsonl (every finished epoch) and {out}/best/ (lr {best['lr']:g} epochs "
+            f"{best['epochs']} epoch {best['epoch']}, score {best['score']:.2f}); a grid does not resume: run it "
+            "again with --overwrite (or only the missing --lr/--epochs with another --out)")
+
+
 # ----------------------------------------------------------------------------- search.py
+
+
+def search_figure(rows, top, target_speedup, path, title, ylabel):
+    """Speedup against score of every scored architecture (rows of scored.json), the top ones circled: the paper's
+    Figure 1 for one search."""
+    fig = Figure(figsize=(6, 4))  # matplotlib's object API: no pyplot state, no display backend
+    ax = fig.subplots()
+    gens = sorted({r["generation"] for r in rows})
+    for g in gens:
+        rs = [r for r in rows if r["generation"] == g]
+        ax.scatter([r["speedup"] for r in rs], [r["score"] for r in rs], s=14, alpha=0.7,
+                   label=f"generation {g}" if len(gens) > 1 else "scored")
+    ax.scatter([r["speedup"] for r in top], [r["score"] for r in top], s=80, facecolors="none",
+               edgecolors="red", label="top: " + ", ".join(f"{i} {r['arch']}" for i, r in enumerate(top, 1)))
+    for i, r in enumerate(top, 1):
+        ax.annotate(str(i), (r["speedup"], r["score"]), fontsize=8, xytext=(5, -3 - 4 * i),
+                    textcoords="offset points", color="red")
+    ax.axvline(target_speedup, color="grey", linestyle="--", label=f"target {target_speedup:.3g}x")
+    ax.set(xlabel="speedup over BERT-base (predicted)", ylabel=ylabel, title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+SEARCH_COLUMNS = ("arch", "score", "latency", "generation", "speedup")  # a row's own; the rest: the evaluator's
+
+
+def print_search_top(top, n_scored, target, budget_ms, method, evaluator):
+    """The top rows of a search, with the evaluator's own numbers (masked-LM loss, MNLI accuracy, ...) beside."""
+    extra = sorted({k for r in top for k in r} - set(SEARCH_COLUMNS))
+    print(f"\ntop {len(top)} of {n_scored} scored architectures (layers-hidden-ffn-heads-qkv) for {target} = "
+          f"{budget_ms:.4g} ms, by {method} with the {evaluator} evaluator:")
+    print(f"{'rank':>4}  {'architecture':20s} {'latency ms':>10} {'speedup':>8} {'score':>9}"
+          + "".join(f" {k:>9}" for k in extra))
+    for i, r in enumerate(top, 1):
+        print(f"{i:>4}  {r['arch']:20s} {r['latency']:10.4g} {r['speedup']:7.2f}x {r['score']:9.4f}"
+              + "".join(f" {r.get(k, float('nan')):9.4f}" for k in extra))

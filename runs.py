@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from common import Interrupted, UserError, atomic_write, read_jsonl, save_json, torch_load
-from model import KD_SPACE, PRETRAIN_SPACE, Bert, SearchSpace
+from common import (Interrupted, UserError, append_jsonl, atomic_write, config_values, read_jsonl, save_json,
+                    torch_load)
+from model import KD_SPACE, PRETRAIN_SPACE, Arch, Bert, SearchSpace
 
 
 def command_line(argv=None, script=None):
@@ -281,3 +282,53 @@ def check_resumed(path, saved, now):
         if key != "device" and saved.get(key) != value:
             raise UserError(f"{path} was measured with {key}={saved.get(key)}, not {value}: pass the same flags to "
                             "resume it, or another --out")
+
+
+# ----------------------------------------------------------------------------- search.py
+
+
+def open_search(cfg, folder, resumable):
+    """(config, records of the candidates scored before) of a search in `folder` (a RunFolder). OUT/candidates.jsonl
+    holds one line per scored architecture: --resume replays the same seeded search over those scores, with the
+    saved config (only the flags in `resumable` may change), so that it ends as an uninterrupted search would."""
+    state = folder.path / "candidates.jsonl"
+    if cfg.resume and folder.old_record:  # the saved search wins, so that the replay is exact
+        saved = config_values(type(cfg), json.loads(folder.old_record))
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in resumable})
+        folder.update(cfg)
+    records = {Arch.parse(r["arch"]): r for r in (read_jsonl(state) if state.exists() else [])}
+    if records:  # rewritten whole: a torn last line from a killed run would spoil the lines appended after it
+        atomic_write(state, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records.values())))
+    return cfg, records
+
+
+class SearchRecord:
+    """What worker 0 of a search writes as it goes: every scored candidate at once as a line of candidates.jsonl
+    (an interrupted search loses at most the round in progress), and after each generation scored.json, best
+    first. A SIGINT/SIGTERM (`stop`, common.stop_after_step) ends the search once the candidate in progress is
+    written. `metrics` (arch -> the evaluator's own numbers) and `latency` (arch -> ms) fill in the records."""
+
+    def __init__(self, folder, command, latency, base_ms, metrics, bar, stop):
+        self.folder, self.command, self.latency, self.base_ms = folder, command, latency, base_ms
+        self.metrics, self.bar, self.stop = metrics, bar, stop
+        self.path = folder.path / "candidates.jsonl"
+
+    def rows(self, candidates):
+        """The records of scored.json and top.json: a candidate with its speedup and its metrics."""
+        return [dict(c.to_dict(), speedup=self.base_ms / c.latency, **self.metrics.get(c.arch, {}))
+                for c in candidates]
+
+    def scored(self, arch, score):
+        append_jsonl(self.path, dict(arch=str(arch), score=score, latency=self.latency(arch),
+                                     metrics=self.metrics.get(arch, {})))
+        self.folder.done_first()
+        self.bar.update()
+        if self.stop.signal:
+            self.bar.close()
+            raise Interrupted(f"{self.stop.signal}: the {len(read_jsonl(self.path))} candidates scored so far are "
+                              f"kept in {self.path}; resume with: {self.command}")
+
+    def generation(self, best_first):
+        save_json(self.rows(best_first), self.folder.path / "scored.json")
+        self.bar.write(f"generation {max(c.generation for c in best_first)}: {len(best_first)} scored, best "
+                       f"{best_first[0].arch} score {best_first[0].score:.4f}")

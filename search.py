@@ -8,169 +8,172 @@
     random        the baseline: as many random candidates within the budget
     fast          AutoTinyBERT-Fast (§4.4): one candidate per layer count following the paper's shape rule
 
-Every method takes plain callables `score(arch) -> float` (higher is better) and `latency(arch) -> ms`, so it can be
-studied on synthetic objectives; the CLI builds them from a SuperPLM checkpoint and a fitted latency predictor:
+Every method takes a plain callable `score(arch) -> float` (higher is better) and a Budget over any
+`latency(arch) -> ms`, so it can be studied on synthetic objectives; the command line builds them from a SuperPLM
+checkpoint (evaluators.py) and a fitted latency predictor (latency.py):
 
     python search.py --target 7x --superplm runs/superplm --latency runs/predictor [--method evolve] [--extract]
 
 Each scored candidate is appended to OUT/candidates.jsonl at once; --resume replays the same seeded search over
-those scores, so an interrupted search continues where it stopped and ends as an uninterrupted one would
-(SIGINT/SIGTERM let the candidate being scored finish first).
-On N GPUs (the paper's evaluator fine-tunes every candidate), each worker scores its share of every generation:
+those scores, so an interrupted search ends as an uninterrupted one would (SIGINT/SIGTERM let the candidate being
+scored finish first). On N GPUs (the paper's evaluator fine-tunes every candidate), each worker scores its share:
 
     torchrun --nproc_per_node 8 search.py --evaluator finetune --mnli-data glue_data/MNLI --squad-data squad ...
 """
 
+import argparse
 import dataclasses
-import json
 import random
-import shutil
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
-import torch
 import torch.distributed as dist
-from matplotlib.figure import Figure
 from tqdm import tqdm
 
-import finetune
-import latency
-from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, SHARE, Interrupted, UserError, append_jsonl,
-                    atomic_write, config_values, end_distributed, init_distributed, parse_config, rank0_first,
-                    read_jsonl, resolve_compute, run_main, save_json, seed_everything, stop_after_step, to_device,
-                    torch_load)
-from data import build_dataset, load_tokenizer, mask_tokens, masked_positions, split, tokenizer_files
-from hf import save_pretrained
-from model import Arch, SearchSpace, extract
-from runs import RunFolder, command_line, load_superplm
-from superplm import MLM
+from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, SHARE, UserError, end_distributed,
+                    init_distributed, rank0_first, resolve_compute, run_main, save_json, seed_everything,
+                    stop_after_step, torch_load)
+from common import parse_config as parse_with
+from evaluators import SCORE_NAMES, Evaluations, Shared, make_score, ranked, save_model
+from latency import LatencyPredictor, parse_target
+from model import Arch, SearchSpace
+from report import print_search_top, search_figure
+from rules import fast_search
+from runs import RunFolder, SearchRecord, command_line, load_superplm, open_search
 
-# ----------------------------------------------------------------------------- scored architectures
+PRESETS = {"default": {},
+           "tiny": dict(target="40x", superplm="runs/superplm-tiny", out="runs/search-tiny"),
+           "paper": dict(method="evolve", evaluator="finetune", ft_train_examples=0, ft_eval_examples=0)}
 
 
 @dataclass
-class Candidate:
-    """One scored architecture: its score (higher is better), predicted latency and the generation it entered."""
-    arch: Arch
-    score: float
-    latency: float
-    generation: int = 1
-
-    def to_dict(self):
-        return dict(arch=str(self.arch), score=self.score, latency=self.latency, generation=self.generation)
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(Arch.parse(d["arch"]), d["score"], d["latency"], d.get("generation", 1))
-
-
-def ranked(candidates):
-    """Best first; ties keep the order in which they were scored (so results are deterministic)."""
-    return sorted(candidates, key=lambda c: -c.score)
-
-
-class Budget:
-    """The latency constraint of §3.5 with a cache: lat(arch) <= budget_ms, the predictor asked once per arch.
-    window=w also asks lat(arch) >= w x budget_ms (evolve-elite), unless every architecture is faster than that:
-    a budget that the whole space meets is then searched whole (with a warning)."""
-
-    def __init__(self, space, latency, budget_ms, window=0.0):
-        self.latency, self.budget_ms, self.low, self.ms = latency, float(budget_ms), window * budget_ms, {}
-        smallest, self.largest = space.smallest(), space.largest()
-        base_ms = getattr(latency, "base_ms", None)  # a LatencyPredictor knows BERT-base's time
-        if self(smallest) > self.budget_ms:  # every arch is at least as slow as the smallest one
-            fix = (f"a speedup target of at most {base_ms / self(smallest):.3g}x" if base_ms
-                   else "a lower speedup target")
-            raise UserError(f"no architecture of the search space meets the budget of {self.budget_ms:.4g} ms: "
-                            f"even the smallest, {smallest}, takes {self(smallest):.4g} ms; choose {fix}")
-        if self(self.largest) < self.low:  # every arch is at most as slow as the largest one
-            warnings.warn(f"every architecture meets {self.budget_ms:.4g} ms (the largest, {self.largest}, takes "
-                          f"{self(self.largest):.4g} ms): the latency window {window:g}-1x is dropped and the whole "
-                          "space searched")
-            self.low = 0.0
-
-    def advice(self):
-        """Which way to move the target when (almost) no architecture is admitted."""
-        if self.low and self(self.largest) <= self.budget_ms:  # few archs reach the window: a smaller budget helps
-            return (f"choose a higher speedup target (the window asks >= {self.low:.4g} ms), or --method evolve "
-                    "(no window)")
-        return "choose a lower speedup target"
-
-    def __call__(self, arch):
-        if arch not in self.ms:
-            self.ms[arch] = float(self.latency(arch))
-        return self.ms[arch]
-
-    def meets(self, arch):
-        return self(arch) <= self.budget_ms
-
-    def admits(self, arch):
-        return self.low <= self(arch) <= self.budget_ms
+class Config:
+    preset: str = field(default="default", metadata={
+        "help": "default: the settings shown; tiny: 100 candidates of `superplm.py --preset tiny`'s SuperPLM, about "
+                "2 minutes on 2 CPU cores; paper: Algorithm 2 as in App. C (evolve, T = 4, S = 25, pm = pe = 1/2) "
+                "with the paper's evaluator, one epoch of the whole MNLI and SQuAD per candidate (the paper does not "
+                "say how long). A preset changes the defaults; flags given still win", "choices": list(PRESETS)})
+    target: str = field(default="7x", metadata={"help": "latency target: a speedup over BERT-base ('7x', Table 4) "
+                                                        "or a budget in ms ('40ms')"})
+    superplm: str = field(default="runs/superplm", metadata={"help": "SuperPLM run folder or checkpoint.pt "
+                                                                     "(superplm.py)"})
+    latency: str = field(default="runs/predictor", metadata={"help": "latency predictor: `latency.py fit`'s run "
+                                                                     "folder or its predictor.pt"})
+    method: str = field(default="evolve-elite", metadata={
+        "help": "evolve: Algorithm 2 with the paper's settings; evolve-elite: pm/pe 0.8/0.2, elitist rank parents, "
+                "wider mutation, latency window 0.85-1x (beats random search more often, bench/search_quality.py); "
+                "random; fast: §4.4's rule", "choices": ["evolve", "evolve-elite", "random", "fast"]})
+    evaluator: str = field(default="mlm", metadata={
+        "help": "mlm: -(masked-LM loss) of the sub-model inside the SuperPLM (fast); finetune: the paper's average "
+                "of MNLI accuracy and SQuAD F1 after a short fine-tuning (finetune.py)",
+        "choices": ["mlm", "finetune"]})
+    generations: int = field(default=4, metadata={"help": "T of Algorithm 2 (random search scores T x S archs)",
+                                                  **COUNT})
+    population: int = field(default=25, metadata={"help": "S of Algorithm 2: architectures per generation", **COUNT})
+    p_mutate: Optional[float] = field(default=None, metadata={
+        "help": "pm of Algorithm 2 (random and fast have none); the default follows --method: evolve 0.5 (the "
+                "paper's), evolve-elite 0.8", **SHARE})
+    p_explore: Optional[float] = field(default=None, metadata={
+        "help": "pe of Algorithm 2 (random and fast have none); the default follows --method: evolve 0.5 (the "
+                "paper's), evolve-elite 0.2",
+        **SHARE})
+    top: int = field(default=3, metadata={"help": "architectures reported and extracted (§3.6: the top three)",
+                                          **COUNT})
+    extract: bool = field(default=False, metadata={"help": "save the top architectures as Hugging Face BERT "
+                                                           "folders (with the vocabulary) in OUT/top/"})
+    out: str = field(default="runs/search", metadata={"help": "run folder: results, state, figure"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted search in --out"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the search in --out"})
+    seed: int = field(default=0, metadata={"help": "seed of the search, the masks and the fine-tuning",
+                                           **NONNEGATIVE})
+    device: str = field(default="auto", metadata={"help": "the evaluator's device. " + DEVICE_HELP})
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
+    eval_corpus: str = field(default="", metadata={"help": "mlm: corpus spec of the scored text (data.py); "
+                                                           "empty: the SuperPLM's own"})
+    eval_rows: int = field(default=256, metadata={"help": "mlm: held-out sequences scored (at most the corpus's "
+                                                          "held-out tail, data.split)", **COUNT})
+    batch_size: int = field(default=32, metadata={"help": "mlm: sequences per forward pass", **COUNT})
+    mnli_data: str = field(default="", metadata={"help": "finetune: MNLI folder (GLUE layout); empty: datasets"})
+    squad_data: str = field(default="", metadata={"help": "finetune: folder of SQuAD v1.1 JSON; empty: datasets"})
+    ft_epochs: int = field(default=1, metadata={"help": "finetune: epochs per task", **COUNT})
+    ft_train_examples: int = field(default=2000, metadata={"help": "finetune: training examples per task (0: all)",
+                                                           **NONNEGATIVE})
+    ft_eval_examples: int = field(default=1000, metadata={"help": "finetune: dev examples per task (0: all)",
+                                                          **NONNEGATIVE})
 
 
-class Evaluations:
-    """The evaluator of Algorithm 2 behind a cache: no architecture is scored twice. `cache` (arch -> score) holds
-    the scores of an interrupted run: re-running the same seeded search over it replays the same decisions and
-    scores only what is missing, so a resumed search equals an uninterrupted one."""
-
-    def __init__(self, score, budget, cache=None):
-        self.score, self.budget, self.cache = score, budget, dict(cache or {})
-        self.done, self.seen = [], set()  # Candidates in the order they were scored, and their archs
-
-    def __contains__(self, arch):
-        return arch in self.seen
-
-    def __call__(self, archs, generation):
-        new = [a for a in archs if a not in self.cache]
-        self.cache.update(zip(new, map(float, score_all(self.score, new))))
-        out = []
-        for arch in archs:
-            out.append(Candidate(arch, self.cache[arch], self.budget(arch), generation))
-            self.seen.add(arch)
-        self.done += out
-        return out
+# ----------------------------------------------------------------------------- Algorithm 2 (Appendix C)
 
 
-def score_all(score, archs):
-    """The scores of a generation's new architectures: shared out over workers when `score` can (Shared), else
-    one after another."""
-    return score.many(archs) if hasattr(score, "many") else [score(a) for a in archs]
+def evolve(space, score, budget, generations=4, population=25, p_mutate=0.5, p_explore=0.5, seed=0, parents=None,
+           scale=None, window=0.0, cache=None, on_generation=None, max_draws=None):
+    """Algorithm 2: T = `generations` generations of S = `population` architectures of `space` within the latency
+    `budget` (a Budget); returns every scored Candidate, best first. We read pm and pe as exclusive (Algorithm 2
+    lists both without saying how they combine): the parent is mutated with probability pm, replaced by a fresh
+    sample with probability pe, and kept otherwise (a repeat, which is not scored again and so does not enter).
+    on_generation(scored so far, best first) runs after each generation; cache: see Evaluations.
+
+    The defaults are the paper's. evolve_elite changes three things, all off here: parents=k takes parents by rank
+    among the k best scored so far instead of the roulette wheel on the previous generation; scale widens the
+    mutation; window=w admits only candidates of at least w x the budget (the authors' code keeps 0.85-1.1x)."""
+    if not (0 <= p_mutate <= 1 and 0 <= p_explore <= 1 and p_mutate + p_explore <= 1):
+        raise UserError(f"p_mutate={p_mutate} and p_explore={p_explore} must be probabilities summing to <= 1")
+    evals, low, rng = Evaluations(score, budget, cache), budget.window(window), random.Random(seed)
+    max_draws = max_draws or 1000 * population
+    # Line 2: sample the first generation G1 from A; the evaluator produces its performance V1.
+    prev = evals(fill(lambda: space.sample(rng), population, budget, low, evals, max_draws), generation=1)
+    if not prev:
+        raise UserError(f"no architecture within {budget.budget_ms:.4g} ms found in {max_draws} random draws: "
+                        f"{budget.advice(low)}")
+    if on_generation:
+        on_generation(ranked(evals.done))
+    for t in range(2, generations + 1):  # line 3
+        scored = list(evals.done)
+
+        def propose():
+            # Line 5: a parent by the Russian roulette on G_{t-1} and V_{t-1} (evolve-elite: by rank, all so far).
+            parent = (roulette(prev, rng) if parents is None else by_rank(scored, rng, parents)).arch
+            r = rng.random()
+            if r < p_mutate:  # line 6: with probability pm, mut(α)
+                return mutate(parent, space, rng, scale)
+            if r < p_mutate + p_explore:  # line 7: with probability pe, a new architecture sampled from A
+                return space.sample(rng)
+            return parent
+
+        # Lines 4 and 8-10: G_t <- {}, append new candidates until |G_t| = S; line 11: the evaluator gives V_t.
+        prev = evals(fill(propose, population, budget, low, evals, max_draws), generation=t) or prev
+        if on_generation:
+            on_generation(ranked(evals.done))
+    return ranked(evals.done)  # line 13: the best first
 
 
-def fill(propose, size, budget, evals, max_draws):
-    """Draw from `propose()` until `size` new architectures within the budget (Algorithm 2, lines 4-9, with the
-    latency filter of §3.5); never one already scored. Stops after `max_draws` draws, so that a budget which only a
-    sliver of the space meets gives a short generation and a warning instead of an endless loop."""
-    chosen = []
-    for _ in range(max_draws):
-        if len(chosen) == size:
-            break
-        arch = propose()
-        if arch not in chosen and arch not in evals and budget.admits(arch):
-            chosen.append(arch)
-    if len(chosen) < size:
-        within = f"{budget.low:.4g}-{budget.budget_ms:.4g}" if budget.low else f"{budget.budget_ms:.4g}"
-        warnings.warn(f"only {len(chosen)} of {size} new architectures within {within} ms found in {max_draws} draws: "
-                      "the budget leaves little of the search space")
-    return chosen
+# Our default (bench/search_quality.py): elitist rank-based parents, wider mutation, a latency window of 0.85-1x the
+# budget (the authors' code keeps 0.85-1.1x, which lets a candidate exceed the target).
+ELITE = dict(p_mutate=0.8, p_explore=0.2, parents=5, scale=0.1, window=0.85)
 
 
-# ----------------------------------------------------------------------------- mutation
+def evolve_elite(space, score, budget, **settings):
+    """Algorithm 2's loop with ELITE's settings (any of them can be overridden)."""
+    return evolve(space, score, budget, **{**ELITE, **settings})
 
 
-def free_dims(space):
-    """The dimensions a search may change: qkv is tied to heads in the pre-training space (Table B.1)."""
-    return [d for d in SearchSpace.DIMS if len(space.choices(d)) > 1 and not (d == "qkv" and space.qkv is None)]
+def roulette(candidates, rng):
+    """Line 5: the Russian roulette wheel, P(parent) proportional to its score. The paper's scores (accuracy, F1)
+    are positive; when some are negative (e.g. -loss) the wheel is shifted so the worst score sits at 0."""
+    low = min(0.0, min(c.score for c in candidates))
+    weights = [c.score - low for c in candidates]
+    return rng.choices(candidates, weights=weights if sum(weights) > 0 else None)[0]
 
 
-def with_values(space, values):
-    """An Arch from a dict of dimension values, qkv tied to heads when the space ties it."""
-    if space.qkv is None:
-        values = dict(values, qkv=space.head_dim * values["heads"])
-    return Arch(**values)
+def by_rank(candidates, rng, k):
+    """evolve-elite's parent: one of the k best so far, P proportional to k, k-1, ..., 1 (linear rank selection:
+    unlike the roulette wheel it does not care how the scores are scaled or shifted)."""
+    best = ranked(candidates)[:k]
+    return rng.choices(best, weights=range(len(best), 0, -1))[0]
 
 
 def mutate(arch, space, rng, scale=None):
@@ -194,506 +197,197 @@ def mutate(arch, space, rng, scale=None):
     return arch
 
 
-# ----------------------------------------------------------------------------- Algorithm 2 and evolve-elite
+def free_dims(space):
+    """The dimensions a search may change: qkv is tied to heads in the pre-training space (Table B.1)."""
+    return [d for d in SearchSpace.DIMS if len(space.choices(d)) > 1 and not (d == "qkv" and space.qkv is None)]
 
 
-def roulette(candidates, rng):
-    """Line 5: the Russian roulette wheel, P(parent) proportional to its score. The paper's scores (accuracy, F1)
-    are positive; when some are negative (e.g. -loss) the wheel is shifted so the worst score sits at 0."""
-    low = min(0.0, min(c.score for c in candidates))
-    weights = [c.score - low for c in candidates]
-    return rng.choices(candidates, weights=weights if sum(weights) > 0 else None)[0]
+def with_values(space, values):
+    """An Arch from a dict of dimension values, qkv tied to heads when the space ties it."""
+    if space.qkv is None:
+        values = dict(values, qkv=space.head_dim * values["heads"])
+    return Arch(**values)
 
 
-def by_rank(candidates, rng, k):
-    """evolve-elite's parent: one of the k best so far, P proportional to k, k-1, ..., 1 (linear rank selection:
-    unlike the roulette wheel it does not care how the scores are scaled or shifted)."""
-    best = ranked(candidates)[:k]
-    return rng.choices(best, weights=range(len(best), 0, -1))[0]
+# ----------------------------------------------------------------------------- the latency constraint (§3.5)
 
 
-def evolve(space, score, latency, budget_ms, generations=4, population=25, p_mutate=0.5, p_explore=0.5, seed=0,
-           parents=None, scale=None, window=0.0, cache=None, on_generation=None, max_draws=None):
-    """Algorithm 2 (Appendix C): T = `generations` generations of S = `population` architectures within the latency
-    budget; returns every scored Candidate, best first. We read pm and pe as exclusive (Algorithm 2 lists both without
-    saying how they combine): the parent is mutated with probability pm, replaced by a fresh sample with probability
-    pe, and kept otherwise (a repeat, which is not scored again and so does not enter). on_generation(scored so far) runs after each generation.
+class Budget:
+    """The latency constraint of §3.5, lat(arch) <= budget_ms, with a cache: `latency` is asked once per arch. A
+    budget that no architecture of `space` meets is one line here, before any work."""
 
-    The defaults are the paper's. evolve_elite changes three things, all off here: parents=k takes parents by rank
-    among the k best scored so far instead of the roulette wheel on the previous generation; scale widens the
-    mutation; window=w admits only candidates of at least w x budget_ms (the authors' code keeps 0.85-1.1x)."""
-    if not (0 <= p_mutate <= 1 and 0 <= p_explore <= 1 and p_mutate + p_explore <= 1):
-        raise UserError(f"p_mutate={p_mutate} and p_explore={p_explore} must be probabilities summing to <= 1")
-    budget = Budget(space, latency, budget_ms, window)
-    evals = Evaluations(score, budget, cache)
-    max_draws = max_draws or 1000 * population
-    rng = random.Random(seed)
-    # Line 2: sample the first generation G1 from A; the evaluator produces its performance V1.
-    prev = evals(fill(lambda: space.sample(rng), population, budget, evals, max_draws), generation=1)
-    if not prev:
-        raise UserError(f"no architecture within {budget_ms:.4g} ms found in {max_draws} random draws: "
-                        f"{budget.advice()}")
-    if on_generation:
-        on_generation(evals.done)
-    for t in range(2, generations + 1):  # line 3
-        scored = list(evals.done)
+    def __init__(self, space, latency, budget_ms):
+        self.space, self.latency, self.budget_ms, self.ms = space, latency, float(budget_ms), {}
+        smallest = space.smallest()
+        base_ms = getattr(latency, "base_ms", None)  # a LatencyPredictor knows BERT-base's time
+        if self(smallest) > self.budget_ms:  # every arch is at least as slow as the smallest one
+            fix = (f"a speedup target of at most {base_ms / self(smallest):.3g}x" if base_ms
+                   else "a lower speedup target")
+            raise UserError(f"no architecture of the search space meets the budget of {self.budget_ms:.4g} ms: "
+                            f"even the smallest, {smallest}, takes {self(smallest):.4g} ms; choose {fix}")
 
-        def propose():
-            # Line 5: a parent by the Russian roulette on G_{t-1} and V_{t-1} (evolve-elite: by rank, all so far).
-            parent = (roulette(prev, rng) if parents is None else by_rank(scored, rng, parents)).arch
-            r = rng.random()
-            if r < p_mutate:  # line 6: with probability pm, mut(α)
-                return mutate(parent, space, rng, scale)
-            if r < p_mutate + p_explore:  # line 7: with probability pe, a new architecture sampled from A
-                return space.sample(rng)
-            return parent
+    def __call__(self, arch):
+        if arch not in self.ms:
+            self.ms[arch] = float(self.latency(arch))
+        return self.ms[arch]
 
-        # Lines 4 and 8-10: G_t <- {}, append new candidates until |G_t| = S; line 11: the evaluator gives V_t.
-        prev = evals(fill(propose, population, budget, evals, max_draws), generation=t) or prev
-        if on_generation:
-            on_generation(evals.done)
-    return ranked(evals.done)  # line 13: the best first
+    def meets(self, arch):
+        return self(arch) <= self.budget_ms
+
+    def window(self, w):
+        """The low end of the latency window w-1x (evolve-elite: lat(arch) >= w x budget_ms too), unless every
+        architecture is faster than that: a budget that the whole space meets is then searched whole (0, a warning)."""
+        largest = self.space.largest()
+        if self(largest) < w * self.budget_ms:  # every arch is at most as slow as the largest one
+            warnings.warn(f"every architecture meets {self.budget_ms:.4g} ms (the largest, {largest}, takes "
+                          f"{self(largest):.4g} ms): the latency window {w:g}-1x is dropped and the whole space "
+                          "searched")
+            return 0.0
+        return w * self.budget_ms
+
+    def advice(self, low):
+        """Which way to move the target when (almost) no architecture is admitted."""
+        if low and self(self.space.largest()) <= self.budget_ms:  # few archs reach the window: a smaller budget helps
+            return (f"choose a higher speedup target (the window asks >= {low:.4g} ms), or --method evolve "
+                    "(no window)")
+        return "choose a lower speedup target"
 
 
-# Our default (bench/search_quality.py): elitist rank-based parents, wider mutation, a latency window of 0.85-1x the
-# budget (the authors' code keeps 0.85-1.1x, which lets a candidate exceed the target).
-ELITE = dict(p_mutate=0.8, p_explore=0.2, parents=5, scale=0.1, window=0.85)
+def fill(propose, size, budget, low, evals, max_draws):
+    """Draw from `propose()` until `size` new architectures within low-budget ms (Algorithm 2, lines 4-9, with the
+    latency filter of §3.5); never one already scored. Stops after `max_draws` draws, so that a budget which only a
+    sliver of the space meets gives a short generation and a warning instead of an endless loop."""
+    chosen = []
+    for _ in range(max_draws):
+        if len(chosen) == size:
+            break
+        arch = propose()
+        if arch not in chosen and arch not in evals and low <= budget(arch) <= budget.budget_ms:
+            chosen.append(arch)
+    if len(chosen) < size:
+        within = f"{low:.4g}-{budget.budget_ms:.4g}" if low else f"{budget.budget_ms:.4g}"
+        warnings.warn(f"only {len(chosen)} of {size} new architectures within {within} ms found in {max_draws} draws: "
+                      "the budget leaves little of the search space")
+    return chosen
 
 
-def evolve_elite(space, score, latency, budget_ms, **settings):
-    """Algorithm 2's loop with ELITE's settings (any of them can be overridden)."""
-    return evolve(space, score, latency, budget_ms, **{**ELITE, **settings})
-
-
-def random_search(space, score, latency, budget_ms, n=100, seed=0, window=0.0, cache=None, on_generation=None,
-                  max_draws=None):
+def random_search(space, score, budget, n=100, seed=0, window=0.0, cache=None, on_generation=None, max_draws=None):
     """The baseline: n distinct architectures sampled uniformly from the space within the budget, all scored."""
-    budget = Budget(space, latency, budget_ms, window)
-    evals = Evaluations(score, budget, cache)
-    rng = random.Random(seed)
-    archs = fill(lambda: space.sample(rng), n, budget, evals, max_draws or 1000 * n)
+    evals, low, rng = Evaluations(score, budget, cache), budget.window(window), random.Random(seed)
+    archs = fill(lambda: space.sample(rng), n, budget, low, evals, max_draws or 1000 * n)
     if not archs:
-        raise UserError(f"no architecture within {budget_ms:.4g} ms found by random sampling: {budget.advice()}")
+        raise UserError(f"no architecture within {budget.budget_ms:.4g} ms found by random sampling: "
+                        f"{budget.advice(low)}")
     evals(archs, generation=1)
     if on_generation:
-        on_generation(evals.done)
+        on_generation(ranked(evals.done))
     return ranked(evals.done)
-
-
-# ----------------------------------------------------------------------------- AutoTinyBERT-Fast (§4.4)
-
-FFN_RULE, QKV_RULE = (1.6, 1.9), (0.7, 1.0)  # §4.4: 1.6 dm <= df <= 1.9 dm and 0.7 dm <= dqkv <= 1.0 dm
-
-
-def follows_rule(arch):
-    return (FFN_RULE[0] * arch.hidden <= arch.ffn <= FFN_RULE[1] * arch.hidden
-            and QKV_RULE[0] * arch.hidden <= arch.qkv <= QKV_RULE[1] * arch.hidden)
-
-
-def fast_candidates(space, latency, budget_ms):
-    """For each layer count, the architecture of the rule nearest the budget from below (§4.4: "we only need to test
-    one architecture at each layer number"). Latency grows with every dimension, so for each (layers, hidden,
-    heads, qkv) the largest ffn within budget is found by bisection, scanning hidden from the top down and stopping
-    once a hidden's largest rule shape fits (no smaller hidden can come nearer)."""
-    budget = Budget(space, latency, budget_ms)
-    attention = sorted(((q, h) for h in space.heads for q in (space.qkv or (space.head_dim * h,)) if q % h == 0))
-    out = []
-    for layers in space.layers:
-        best = None
-        for hidden in sorted(space.hidden, reverse=True):
-            ffns = [f for f in space.ffn if FFN_RULE[0] * hidden <= f <= FFN_RULE[1] * hidden]
-            qhs = [(q, h) for q, h in attention if QKV_RULE[0] * hidden <= q <= QKV_RULE[1] * hidden]
-            shape = lambda f, qh: Arch(layers, hidden, f, qh[1], qh[0])  # noqa: E731
-            if not ffns or not qhs or not budget.meets(shape(ffns[0], qhs[0])):
-                continue  # even this hidden's smallest rule shape is too slow
-            for qh in qhs:
-                lo, hi = 0, len(ffns)  # bisection: ffns[:lo] meet the budget, ffns[hi:] do not
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    lo, hi = (mid + 1, hi) if budget.meets(shape(ffns[mid], qh)) else (lo, mid)
-                if lo and (best is None or budget(shape(ffns[lo - 1], qh)) > budget(best)):
-                    best = shape(ffns[lo - 1], qh)
-            if budget.meets(shape(ffns[-1], qhs[-1])):
-                break
-        if best is not None:
-            out.append(best)
-    return out, budget
-
-
-def fast_search(space, score, latency, budget_ms, seed=0, cache=None, on_generation=None):
-    """AutoTinyBERT-Fast (§4.4): score only the rule's candidate of each layer count and rank them."""
-    archs, budget = fast_candidates(space, latency, budget_ms)
-    if not archs:
-        raise UserError(f"no architecture following the rule of §4.4 meets {budget_ms:.3g} ms; choose a lower "
-                        "speedup target or --method evolve")
-    evals = Evaluations(score, budget, cache)
-    evals(archs, generation=1)
-    if on_generation:
-        on_generation(evals.done)
-    return ranked(evals.done)
-
-
-# ----------------------------------------------------------------------------- BERT's default rule: Table 1's BERT-S
-
-
-def default_rule(layers, hidden):
-    """BERT's conventional shape (§3.3): qkv = hidden, ffn = 4 x hidden, heads of 64 dimensions."""
-    return Arch(layers, hidden, 4 * hidden, hidden // 64, hidden)
-
-
-def bert_s(ms, latency, layers=4):
-    """BERT-S at a latency (Table 1's baseline): the default-rule shape of `layers` layers, hidden 64 to 768, whose
-    latency predicted by `latency` (a latency.LatencyPredictor) is closest to `ms` from below; the smallest when
-    none is below."""
-    shapes = [default_rule(layers, 64 * k) for k in range(1, 13)]
-    pred = latency.predict(shapes)
-    below = [k for k in range(len(shapes)) if pred[k] <= ms]
-    return shapes[max(below, key=lambda k: pred[k]) if below else 0]
 
 
 METHODS = {"evolve": evolve, "evolve-elite": evolve_elite, "random": random_search, "fast": fast_search}
 
-# ----------------------------------------------------------------------------- evaluators: score(arch) from a SuperPLM
-
-
-class MLMScore:
-    """score(arch) = -(masked-LM loss) of the sub-model, run inside the SuperPLM (equal to extracting it, §3.4), on
-    the corpus's held-out sequences (data.split: one-shot training never sees them) with fixed masks. Loss rather
-    than accuracy: it moves with every masked token instead of in steps of 1/n, so close candidates are told apart.
-    The roulette wheel of Algorithm 2 shifts these negative scores (see roulette)."""
-
-    def __init__(self, model, tokenizer_path, corpus, seq_len, cache_dir, rows=256, batch_size=32, seed=0,
-                 compute=None):
-        compute = compute or resolve_compute("cpu")
-        data, heldout = split(build_dataset(corpus, load_tokenizer(tokenizer_path), seq_len, cache_dir))
-        rows = min(rows, len(heldout))  # a small corpus holds out fewer: score what there is
-        ids = heldout[list(range(rows))]  # (rows, T)
-        inputs, labels = mask_tokens(ids, heldout.specials, torch.Generator().manual_seed(seed))
-        if not (labels != -100).any():
-            raise UserError(f"corpus {corpus} gives {len(data) + len(heldout)} packed sequences, which leaves "
-                            f"{rows} held-out ones{' with no masked token' if rows else ''} to score sub-models on "
-                            "(data.split): use a larger corpus, or another one with --eval-corpus")
-        mask = (ids != heldout.specials.pad).long()
-        self.batches = [to_device(dict(input_ids=inputs[i:i + batch_size], labels=labels[i:i + batch_size],
-                                       attention_mask=mask[i:i + batch_size],
-                                       masked=masked_positions(labels[i:i + batch_size])), compute.device)
-                        for i in range(0, rows, batch_size)]
-        self.model, self.objective, self.metrics = model.to(compute.device).eval(), MLM(), {}
-        self.autocast = compute.autocast
-
-    @torch.no_grad()
-    def __call__(self, arch):
-        loss = acc = n = 0.0
-        for batch in self.batches:
-            k = batch["masked"].numel()  # masked tokens: MLM averages over them
-            with self.autocast():
-                batch_loss, stats = self.objective(self.model, batch, arch)
-            loss, acc, n = loss + float(batch_loss) * k, acc + float(stats["acc"]) * k, n + k
-        self.metrics[arch] = dict(mlm_loss=loss / n, mlm_acc=100 * acc / n)
-        return -loss / n
-
-
-class FinetuneScore:
-    """The paper's evaluator (§3.5): extract the candidate, fine-tune it briefly on MNLI and on SQuAD v1.1 with
-    finetune.py, and score it by the average of MNLI accuracy and SQuAD F1 (both in %)."""
-
-    def __init__(self, model, tokenizer_path, work, cfg):
-        self.model, self.tokenizer, self.work, self.cfg, self.metrics = model.eval(), tokenizer_path, work, cfg, {}
-
-    def __call__(self, arch):
-        folder = Path(self.work) / f"candidate-{arch}"
-        save_model(self.model, arch, self.tokenizer, folder)
-        c, scores = self.cfg, {}
-        for task, data in (("mnli", c.mnli_data), ("squad", c.squad_data)):
-            result = finetune.finetune(folder, task, data_dir=data or None, epochs=c.ft_epochs,
-                                       max_train_examples=c.ft_train_examples or None,
-                                       max_eval_examples=c.ft_eval_examples or None, seed=c.seed, device=c.device,
-                                       dtype=c.dtype)
-            scores[task] = result["score"]
-        shutil.rmtree(folder)
-        self.metrics[arch] = dict(mnli_acc=scores["mnli"], squad_f1=scores["squad"])
-        return (scores["mnli"] + scores["squad"]) / 2
-
-
-def save_model(superplm, arch, tokenizer_path, folder):
-    """The sub-model as a stand-alone Hugging Face BERT folder with its vocabulary, ready for superplm.py --init
-    or finetune.py (§3.6)."""
-    save_pretrained(extract(superplm, arch), folder)
-    for f in tokenizer_files(Path(tokenizer_path).parent):
-        shutil.copyfile(f, Path(folder) / f.name)
-    return folder
-
 
 # ----------------------------------------------------------------------------- command line
 
-
-@dataclass
-class Config:
-    target: str = field(default="7x", metadata={"help": "latency target: a speedup over BERT-base ('7x', Table 4) "
-                                                        "or a budget in ms ('40ms')"})
-    superplm: str = field(default="runs/superplm", metadata={"help": "SuperPLM run folder or checkpoint.pt "
-                                                                     "(superplm.py)"})
-    latency: str = field(default="runs/predictor", metadata={"help": "latency predictor: `latency.py fit`'s run "
-                                                                     "folder or its predictor.pt"})
-    method: str = field(default="evolve-elite", metadata={
-        "help": "evolve: Algorithm 2 with the paper's settings; evolve-elite: pm/pe 0.8/0.2, elitist rank parents, "
-                "wider mutation, latency window 0.85-1x (beats random search more often, bench/search_quality.py); "
-                "random; fast: §4.4's rule",
-        "choices": list(METHODS)})
-    evaluator: str = field(default="mlm", metadata={
-        "help": "mlm: -(masked-LM loss) of the sub-model inside the SuperPLM (fast); finetune: the paper's average "
-                "of MNLI accuracy and SQuAD F1 after a short fine-tuning (finetune.py)",
-        "choices": ["mlm", "finetune"]})
-    generations: int = field(default=4, metadata={"help": "T of Algorithm 2 (random search scores T x S archs)",
-                                                  **COUNT})
-    population: int = field(default=25, metadata={"help": "S of Algorithm 2: architectures per generation", **COUNT})
-    p_mutate: Optional[float] = field(default=None, metadata={
-        "help": "pm of Algorithm 2; default: the method's (evolve 0.5, evolve-elite 0.8)", **SHARE})
-    p_explore: Optional[float] = field(default=None, metadata={
-        "help": "pe of Algorithm 2; default: the method's (evolve 0.5, evolve-elite 0.2)", **SHARE})
-    top: int = field(default=3, metadata={"help": "architectures reported and extracted (§3.6: the top three)",
-                                          **COUNT})
-    extract: bool = field(default=False, metadata={"help": "save the top architectures as Hugging Face BERT "
-                                                           "folders (with the vocabulary) in OUT/top/"})
-    out: str = field(default="runs/search", metadata={"help": "run folder: results, state, figure"})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted search in --out"})
-    overwrite: bool = field(default=False, metadata={"help": "replace the search in --out"})
-    seed: int = field(default=0, metadata={"help": "seed of the search, the masks and the fine-tuning",
-                                           **NONNEGATIVE})
-    device: str = field(default="auto", metadata={"help": "the evaluator's device. " + DEVICE_HELP})
-    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
-    eval_corpus: str = field(default="", metadata={"help": "mlm: corpus spec of the scored text (data.py); "
-                                                           "default: the SuperPLM's own"})
-    eval_rows: int = field(default=256, metadata={"help": "mlm: held-out sequences scored (at most the corpus's "
-                                                          "held-out tail, data.split)", **COUNT})
-    batch_size: int = field(default=32, metadata={"help": "mlm: sequences per forward pass", **COUNT})
-    mnli_data: str = field(default="", metadata={"help": "finetune: MNLI folder (GLUE layout); empty: datasets"})
-    squad_data: str = field(default="", metadata={"help": "finetune: folder of SQuAD v1.1 JSON; empty: datasets"})
-    ft_epochs: int = field(default=1, metadata={"help": "finetune: epochs per task", **COUNT})
-    ft_train_examples: int = field(default=2000, metadata={"help": "finetune: training examples per task (0: all)",
-                                                           **NONNEGATIVE})
-    ft_eval_examples: int = field(default=1000, metadata={"help": "finetune: dev examples per task (0: all)",
-                                                          **NONNEGATIVE})
+PROBABILITIES = {"evolve": dict(p_mutate=0.5, p_explore=0.5),  # pm and pe of each method, as --help shows them
+                 "evolve-elite": dict(p_mutate=ELITE["p_mutate"], p_explore=ELITE["p_explore"])}
+RESUMABLE = ("resume", "overwrite", "out", "device", "dtype", "extract", "top")  # flags a resumed search may change
 
 
-def run_method(cfg, space, score, latency, budget_ms, cache, on_generation):
-    """The chosen method at T x S evaluations (random) or its own count (fast: one per layer count)."""
-    common = dict(seed=cfg.seed, cache=cache, on_generation=on_generation)
-    if cfg.method == "random":
-        return random_search(space, score, latency, budget_ms, n=cfg.generations * cfg.population, **common)
-    if cfg.method == "fast":
-        return fast_search(space, score, latency, budget_ms, **common)
-    probs = {k: v for k, v in dict(p_mutate=cfg.p_mutate, p_explore=cfg.p_explore).items() if v is not None}
-    return METHODS[cfg.method](space, score, latency, budget_ms, generations=cfg.generations,
-                               population=cfg.population, **probs, **common)
+def defaults(first, argv=None):
+    """The defaults a command line starts from: the preset's, and pm/pe of the method (given, else the preset's)."""
+    preset = PRESETS[first.preset]
+    method = argparse.ArgumentParser(add_help=False)
+    method.add_argument("--method", default=preset.get("method", Config.method))
+    return {**PROBABILITIES.get(method.parse_known_args(argv)[0].method, {}), **preset}
+
+
+def parse_config(argv=None):
+    return parse_with(Config, argv, __doc__.split("\n")[0], defaults=partial(defaults, argv=argv))
 
 
 def check_inputs(cfg):
-    """Fail before any work with the command that makes whatever is missing."""
-    superplm = Path(cfg.superplm)
+    """The SuperPLM's checkpoint.pt; before any work, the command that makes whatever input is missing."""
+    superplm, predictor = Path(cfg.superplm), Path(cfg.latency)
     if not (superplm / "checkpoint.pt" if superplm.is_dir() else superplm).exists():
         raise UserError(f"no SuperPLM at {superplm}: train one with `python superplm.py --preset tiny --out "
                         f"{superplm}` (or pass --superplm)")
-    if not (Path(cfg.latency) / "predictor.pt" if Path(cfg.latency).is_dir() else Path(cfg.latency)).exists():
+    if not (predictor / "predictor.pt" if predictor.is_dir() else predictor).exists():
         raise UserError(f"no latency predictor at {cfg.latency}: make one with `python latency.py measure --space "
                         f"{superplm} --out runs/latency && python latency.py fit --timings runs/latency --out "
                         f"{cfg.latency}`")
     return superplm / "checkpoint.pt" if superplm.is_dir() else superplm
 
 
-def open_run(cfg, folder):
-    """(config, records of the candidates scored before): --resume continues with the saved config."""
-    out = folder.path
-    state = out / "candidates.jsonl"  # one line per scored architecture: what --resume replays
-    if cfg.resume and folder.old_record:  # the saved search wins, so that the replay is exact
-        saved = config_values(Config, json.loads(folder.old_record))
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in RESUMABLE})
-        folder.update(cfg)
-    records = {Arch.parse(r["arch"]): r for r in (read_jsonl(state) if state.exists() else [])}
-    if records:  # rewritten whole: a torn last line from a killed run would spoil the lines appended after it
-        atomic_write(state, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records.values())))
-    return cfg, records
-
-
-RESUMABLE = ("resume", "overwrite", "out", "device", "dtype", "extract", "top")  # flags a resumed search may change
-
-
-SCORE_NAMES = {"mlm": "score = -(masked-LM loss)", "finetune": "score = (MNLI acc + SQuAD F1) / 2"}
-
-
-def make_score(cfg, model, tokenizer, ckpt, out, compute):
-    if cfg.evaluator == "finetune":
-        return FinetuneScore(model, tokenizer, out, dataclasses.replace(cfg, device=str(compute.device)))
-    if ckpt.get("objective") != "mlm":
-        raise UserError(f"{cfg.superplm} was trained by {ckpt.get('objective')}, so its masked-LM head is untrained: "
-                        "use --evaluator finetune")
-    c = ckpt["config"]
-    return MLMScore(model, tokenizer, cfg.eval_corpus or c["corpus"], c["seq_len"], c["cache_dir"], cfg.eval_rows,
-                    cfg.batch_size, cfg.seed, compute)
-
-
-def figure(candidates, top, base_ms, target_speedup, path, title, ylabel):
-    """Speedup against score, as the paper's Figure 1."""
-    fig = Figure(figsize=(6, 4))  # matplotlib's object API: no pyplot state, no display backend
-    ax = fig.subplots()
-    gens = sorted({c.generation for c in candidates})
-    for g in gens:
-        cs = [c for c in candidates if c.generation == g]
-        ax.scatter([base_ms / c.latency for c in cs], [c.score for c in cs], s=14, alpha=0.7,
-                   label=f"generation {g}" if len(gens) > 1 else "scored")
-    ax.scatter([base_ms / c.latency for c in top], [c.score for c in top], s=80, facecolors="none",
-               edgecolors="red", label="top: " + ", ".join(f"{i} {c.arch}" for i, c in enumerate(top, 1)))
-    for i, c in enumerate(top, 1):
-        ax.annotate(str(i), (base_ms / c.latency, c.score), fontsize=8, xytext=(5, -3 - 4 * i),
-                    textcoords="offset points", color="red")
-    ax.axvline(target_speedup, color="grey", linestyle="--", label=f"target {target_speedup:.3g}x")
-    ax.set(xlabel="speedup over BERT-base (predicted)", ylabel=ylabel, title=title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def print_top(top, n_scored, base_ms, budget_ms, cfg, metrics):
-    extra = sorted({k for c in top for k in metrics.get(c.arch, {})})
-    print(f"\ntop {len(top)} of {n_scored} scored architectures (layers-hidden-ffn-heads-qkv) for {cfg.target} = "
-          f"{budget_ms:.4g} ms, by {cfg.method} with the {cfg.evaluator} evaluator:")
-    print(f"{'rank':>4}  {'architecture':20s} {'latency ms':>10} {'speedup':>8} {'score':>9}"
-          + "".join(f" {k:>9}" for k in extra))
-    for i, c in enumerate(top, 1):
-        m = metrics.get(c.arch, {})
-        print(f"{i:>4}  {str(c.arch):20s} {c.latency:10.4g} {base_ms / c.latency:7.2f}x {c.score:9.4f}"
-              + "".join(f" {m.get(k, float('nan')):9.4f}" for k in extra))
-
-
-class Shared:
-    """An evaluator shared out over torch.distributed workers (torchrun). Worker 0 runs the search; each time it
-    needs scores (a generation's new candidates) it sends the list to every worker, each scores its share on its
-    own device, one candidate per worker per round, and worker 0 gathers the round's scores and metrics and
-    records them (record(arch, score), in generation order) before the next round. The other workers only serve().
-    With one worker this is a plain loop, so the search and its files are the same whatever the number of workers;
-    an interrupted search loses at most the round in progress."""
-
-    def __init__(self, score, rank, world, record):
-        self.score, self.rank, self.world, self.record = score, rank, world, record
-
-    def many(self, archs):  # worker 0, inside the search
-        if self.world > 1:
-            dist.broadcast_object_list([archs])
-        values = []
-        for arch, (value, metrics) in zip(archs, self._rounds(archs)):
-            self.score.metrics[arch] = metrics
-            self.record(arch, value)
-            values.append(value)
-        return values
-
-    def serve(self):  # workers 1..N-1: score shares until worker 0 says the search is over
-        while True:
-            archs = [None]
-            dist.broadcast_object_list(archs)
-            if archs[0] is None:
-                return
-            for _ in self._rounds(archs[0]):
-                pass
-
-    def stop(self):  # worker 0, after the search
-        if self.world > 1:
-            dist.broadcast_object_list([None])
-
-    def _rounds(self, archs):
-        """Yield (score, metrics) of every arch, computed round by round, worker k taking the k-th of each round."""
-        for i in range(0, len(archs), self.world):
-            this_round = archs[i:i + self.world]
-            mine = None
-            if self.rank < len(this_round):
-                arch = this_round[self.rank]
-                mine = (float(self.score(arch)), self.score.metrics.get(arch, {}))
-            got = [mine]
-            if self.world > 1:
-                got = [None] * self.world
-                dist.all_gather_object(got, mine)
-            yield from got[:len(this_round)]
+def run_method(cfg, space, score, budget, cache, on_generation):
+    """The chosen method at T x S evaluations (random) or its own count (fast: one per layer count)."""
+    common = dict(seed=cfg.seed, cache=cache, on_generation=on_generation)
+    if cfg.method == "random":
+        return random_search(space, score, budget, n=cfg.generations * cfg.population, **common)
+    if cfg.method == "fast":
+        return fast_search(space, score, budget, **common)
+    probs = {k: v for k, v in dict(p_mutate=cfg.p_mutate, p_explore=cfg.p_explore).items() if v is not None}
+    return METHODS[cfg.method](space, score, budget, generations=cfg.generations, population=cfg.population,
+                               **probs, **common)
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv, __doc__.split("\n")[0])
+    cfg = parse_config(argv)
     rank, world, device = init_distributed(cfg.device, timeout_h=24)  # a candidate may take hours
     folder = RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="candidates.jsonl", argv=argv) if rank == 0 \
         else nullcontext()  # worker 0 owns the run folder
     with folder:
-        opened = [open_run(cfg, folder) if rank == 0 else None]  # a resumed search: its saved settings
+        opened = [open_search(cfg, folder, RESUMABLE) if rank == 0 else None]  # a resumed search: its saved settings
         if world > 1:
             dist.broadcast_object_list(opened)
         cfg, records = opened[0]
-        check_inputs(cfg)
-        return run_search(cfg, folder, records, rank, world, device)
-
-
-def run_search(cfg, folder, records, rank, world, device):
-    out = Path(cfg.out)
-    model, space, tokenizer = load_superplm(check_inputs(cfg))
-    predictor = latency.LatencyPredictor.load(cfg.latency)
-    budget_ms = latency.parse_target(cfg.target, predictor.base_ms)
-    Budget(space, predictor, budget_ms)  # a target that no architecture meets fails here, before any work
-    seed_everything(cfg.seed)
-    compute = resolve_compute(str(device), cfg.dtype)
-    score = rank0_first(rank, world, lambda: make_score(cfg, model, tokenizer, torch_load(check_inputs(cfg)),
-                                                                 out, compute))  # rank 0 builds the MLM cache
-    score.metrics.update({a: r.get("metrics", {}) for a, r in records.items()})
-    if rank == 0:
+        checkpoint = check_inputs(cfg)
+        ckpt = torch_load(checkpoint)  # read once: the SuperPLM, and the corpus settings of the mlm evaluator
+        model, space, tokenizer = load_superplm(checkpoint, ckpt)
+        predictor = LatencyPredictor.load(cfg.latency)
+        budget = Budget(space, predictor, parse_target(cfg.target, predictor.base_ms))
+        seed_everything(cfg.seed)
+        compute = resolve_compute(str(device), cfg.dtype)
+        # Worker 0 first: it builds the mlm evaluator's cache, which the others then read.
+        score = rank0_first(rank, world, partial(make_score, cfg, model, tokenizer, ckpt, compute))
+        score.metrics.update({a: r.get("metrics", {}) for a, r in records.items()})
+        if rank:  # the other workers score what worker 0's search asks for
+            Shared(score, rank, world, record=None).serve()
+            end_distributed(world)
+            return None
         print(f"searching {space.size():,} architectures of {model.arch} ({cfg.method}, {cfg.evaluator} evaluator) "
-              f"for {cfg.target}: latency <= {budget_ms:.4g} ms on {predictor.backend} (BERT-base "
+              f"for {cfg.target}: latency <= {budget.budget_ms:.4g} ms on {predictor.backend} (BERT-base "
               f"{predictor.base_ms:.4g} ms) on {world} worker(s), {compute}"
               + (f"; {len(records)} scored before, replayed" if records else ""))
-    n_evals = len(space.layers) if cfg.method == "fast" else cfg.generations * cfg.population
-    bar = tqdm(total=n_evals, initial=len(records), desc="scoring", unit="arch", disable=rank != 0)
-
-    def scored(arch, value):  # appended at once: an interrupted search loses at most the round in progress
-        append_jsonl(out / "candidates.jsonl", dict(arch=str(arch), score=value, latency=predictor(arch),
-                                                    metrics=score.metrics.get(arch, {})))
-        folder.done_first()
-        bar.update()
-        if stop.signal:
-            bar.close()
-            n = len(read_jsonl(out / "candidates.jsonl"))
-            raise Interrupted(f"{stop.signal}: the {n} candidates scored so far are kept in {out}/candidates.jsonl; "
-                              f"resume with: {command_line(['--out', cfg.out, '--resume'], 'search.py')}")
-
-    def rows(candidates):
-        return [dict(c.to_dict(), speedup=predictor.base_ms / c.latency, **score.metrics.get(c.arch, {}))
-                for c in candidates]
-
-    def on_generation(done):  # the state after each generation, best first
-        save_json(rows(ranked(done)), out / "scored.json")
-        bar.write(f"generation {max(c.generation for c in done)}: {len(done)} scored, best {ranked(done)[0].arch} "
-                  f"score {ranked(done)[0].score:.4f}")
-
-    shared = Shared(score, rank, world, scored)
-    if rank:  # the other workers score what worker 0's search asks for
-        shared.serve()
-    else:
+        n_evals = len(space.layers) if cfg.method == "fast" else cfg.generations * cfg.population
+        bar = tqdm(total=n_evals, initial=len(records), desc="scoring", unit="arch")
         with warnings.catch_warnings(), stop_after_step() as stop:
             warnings.simplefilter("always")  # a search's warnings (a dropped window, a short generation): one line each
             warnings.showwarning = lambda message, *_, **__: bar.write(f"warning: {message}")
+            record = SearchRecord(folder, command_line(["--out", cfg.out, "--resume"], "search.py"), budget,
+                                  predictor.base_ms, score.metrics, bar, stop)
+            shared = Shared(score, rank, world, record.scored)
             try:
-                results = run_method(cfg, space, shared, predictor, budget_ms,
-                                     {a: r["score"] for a, r in records.items()}, on_generation)
+                results = run_method(cfg, space, shared, budget, {a: r["score"] for a, r in records.items()},
+                                     record.generation)
             finally:
                 shared.stop()
-    bar.close()
-    end_distributed(world)
-    if rank:
-        return None
-    top = results[:cfg.top]
+        bar.close()
+        end_distributed(world)
+        return finish(cfg, results, record.rows, budget, predictor, model, tokenizer)
+
+
+def finish(cfg, results, rows, budget, predictor, model, tokenizer):
+    """Worker 0 after the search: scored.json, top.json, the figure, the printed top and (--extract) the models."""
+    out, top = Path(cfg.out), results[:cfg.top]
     save_json(rows(results), out / "scored.json")
-    save_json(dict(target=cfg.target, budget_ms=budget_ms, base_ms=predictor.base_ms, backend=predictor.backend,
+    save_json(dict(target=cfg.target, budget_ms=budget.budget_ms, base_ms=predictor.base_ms, backend=predictor.backend,
                    method=cfg.method, evaluator=cfg.evaluator, superplm=str(cfg.superplm), best=str(top[0].arch),
-                   top=rows(top)),
-              out / "top.json")
+                   top=rows(top)), out / "top.json")
     made = [out / "top.json", out / "scored.json", out / "candidates.jsonl"]
-    made.append(figure(results, top, predictor.base_ms, predictor.base_ms / budget_ms, out / "search.png",
-                       f"{cfg.method} search for {cfg.target}", SCORE_NAMES[cfg.evaluator]))
-    print_top(top, len(results), predictor.base_ms, budget_ms, cfg, score.metrics)
+    made.append(search_figure(rows(results), rows(top), predictor.base_ms / budget.budget_ms, out / "search.png",
+                              f"{cfg.method} search for {cfg.target}", SCORE_NAMES[cfg.evaluator]))
+    print_search_top(rows(top), len(results), cfg.target, budget.budget_ms, cfg.method, cfg.evaluator)
     if cfg.extract:
         made += [save_model(model, c.arch, tokenizer, out / "top" / f"{i}-{c.arch}") for i, c in enumerate(top, 1)]
     print("\nwrote " + ", ".join(str(p) for p in made))

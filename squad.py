@@ -5,7 +5,8 @@ BERT's run_squad recipe, on a fast tokenizer's character offsets:
   - squad_windows: [CLS] question [SEP] context window [SEP] features, 384-token windows with a document stride
     of 128, labelled with the tokens of the first gold answer where a window holds it,
   - decode: n-best decoding of the start/end logits back to answer text, answers of at most 30 tokens,
-  - squad_scores: the official v1.1 evaluation (exact match and F1, the max over a question's gold answers).
+  - squad_scores: the official v1.1 evaluation (exact match and F1, the max over a question's gold answers),
+  - squad_task: SQuAD as fine-tuning needs it (train features and answer spans, the dev evaluation).
 """
 
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError, load_hub_dataset
+from common import UserError, load_hub_dataset, subset_indices
 
 # ----------------------------------------------------------------------------- the official evaluation, in percent
 
@@ -133,3 +134,27 @@ def decode(examples, windows, logits, n_best=20, max_answer_len=30):
                 if i <= j < i + max_answer_len and s[i] + e[j] > best.get(w.example, (-np.inf,))[0]:
                     best[w.example] = (s[i] + e[j], w.offsets[i][0], w.offsets[j][1])
     return {ex["id"]: ex["context"][best[k][1]:best[k][2]] if k in best else "" for k, ex in enumerate(examples)}
+
+
+# ----------------------------------------------------------------------------- SQuAD as fine-tuning needs it
+
+
+def squad_task(tokenizer, data_dir=None, max_len=384, doc_stride=128, max_query_len=64, n_best=20,
+               max_answer_len=30, max_train=None, max_eval=None, seed=0):
+    """(train features, train targets [start, end], evaluate). evaluate(predict) -> (dev metrics with "score" =
+    F1, the official {id: text} predictions), where predict(features) -> the (start, end) logits of each window.
+    max_train / max_eval: a seeded random choice of that many questions."""
+    train = read_squad("train", data_dir)
+    train = [train[i] for i in subset_indices(len(train), max_train, seed)]
+    dev = read_squad("dev", data_dir)
+    dev = [dev[i] for i in subset_indices(len(dev), max_eval, seed)]
+    window = dict(max_len=max_len, doc_stride=doc_stride, max_query_len=max_query_len)
+    train_w, dev_w = squad_windows(tokenizer, train, labelled=True, **window), squad_windows(tokenizer, dev, **window)
+    dev_feats, golds = [(w.ids, w.types) for w in dev_w], {ex["id"]: ex["answers"] for ex in dev}
+
+    def evaluate(predict):
+        predictions = decode(dev, dev_w, predict(dev_feats), n_best, max_answer_len)
+        m = squad_scores(predictions, golds)
+        return dict(m, score=m["f1"]), predictions
+
+    return [(w.ids, w.types) for w in train_w], [[w.start, w.end] for w in train_w], evaluate

@@ -36,12 +36,12 @@ from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, POSITIV
                     append_jsonl, config_values, end_distributed, init_distributed, rank0_first, resolve_compute,
                     run_main, seed_everything, stop_after_step, torch_load, torch_save)
 from common import parse_config as parse_with
-from data import (DataConfig, batches, derive_seed, masked_positions, prefetch, prepare, save_tokenizer, split,
-                  steps_per_epoch)
+from data import DataConfig, batches, derive_seed, masked_positions, prefetch, prepare, split, steps_per_epoch
 from distill import KDObjective, check_compatible, load_teacher
 from hf import save_pretrained
 from model import SUPERPLM, Arch, Bert, SearchSpace, extract, grid, learning_rate, make_optimizer, sub
 from runs import RunFolder, command_line, keep_jsonl, load_superplm, rng_states, set_rng_states
+from tokenizer import save_tokenizer
 
 
 @dataclass

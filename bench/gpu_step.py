@@ -30,11 +30,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (COUNT, DTYPES, NONNEGATIVE, parse_config, resolve_compute, save_json, seed_everything,  # noqa: E402
                     to_device)
-from data import Specials, batches, mask_tokens, masked_positions, prefetch  # noqa: E402
+from data import batches, mask_tokens, masked_positions, prefetch  # noqa: E402
 from finetune import Finetuner, optimizer_and_schedule, train_epoch  # noqa: E402
 from latency import features  # noqa: E402
 from model import BERT_BASE, SUPERPLM, Arch, Bert, extract, make_optimizer  # noqa: E402
 from superplm import MLM, accumulate, flat_grads, sample_arch, space_for, update  # noqa: E402
+from tokenizer import Specials  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks as the vendors state them, TFLOP/s; the first name found in
 # torch.cuda.get_device_name() wins, so the more specific come first. NVL boards (other clocks) are left unknown.

@@ -11,17 +11,18 @@ figures are medians. transformers is a test/bench-time reference only.
     python bench/model_speed.py [--runs 30] [--train-runs 10] [--threads 1]
 """
 
-import argparse
 import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import latency  # noqa: E402
+from common import COUNT, parse_config, run_main  # noqa: E402
 from model import BERT_BASE, Arch, Bert  # noqa: E402
 
 
@@ -80,13 +81,16 @@ def train_step(arch, runs, B=8, T=128):
     return alternate([step_ours, step_theirs], runs, warmup=2)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=int, default=30, help="timed inference runs per model (median reported)")
-    p.add_argument("--train-runs", type=int, default=10, help="timed training steps per model")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the paper: one CPU)")
-    p.add_argument("--skip-train", action="store_true", help="only the inference and speedup tables")
-    args = p.parse_args()
+@dataclass
+class Config:
+    runs: int = field(default=30, metadata={"help": "timed inference runs per model (median reported)", **COUNT})
+    train_runs: int = field(default=10, metadata={"help": "timed training steps per model", **COUNT})
+    threads: int = field(default=1, metadata={"help": "torch threads (the paper: one CPU)", **COUNT})
+    skip_train: bool = field(default=False, metadata={"help": "only the inference and speedup tables"})
+
+
+def main(argv=None):
+    args = parse_config(Config, argv, __doc__.split("\n")[0])
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), "
@@ -110,4 +114,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

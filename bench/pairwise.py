@@ -38,19 +38,25 @@ from matplotlib.figure import Figure
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import latency  # noqa: E402
 import superplm  # noqa: E402
-from common import (UserError, append_jsonl, config_from_args, config_parser, read_jsonl,  # noqa: E402
-                    resolve_compute, run_main, save_json)
+from common import (UserError, append_jsonl, parse_config, read_jsonl, resolve_compute, run_main,  # noqa: E402
+                    save_json)
 from data import prepare, split  # noqa: E402
 from model import Arch  # noqa: E402
-from search import MLMScore  # noqa: E402
+from evaluators import MLMScore  # noqa: E402
 
 PAPER = {"HAT baseline": 90.0, "ILS": 91.6, "ILS + SME": 94.2, "ILS + SME + EBL (ours)": 96.7}  # Table 3, %
 
 
 @dataclass
-class Config:
+class Study:
+    """The settings every study of bench/ starts with: the superplm.py runs it trains (see study_config)."""
     preset: str = field(default="tiny", metadata={"help": "superplm.py preset of every training run",
                                                   "choices": list(superplm.PRESETS)})
+    train_args: str = field(default="", metadata={"help": "more superplm.py flags for every run"})
+
+
+@dataclass
+class Config(Study):
     train_args: str = field(default="", metadata={
         "help": "more superplm.py flags for every run, e.g. \"--corpus my.txt --superplm-arch 6-384-1536-6-384 "
                 "--batch-size 64\" (this study sets --out, --arch, --mha, --sub-models, --steps)"})
@@ -313,11 +319,25 @@ def open_study(cfg, made=MADE, prefixes=("init-", "superplm-", "standalone-")):
     return out
 
 
-def main(argv=None):
-    cfg = config_from_args(Config, config_parser(Config, __doc__.split("\n")[0]).parse_args(argv))
+def study_config(cls, argv, doc):
+    """(the study's config, the superplm.py config every run starts from: --preset and --train-args) from the
+    command line. Every study scores masked-LM loss."""
+    cfg = parse_config(cls, argv, doc.split("\n")[0])
     base = superplm.parse_config(["--preset", cfg.preset, *shlex.split(cfg.train_args)])
     if base.objective != "mlm":
         raise UserError("this study scores masked-LM loss: drop --objective from --train-args")
+    return cfg, base
+
+
+def machine():
+    """Where a study ran, for its results.json."""
+    return dict(cpu=latency.cpu_model(), cores=os.cpu_count(), threads=torch.get_num_threads(),
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__,
+                python=platform.python_version())
+
+
+def main(argv=None):
+    cfg, base = study_config(Config, argv, __doc__)
     if cfg.ablation and cfg.sub_models < 2:
         raise UserError("--ablation compares M sub-models per batch with one: use --sub-models >= 2 or --no-ablation")
     t0 = time.time()
@@ -334,9 +354,7 @@ def main(argv=None):
     picked = pick_archs(spaces["heads"], cfg.archs, cfg.group, cost, cfg.seed, cfg.pool, keep)
     sets = {mha: [a if mha == "heads" else as_dims(a, spaces["dims"]) for a, _ in picked] for mha in cfg.mha}
     every = [a for archs in sets.values() for a in archs]
-    info = dict(cpu=latency.cpu_model(), cores=os.cpu_count(), threads=torch.get_num_threads(),
-                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__,
-                python=platform.python_version(), superplm=str(big), steps=steps,
+    info = dict(machine(), superplm=str(big), steps=steps,
                 tokens=steps * base.batch_size * base.seq_len, heldout_rows=rows, seq_len=base.seq_len,
                 batch_size=base.batch_size, cost=cost_name, n_archs=len(picked),
                 arch_cost={str(a): float(c) for a, c in zip(every, cost(every))},

@@ -32,10 +32,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import evaluators  # noqa: E402
 import search  # noqa: E402
-from common import UserError, config_from_args, config_parser, run_main, save_json  # noqa: E402
+import superplm  # noqa: E402
+from common import UserError, config_from_args, config_parser, run_main, save_json, torch_load  # noqa: E402
 from model import BERT_BASE, PRETRAIN_SPACE, Arch, SearchSpace  # noqa: E402
-from runs import load_superplm  # noqa: E402
+from runs import checkpoint_path, load_superplm  # noqa: E402
 
 
 @dataclass
@@ -110,7 +112,7 @@ def regrets(space, true, noisy, latency, best_at, budgets, seed, T=4, S=25):
         size = {} if "fast" in name else dict(n=T * S) if "random" in name else dict(generations=T, population=S)
         for target, budget in budgets.items():
             try:
-                found = method(space, noisy, latency, budget, seed=seed, **size)
+                found = method(space, noisy, search.Budget(space, latency, budget), seed=seed, **size)
             except UserError:  # fast on a grid without an arch of its rule
                 out[name][target] = (float("nan"), 0)
                 continue
@@ -152,7 +154,6 @@ def coarse(space, n):
 def toy_superplm(folder):
     """A 4-64-256-4-64 SuperPLM trained with Algorithm 1 on a corpus whose lines each draw 12 words from one of six
     topics: a masked word is guessable from its context, and bigger sub-models guess better."""
-    import superplm
     folder = Path(folder)
     if (folder / "checkpoint.pt").exists():
         return folder
@@ -176,7 +177,7 @@ def mlm_table(cfg, space, model, tokenizer, ckpt):
     if path.exists() and json.loads(path.read_text()).get("key") == key:
         return {Arch.parse(a): s for a, s in json.loads(path.read_text())["scores"].items()}
     c = ckpt["config"]
-    score = search.MLMScore(model, tokenizer, c["corpus"], c["seq_len"], c["cache_dir"], cfg.eval_rows)
+    score = evaluators.MLMScore(model, tokenizer, c["corpus"], c["seq_len"], c["cache_dir"], cfg.eval_rows)
     archs = [search.with_values(space, dict(layers=L, hidden=d, ffn=f, heads=h))
              for L in space.layers for d in space.hidden for f in space.ffn for h in space.heads]
     t0, table = time.time(), {}
@@ -189,15 +190,14 @@ def mlm_table(cfg, space, model, tokenizer, ckpt):
 
 
 def mlm(cfg):
-    from common import torch_load
     if cfg.superplm == "toy":
         cfg = dataclasses.replace(cfg, superplm=str(toy_superplm(Path(cfg.out).parent / "toy-superplm")))
-    model, full_space, tokenizer = load_superplm(cfg.superplm)
+    ckpt = torch_load(checkpoint_path(cfg.superplm))  # read once
+    model, full_space, tokenizer = load_superplm(cfg.superplm, ckpt)
     if full_space.qkv is not None:
         raise UserError("the mlm study covers pre-training SuperPLMs (tied qkv); this one was trained by distillation")
-    path = Path(cfg.superplm)
     space = coarse(full_space, cfg.grid)
-    table = mlm_table(cfg, space, model, tokenizer, torch_load(path / "checkpoint.pt" if path.is_dir() else path))
+    table = mlm_table(cfg, space, model, tokenizer, ckpt)
     lat = {a: float(latency_ms(*of(a))) for a in table}
     budgets = {f"q{q:g}": float(np.quantile(list(lat.values()), q)) for q in cfg.mlm_budgets}
     runs = [regrets(space, table.__getitem__, table.__getitem__, lat.__getitem__,

@@ -21,9 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import parse_config, resolve_device, seed_everything  # noqa: E402
-from data import Specials, mask_tokens  # noqa: E402
+from data import mask_tokens  # noqa: E402
 from model import PRETRAIN_SPACE, SUPERPLM, Bert, extract, make_optimizer  # noqa: E402
 from superplm import MLM, flat_grads  # noqa: E402
+from tokenizer import Specials  # noqa: E402
 
 
 @dataclass

@@ -28,8 +28,6 @@ default rule's next shape down is then about half as fast: no comparison at equa
 
 import dataclasses
 import json
-import os
-import platform
 import random
 import re
 import shlex
@@ -39,20 +37,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import finetune  # noqa: E402
 import latency  # noqa: E402
 import search  # noqa: E402
 import superplm  # noqa: E402
-from common import (UserError, append_jsonl, config_from_args, config_parser, read_jsonl,  # noqa: E402
-                    resolve_compute, run_main, save_json)
+from common import UserError, append_jsonl, read_jsonl, resolve_compute, run_main, save_json  # noqa: E402
 from data import load_corpus, prepare, split, steps_per_epoch  # noqa: E402
 from model import Arch  # noqa: E402
 from runs import load_superplm  # noqa: E402
-from pairwise import open_study  # noqa: E402
-from search import MLMScore, bert_s, default_rule  # noqa: E402
+from pairwise import Study, machine, open_study, study_config  # noqa: E402
+from evaluators import MLMScore  # noqa: E402
+from rules import bert_s, default_rule  # noqa: E402
 
 # Table 1 (pre-training setting): speedup over BERT-base and GLUE dev average without SQuAD ("score")
 PAPER = [("S1", "5-564-1054-8-512", 7.2, 78.3, "4-512-2048-8-512", 7.1, 76.5),
@@ -62,9 +59,7 @@ PAPER = [("S1", "5-564-1054-8-512", 7.2, 78.3, "4-512-2048-8-512", 7.1, 76.5),
 
 
 @dataclass
-class Config:
-    preset: str = field(default="tiny", metadata={"help": "superplm.py preset of every training run",
-                                                  "choices": list(superplm.PRESETS)})
+class Config(Study):
     train_args: str = field(default="", metadata={
         "help": "more superplm.py flags for every run, e.g. \"--corpus my.txt --superplm-arch 6-384-1536-6-384\" (this "
                 "study sets --out, --arch, --init, --steps, --seed, --save-every)"})
@@ -390,11 +385,8 @@ PREFIXES = ("superplm-", "search-", "further-", "scratch-")
 
 
 def main(argv=None):
-    cfg = config_from_args(Config, config_parser(Config, __doc__.split("\n")[0]).parse_args(argv))
-    base = superplm.parse_config(["--preset", cfg.preset, *shlex.split(cfg.train_args)])
+    cfg, base = study_config(Config, argv, __doc__)
     targets = [Arch.parse(t) for t in cfg.targets]
-    if base.objective != "mlm":
-        raise UserError("this study scores masked-LM loss: drop --objective from --train-args")
     if not all(is_default_rule(t) for t in targets):
         raise UserError(f"--targets {' '.join(cfg.targets)}: name each target by a default-rule shape, e.g. "
                         "4-192-768-3-192 (qkv = hidden, ffn = 4 x hidden, heads = hidden / 64)")
@@ -411,9 +403,7 @@ def main(argv=None):
     done = {r["run"]: r for r in read_jsonl(out / "runs.jsonl")} if (out / "runs.jsonl").exists() else {}
     heldout = HeldOut(base, str(tok_path), len(heldout_rows), cfg.eval_batch)
     common = ["--preset", cfg.preset, *shlex.split(cfg.train_args), "--tokenizer", str(tok_path)]
-    info = dict(cpu=latency.cpu_model(), cores=os.cpu_count(), threads=torch.get_num_threads(),
-                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__,
-                python=platform.python_version(), superplm=base.superplm_arch, corpus=base.corpus, steps=steps,
+    info = dict(machine(), superplm=base.superplm_arch, corpus=base.corpus, steps=steps,
                 epoch_steps=spe, heldout_rows=len(heldout_rows), seq_len=base.seq_len, batch_size=base.batch_size)
     task_dir, majority = write_task(base, out, cfg) if cfg.task_train else (None, None)
 

@@ -145,3 +145,32 @@ def test_no_flag_is_defined_twice_and_help_hides_old_spellings():
         assert len(shown) == len(set(shown))
         assert not {"--max-steps", "--samples", "--batch", "--data"} & set(shown) or cls in (
             latency.MeasureCfg, finetune.FinetuneConfig)
+
+
+def test_a_script_of_several_commands_parses_each_command_with_its_own_flags(tmp_path, capsys):
+    commands = {"make-teacher": (distill.TeacherConfig, "write"), "check": (distill.CheckConfig, "load")}
+    assert common.parse_config(commands, ["check", "--teacher", "t"]) == ("check", distill.CheckConfig(teacher="t"))
+    assert common.parse_config(commands, ["make-teacher", "--seed", "3", "--no-overwrite"]) == \
+        ("make-teacher", distill.TeacherConfig(seed=3))
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"vocab_size": 99, "out": "x", "overwrite": True}}))
+    assert common.parse_config(commands, ["make-teacher", "--config", str(tmp_path), "--out", "y"]) == \
+        ("make-teacher", distill.TeacherConfig(vocab_size=99, out="y"))  # flags win; --overwrite is asked anew
+    for argv, message in ((["check", "--seed", "3"], "check: error: unrecognized arguments: --seed 3"),
+                          (["make-teacher", "--vocab-size", "2"], "error: --vocab-size 2 is out of range"),
+                          ([], "error: the following arguments are required: command")):
+        with pytest.raises(SystemExit) as e:
+            run_main(lambda: distill.main(argv))
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("main, argv, shown", [
+    (data.main, [], ["(default: stdlib)", "(default: 30522)", "(default: 128)", "(default: paper)"]),
+    (data.main, ["--preset", "tiny"], ["(default: 4096)", "(default: 64)"]),
+    (demo.main, [], ["(default: runs/demo)", "(default: 40x)", "(default: 300)"]),
+    (distill.main, ["make-teacher"], ["(default: runs/teacher)", "(default: 2-256-1024-4-256)", "(default: 4096)"]),
+    (distill.main, ["check"], ["(default: runs/teacher)"])])
+def test_help_shows_the_real_defaults(main, argv, shown, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert e.value.code == 0 and "None" not in text and all(s in text for s in shown)

@@ -53,11 +53,21 @@ def test_loss_is_zero_when_the_student_is_the_teacher_and_positive_otherwise(tea
     torch.manual_seed(1)
     other = Bert(TEACHER, vocab_size=VOCAB, max_position=64).eval()  # different weights
     loss, stats = objective(other, b, other.arch)
-    assert stats["att"] > 1e-6 and stats["hid"] > 1e-3 and loss > 0
+    t_hidden, t_scores = teacher(b["input_ids"], attention_mask=b["attention_mask"],
+                                 token_type_ids=b["token_type_ids"], return_scores=True)
+    s_hidden, s_scores = other(b["input_ids"], attention_mask=b["attention_mask"],
+                               token_type_ids=b["token_type_ids"], return_scores=True)
+    real = [9, 14, 5]  # the mean squared error over real tokens (hidden) and real (query, key) pairs (scores)
+    att = torch.cat([(s_scores[i, :, :n, :n] - t_scores[i, :, :n, :n]).flatten() for i, n in enumerate(real)])
+    hid = torch.cat([(s_hidden[i, :n] - t_hidden[i, :n]).flatten() for i, n in enumerate(real)])
+    assert stats["att"].item() == pytest.approx(att.square().mean().item(), rel=1e-5)
+    assert stats["hid"].item() == pytest.approx(hid.square().mean().item(), rel=1e-5)
+    assert loss.item() == pytest.approx(stats["att"].item() + stats["hid"].item(), rel=1e-6)
     with torch.no_grad():
         objective.proj.weight.mul_(0.5)  # same student, another projection: only the hidden term moves
     loss, stats = objective(student, b, student.arch)
-    assert stats["att"] <= 1e-10 and stats["hid"] > 1e-3
+    half = torch.cat([0.5 * t_hidden[i, :n].flatten() for i, n in enumerate(real)])  # (H/2 - H)^2 = (H/2)^2
+    assert stats["att"] <= 1e-10 and stats["hid"].item() == pytest.approx(half.square().mean().item(), rel=1e-5)
 
 
 def test_gradients_reach_the_student_and_the_projection_never_the_teacher(teacher):

@@ -5,8 +5,11 @@ import random
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import accuracy_score
 
 import finetune as ft
+import glue
+import squad
 from common import UserError, read_jsonl, run_main, torch_save
 from hf import save_pretrained
 from model import Arch, Bert, SearchSpace
@@ -59,13 +62,13 @@ def make_mnli(root):
 
 def test_glue_layout_loading_and_encoding(tmp_path, tok):
     make_mnli(tmp_path)
-    train = ft.read_glue("mnli", "train", tmp_path)  # glue_data/ root: the task folder is found inside it
+    train = glue.read_glue("mnli", "train", tmp_path)  # glue_data/ root: the task folder is found inside it
     assert len(train.a) == 7 and train.a[2] == "the cat 2" and train.b[2] == "a dog"
     assert train.labels == [0, 1, 2, 0, 1, 2, 0]  # entailment, neutral, contradiction: datasets' order
-    mm = ft.read_glue("MNLI", "dev_mismatched", tmp_path / "MNLI")
+    mm = glue.read_glue("MNLI", "dev_mismatched", tmp_path / "MNLI")
     assert len(mm.a) == 5 and set(mm.labels) == {1}
-    assert len(ft.read_glue("mnli", "dev_matched", tmp_path).a) == 4
-    test = ft.read_glue("mnli", "test_matched", tmp_path)
+    assert len(glue.read_glue("mnli", "dev_matched", tmp_path).a) == 4
+    test = glue.read_glue("mnli", "test_matched", tmp_path)
     assert len(test.a) == 3 and test.labels == [None] * 3 and test.ids == ["0", "1", "2"]
 
     # CoLA: train/dev without a header, test with one
@@ -73,28 +76,28 @@ def test_glue_layout_loading_and_encoding(tmp_path, tok):
     write_tsv(cola / "train.tsv", [["gj04", i % 2, "*" if i % 2 == 0 else "", f"the dog sees {i}"] for i in range(6)])
     write_tsv(cola / "dev.tsv", [["gj04", 1, "", "a cat runs"]] * 3)
     write_tsv(cola / "test.tsv", [["index", "sentence"], [0, "big red car"], [1, "the man"]])
-    c = ft.read_glue("cola", "train", cola)
+    c = glue.read_glue("cola", "train", cola)
     assert len(c.a) == 6 and c.b is None and c.labels == [0, 1, 0, 1, 0, 1] and c.a[5] == "the dog sees 5"
-    assert len(ft.read_glue("cola", "dev", cola).a) == 3
-    assert ft.read_glue("cola", "test", cola).a == ["big red car", "the man"]
+    assert len(glue.read_glue("cola", "dev", cola).a) == 3
+    assert glue.read_glue("cola", "test", cola).a == ["big red car", "the man"]
 
     # STS-B: a float label in the last column; MRPC: label first, texts by header name
     write_tsv(tmp_path / "STS-B" / "train.tsv", [["index", "genre", "filename", "year", "old_index", "source1",
                                                   "source2", "sentence1", "sentence2", "score"],
                                                  [0, "g", "f", 2012, 1, "s", "s", "a cat", "the dog", "3.800"]])
-    assert ft.read_glue("stsb", "train", tmp_path).labels == [3.8]
+    assert glue.read_glue("stsb", "train", tmp_path).labels == [3.8]
     write_tsv(tmp_path / "MRPC" / "train.tsv", [["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
                                                 [1, 7, 8, "a red car", "the red car"]])
-    m = ft.read_glue("mrpc", "train", tmp_path)
+    m = glue.read_glue("mrpc", "train", tmp_path)
     assert (m.a, m.b, m.labels) == (["a red car"], ["the red car"], [1])
 
     # encoding: [CLS] a [SEP] b [SEP] with token types, truncated to max_len
-    feats = ft.encode_glue(tok, train)
+    feats = glue.encode_glue(tok, train)
     ids, types_ = feats[2]
     assert ids == tok.encode("the cat 2", "a dog").ids and ids[0] == tok.token_to_id("[CLS]")
     assert types_ == [0] * 5 + [1] * 3  # [CLS] the cat 2 [SEP] | a dog [SEP]
-    long = ft.Split([" ".join(["cat"] * 300)], ["dog " * 300], [0], [0])
-    (ids, types_), = ft.encode_glue(tok, long, max_len=128)
+    long = glue.Split([" ".join(["cat"] * 300)], ["dog " * 300], [0], [0])
+    (ids, types_), = glue.encode_glue(tok, long, max_len=128)
     assert len(ids) == 128 and ids.count(tok.token_to_id("[SEP]")) == 2 and 1 in types_
 
 
@@ -114,10 +117,10 @@ def test_datasets_code_path(monkeypatch):
                                            "idx": [7]})
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    dev = ft.read_glue("mnli", "dev_mismatched")
+    dev = glue.read_glue("mnli", "dev_mismatched")
     assert (dev.a, dev.b, dev.labels, dev.ids) == (["a cat"], ["a dog"], [2], [7])
-    assert ft.read_glue("mnli", "test_matched").labels == [None]
-    assert ft.read_squad("dev") == [dict(id="a", question="what ?", context="the red car", answers=["red car"],
+    assert glue.read_glue("mnli", "test_matched").labels == [None]
+    assert squad.read_squad("dev") == [dict(id="a", question="what ?", context="the red car", answers=["red car"],
                                          starts=[4])]
     assert calls == [("nyu-mll/glue", "mnli", "validation_mismatched"), ("nyu-mll/glue", "mnli", "test_matched"),
                      ("rajpurkar/squad", None, "validation")]
@@ -125,23 +128,23 @@ def test_datasets_code_path(monkeypatch):
 
 def test_glue_bad_input_errors(tmp_path):
     with pytest.raises(UserError, match="unknown task 'mnlx'"):
-        ft.task_name("mnlx")
+        glue.task_name("mnlx")
     with pytest.raises(UserError, match="unknown task"):
         ft.finetune(tmp_path, "squad2", data_dir=tmp_path)
-    assert ft.task_name("SST-2") == "sst2" and ft.task_name("sts-b") == "stsb"
+    assert glue.task_name("SST-2") == "sst2" and glue.task_name("sts-b") == "stsb"
     (tmp_path / "RTE").mkdir()
     with pytest.raises(UserError, match=r"RTE has no train\.tsv"):
-        ft.read_glue("rte", "train", tmp_path / "RTE")
+        glue.read_glue("rte", "train", tmp_path / "RTE")
     write_tsv(tmp_path / "RTE" / "train.tsv", [["index", "sentence1", "sentence2", "label"],
                                                [0, "a", "b", "entailment"], [1, "a", "b"]])
     with pytest.raises(UserError, match=r"train\.tsv line 3: 3 tab-separated columns where its header has 4"):
-        ft.read_glue("rte", "train", tmp_path)
+        glue.read_glue("rte", "train", tmp_path)
     write_tsv(tmp_path / "RTE" / "dev.tsv", [["index", "sentence1", "sentence2", "label"], [0, "a", "b", "maybe"]])
     with pytest.raises(UserError, match=r"dev\.tsv line 2: label 'maybe'"):
-        ft.read_glue("rte", "dev", tmp_path)
+        glue.read_glue("rte", "dev", tmp_path)
     write_tsv(tmp_path / "QNLI" / "train.tsv", [["index", "sentence1", "sentence2", "label"]])
     with pytest.raises(UserError, match="no column 'question'"):
-        ft.read_glue("qnli", "train", tmp_path)
+        glue.read_glue("qnli", "train", tmp_path)
 
 
 
@@ -156,10 +159,10 @@ def test_the_original_glue_files_as_download_glue_data_writes_them(tmp_path, cap
                                     encoding="utf-8")
     (mrpc / "test.tsv").write_text("index\t#1 ID\t#2 ID\t#1 String\t#2 String\n0\t1089874\t1089925\tPCCW 's chief\t"
                                    "Current Chief\n", encoding="utf-8")
-    m = ft.read_glue("mrpc", "train", tmp_path)
+    m = glue.read_glue("mrpc", "train", tmp_path)
     assert (m.a, m.b, m.labels) == (["Amrozi accused his brother .", "Yucaipa owned Dominick 's ."],
                                     ["Referring to him .", "Yucaipa bought it ."], [1, 0])
-    test = ft.read_glue("mrpc", "test", tmp_path)
+    test = glue.read_glue("mrpc", "test", tmp_path)
     assert (test.a, test.labels, test.ids) == (["PCCW 's chief"], [None], ["0"])
 
     qqp = ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
@@ -170,7 +173,7 @@ def test_the_original_glue_files_as_download_glue_data_writes_them(tmp_path, cap
            "4\t5\t6\tIs it?\tIs it so?\t1"]
     write_tsv(tmp_path / "QQP" / "train.tsv", [[line] for line in qqp])
     capsys.readouterr()
-    q = ft.read_glue("qqp", "train", tmp_path)
+    q = glue.read_glue("qqp", "train", tmp_path)
     assert q.labels == [0, 1, 1] and q.b == ["Which level of math?", "Why do people ask questions?", "Is it so?"]
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "skipped 2 malformed line(s)" in err and "(line 3, 5)" in err
@@ -179,15 +182,15 @@ def test_the_original_glue_files_as_download_glue_data_writes_them(tmp_path, cap
     cola.mkdir()
     (cola / "train.tsv").write_text("gj04\t1\t\tOur friends won't buy this analysis.\n"
                                     "gj04\t0\t*\tThey drank the pub.")  # no header, no final newline
-    c = ft.read_glue("cola", "train", tmp_path)
+    c = glue.read_glue("cola", "train", tmp_path)
     assert (c.a, c.labels) == (["Our friends won't buy this analysis.", "They drank the pub."], [1, 0])
     (cola / "dev.tsv").write_bytes("gj04\t1\t\tCaf\xe9 au lait.\n".encode("latin-1"))
     with pytest.raises(UserError, match=r"dev\.tsv line 1 is not UTF-8 \(byte 0xe9\)"):
-        ft.read_glue("cola", "dev", tmp_path)
+        glue.read_glue("cola", "dev", tmp_path)
     # a malformed line elsewhere than QQP is still refused, naming it
     (cola / "dev.tsv").write_text("gj04\t1\t\tfine\ngj04\t1\n")
     with pytest.raises(UserError, match=r"dev\.tsv line 2: 2 tab-separated columns where its header has 4"):
-        ft.read_glue("cola", "dev", tmp_path)
+        glue.read_glue("cola", "dev", tmp_path)
 
 
 def test_hub_glue_offline_is_one_line(capsys):
@@ -195,7 +198,7 @@ def test_hub_glue_offline_is_one_line(capsys):
     with pytest.raises(UserError, match=r"GLUE RTE \(nyu-mll/glue\) is not in the local datasets cache and the "
                                         r"Hugging Face hub cannot be reached \(offline\): pass --data with GLUE's "
                                         r"RTE folder \(its TSV files\), or go online once"):
-        ft.read_glue("rte", "train")
+        glue.read_glue("rte", "train")
 
 def test_compute_metrics_agree_with_sklearn_and_scipy():
     from scipy.stats import pearsonr, spearmanr
@@ -204,20 +207,21 @@ def test_compute_metrics_agree_with_sklearn_and_scipy():
     for _ in range(5):
         y, p = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
         p[:120] = y[:120]  # correlated, as a model's predictions are
-        cola, mrpc = ft.compute_metrics("cola", p, y), ft.compute_metrics("mrpc", p, y)
+        cola, mrpc = glue.compute_metrics("cola", p, y), glue.compute_metrics("mrpc", p, y)
         assert cola["matthews"] == pytest.approx(100 * matthews_corrcoef(y, p)) and cola["score"] == cola["matthews"]
         assert mrpc["accuracy"] == pytest.approx(100 * accuracy_score(y, p))
         assert mrpc["f1"] == pytest.approx(100 * f1_score(y, p)) and mrpc["score"] == mrpc["accuracy"]
         y3, p3 = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
-        assert ft.compute_metrics("mnli", p3, y3)["accuracy"] == pytest.approx(100 * accuracy_score(y3, p3))
+        assert glue.compute_metrics("mnli", p3, y3)["accuracy"] == pytest.approx(100 * accuracy_score(y3, p3))
         ys = rng.integers(0, 6, 150).astype(float)  # many ties, as STS-B's gold scores have
         ps = ys + rng.normal(0, 1.5, 150)
         ps[:20] = np.round(ps[:20])
-        s = ft.compute_metrics("stsb", ps, ys)
+        s = glue.compute_metrics("stsb", ps, ys)
         assert s["pearson"] == pytest.approx(100 * pearsonr(ps, ys)[0])
         assert s["spearman"] == pytest.approx(100 * spearmanr(ps, ys)[0])
         assert s["score"] == pytest.approx((s["pearson"] + s["spearman"]) / 2)
-    assert ft.compute_metrics("cola", [1, 1, 1], [0, 1, 1])["matthews"] == 0.0  # undefined -> 0, as sklearn
+    undefined = glue.compute_metrics("cola", [1, 1, 1], [0, 1, 1])["matthews"]  # one class predicted
+    assert undefined == 100 * matthews_corrcoef([0, 1, 1], [1, 1, 1]) == 0.0
 
 
 def keyword_task(n, seed):
@@ -234,31 +238,39 @@ def keyword_task(n, seed):
     return rows
 
 
+def reloaded_predictions(best, split):
+    """The labels that a fine-tuned folder (best/) predicts for a GLUE split, read back from disk."""
+    logits = ft.predict(ft.load_model(best, "rte")[0], glue.encode_glue(ft.load_tokenizer(best), split), 64, 0, "cpu")
+    return glue.labels_of(logits)
+
+
 def test_finetune_learns_a_keyword_task(tmp_path, vocab):
     model = tiny_bert_folder(tmp_path / "model", vocab)
-    glue = tmp_path / "glue"
-    write_tsv(glue / "RTE" / "train.tsv", keyword_task(320, 0))
-    write_tsv(glue / "RTE" / "dev.tsv", keyword_task(100, 1))
-    write_tsv(glue / "RTE" / "test.tsv", [r[:3] for r in keyword_task(20, 2)])
-    result = ft.finetune(model, "rte", data_dir=glue, lr=[1e-4, 1e-3], epochs=[1, 4], batch_size=16,
+    glue_dir = tmp_path / "glue"
+    write_tsv(glue_dir / "RTE" / "train.tsv", keyword_task(320, 0))
+    write_tsv(glue_dir / "RTE" / "dev.tsv", keyword_task(100, 1))
+    write_tsv(glue_dir / "RTE" / "test.tsv", [r[:3] for r in keyword_task(20, 2)])
+    result = ft.finetune(model, "rte", data_dir=glue_dir, lr=[1e-4, 1e-3], epochs=[1, 4], batch_size=16,
                          out=tmp_path / "run")
-    assert result["accuracy"] > 90, result  # chance is about 50
-    assert [(r["lr"], r["epochs"]) for r in result["runs"]] == [(1e-4, 1), (1e-4, 4), (1e-3, 1), (1e-3, 4)]
-    assert result["score"] == max(r["score"] for r in result["runs"]) and result["runs"][0]["accuracy"] < 70
+    dev = glue.read_glue("rte", "dev", glue_dir)
+    one_class = 100 * dev.labels.count(0) / len(dev.labels)  # the score of "always entailment": 52 of 100
+    # lr 1e-4 never leaves one class (the scores of always one or always the other); lr 1e-3 learns the rule
+    # exactly, first at epoch 2 of 4: that epoch is the grid's best
+    assert [(r["lr"], r["epochs"], r["epoch"], r["accuracy"]) for r in result["runs"]] == [
+        (1e-4, 1, 1, one_class), (1e-4, 4, 3, one_class), (1e-3, 1, 1, 100 - one_class), (1e-3, 4, 2, 100.0)]
+    assert (result["lr"], result["epochs"], result["epoch"], result["score"]) == (1e-3, 4, 2, 100.0)
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["kind"] for r in records].count("epoch") == 10 and records[-1]["kind"] == "best"
     best = tmp_path / "run" / "best"
     assert {"config.json", "model.safetensors", "head.pt", "vocab.txt", "dev_metrics.json"} <= {
         f.name for f in best.iterdir()}
-    # the checkpoint reloads to the same dev accuracy, and the submission file has one label per test row
-    dev = ft.read_glue("rte", "dev", glue)
-    logits = ft.predict(ft.load_model(best, "rte")[0], ft.encode_glue(ft.load_tokenizer(best), dev), 64, 0, "cpu")
-    assert ft.compute_metrics("rte", ft.labels_of(logits), dev.labels)["accuracy"] == result["accuracy"]
-    lines = (tmp_path / "run" / "RTE.tsv").read_text().splitlines()
-    assert lines[0] == "index\tprediction" and len(lines) == 21
-    assert all(line.split("\t")[1] in ("entailment", "not_entailment") for line in lines[1:])
+    # the checkpoint reloads to the same dev accuracy (scikit-learn's), and the submission file answers the rule
+    assert 100 * accuracy_score(dev.labels, reloaded_predictions(best, dev)) == result["accuracy"]
+    test = keyword_task(20, 2)[1:]
+    assert (tmp_path / "run" / "RTE.tsv").read_text().splitlines() == ["index\tprediction"] + [
+        f"{i}\t{label}" for i, _, _, label in test]
     with pytest.raises(UserError, match="already holds a run"):
-        ft.finetune(model, "rte", data_dir=glue, out=tmp_path / "run")
+        ft.finetune(model, "rte", data_dir=glue_dir, out=tmp_path / "run")
 
 
 def test_sub_model_of_a_superplm_checkpoint(tmp_path, vocab):
@@ -277,11 +289,12 @@ def test_sub_model_of_a_superplm_checkpoint(tmp_path, vocab):
     with torch.no_grad():
         assert torch.allclose(model.bert.eval()(ids), superplm.eval()(ids, arch=arch), atol=1e-6)
     assert tokenizer == str(run / "vocab.txt")
-    glue = tmp_path / "glue"
-    write_tsv(glue / "RTE" / "train.tsv", keyword_task(32, 0))
-    write_tsv(glue / "RTE" / "dev.tsv", keyword_task(16, 1))
-    result = ft.finetune(run, "rte", data_dir=glue, arch=str(arch), epochs=1, out=tmp_path / "run")
-    assert 0 <= result["accuracy"] <= 100
+    glue_dir = tmp_path / "glue"
+    write_tsv(glue_dir / "RTE" / "train.tsv", keyword_task(32, 0))
+    write_tsv(glue_dir / "RTE" / "dev.tsv", keyword_task(16, 1))
+    result = ft.finetune(run, "rte", data_dir=glue_dir, arch=str(arch), epochs=1, out=tmp_path / "run")
+    dev = glue.read_glue("rte", "dev", glue_dir)  # the saved sub-model scores what the run reported (scikit-learn)
+    assert 100 * accuracy_score(dev.labels, reloaded_predictions(tmp_path / "run" / "best", dev)) == result["accuracy"]
     config = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (1, 48, 96)
     with pytest.raises(UserError, match="--arch needs a SuperPLM"):
@@ -297,7 +310,7 @@ def test_squad_run_writes_official_predictions(tmp_path, vocab):
     assert {"exact_match", "f1", "score"} <= set(result) and result["score"] == result["f1"]
     predictions = json.loads((tmp_path / "run" / "predictions.json").read_text())
     assert set(predictions) == {f"q5-{i}" for i in range(6)} and all(isinstance(v, str) for v in predictions.values())
-    assert ft.squad_scores(predictions, {e["id"]: e["answers"] for e in squad_examples(6, 5)})["f1"] == \
+    assert squad.squad_scores(predictions, {e["id"]: e["answers"] for e in squad_examples(6, 5)})["f1"] == \
         pytest.approx(result["f1"])
 
 
@@ -317,10 +330,21 @@ def test_pooler_is_taken_from_a_hugging_face_checkpoint(tmp_path):
     assert model(ids, mask, types).shape == (2, 3)
 
 
-def test_cli_help_and_one_line_errors(capsys):
+def test_cli_help_shows_table_d1_and_one_line_errors(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
     with pytest.raises(SystemExit) as e:
         ft.main(["--help"])
-    assert e.value.code == 0 and "Table D.1" in capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    # the default task's (MNLI's) Table D.1 values as the defaults, no None; every task's in the text
+    for flag, after, shown in (("--lr LR [LR ...]", "--epochs", ["(default: [3e-05])", "rte 2e-05", "cola 1e-05"]),
+                               ("--epochs EPOCHS [EPOCHS ...]", "--batch-size", ["(default: [4])", "mrpc 10", "qqp 5"]),
+                               ("--batch-size BATCH_SIZE", "--max-len", ["Table D.1's: 32, SQuAD 16 (default: 32)"]),
+                               ("--max-len MAX_LEN", "--doc-stride", ["128, SQuAD 384 (default: 128)"])):
+        help_ = text.split(f" {flag} ")[1].split(f" {after} ")[0]
+        assert "None" not in help_ and all(s in help_ for s in shown), help_
+    # None only where it is a documented value: every example
+    assert text.count("None: all (default: None)") == 2
     with pytest.raises(SystemExit) as e:
         run_main(lambda: ft.main(["--task", "rte"]))
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: no model")
@@ -328,10 +352,24 @@ def test_cli_help_and_one_line_errors(capsys):
 
 def rte(tmp_path, vocab):
     model = tiny_bert_folder(tmp_path / "model", vocab)
-    glue = tmp_path / "glue"
-    write_tsv(glue / "RTE" / "train.tsv", keyword_task(32, 0))
-    write_tsv(glue / "RTE" / "dev.tsv", keyword_task(8, 1))
-    return ["--task", "RTE", "--model", str(model), "--data", str(glue), "--batch-size", "8"]  # GLUE's spelling
+    glue_dir = tmp_path / "glue"
+    write_tsv(glue_dir / "RTE" / "train.tsv", keyword_task(32, 0))
+    write_tsv(glue_dir / "RTE" / "dev.tsv", keyword_task(8, 1))
+    return ["--task", "RTE", "--model", str(model), "--data", str(glue_dir), "--batch-size", "8"]  # GLUE's spelling
+
+
+def test_table_d1_per_task_and_the_presets(monkeypatch):
+    runs = []
+    monkeypatch.setattr(ft, "run", lambda cfg, argv=None: runs.append(cfg))
+    for argv in (["--task", "rte"], ["--task", "SQuAD"], ["--task", "cola", "--preset", "tiny"],
+                 ["--task", "rte", "--preset", "tiny", "--lr", "1e-4", "3e-4", "--max-eval-examples", "50"]):
+        ft.main(["--model", "m", *argv])
+    # (batch size, learning rate, epochs) as in the paper's Table D.1, and §4.1's input lengths
+    assert [(c.task, c.batch_size, c.lr, c.epochs, c.max_len, c.max_train_examples, c.max_eval_examples, c.out)
+            for c in runs] == [("rte", 32, [2e-5], [10], 128, None, None, "runs/finetune/rte"),
+                               ("squad", 16, [3e-5], [4], 384, None, None, "runs/finetune/squad"),
+                               ("cola", 32, [1e-5], [1], 128, 2000, 1000, "runs/finetune-tiny/cola"),
+                               ("rte", 32, [1e-4, 3e-4], [1], 128, 2000, 50, "runs/finetune-tiny/rte")]
 
 
 def test_cli_run_folder_records_its_settings_and_a_failed_start_leaves_nothing(tmp_path, vocab):
@@ -356,6 +394,10 @@ def test_cli_run_folder_records_its_settings_and_a_failed_start_leaves_nothing(t
     again = ft.main(["--config", str(out / "config.json"), "--out", str(tmp_path / "again")])
     assert again == result and json.loads((tmp_path / "again" / "config.json").read_text())["config"] == dict(
         record["config"], out=str(tmp_path / "again"))
+    # run() resolves Table D.1's values on a copy: the caller's config is left as it was
+    cfg = ft.FinetuneConfig(task="RTE", model=flags[3], data=flags[5], epochs=[2], batch_size=8)
+    assert ft.run(cfg) == result and cfg == ft.FinetuneConfig(task="RTE", model=flags[3], data=flags[5], epochs=[2],
+                                                              batch_size=8)
 
 
 def test_sigterm_keeps_the_finished_epochs_and_says_so(tmp_path, vocab, monkeypatch):

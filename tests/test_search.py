@@ -1,7 +1,9 @@
+import dataclasses
 import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import warnings
@@ -11,10 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluators
+import latency
+import rules
 import search
-from common import UserError, read_jsonl
+import superplm
+from common import UserError, parse_config, read_jsonl
+from data import build_dataset, load_tokenizer
+from evaluators import Candidate
 from hf import from_pretrained
-from model import KD_SPACE, PRETRAIN_SPACE, Arch, SearchSpace, grid
+from model import BERT_BASE, KD_SPACE, PRETRAIN_SPACE, Arch, SearchSpace, grid
 from runs import load_superplm
 
 SMALL = SearchSpace(layers=grid(1, 6, 1), hidden=grid(64, 384, 16), ffn=grid(64, 1536, 32), heads=grid(1, 6, 1))
@@ -45,10 +53,14 @@ class Counted:
 BUDGET = flops_ms(Arch(3, 256, 512, 4, 256))
 
 
+def budget(ms=BUDGET, space=SMALL, latency=flops_ms):
+    return search.Budget(space, latency, ms)
+
+
 @pytest.mark.parametrize("method", ["evolve", "evolve-elite"])
 def test_evolve_generations_budget_no_repeats(method):
     score = Counted(quality)
-    out = search.METHODS[method](SMALL, score, flops_ms, BUDGET, seed=1)
+    out = search.METHODS[method](SMALL, score, budget(), seed=1)
     assert len(out) == 100 and [c.score for c in out] == sorted((c.score for c in out), reverse=True)
     assert Counter(c.generation for c in out) == {1: 25, 2: 25, 3: 25, 4: 25}  # T = 4 generations of S = 25
     assert len({c.arch for c in out}) == 100 and set(score.calls.values()) == {1}  # no arch scored twice
@@ -57,13 +69,13 @@ def test_evolve_generations_budget_no_repeats(method):
 
 
 def test_evolve_is_reproducible_and_seeded():
-    runs = [search.evolve(SMALL, quality, flops_ms, BUDGET, generations=3, population=10, seed=s) for s in (4, 4, 5)]
+    runs = [search.evolve(SMALL, quality, budget(), generations=3, population=10, seed=s) for s in (4, 4, 5)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
 def test_later_generations_come_from_parents_and_fresh_samples():
     """With pm = 1 every member of a later generation is a mutant of the previous generation's members."""
-    out = search.evolve(SMALL, quality, flops_ms, BUDGET, generations=2, population=20, p_mutate=1.0, p_explore=0.0)
+    out = search.evolve(SMALL, quality, budget(), generations=2, population=20, p_mutate=1.0, p_explore=0.0)
     gen1 = [c.arch for c in out if c.generation == 1]
     for c in (c for c in out if c.generation == 2):
         steps = [min(sum(abs(SMALL.choices(d).index(getattr(c.arch, d)) - SMALL.choices(d).index(getattr(p, d)))
@@ -71,13 +83,14 @@ def test_later_generations_come_from_parents_and_fresh_samples():
         assert 1 <= min(steps) <= 8  # one or two grid steps in up to four dimensions
 
 
-def test_impossible_budget_is_a_clear_error():
-    with pytest.raises(UserError, match="smallest, 1-64-64-1-64"):
-        search.evolve(SMALL, quality, flops_ms, flops_ms(SMALL.smallest()) * 0.99)
-    for method in search.METHODS.values():
-        with pytest.raises(UserError, match="lower speedup target"):
-            method(SMALL, quality, flops_ms, 0.5)
-
+def test_impossible_budget_is_a_clear_error_before_any_search():
+    for ms in (flops_ms(SMALL.smallest()) * 0.99, 0.5):
+        with pytest.raises(UserError, match="even the smallest, 1-64-64-1-64, takes .* choose a lower speedup target"):
+            budget(ms)
+    # The smallest shape of §4.4's rule here is 1-80-128-1-64 (ffn 1.6-1.9 x 80, qkv 64 >= 0.7 x 80): slower.
+    with pytest.raises(UserError, match="no architecture following the rule of §4.4 meets"):
+        rules.fast_search(SMALL, quality, budget(flops_ms(Arch(1, 80, 128, 1, 64)) * 0.999))
+    assert rules.fast_candidates(SMALL, budget(flops_ms(Arch(1, 80, 128, 1, 64)))) == [Arch(1, 80, 128, 1, 64)]
 
 
 class Predictor:
@@ -92,37 +105,70 @@ def test_a_target_no_architecture_meets_says_what_the_fastest_reaches():
     fastest = flops_ms(SMALL.smallest())
     with pytest.raises(UserError, match=f"even the smallest, 1-64-64-1-64, takes {fastest:.4g} ms; choose a speedup "
                                         f"target of at most {1000 / fastest:.3g}x"):
-        search.evolve_elite(SMALL, quality, Predictor(), fastest * 0.99)
+        budget(fastest * 0.99, latency=Predictor())
 
 
 def test_a_target_every_architecture_meets_searches_the_whole_space():
     """The window of evolve-elite (>= 0.85 x the budget) holds nothing when even the largest architecture is faster:
     the request is valid, the window is dropped with one warning, and the search runs as without it."""
-    budget = flops_ms(SMALL.largest()) / 0.8
+    ms = flops_ms(SMALL.largest()) / 0.8
     with pytest.warns(UserWarning, match=r"every architecture meets .* the latency window 0.85-1x is dropped") as w:
-        out = search.evolve_elite(SMALL, quality, flops_ms, budget, generations=2, population=10)
+        out = search.evolve_elite(SMALL, quality, budget(ms), generations=2, population=10)
     assert len(w) == 1 and len(out) == 20 and len({c.arch for c in out}) == 20
-    assert out == search.evolve_elite(SMALL, quality, flops_ms, budget, generations=2, population=10, window=0.0)
+    assert out == search.evolve_elite(SMALL, quality, budget(ms), generations=2, population=10, window=0.0)
 
 
 def test_a_window_that_only_a_sliver_reaches_advises_a_higher_target():
-    budget = flops_ms(SMALL.largest()) * 1.1  # the window starts at 0.935 x the largest: a sliver of the space
-    with pytest.warns(UserWarning, match=f"only 0 of 25 new architectures within {0.85 * budget:.4g}-{budget:.4g} ms"):
+    ms = flops_ms(SMALL.largest()) * 1.1  # the window starts at 0.935 x the largest: a sliver of the space
+    with pytest.warns(UserWarning, match=f"only 0 of 25 new architectures within {0.85 * ms:.4g}-{ms:.4g} ms"):
         with pytest.raises(UserError, match="choose a higher speedup target .* or --method evolve"):
-            search.evolve_elite(SMALL, quality, flops_ms, budget, max_draws=200)
+            search.evolve_elite(SMALL, quality, budget(ms), max_draws=200)
 
 def test_a_sliver_of_a_budget_ends_short_instead_of_looping():
-    tight = flops_ms(Arch(1, 128, 256, 2, 128))  # 316 of the 35,532 archs fit: fewer than 4 x 100
+    tight = flops_ms(Arch(1, 128, 256, 2, 128))
+    fits = [a for a in map(Arch.parse, all_archs(SMALL)) if flops_ms(a) <= tight]
+    assert len(fits) == 316  # of 6 x 21 x 47 x 6 = 35,532: fewer than 4 generations x 100
     with pytest.warns(UserWarning, match="new architectures"):
-        out = search.evolve(SMALL, quality, flops_ms, tight, population=100, max_draws=3000)
-    assert 100 <= len(out) <= 316 and all(c.latency <= tight for c in out)
+        out = search.evolve(SMALL, quality, budget(tight), population=100, max_draws=3000)
+    assert len(out) == len({c.arch for c in out}) < len(fits) and {c.arch for c in out} <= set(fits)
+
+
+def all_archs(space):
+    return (f"{L}-{d}-{f}-{h}-{64 * h}" for L in space.layers for d in space.hidden for f in space.ffn
+            for h in space.heads)
+
+
+@pytest.mark.parametrize("argv, method, pm, pe", [
+    ([], "evolve-elite", 0.8, 0.2), (["--method", "evolve"], "evolve", 0.5, 0.5),
+    (["--preset", "paper"], "evolve", 0.5, 0.5),
+    (["--preset", "paper", "--method", "evolve-elite"], "evolve-elite", 0.8, 0.2),
+    (["--method", "evolve", "--p-mutate", "0.3"], "evolve", 0.5, 0.5)])
+def test_help_shows_the_methods_pm_and_pe_and_flags_given_win(argv, method, pm, pe, capsys):
+    with pytest.raises(SystemExit):
+        search.parse_config(argv + ["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert f"evolve-elite 0.8 (default: {pm})" in shown and f"evolve-elite 0.2 (default: {pe})" in shown
+    cfg = search.parse_config(argv)
+    assert (cfg.method, cfg.p_mutate, cfg.p_explore) == (method, 0.3 if "0.3" in argv else pm, pe)
+    assert cfg.evaluator == ("finetune" if "paper" in argv else "mlm")
+
+
+def test_presets_set_defaults_that_flags_override():
+    assert search.parse_config([]) == search.Config(p_mutate=0.8, p_explore=0.2)  # the field defaults
+    paper = search.parse_config(["--preset", "paper"])
+    assert (paper.generations, paper.population, paper.ft_train_examples, paper.ft_eval_examples) == (4, 25, 0, 0)
+    tiny = search.parse_config(["--preset", "tiny", "--population", "5"])
+    assert (tiny.superplm, tiny.out, tiny.target, tiny.population) == ("runs/superplm-tiny", "runs/search-tiny",
+                                                                        "40x", 5)
+    method = next(f for f in dataclasses.fields(search.Config) if f.name == "method")
+    assert method.metadata["choices"] == list(search.METHODS)
 
 
 def test_random_search_scores_n_distinct_archs_within_budget():
     score = Counted(quality)
-    out = search.random_search(SMALL, score, flops_ms, BUDGET, n=60, seed=3)
+    out = search.random_search(SMALL, score, budget(), n=60, seed=3)
     assert len(out) == 60 and len(score.calls) == 60 and all(c.latency <= BUDGET for c in out)
-    assert out == search.random_search(SMALL, quality, flops_ms, BUDGET, n=60, seed=3)
+    assert out == search.random_search(SMALL, quality, budget(), n=60, seed=3)
 
 
 @pytest.mark.parametrize("space", [PRETRAIN_SPACE, KD_SPACE, SMALL], ids=["pretrain", "kd", "small"])
@@ -142,31 +188,31 @@ def test_mutate_moves_a_step_or_two_inside_the_space(space):
 
 def test_roulette_is_proportional_and_shifts_negative_scores():
     rng = random.Random(0)
-    pos = [search.Candidate(Arch(1, 64, 64, 1, 64), 1.0, 1.0), search.Candidate(Arch(2, 64, 64, 1, 64), 3.0, 1.0)]
+    pos = [Candidate(Arch(1, 64, 64, 1, 64), 1.0, 1.0), Candidate(Arch(2, 64, 64, 1, 64), 3.0, 1.0)]
     picks = Counter(search.roulette(pos, rng).score for _ in range(4000))
     assert abs(picks[3.0] / 4000 - 0.75) < 0.03  # P proportional to the raw score, as written
-    neg = [search.Candidate(a.arch, c, 1.0) for a, c in zip(pos * 2, (-5.0, -4.0, -3.0, -4.0))]
+    neg = [Candidate(a.arch, c, 1.0) for a, c in zip(pos * 2, (-5.0, -4.0, -3.0, -4.0))]
     picks = Counter(search.roulette(neg, rng).score for _ in range(4000))
     assert picks[-5.0] == 0 and abs(picks[-3.0] / 4000 - 0.5) < 0.03  # weights 0, 1, 2, 1
-    same = [search.Candidate(a.arch, -2.0, 1.0) for a in pos]
+    same = [Candidate(a.arch, -2.0, 1.0) for a in pos]
     assert {search.roulette(same, rng).arch for _ in range(100)} == {a.arch for a in pos}
 
 
 @pytest.mark.parametrize("space", [PRETRAIN_SPACE, KD_SPACE], ids=["pretrain", "kd"])
 @pytest.mark.parametrize("speedup", [4, 10, 30])
 def test_fast_candidates_follow_the_rule_and_sit_nearest_the_budget(space, speedup):
-    budget = flops_ms(Arch(12, 768, 3072, 12, 768)) / speedup
-    archs, _ = search.fast_candidates(space, flops_ms, budget)
+    ms = flops_ms(Arch(12, 768, 3072, 12, 768)) / speedup
+    archs = rules.fast_candidates(space, budget(ms, space))
     assert len({a.layers for a in archs}) == len(archs) >= 3  # one per layer count
     for a in archs:
-        assert a in space and search.follows_rule(a) and flops_ms(a) <= budget
+        assert a in space and rules.follows_rule(a) and flops_ms(a) <= ms
         assert 1.6 * a.hidden <= a.ffn <= 1.9 * a.hidden and 0.7 * a.hidden <= a.qkv <= a.hidden
     if space is PRETRAIN_SPACE:  # brute force: no arch of the rule with as many layers comes nearer the budget
         for a in archs:
-            nearest = max(flops_ms(b) for b in rule_archs(space, a.layers) if flops_ms(b) <= budget)
+            nearest = max(flops_ms(b) for b in rule_archs(space, a.layers) if flops_ms(b) <= ms)
             assert flops_ms(a) == pytest.approx(nearest)
     score = Counted(quality)
-    out = search.fast_search(space, score, flops_ms, budget)
+    out = rules.fast_search(space, score, budget(ms, space))
     assert {c.arch for c in out} == set(archs) and len(score.calls) == len(archs)
 
 
@@ -185,7 +231,7 @@ class Stop(Exception):
 @pytest.mark.parametrize("method, after", [("evolve", 50), ("evolve-elite", 50), ("random", 37), ("evolve", 60)])
 def test_resume_equals_the_uninterrupted_search(method, after):
     """A run killed after `after` evaluations (50: after generation 2) and resumed from the scores it saved."""
-    whole = search.METHODS[method](SMALL, quality, flops_ms, BUDGET, seed=7)
+    whole = search.METHODS[method](SMALL, quality, budget(), seed=7)
     saved = {}
 
     def dies(arch):
@@ -195,9 +241,9 @@ def test_resume_equals_the_uninterrupted_search(method, after):
         return saved[arch]
 
     with pytest.raises(Stop):
-        search.METHODS[method](SMALL, dies, flops_ms, BUDGET, seed=7)
+        search.METHODS[method](SMALL, dies, budget(), seed=7)
     score = Counted(quality)
-    assert search.METHODS[method](SMALL, score, flops_ms, BUDGET, seed=7, cache=saved) == whole
+    assert search.METHODS[method](SMALL, score, budget(), seed=7, cache=saved) == whole
     assert not set(score.calls) & set(saved) and len(score.calls) == len(whole) - after
 
 
@@ -211,9 +257,6 @@ WORDS = ("the a cat dog bird fish tree house river city runs sits eats sees red 
 def trained(tmp_path_factory):
     """A 2-64-128-2-64 SuperPLM briefly trained with Algorithm 1 on a small generated corpus, and a latency
     predictor fitted on the synthetic latency of its space."""
-    import latency
-    import superplm
-    from model import BERT_BASE
     root = tmp_path_factory.mktemp("search")
     rng = random.Random(0)
     topics = [WORDS[i::6] for i in range(6)]  # a line's words come from one topic: the context tells which
@@ -238,7 +281,7 @@ def trained(tmp_path_factory):
 
 def test_mlm_evaluator_prefers_the_full_superplm_to_one_layer(trained):
     root, model, space, cfg = trained
-    score = search.MLMScore(model, root / "superplm" / "tokenizer.json", cfg.corpus, cfg.seq_len, cfg.cache_dir,
+    score = evaluators.MLMScore(model, root / "superplm" / "tokenizer.json", cfg.corpus, cfg.seq_len, cfg.cache_dir,
                             rows=64)
     full, one, smallest = (score(a) for a in (space.largest(), Arch(1, 32, 64, 1, 32), space.smallest()))
     assert full > one + 0.1 > smallest + 0.2  # -(masked-LM loss): the full 2-64-128 learned the topics best
@@ -254,21 +297,24 @@ def small_corpus(path, lines, seed=1):
 
 
 def test_mlm_evaluator_scores_the_held_out_rows_a_small_corpus_has(trained, tmp_path):
-    """A corpus of ~300 sequences holds out 30 (data.split): --eval-rows 256 scores those 30, as asking for 30 does;
+    """A corpus of 299 sequences holds out 29 (data.split): --eval-rows 256 scores those 29, as asking for 29 does;
     a corpus too small to hold any out is one line."""
-    from data import build_dataset, load_tokenizer
     root, model, space, cfg = trained
     tokenizer = root / "superplm" / "tokenizer.json"
     corpus = small_corpus(tmp_path / "small.txt", 640)
-    n = len(build_dataset(corpus, load_tokenizer(tokenizer), cfg.seq_len, cfg.cache_dir))
-    assert 290 <= n <= 310  # ~300 packed sequences: 12 words, '.' and a [SEP] per line, 30 tokens per row
-    score = search.MLMScore(model, tokenizer, corpus, cfg.seq_len, cfg.cache_dir, rows=256, batch_size=8)
-    assert sum(len(b["input_ids"]) for b in score.batches) == n // 10
-    exact = search.MLMScore(model, tokenizer, corpus, cfg.seq_len, cfg.cache_dir, rows=n // 10, batch_size=8)
+    lines = Path(corpus).read_text().split("\n\n")
+    assert {len(load_tokenizer(tokenizer).encode(line, add_special_tokens=False).ids) for line in lines} == {13}
+    # By hand: 640 lines of 13 tokens (12 words and '.') with a [SEP] between two, 30 per row ([CLS] ... [SEP] of
+    # --seq-len 32): 640 x 13 + 639 = 8959 tokens, 299 rows (the last one padded), of which the last tenth, 29, are
+    # held out.
+    assert len(build_dataset(corpus, load_tokenizer(tokenizer), cfg.seq_len, cfg.cache_dir)) == 299
+    score = evaluators.MLMScore(model, tokenizer, corpus, cfg.seq_len, cfg.cache_dir, rows=256, batch_size=8)
+    assert sum(len(b["input_ids"]) for b in score.batches) == 29
+    exact = evaluators.MLMScore(model, tokenizer, corpus, cfg.seq_len, cfg.cache_dir, rows=29, batch_size=8)
     assert score(space.largest()) == exact(space.largest())
     tiny = small_corpus(tmp_path / "tiny.txt", 10)
     with pytest.raises(UserError, match=r"gives \d packed sequences, which leaves 0 held-out ones to score"):
-        search.MLMScore(model, tokenizer, tiny, cfg.seq_len, cfg.cache_dir)
+        evaluators.MLMScore(model, tokenizer, tiny, cfg.seq_len, cfg.cache_dir)
 
 
 def test_cli_a_target_every_architecture_meets_and_one_none_meets(trained, tmp_path, capsys):
@@ -367,7 +413,7 @@ def test_finetune_evaluator_averages_mnli_accuracy_and_squad_f1(trained, tmp_pat
     mnli, squad = write_finetune_data(tmp_path)
     cfg = search.Config(mnli_data=str(mnli), squad_data=str(squad), ft_epochs=1, ft_train_examples=0,
                         ft_eval_examples=0, device="cpu")
-    score = search.FinetuneScore(model, root / "superplm" / "tokenizer.json", tmp_path / "work", cfg)
+    score = evaluators.FinetuneScore(model, root / "superplm" / "tokenizer.json", tmp_path / "work", cfg)
     arch = Arch(1, 32, 64, 1, 32)
     value = score(arch)
     m = score.metrics[arch]
@@ -415,13 +461,11 @@ def subprocess_search(args, workers=0):
     return done.stdout
 def test_sigterm_keeps_the_scored_candidates_and_resume_ends_as_an_uninterrupted_search(trained, tmp_path,
                                                                                         monkeypatch, capsys):
-    import os
-    import signal
     root = trained[0]
     args = ["--superplm", root / "superplm", "--latency", root / "latency.pt", "--target", "2ms", "--generations", 2,
             "--population", 4, "--eval-rows", 32, "--device", "cpu"]
     top = run_cli(*args, "--out", tmp_path / "whole")
-    score, calls = search.MLMScore.__call__, []
+    score, calls = evaluators.MLMScore.__call__, []
 
     def preempted(self, arch):  # SIGTERM arrives while the third candidate is scored
         calls.append(arch)
@@ -429,17 +473,17 @@ def test_sigterm_keeps_the_scored_candidates_and_resume_ends_as_an_uninterrupted
             os.kill(os.getpid(), signal.SIGTERM)
         return score(self, arch)
 
-    monkeypatch.setattr(search.MLMScore, "__call__", preempted)
+    monkeypatch.setattr(evaluators.MLMScore, "__call__", preempted)
     with pytest.raises(KeyboardInterrupt, match="the 3 candidates scored so far are kept") as e:
         run_cli(*args, "--out", tmp_path / "cut")
     assert str(e.value).endswith(f"resume with: python search.py --out {tmp_path / 'cut'} --resume")
     assert len(read_jsonl(tmp_path / "cut" / "candidates.jsonl")) == 3 == len(calls)
-    monkeypatch.setattr(search.MLMScore, "__call__", score)
+    monkeypatch.setattr(evaluators.MLMScore, "__call__", score)
     assert run_cli("--out", tmp_path / "cut", "--resume") == top  # the printed command: its settings are saved
     assert read_jsonl(tmp_path / "cut" / "candidates.jsonl") == read_jsonl(tmp_path / "whole" / "candidates.jsonl")
     record = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert record["config"]["resume"] and record["status"] == "finished"  # --resume itself is not a setting:
-    assert search.parse_config(search.Config, ["--config", str(tmp_path / "cut" / "config.json")]) == \
+    assert parse_config(search.Config, ["--config", str(tmp_path / "cut" / "config.json")]) == \
         search.Config(**dict(record["config"], resume=False))
     with pytest.raises(search.UserError, match="no run to resume"):
         run_cli(*args, "--out", tmp_path / "empty", "--resume")

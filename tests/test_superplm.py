@@ -13,11 +13,12 @@ import torch
 import distill
 import superplm
 from common import UserError, read_jsonl, seed_everything, torch_load
-from data import batches, build_dataset, load_tokenizer, split, stdlib_corpus
+from data import batches, build_dataset, split, stdlib_corpus
 from hf import from_pretrained
 from model import KD_SPACE, PRETRAIN_SPACE, SUPERPLM, Arch, Bert, SearchSpace, extract, learning_rate, make_optimizer
 from runs import load_superplm
 from superplm import MLM, accumulate, flat_grads, sample_arch, space_for, update
+from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Arch(2, 64, 128, 2, 64)  # head width 32

@@ -94,8 +94,11 @@ def test_whole_study_runs_and_resumes(tmp_path, small_corpus):
         assert found["best"] == a and pa <= found["budget_ms"]  # the winner meets the budget
         assert b == "2-64-256-1-64" and pb <= found["budget_ms"]  # BERT-S: the target's shape, within the budget
     assert row["loss_gain"] == pytest.approx([b - a for a, b in zip(auto["loss"], bert["loss"])])
-    assert all(0 <= x <= 100 for m in row["models"] for x in m["acc"])
     runs = {r["run"]: r for r in results["runs"]}
+    for m, kind in zip(row["models"], ("further", "scratch", "scratch")):  # dev accuracy of 20 pairs, in %
+        assert m["acc"] == [runs[f"task-{kind}-s{s}-{a}"]["acc"] for s, a in zip(row["seeds"], m["archs"])]
+        assert all(x * 20 / 100 == pytest.approx(round(x * 20 / 100), abs=1e-9) for x in m["acc"])
+    assert row["acc_gain"] == pytest.approx([a - b for a, b in zip(auto["acc"], bert["acc"])])
     assert {"superplm-s0", "superplm-s1", "latency"} <= set(runs)
 
     # the reported loss is the further-trained model's held-out loss, and the curve ends there

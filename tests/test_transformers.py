@@ -10,6 +10,7 @@ from transformers import (AutoModel, AutoModelForMaskedLM, AutoModelForQuestionA
                           AutoModelForSequenceClassification)
 
 import finetune as ft
+import glue
 from hf import save_pretrained
 from model import Arch, Bert, extract
 from test_finetune import keyword_task, write_tsv
@@ -82,7 +83,7 @@ def test_extracted_sub_models_load(tmp_path, mha, arch):
 
 @pytest.mark.parametrize("task", ["mnli", "stsb", "squad"])
 def test_fine_tuned_folders_load_with_their_heads(tmp_path, task):
-    ours = ft.Finetuner(random_bert(Arch(2, 60, 96, 4, 40)), 2 if task == "squad" else len(ft.GLUE[task].labels)
+    ours = ft.Finetuner(random_bert(Arch(2, 60, 96, 4, 40)), 2 if task == "squad" else len(glue.GLUE[task].labels)
                         or 1, span=task == "squad").eval()
     with torch.no_grad():
         for p in ours.parameters():
@@ -99,7 +100,7 @@ def test_fine_tuned_folders_load_with_their_heads(tmp_path, task):
         else:
             hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "best", trust_remote_code=True)
             assert max_diff(hf.eval()(**inputs).logits, mine) <= 1e-5
-            assert list(hf.config.id2label.values()) == list(ft.GLUE[task].labels or ("score",))
+            assert list(hf.config.id2label.values()) == list(glue.GLUE[task].labels or ("score",))
     check_encoder_and_mlm(tmp_path / "best", ours.bert)
     again, _ = ft.load_model(tmp_path / "best", task)  # and our own loader reads it back as before
     with torch.no_grad():
@@ -111,18 +112,18 @@ def test_a_fine_tuned_folder_predicts_the_same_labels(tmp_path, vocab):  # noqa:
     save_pretrained(Bert(Arch(2, 64, 128, 2, 48), vocab_size=len((vocab / "vocab.txt").read_text().split()),
                          max_position=512), tmp_path / "model")
     (tmp_path / "model" / "vocab.txt").write_text((vocab / "vocab.txt").read_text())
-    glue = tmp_path / "glue"
-    write_tsv(glue / "RTE" / "train.tsv", keyword_task(160, 0))
-    write_tsv(glue / "RTE" / "dev.tsv", keyword_task(60, 1))
-    result = ft.finetune(tmp_path / "model", "rte", data_dir=glue, lr=1e-3, epochs=3, batch_size=16,
+    glue_dir = tmp_path / "glue"
+    write_tsv(glue_dir / "RTE" / "train.tsv", keyword_task(160, 0))
+    write_tsv(glue_dir / "RTE" / "dev.tsv", keyword_task(60, 1))
+    result = ft.finetune(tmp_path / "model", "rte", data_dir=glue_dir, lr=1e-3, epochs=3, batch_size=16,
                          out=tmp_path / "run")
     best = tmp_path / "run" / "best"
-    dev = ft.read_glue("rte", "dev", glue)
-    feats = ft.encode_glue(ft.load_tokenizer(best), dev)
-    ours = ft.labels_of(ft.predict(ft.load_model(best, "rte")[0], feats, 64, 0, "cpu"))
+    dev = glue.read_glue("rte", "dev", glue_dir)
+    feats = glue.encode_glue(ft.load_tokenizer(best), dev)
+    ours = glue.labels_of(ft.predict(ft.load_model(best, "rte")[0], feats, 64, 0, "cpu"))
     hf = AutoModelForSequenceClassification.from_pretrained(best, trust_remote_code=True).eval()
     with torch.no_grad():
         theirs = [hf(**ft.collate([f], 0, "cpu")).logits.argmax(-1).item() for f in feats]  # one at a time
     assert theirs == ours.tolist()
     assert 100 * sum(t == y for t, y in zip(theirs, dev.labels)) / len(dev.labels) == result["accuracy"]
-    assert [hf.config.id2label[t] for t in theirs[:3]] == [ft.GLUE["rte"].labels[t] for t in ours[:3]]
+    assert [hf.config.id2label[t] for t in theirs[:3]] == [glue.GLUE["rte"].labels[t] for t in ours[:3]]

@@ -1,0 +1,263 @@
+"""GLUE for finetune.py: the tasks' original files and the dev metrics of §4.1 (squad.py is SQuAD's sibling).
+
+  - GLUE: where each task's texts and label live in the original TSV files and in the `datasets` copy,
+  - read_glue: one split (train, dev, dev_matched, test, ...) from glue_data/ as download_glue_data writes it,
+    with its quirks (a byte-order mark, headerless files, malformed lines), or from `datasets`,
+  - encode_glue: [CLS] a [SEP] (b [SEP]) features of 128 tokens,
+  - compute_metrics: the paper's score per task (Matthews for CoLA, Pearson-Spearman for STS-B, accuracy else),
+  - glue_task: a task as fine-tuning needs it (train features and labels, the dev evaluation),
+  - hf_labels, write_test_predictions: the labels' names in a saved model, and in GLUE's submission files.
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from common import UserError, atomic_write, load_hub_dataset, subset_indices
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """Where a GLUE task's fields live: header names in the original TSV files, column names in `datasets`."""
+    folder: str          # the task's folder in glue_data/, also its submission file's name
+    text: tuple          # text columns of the TSV files: one sentence or a pair
+    hub_text: tuple      # the same columns in the `datasets` copy
+    label: str           # label column of the TSV files
+    labels: tuple        # label names in `datasets`' order (the index is the class); () for a regression
+    dev: tuple = (("dev", ""),)  # (TSV stem, suffix of its metric names); the first one selects the model
+    test: tuple = ()     # (TSV stem, submission name); () means (("test", folder),)
+    no_header: tuple = ()  # column names of the train/dev files that have no header line (CoLA)
+    skip_malformed: bool = False  # skip (and count) lines with missing fields instead of refusing the file (QQP)
+
+
+BINARY, NLI = ("0", "1"), ("entailment", "not_entailment")
+GLUE = {
+    "cola": GlueTask("CoLA", ("sentence",), ("sentence",), "label", BINARY,
+                     no_header=("source", "label", "author_label", "sentence")),
+    "sst2": GlueTask("SST-2", ("sentence",), ("sentence",), "label", BINARY),
+    "mrpc": GlueTask("MRPC", ("#1 String", "#2 String"), ("sentence1", "sentence2"), "Quality", BINARY),
+    "stsb": GlueTask("STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score", ()),
+    "qqp": GlueTask("QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate", BINARY,
+                    skip_malformed=True),
+    "mnli": GlueTask("MNLI", ("sentence1", "sentence2"), ("premise", "hypothesis"), "gold_label",
+                     ("entailment", "neutral", "contradiction"),
+                     dev=(("dev_matched", ""), ("dev_mismatched", "_mm")),
+                     test=(("test_matched", "MNLI-m"), ("test_mismatched", "MNLI-mm"))),
+    "qnli": GlueTask("QNLI", ("question", "sentence"), ("question", "sentence"), "label", NLI),
+    "rte": GlueTask("RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", NLI),
+    "wnli": GlueTask("WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", BINARY),
+}
+TASKS = tuple(GLUE) + ("squad",)  # the names finetune.py takes: GLUE's, and SQuAD v1.1 (squad.py)
+
+
+def task_name(task):
+    """'SST-2', 'sts-b', 'MNLI' -> the names of TASKS."""
+    name = str(task).lower().replace("-", "").replace("_", "")
+    if name not in TASKS:
+        raise UserError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    return name
+
+
+# ----------------------------------------------------------------------------- metrics (§4.1), in percent
+
+
+def _pearson(x, y):
+    x, y = x - x.mean(), y - y.mean()
+    denom = np.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / denom) if denom > 0 else 0.0  # 0 for a constant input (undefined)
+
+
+def _rank(x):
+    """Ranks with ties given their average rank (as Spearman's correlation needs)."""
+    ranks = np.empty(len(x))
+    ranks[np.argsort(x, kind="stable")] = np.arange(len(x))
+    _, tie, count = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(tie, weights=ranks) / count)[tie]
+
+
+def _matthews(p, y):
+    """Matthews correlation from the confusion matrix (the multi-class form; CoLA is binary)."""
+    classes = np.union1d(p, y)
+    cm = np.zeros((len(classes), len(classes)))
+    np.add.at(cm, (np.searchsorted(classes, y), np.searchsorted(classes, p)), 1)
+    t, q, n = cm.sum(1), cm.sum(0), cm.sum()
+    cov_yp, cov_yy, cov_pp = np.trace(cm) * n - t @ q, n * n - t @ t, n * n - q @ q
+    return float(cov_yp / np.sqrt(cov_yy * cov_pp)) if cov_yy * cov_pp > 0 else 0.0
+
+
+def _binary_f1(p, y):
+    tp, fp, fn = ((p == 1) & (y == 1)).sum(), ((p == 1) & (y == 0)).sum(), ((p == 0) & (y == 1)).sum()
+    return float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
+
+
+def compute_metrics(task, predictions, labels):
+    """GLUE dev metrics in percent; "score" is the paper's number for the task (§4.1) and selects the model."""
+    name, p, y = task_name(task), np.asarray(predictions), np.asarray(labels)
+    if name == "stsb":
+        pearson, spearman = 100 * _pearson(p, y), 100 * _pearson(_rank(p), _rank(y))
+        return {"pearson": pearson, "spearman": spearman, "score": (pearson + spearman) / 2}
+    m = {"accuracy": 100 * float((p == y).mean())}
+    if name in ("mrpc", "qqp"):  # the paper reports accuracy on dev, F1 on test
+        m["f1"] = 100 * _binary_f1(p, y)
+    if name == "cola":
+        m["matthews"] = 100 * _matthews(p, y)
+    m["score"] = m.get("matthews", m["accuracy"])
+    return m
+
+
+# ----------------------------------------------------------------------------- GLUE data
+
+
+@dataclass
+class Split:
+    """One GLUE file: first texts, second texts (None for single-sentence tasks), labels (None on test), ids."""
+    a: list
+    b: Optional[list]
+    labels: list
+    ids: list
+
+    def subset(self, idx):
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        return Split(pick(self.a), pick(self.b), pick(self.labels), pick(self.ids))
+
+
+def read_tsv(path, header=None, skip_malformed=False):
+    """(column names, [(line number, cells)], numbers of the lines skipped) of a GLUE TSV, as GLUE's files are:
+    `header` names the columns of a file without one (CoLA), a UTF-8 byte-order mark is dropped (MRPC), the last
+    line may lack its newline. No quoting (quotes are text in GLUE) and lines split on \\n only (some sentences hold
+    a stray \\r). A line with another column count than the header is an error, or with skip_malformed skipped (QQP's
+    train.tsv has a few, which the reference processors skip too)."""
+    rows, skipped = [], []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n").removeprefix("\ufeff" if n == 1 else "")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} line {n} is not UTF-8 (byte {raw[e.start]:#x}): GLUE's files are UTF-8; "
+                                "download the file again or convert it") from None
+            if not line:
+                continue
+            cells = line.split("\t")
+            if header is None:
+                header = cells
+            elif len(cells) == len(header):
+                rows.append((n, cells))
+            elif skip_malformed:
+                skipped.append(n)
+            else:
+                raise UserError(f"{path} line {n}: {len(cells)} tab-separated columns where its header has "
+                                f"{len(header)} ({', '.join(header)}); fix or delete that line")
+    return header or [], rows, skipped
+
+
+def glue_file(t, stem, data_dir):
+    """The TSV file of split `stem` in data_dir: the task's folder, or glue_data/ holding it."""
+    folder = Path(data_dir) / t.folder if (Path(data_dir) / t.folder).is_dir() else Path(data_dir)
+    return folder / f"{stem}.tsv"
+
+
+def read_glue(task, stem, data_dir=None):
+    """One split of a GLUE task: `stem` names the TSV file (train, dev, dev_matched, test, ...) in data_dir (the
+    task's folder or glue_data/ holding it); without data_dir, the same split of `datasets`' copy (online)."""
+    name = task_name(task)
+    t, labelled = GLUE[name], not stem.startswith("test")
+    if not data_dir:
+        ds = load_hub_dataset(f"GLUE {t.folder} (nyu-mll/glue)", f"pass --data with GLUE's {t.folder} folder "
+                              "(its TSV files)", "nyu-mll/glue", name, split=stem.replace("dev", "validation"))
+        labels = [None if y < 0 else (float(y) if not t.labels else int(y)) for y in ds["label"]]
+        return Split(ds[t.hub_text[0]], ds[t.hub_text[1]] if len(t.hub_text) > 1 else None, labels, ds["idx"])
+    path = glue_file(t, stem, data_dir)
+    if not path.exists():
+        files = ", ".join(f"{s}.tsv" for s, _ in (("train", ""),) + t.dev)
+        raise UserError(f"{path.parent} has no {path.name}: expected GLUE's {t.folder} folder ({files}); "
+                        "pass the right --data, or none to load it with datasets")
+    header, rows, skipped = read_tsv(path, t.no_header if stem in ("train", "dev") and t.no_header else None,
+                                     t.skip_malformed)
+    if skipped:
+        print(f"{path}: skipped {len(skipped)} malformed line(s) without {len(header)} tab-separated columns "
+              f"(line {', '.join(map(str, skipped[:3]))}{', ...' if len(skipped) > 3 else ''})", file=sys.stderr)
+    missing = [c for c in t.text + ((t.label,) if labelled else ()) if c not in header]
+    if missing:
+        raise UserError(f"{path}: no column {missing[0]!r} in its header ({', '.join(header)}); is it "
+                        f"{t.folder}'s file?")
+    col = {c: i for i, c in enumerate(header)}
+    a = [cells[col[t.text[0]]] for _, cells in rows]
+    b = [cells[col[t.text[1]]] for _, cells in rows] if len(t.text) > 1 else None
+    labels = [None] * len(rows)
+    for k, (n, cells) in enumerate(rows if labelled else ()):
+        value = cells[col[t.label]]
+        try:
+            labels[k] = float(value) if not t.labels else t.labels.index(value)
+        except ValueError:
+            raise UserError(f"{path} line {n}: label {value!r} is not one of {t.labels or 'numbers'}") from None
+    # the `index`/`id` column numbers the rows of a submission; files without one count their rows
+    id_col = col.get("index", col.get("id"))
+    ids = [cells[id_col] if id_col is not None else k for k, (_, cells) in enumerate(rows)]
+    return Split(a, b, labels, ids)
+
+
+def encode_glue(tokenizer, split, max_len=128):
+    """(ids, token types) per example: [CLS] a [SEP] (b [SEP]), pairs truncated longest-first to max_len."""
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_len)
+    batch = list(zip(split.a, split.b)) if split.b is not None else split.a
+    return [(e.ids, e.type_ids) for e in tokenizer.encode_batch(batch)]
+
+
+# ----------------------------------------------------------------------------- a task as finetune.py needs it
+
+
+def labels_of(logits):
+    """A classifier's logits (N, classes) -> classes; STS-B's regression output (N, 1) -> scores."""
+    return logits[:, 0] if logits.shape[1] == 1 else logits.argmax(1)
+
+
+def glue_task(task, data_dir, tokenizer, max_len=128, max_train=None, max_eval=None, seed=0):
+    """A GLUE task as fine-tuning needs it: (train features, train labels, evaluate). evaluate(predict) -> (dev
+    metrics, None), where predict(features) -> logits is the model's (MNLI: matched, then mismatched as "_mm"
+    metrics). max_train / max_eval: a seeded random choice of that many examples."""
+    t = GLUE[task]
+    train = read_glue(task, "train", data_dir)
+    train = train.subset(subset_indices(len(train.a), max_train, seed))
+    devs = []
+    for stem, suffix in t.dev:
+        split = read_glue(task, stem, data_dir)
+        split = split.subset(subset_indices(len(split.a), max_eval, seed))
+        devs.append((suffix, split, encode_glue(tokenizer, split, max_len)))
+
+    def evaluate(predict):
+        metrics = {}
+        for suffix, split, feats in devs:
+            m = compute_metrics(task, labels_of(predict(feats)), split.labels)
+            metrics.update({k + suffix: v for k, v in m.items() if not (suffix and k == "score")})
+        return metrics, None
+
+    return encode_glue(tokenizer, train, max_len), train.labels, evaluate
+
+
+def hf_labels(task):
+    """The config.json fields that name a GLUE task's labels for transformers (STS-B: one regression output)."""
+    labels = GLUE[task].labels or ("score",)
+    fields = dict(id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+    return fields if GLUE[task].labels else dict(fields, problem_type="regression")
+
+
+def write_test_predictions(task, data_dir, tokenizer, max_len, out, predict):
+    """GLUE's submission files in `out` for the task's test splits (MNLI: matched and mismatched) that data_dir
+    has: `index<TAB>prediction`, label names (STS-B: a score in [0, 5]). predict(features) -> logits."""
+    t = GLUE[task]
+    for stem, submission in t.test or (("test", t.folder),):
+        if data_dir and not glue_file(t, stem, data_dir).exists():
+            print(f"{task}: no {stem}.tsv, no test predictions")
+            continue
+        split = read_glue(task, stem, data_dir)
+        predictions = labels_of(predict(encode_glue(tokenizer, split, max_len))).tolist()
+        rows = [f"{i}\t{t.labels[p]}" if t.labels else f"{i}\t{min(max(p, 0.0), 5.0):.3f}"
+                for i, p in zip(split.ids, predictions)]
+        atomic_write(out / f"{submission}.tsv", lambda tmp: Path(tmp).write_text("\n".join(["index\tprediction"]
+                                                                                          + rows) + "\n"))
