@@ -3,7 +3,7 @@
 The searched model is a BERT of an unusual shape (qkv != hidden); its ONNX graph runs wherever ONNX Runtime does.
 `export.py` takes any folder this project writes (save_pretrained, search.py --extract, further training: the
 bare encoder; finetune.py's best/: the encoder with its GLUE classifier or SQuAD span head), exports it with
-torch's dynamo exporter (latency.to_onnx) with dynamic batch and sequence axes, and runs the graph on ONNX
+torch's dynamo exporter (runtime.to_onnx) with dynamic batch and sequence axes, and runs the graph on ONNX
 Runtime against our PyTorch model on a few padded batches of other shapes than the example it was traced with:
 the largest absolute difference is printed, and above 1e-4 nothing is written. With --int8 it also writes
 ONNX Runtime's dynamic int8 quantization of the graph and reports what that costs on the same inputs.
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, atomic_write, config_from_args, config_parser, run_main, torch_load
+from common import UserError, atomic_write, parse_config, run_main, torch_load
 from finetune import load_model
-from latency import OrtModel, onnx_modules, quantize_int8, to_onnx
 from hf import from_pretrained
+from runtime import OrtModel, onnx_modules, quantize_int8, to_onnx
 
 TOLERANCE = 1e-4  # largest |ONNX Runtime - PyTorch| accepted for the fp32 graph
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -124,7 +124,7 @@ def run(cfg):
 
 
 def main(argv=None):
-    return run(config_from_args(ExportCfg, config_parser(ExportCfg, __doc__.splitlines()[0]).parse_args(argv)))
+    return run(parse_config(ExportCfg, argv, __doc__.splitlines()[0]))
 
 
 if __name__ == "__main__":

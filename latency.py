@@ -1,78 +1,50 @@
 """The latency evaluator lat(·) of §3.5: time sampled architectures on this CPU, fit a small MLP (HAT style).
 
-Following HAT (Wang et al. 2020), we sample architectures from a search space, time each one as a stand-alone
-BERT on the target device ("a single CPU with a single input of 128 tokens", Table 1) and fit a feed-forward
-network from architecture features to latency. Speedups are over BERT-base (12-768-3072-12-768), timed in the
-same file on the same device, and a target "7x" means lat(α) <= lat(BERT-base) / 7.
+As in HAT (Wang et al. 2020), sampled architectures are timed as stand-alone BERTs on the target device ("a single
+CPU with a single input of 128 tokens", Table 1) and a feed-forward network is fit from their features (Eq. 1-3) to
+latency. A target "7x" means lat(α) <= lat(BERT-base) / 7, BERT-base timed in the same file on the same device.
 
-On a shared machine it is drift, not the predictor, that limits accuracy (HAT's own data shows errors correlated
-in the order of measurement). So archs are timed in random order, each one interleaved pass by pass with a fixed
-reference model; both figures are stored, and the predictor learns the drift-free ratio of the two, turned back
-into ms with the reference's median latency. With one thread we time CPU time, not wall-clock (see `timings`).
-`--backend` times each model as it ships: PyTorch eager (default), or its ONNX export (fp32 or dynamically
-int8-quantized) on ONNX Runtime, one session thread, in the calling thread; the reference runs on the same backend.
+On a shared machine drift, not the predictor, limits accuracy. So archs are timed in random order, each one pass
+by pass beside a fixed reference model, and the predictor learns the drift-free ratio of the two (times the
+reference's median ms). One thread is timed by its CPU time, not wall-clock. --backend: PyTorch eager, or the
+ONNX export on ONNX Runtime, fp32 or int8 (runtime.py); the reference runs on the same backend.
 
     python latency.py measure --space pretrain --samples 2000 --out runs/latency   # hours; --resume continues
-    python latency.py measure --samples 150 --warmup-passes 1 --repeats 3 --out runs/latency   # quick look, ~1.5 min
-    python latency.py measure --backend onnxruntime-int8 --out runs/latency-int8   # the ONNX export on ONNX Runtime
-    python latency.py fit --timings runs/latency --out runs/predictor
+    python latency.py measure --preset tiny --out runs/latency   # a quick look: 150 archs, 1-3 minutes
+    python latency.py fit --timings runs/latency --out runs/predictor   # predictor.pt, metrics.json
     python latency.py table --predictor runs/predictor
-
-measure's run folder holds timings.jsonl, fit's predictor.pt and metrics.json; each also config.json.
 """
 
 import argparse
-import contextlib
 import dataclasses
-import logging
-import os
-import platform
 import random
 import re
 import sys
-import tempfile
 import time
-import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import (COUNT, NONNEGATIVE, POSITIVE, Interrupted, UserError, append_jsonl, config_parser, parse_config,
-                    read_jsonl, run_main, save_json, seed_everything, torch_load, torch_save)
-from model import BERT_BASE, KD_SPACE, PRETRAIN_SPACE, Arch, Bert, SearchSpace
-from runs import RunFolder, command_line
+from common import (COUNT, NONNEGATIVE, POSITIVE, UserError, append_jsonl, config_parser, parse_config, run_main,
+                    save_json, seed_everything, torch_load, torch_save)
+from model import BERT_BASE, Arch, Bert
+from report import TABLE4, fitted_line, speedup_table
+from runs import check_resumed, in_folder, kept_on_interrupt, out_file, read_appended, read_timings, space_from
+from runtime import BACKENDS, cpu_model, device_info, num_threads, on_backends, timings
 
-SPACES = {"pretrain": PRETRAIN_SPACE, "kd": KD_SPACE}  # Table B.1
 REFERENCE = Arch(4, 512, 2048, 8, 512)  # timed alongside every arch: BERT-S1 of Table 4, ~1/7 of BERT-base
 BASE_EVERY = 200  # BERT-base is timed at the start of a session and every 200 archs
-
-# Table 4 (and Table F.1 for S5): (setting, model, arch, the paper's speedup over BERT-base)
-TABLE4 = [("S1", "BERT", "4-512-2048-8-512", 7.1), ("S1", "AutoTinyBERT", "5-564-1054-8-512", 7.2),
-          ("S2", "BERT", "4-320-1280-5-320", 14.8), ("S2", "AutoTinyBERT", "4-396-624-6-384", 15.7),
-          ("S3", "BERT", "4-256-1024-4-256", 20.1), ("S3", "AutoTinyBERT", "4-432-384-4-256", 20.2),
-          ("S4", "BERT", "4-192-768-3-192", 28.4), ("S4", "AutoTinyBERT", "3-320-608-4-256", 27.2),
-          ("KD-S1", "BERT", "4-512-2048-12-516", 4.9), ("KD-S1", "AutoTinyBERT", "5-564-1024-12-528", 4.6),
-          ("KD-S2", "BERT", "4-312-1200-12-312", 9.8), ("KD-S2", "AutoTinyBERT", "5-324-600-12-324", 9.0),
-          ("KD-S3", "BERT", "4-264-1056-12-264", 11.7), ("KD-S3", "AutoTinyBERT", "5-280-512-12-276", 10.7),
-          ("KD-S4", "BERT", "4-192-768-12-192", 17.0), ("KD-S4", "AutoTinyBERT", "4-256-480-12-192", 17.0),
-          ("S5", "BERT", "4-384-1536-6-384", 9.3), ("S5", "AutoTinyBERT", "5-450-636-6-384", 10.8),
-          ("S5", "AutoTinyBERT-Fast", "5-432-720-6-384", 10.3)]
-
-
-BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")  # PyTorch eager; the ONNX export, fp32 or int8-quantized
 
 
 @dataclass
 class TimingCfg:
-    backend: str = field(default="torch", metadata={"help": "runtime the models are timed on: PyTorch eager, or "
-                                                            "their ONNX export on ONNX Runtime (fp32 or dynamic "
-                                                            "int8); the last two need requirements-onnx.txt",
+    backend: str = field(default="torch", metadata={"help": "runtime to time on: PyTorch eager, or the ONNX export on "
+                                                            "ONNX Runtime, fp32 or int8 (requirements-onnx.txt)",
                                                     "choices": BACKENDS})
     threads: int = field(default=1, metadata={"help": "CPU threads while timing (the paper: a single CPU); one "
                                                       "thread is timed by its CPU time, more by wall-clock", **COUNT})
@@ -86,23 +58,26 @@ class TimingCfg:
 
 @dataclass
 class MeasureCfg(TimingCfg):
+    preset: str = field(default="paper", metadata={
+        "help": "paper: the settings shown here; tiny: 150 archs, 1 + 3 passes each, a quick look in minutes. A "
+                "preset changes the defaults; flags given still win", "choices": ["paper", "tiny"]})
     space: str = field(default="pretrain", metadata={"help": "pretrain or kd (Table B.1), or a SuperPLM run folder "
                                                              "or checkpoint whose search space to sample"})
     samples: int = field(default=2000, metadata={"help": "distinct architectures to time", **COUNT})
-    out: str = field(default="runs/latency", metadata={"help": "run folder: timings.jsonl (one line per timed "
-                                                               "model), config.json"})
+    out: str = field(default="runs/latency", metadata={"help": "run folder: timings.jsonl, config.json"})
     seed: int = field(default=0, metadata={"help": "seed of the sampled architectures", **NONNEGATIVE})
-    resume: bool = field(default=False, metadata={"help": "continue (or extend to more --samples) the timings in "
-                                                          "--out"})
+    resume: bool = field(default=False, metadata={"help": "continue (or extend to more --samples) the timings"})
     overwrite: bool = field(default=False, metadata={"help": "replace the timings in --out"})
+
+
+PRESETS = {"paper": {}, "tiny": dict(samples=150, warmup_passes=1, repeats=3)}
 
 
 @dataclass
 class FitCfg:
-    timings: str = field(default="runs/latency", metadata={"help": "`latency.py measure`'s run folder (or its "
-                                                                   "timings.jsonl)", "aliases": ("data",)})
-    out: str = field(default="runs/predictor", metadata={"help": "run folder: predictor.pt, metrics.json, "
-                                                                 "config.json"})
+    timings: str = field(default="runs/latency", metadata={"help": "`latency.py measure`'s run folder (or file)",
+                                                           "aliases": ("data",)})
+    out: str = field(default="runs/predictor", metadata={"help": "run folder: predictor.pt, metrics.json, config"})
     holdout: float = field(default=0.2, metadata={"help": "share of archs held out for MAPE/RMSE/Kendall tau",
                                                   "gt": 0, "max": 0.9})
     width: int = field(default=128, metadata={"help": "hidden units of each of the MLP's 3 hidden layers", **COUNT})
@@ -114,304 +89,8 @@ class FitCfg:
 
 @dataclass
 class TableCfg(TimingCfg):
-    predictor: Optional[str] = field(default=None, metadata={"help": "a predictor (fit's run folder or its "
-                                                                     "predictor.pt) to add predicted speedups"})
-
-
-def in_folder(path, name, old_suffix):
-    """FOLDER/name; a path ending in old_suffix is the file itself, as --out once named (one more release)."""
-    path = Path(path)
-    if path.suffix == old_suffix:
-        return path
-    return path / name if path.is_dir() or path.suffix == "" else path
-
-
-# ----------------------------------------------------------------------------- a model on ONNX Runtime
-
-
-def onnx_modules():
-    """(onnx, onnxruntime, onnxruntime.quantization): the optional extra, imported when first needed."""
-    try:
-        import onnx
-        import onnxruntime
-        import onnxruntime.quantization
-    except ImportError as e:
-        raise UserError(f"{e.name} is not installed: pip install -r requirements-onnx.txt") from None
-    return onnx, onnxruntime, onnxruntime.quantization
-
-
-@contextlib.contextmanager
-def quiet():
-    """Silence the exporter's and the quantizer's warnings and log chatter (torchvision absent, pre-processing)."""
-    loggers = [logging.getLogger(), logging.getLogger("torch.onnx")]
-    levels = [log.level for log in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for log in loggers:
-            log.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for log, level in zip(loggers, levels):
-                log.setLevel(level)
-
-
-def to_onnx(module, inputs, outputs):
-    """The ONNX graph (a ModelProto) of module(**inputs), exported by torch's dynamo exporter with dynamic batch
-    and sequence axes. `inputs`: name -> (B, T) example tensor, B and T > 1 (a size of 1 would be specialised);
-    `outputs`: names of the returned tensors. (torch's legacy TorchScript exporter cannot export our sliced
-    views with dynamic axes.)"""
-    onnx_modules()
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    with quiet():
-        program = torch.onnx.export(module.eval(), (), kwargs=inputs, dynamo=True, optimize=True,
-                                    input_names=list(inputs), output_names=list(outputs), verbose=False,
-                                    dynamic_shapes={k: {0: batch, 1: seq} for k in inputs})
-    return program.model_proto
-
-
-def quantize_int8(proto):
-    """ONNX Runtime's dynamic quantization: int8 weights, activations quantized on the fly per batch."""
-    onnx, _, quantization = onnx_modules()
-    bare = onnx.ModelProto()
-    bare.CopyFrom(proto)
-    del bare.graph.value_info[:]  # the quantizer infers shapes afresh; the exporter's annotations trip it (Gemm)
-    with tempfile.TemporaryDirectory() as tmp, quiet():
-        quantization.quantize_dynamic(bare, f"{tmp}/int8.onnx", weight_type=quantization.QuantType.QInt8)
-        return onnx.load(f"{tmp}/int8.onnx")
-
-
-class OrtModel:
-    """An ONNX graph on an ONNX Runtime CPU session, called like the torch module it was exported from."""
-
-    def __init__(self, proto, threads=1, cfg=None):
-        _, ort, _ = onnx_modules()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1  # 1: run in the calling thread
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        self.names = [i.name for i in self.session.get_inputs()]
-        self.cfg = cfg  # the exported Bert's config, as timings() reads it
-
-    def __call__(self, *args, **kwargs):
-        feed = dict(zip(self.names, args), **kwargs)
-        outs = self.session.run(None, {k: v.cpu().numpy() for k, v in feed.items() if v is not None})
-        outs = [torch.from_numpy(o) for o in outs]
-        return outs[0] if len(outs) == 1 else tuple(outs)
-
-
-# ----------------------------------------------------------------------------- timing one model
-
-
-def build(arch, backend="torch", threads=1):
-    """A stand-alone BERT of this shape, as deployed on `backend` (its weights do not change its latency)."""
-    return builds(arch, (backend,), threads)[0]
-
-
-def builds(arch, backends, threads=1):
-    """The same stand-alone BERT on each of `backends`, exported to ONNX once and quantized once."""
-    model = Bert(arch).eval()
-    out = {"torch": model}
-    if set(backends) - {"torch"}:
-        ids = torch.zeros(2, 16, dtype=torch.long)  # an example input; the graph takes any (B, T)
-        proto = to_onnx(model, dict(input_ids=ids), ["hidden"])
-        out["onnxruntime"] = OrtModel(proto, threads, model.cfg)
-        if "onnxruntime-int8" in backends:
-            out["onnxruntime-int8"] = OrtModel(quantize_int8(proto), threads, model.cfg)
-    return [out[b] for b in backends]
-
-
-@contextlib.contextmanager
-def num_threads(n):
-    """torch's intra-op thread count set to n inside the block, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@torch.inference_mode()
-def timings(models, threads=1, seq_len=128, batch=1, warmup=3, repeats=10):
-    """ms of `repeats` forward passes of each model after `warmup` untimed ones, on `threads` threads. Models take
-    turns pass by pass, so that all of them see the same state of a shared machine. With one thread we read that
-    thread's CPU time: on an idle core it equals wall-clock, and on a busy machine it leaves out the time other
-    processes hold the core (wall-clock there varies 2x from one second to the next)."""
-    clock = time.thread_time if threads == 1 else time.perf_counter
-    out = [[] for _ in models]
-    with num_threads(threads):
-        gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(models[0].cfg["vocab_size"], (batch, seq_len), generator=gen)  # (B, T), no padding
-        for n in range(warmup + repeats):
-            for model, times in zip(models, out):
-                t = clock()
-                model(ids)
-                if n >= warmup:
-                    times.append((clock() - t) * 1e3)
-    return out
-
-
-def measure(arch, threads=1, seq_len=128, batch=1, warmup=3, repeats=10, backend="torch"):
-    """Latency in ms of `arch` as a stand-alone BERT on `backend`: the median of `repeats` timed forward passes."""
-    model = build(arch, backend, threads)
-    return float(np.median(timings([model], threads, seq_len, batch, warmup, repeats)[0]))
-
-
-def cpu_model():
-    if Path("/proc/cpuinfo").exists():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def device_info(cfg):
-    """What a latency figure depends on besides the architecture."""
-    info = dict(cpu=cpu_model(), cores=os.cpu_count(), threads=cfg.threads, torch=str(torch.__version__),
-                seq_len=cfg.seq_len, batch=cfg.batch_size, backend=cfg.backend)
-    if cfg.backend != "torch":
-        info["onnxruntime"] = onnx_modules()[1].__version__
-    return info
-
-
-# ----------------------------------------------------------------------------- collecting data (§3.5, HAT)
-
-
-def reference_for(space):
-    """The fixed model timed alongside every arch: BERT-S1, shrunk to fit a smaller space (a tiny SuperPLM's) so
-    that it costs about as much as the archs it accompanies."""
-    big, R = space.largest(), REFERENCE
-    heads = min(big.heads, R.heads)
-    return Arch(min(big.layers, R.layers), min(big.hidden, R.hidden), min(big.ffn, R.ffn), heads,
-                heads * min(big.head_dim, R.head_dim))
-
-
-def collect(archs, cfg, start=0, reference=REFERENCE):
-    """Time `archs` in the given order, each interleaved pass by pass with the reference model (drift and the
-    machine's load then act on both alike); BERT-base likewise first and every BASE_EVERY archs. Yields one record
-    per timed model: its median ms and the reference's, each with its spread (relative interquartile range)."""
-    ref = build(reference, cfg.backend, cfg.threads)
-
-    def timed(kind, arch, **extra):
-        t0 = time.time()
-        ms, ref_ms = (np.percentile(t, [25, 50, 75])
-                      for t in timings([build(arch, cfg.backend, cfg.threads), ref], cfg.threads, cfg.seq_len,
-                                       cfg.batch_size, cfg.warmup_passes, cfg.repeats))
-        return dict(kind=kind, arch=str(arch), ms=float(ms[1]), spread=float((ms[2] - ms[0]) / ms[1]),
-                    ref_ms=float(ref_ms[1]), ref_spread=float((ref_ms[2] - ref_ms[0]) / ref_ms[1]),
-                    time=time.time(), seconds=time.time() - t0, **extra)
-
-    for n, arch in enumerate(archs):
-        if n % BASE_EVERY == 0:
-            yield timed("base", BERT_BASE)
-        yield timed("arch", arch, i=start + n)
-
-
-def relative(record):
-    """The drift-free latency: a model's ms over the reference's ms timed alongside it."""
-    return record["ms"] / record["ref_ms"]
-
-
-def load_data(path):
-    """A measured JSONL as arrays: archs, drift-free ratios (ms / the reference's ms timed alongside), raw ms, and
-    the reference's and BERT-base's ms (medians over the file)."""
-    folder, path = path, in_folder(path, "timings.jsonl", ".jsonl")
-    if not Path(path).exists():
-        raise UserError(f"{path} does not exist: collect it with `python latency.py measure --out {folder}`")
-    records = read_jsonl(path)
-    if not records or records[0].get("kind") != "meta":
-        raise UserError(f"{path} was not written by `latency.py measure`: pass a file that `measure` wrote")
-    timed = [r for r in records if r["kind"] == "arch"]
-    bases = [relative(r) for r in records if r["kind"] == "base"]
-    if len(timed) < 10 or not bases:
-        raise UserError(f"{path} holds {len(timed)} timed archs: run `latency.py measure` longer (>= 10 needed)")
-    ref_ms = float(np.median([r["ref_ms"] for r in records[1:]]))
-    return dict(meta=records[0], archs=[Arch.parse(r["arch"]) for r in timed],
-                ratio=np.array([relative(r) for r in timed]), ms=np.array([r["ms"] for r in timed]),
-                ref_ms=ref_ms, base_ms=float(np.median(bases)) * ref_ms)
-
-
-def space_from(name):
-    """A search space by name (Table B.1) or the one saved in a SuperPLM checkpoint."""
-    if name in SPACES:
-        return SPACES[name]
-    if (Path(name) / "checkpoint.pt").is_file():
-        name = str(Path(name) / "checkpoint.pt")
-    if not Path(name).is_file():
-        raise UserError(f"--space {name!r} is neither {' nor '.join(SPACES)} nor a SuperPLM checkpoint file")
-    space = torch_load(name).get("space")
-    if not isinstance(space, dict):
-        raise UserError(f"{name} holds no search space: pass a checkpoint written by superplm.py")
-    return SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in space.items()})
-
-
-def sample_archs(space, n, seed):
-    """n distinct architectures in the random order they are drawn (a prefix of the same draw for a larger n)."""
-    if n > space.size():
-        raise UserError(f"the space holds only {space.size()} architectures: pass --samples <= {space.size()}")
-    rng, seen, out = random.Random(seed), set(), []
-    while len(out) < n:
-        arch = space.sample(rng)
-        if arch not in seen:
-            seen.add(arch)
-            out.append(arch)
-    return out
-
-
-def _drop_torn_tail(path):
-    """Cut a half-written last line (a killed run) so that appended lines stay readable."""
-    raw = Path(path).read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(raw.rfind(b"\n") + 1)
-
-
-def cmd_measure(cfg, argv=None):
-    space = space_from(cfg.space)
-    meta = dict(kind="meta", space=cfg.space, seed=cfg.seed, warmup=cfg.warmup_passes, repeats=cfg.repeats,
-                reference=str(reference_for(space)), device=device_info(cfg))
-    path = in_folder(cfg.out, "timings.jsonl", ".jsonl")
-    if path.name != "timings.jsonl":  # the old --out FILE: appended to and resumed as before, no run folder
-        folder = contextlib.nullcontext(types.SimpleNamespace(done_first=lambda: None))
-    else:
-        folder = RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="timings.jsonl", argv=argv)
-    with folder as run:
-        records = []
-        if path.exists():
-            _drop_torn_tail(path)
-            records = read_jsonl(path)
-        if records:
-            old = dict(records[0], **dict(dict(backend="torch"), **records[0].get("device", {})))  # older: torch
-            for key, value in dict(meta, **meta["device"]).items():
-                if key != "device" and old.get(key) != value:
-                    raise UserError(f"{path} was measured with {key}={old.get(key)}, not {value}: pass the same "
-                                    "flags to resume it, or another --out")
-        done = sum(r["kind"] == "arch" for r in records)
-        archs = sample_archs(space, cfg.samples, cfg.seed)[done:]
-        if not archs:
-            run.done_first()
-            print(f"{path} already holds {done} archs: pass a larger --samples (with --resume) to time more")
-            return
-        if not records:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            append_jsonl(path, meta)
-        print(f"timing {len(archs)} archs ({done} done) on {meta['device']['cpu']}, {cfg.threads} thread(s) -> {path}")
-        bar = tqdm(total=len(archs), unit="arch")
-        try:
-            for r in collect(archs, cfg, start=done, reference=reference_for(space)):
-                append_jsonl(path, r)  # every timing is kept at once
-                run.done_first()
-                bar.update(r["kind"] == "arch")
-                bar.set_postfix_str(f"{r['kind']} {r['arch']} {r['ms']:.1f}ms")
-        except KeyboardInterrupt:
-            bar.close()
-            kept = sum(r["kind"] == "arch" for r in read_jsonl(path)) if path.exists() else 0
-            argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-            again = command_line(argv + ([] if "--resume" in argv or path.name != "timings.jsonl" else ["--resume"]),
-                                 "latency.py")
-            raise Interrupted(f"the {kept} archs timed so far are kept in {path}; continue with: {again}") from None
-        bar.close()
+    predictor: str = field(default="", metadata={"help": "a predictor (fit's run folder or its predictor.pt) to "
+                                                         "add predicted speedups; empty: measured ones only"})
 
 
 # ----------------------------------------------------------------------------- the predictor
@@ -430,8 +109,7 @@ def features(archs, seq_len, batch):
                 elementwise=B * L * T * (2 * dm + df))  # LayerNorms, residuals, GELU
 
 
-FEATURES = ("layers", "hidden", "ffn", "heads", "qkv", "ffn_macs", "proj_macs", "attn_macs", "softmax",
-            "elementwise")
+FEATURES = ("layers", "hidden", "ffn", "heads", "qkv", "ffn_macs", "proj_macs", "attn_macs", "softmax", "elementwise")
 
 
 def mlp(n_in, width):
@@ -443,25 +121,14 @@ class LatencyPredictor:
     """lat(·) of §3.5: an MLP from log-scaled, standardised features to log(latency / reference latency)."""
 
     def __init__(self, state, name="the latency predictor"):
-        self.state, self.name = state, name  # state: plain data, what save() writes
+        self.state, self.name, self.warned = state, name, False  # state: plain data, what save() writes
         self.net = mlp(len(state["features"]), state["width"])
         self.net.load_state_dict(state["net"])
         self.net.eval()
-        self.warned = False
 
-    @property
-    def base_ms(self):
-        """BERT-base's latency on the device it was measured on."""
-        return self.state["base_ms"]
-
-    @property
-    def device(self):
-        return self.state["device"]
-
-    @property
-    def backend(self):
-        """The runtime its latencies were measured on (BACKENDS; files from before backends: torch)."""
-        return self.device.get("backend", "torch")
+    base_ms = property(lambda self: self.state["base_ms"])  # BERT-base's latency on the device measured on
+    device = property(lambda self: self.state["device"])  # what its latencies depend on besides the arch
+    backend = property(lambda self: self.device.get("backend", "torch"))  # BACKENDS (older files: torch)
 
     def _inputs(self, archs):
         s = self.state
@@ -483,10 +150,8 @@ class LatencyPredictor:
     def check_ranges(self, archs):
         """Say once (one line on stderr) when asked about shapes outside those it was fitted on: an MLP
         extrapolates badly (a tiny space's predictor on Table 4's models is off by 20%)."""
-        ranges = self.state.get("ranges")
-        if self.warned or not ranges:
-            return
-        for a in archs:
+        ranges = self.state.get("ranges") or {}
+        for a in [] if self.warned else archs:
             out = [f"{d} {getattr(a, d)} not in {lo}-{hi}" for d, (lo, hi) in ranges.items()
                    if not lo <= getattr(a, d) <= hi]
             if out:
@@ -549,9 +214,8 @@ class LatencyPredictor:
 def kendall_tau(a, b):
     """Kendall's tau-a: the share of concordant minus discordant pairs."""
     a, b = np.asarray(a), np.asarray(b)
-    s = np.sign(a[:, None] - a[None, :]) * np.sign(b[:, None] - b[None, :])  # (N, N)
-    n = len(a)
-    return float(s[np.triu_indices(n, 1)].sum() / (n * (n - 1) / 2))
+    s = np.sign(a[:, None] - a[None, :]) * np.sign(b[:, None] - b[None, :])  # (N, N): +1 concordant, -1 not
+    return float(s[np.triu_indices(len(a), 1)].mean())  # over the N (N - 1) / 2 pairs i < j
 
 
 def accuracy(pred_ms, true_ms):
@@ -584,22 +248,115 @@ def fit_data(data, cfg, names=FEATURES):
 
 
 def cmd_fit(cfg, argv=None):
-    path = in_folder(cfg.out, "predictor.pt", ".pt")
-    if path.name != "predictor.pt":  # the old --out FILE.pt: metrics beside it as FILE.json, no run folder
-        if path.exists() and not cfg.overwrite:
-            raise UserError(f"{path} already exists: pass --overwrite to replace it or another --out")
-        folder, metrics = contextlib.nullcontext(), path.with_suffix(".json")
-    else:
-        folder, metrics = RunFolder(cfg.out, cfg, overwrite=cfg.overwrite, argv=argv), path.with_name("metrics.json")
+    path, folder = out_file(cfg, "predictor.pt", ".pt", argv)
+    if path.name != "predictor.pt" and path.exists() and not cfg.overwrite:  # the old --out FILE.pt
+        raise UserError(f"{path} already exists: pass --overwrite to replace it or another --out")
     with folder:
         t0 = time.time()
         pred, m = fit_data(load_data(cfg.timings), cfg)
         pred.save(path)
-        save_json(dict(m, config=dataclasses.asdict(cfg)), metrics)
-    h, r = m["heldout"], m["heldout_raw"]
-    print(f"fit on {m['train']} archs in {time.time() - t0:.1f}s; held-out {h['n']}: MAPE {h['mape']:.2f}%  "
-          f"RMSE {h['rmse']:.2f}ms  Kendall tau {h['tau']:.3f}  (against raw timings: MAPE {r['mape']:.2f}%, "
-          f"tau {r['tau']:.3f}); BERT-base {m['base_ms']:.1f}ms on {pred.backend} -> {path}")
+        save_json(dict(m, config=dataclasses.asdict(cfg)),
+                  path.with_name("metrics.json") if path.name == "predictor.pt" else path.with_suffix(".json"))
+    fitted_line(m, time.time() - t0, pred.backend, path)
+
+
+# ----------------------------------------------------------------------------- collecting data (§3.5, HAT)
+
+
+def build(arch, backend="torch", threads=1):
+    """A stand-alone BERT of this shape, as deployed on `backend` (its weights do not change its latency)."""
+    return on_backends(Bert(arch).eval(), [backend], threads)[0]
+
+
+def measure(arch, threads=1, seq_len=128, batch=1, warmup=3, repeats=10, backend="torch"):
+    """Latency in ms of `arch` as a stand-alone BERT on `backend`: the median of `repeats` timed forward passes."""
+    return float(np.median(timings([build(arch, backend, threads)], threads, seq_len, batch, warmup, repeats)[0]))
+
+
+def reference_for(space):
+    """The fixed model timed alongside every arch: BERT-S1, shrunk to fit a smaller space (a tiny SuperPLM's) so
+    that it costs about as much as the archs it accompanies."""
+    big, R = space.largest(), REFERENCE
+    heads = min(big.heads, R.heads)
+    return Arch(min(big.layers, R.layers), min(big.hidden, R.hidden), min(big.ffn, R.ffn), heads,
+                heads * min(big.head_dim, R.head_dim))
+
+
+def collect(archs, cfg, start=0, reference=REFERENCE):
+    """Time `archs` in the given order, each interleaved pass by pass with the reference model (drift and the
+    machine's load then act on both alike); BERT-base likewise first and every BASE_EVERY archs. Yields one record
+    per timed model: its median ms and the reference's, each with its spread (relative interquartile range)."""
+    ref = build(reference, cfg.backend, cfg.threads)
+
+    def timed(kind, arch, **extra):
+        t0 = time.time()
+        ms, ref_ms = (np.percentile(t, [25, 50, 75])
+                      for t in timings([build(arch, cfg.backend, cfg.threads), ref], cfg.threads, cfg.seq_len,
+                                       cfg.batch_size, cfg.warmup_passes, cfg.repeats))
+        return dict(kind=kind, arch=str(arch), ms=float(ms[1]), spread=float((ms[2] - ms[0]) / ms[1]),
+                    ref_ms=float(ref_ms[1]), ref_spread=float((ref_ms[2] - ref_ms[0]) / ref_ms[1]),
+                    time=time.time(), seconds=time.time() - t0, **extra)
+
+    for n, arch in enumerate(archs):
+        if n % BASE_EVERY == 0:
+            yield timed("base", BERT_BASE)
+        yield timed("arch", arch, i=start + n)
+
+
+def relative(record):
+    """The drift-free latency: a model's ms over the reference's ms timed alongside it."""
+    return record["ms"] / record["ref_ms"]
+
+
+def load_data(path):
+    """A measured JSONL as arrays: archs, drift-free ratios (ms / the reference's ms timed alongside), raw ms, and
+    the reference's and BERT-base's ms (medians over the file)."""
+    records = read_timings(path)
+    timed = [r for r in records if r["kind"] == "arch"]
+    bases = [relative(r) for r in records if r["kind"] == "base"]
+    ref_ms = float(np.median([r["ref_ms"] for r in records[1:]]))
+    return dict(meta=records[0], archs=[Arch.parse(r["arch"]) for r in timed],
+                ratio=np.array([relative(r) for r in timed]), ms=np.array([r["ms"] for r in timed]),
+                ref_ms=ref_ms, base_ms=float(np.median(bases)) * ref_ms)
+
+
+def archs_to_time(space, n, seed):
+    """n distinct architectures in the random order they are drawn (a prefix of the same draw for a larger n)."""
+    if n > space.size():
+        raise UserError(f"the space holds only {space.size()} architectures: pass --samples <= {space.size()}")
+    rng, drawn = random.Random(seed), {}  # a dict: distinct keys in the order first drawn
+    while len(drawn) < n:
+        drawn.setdefault(space.sample(rng))
+    return list(drawn)
+
+
+def cmd_measure(cfg, argv=None):
+    space = space_from(cfg.space)
+    meta = dict(kind="meta", space=cfg.space, seed=cfg.seed, warmup=cfg.warmup_passes, repeats=cfg.repeats,
+                reference=str(reference_for(space)), device=device_info(cfg))
+    path, folder = out_file(cfg, "timings.jsonl", ".jsonl", argv, resume=cfg.resume, marker="timings.jsonl")
+    with folder as run:
+        records = read_appended(path)
+        if records:  # resumed: only with the settings it was begun with (older files: on torch)
+            check_resumed(path, dict(records[0], **dict(dict(backend="torch"), **records[0].get("device", {}))),
+                          dict(meta, **meta["device"]))
+        done = sum(r["kind"] == "arch" for r in records)
+        archs = archs_to_time(space, cfg.samples, cfg.seed)[done:]
+        if not archs:
+            run.done_first()
+            print(f"{path} already holds {done} archs: pass a larger --samples (with --resume) to time more")
+            return
+        if not records:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            append_jsonl(path, meta)
+        print(f"timing {len(archs)} archs ({done} done) on {meta['device']['cpu']}, {cfg.threads} thread(s) -> {path}")
+        with tqdm(total=len(archs), unit="arch") as bar, kept_on_interrupt(
+                path, "arch", "archs timed", argv, "latency.py", resume=path.name == "timings.jsonl"):
+            for r in collect(archs, cfg, start=done, reference=reference_for(space)):
+                append_jsonl(path, r)  # every timing is kept at once
+                run.done_first()
+                bar.update(r["kind"] == "arch")
+                bar.set_postfix_str(f"{r['kind']} {r['arch']} {r['ms']:.1f}ms")
 
 
 # ----------------------------------------------------------------------------- targets and Table 4
@@ -617,6 +374,7 @@ def parse_target(text, base_ms):
 
 def cmd_table(cfg, argv=None):
     pred = LatencyPredictor.load(cfg.predictor) if cfg.predictor else None
+    archs = list(dict.fromkeys(Arch.parse(a) for _, _, a, _ in TABLE4))
     if pred:
         described = dict(pred.device, backend=pred.backend)
         for key, flag in (("threads", "threads"), ("seq_len", "seq_len"), ("batch", "batch_size"),
@@ -624,18 +382,13 @@ def cmd_table(cfg, argv=None):
             if described[key] != getattr(cfg, flag):
                 raise UserError(f"{cfg.predictor} describes {key}={described[key]}: pass "
                                 f"--{flag.replace('_', '-')} {described[key]}")
-    archs = list(dict.fromkeys(Arch.parse(a) for _, _, a, _ in TABLE4))
-    if pred:
         pred.check_ranges(archs)
     records = list(tqdm(collect(archs, cfg), total=len(archs) + 1, unit="model"))
     base = np.median([relative(r) for r in records if r["kind"] == "base"])
-    speedup = {r["arch"]: base / relative(r) for r in records if r["kind"] == "arch"}
-    print(f"speedup over BERT-base on {cfg.backend}, {cpu_model()}, {cfg.threads} thread(s), batch {cfg.batch_size}, "
-          f"{cfg.seq_len} tokens" + (f"; predicted by {cfg.predictor}" if pred else ""))
-    print(f"{'setting':8s} {'model':18s} {'arch':18s} {'paper':>7s} {'measured':>9s}" + (" predicted" if pred else ""))
-    for setting, name, arch, paper in TABLE4:
-        row = f"{setting:8s} {name:18s} {arch:18s} {paper:6.1f}x {speedup[arch]:8.1f}x"
-        print(row + (f" {pred.speedup(arch):8.1f}x" if pred else ""))
+    measured = {r["arch"]: base / relative(r) for r in records if r["kind"] == "arch"}
+    speedup_table(f"speedup over BERT-base on {cfg.backend}, {cpu_model()}, {cfg.threads} thread(s), batch "
+                  f"{cfg.batch_size}, {cfg.seq_len} tokens" + (f"; predicted by {cfg.predictor}" if pred else ""),
+                  TABLE4, measured, {str(a): pred.speedup(a) for a in archs} if pred else None)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -645,17 +398,22 @@ COMMANDS = {"measure": (MeasureCfg, cmd_measure, "time sampled architectures int
             "table": (TableCfg, cmd_table, "Table 4's speedups measured here (and predicted)")}
 
 
+def parse_command(argv):
+    """(command, its config) from `COMMAND FLAGS`, in every stage's grammar: defaults < --preset < --config < flags."""
+    top = argparse.ArgumentParser(prog="latency.py", description=__doc__.splitlines()[0])
+    top.add_argument("command", choices=COMMANDS, help="; ".join(f"{k}: {v[2]}" for k, v in COMMANDS.items()))
+    name = top.parse_args(argv[:1]).command
+    Cfg, _, help_ = COMMANDS[name]
+    sub = argparse.ArgumentParser(prog=f"latency.py {name}", description=help_,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return name, parse_config(Cfg, argv[1:], parser=config_parser(Cfg, parser=sub),
+                              defaults=lambda first: PRESETS[first.preset] if Cfg is MeasureCfg else {})
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    subs = parser.add_subparsers(dest="command", required=True)
-    parsers = {name: config_parser(Cfg, parser=subs.add_parser(
-        name, help=help_, description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
-        for name, (Cfg, _, help_) in COMMANDS.items()}
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    name = parser.parse_known_args(argv)[0].command
-    Cfg, command, _ = COMMANDS[name]
-    return command(parse_config(Cfg, argv[argv.index(name) + 1:], parser=parsers[name]), argv)
+    name, cfg = parse_command(argv)
+    return COMMANDS[name][1](cfg, argv)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ results. superplm.py's also holds checkpoint.pt, which every later stage reads w
     optimizer, schedule, step, data, rng, config   what --resume needs to continue exactly
 """
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -20,6 +21,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -27,7 +29,7 @@ import torch.distributed as dist
 
 from common import (Interrupted, UserError, append_jsonl, atomic_write, config_values, read_jsonl, save_json,
                     torch_load, torch_save)
-from model import Arch, Bert, SearchSpace
+from model import KD_SPACE, PRETRAIN_SPACE, Arch, Bert, SearchSpace
 
 
 def command_line(argv=None, script=None):
@@ -263,6 +265,91 @@ def interrupt(cfg, stop, step, total, rank, world):
             sys.exit(130)
     raise Interrupted(f"{stop.signal or 'a signal'} at step {step}/{total}: saved {Path(cfg.out) / 'checkpoint.pt'}; "
                       f"resume with: {resume_command('superplm.py', cfg.out)}")
+
+
+# ----------------------------------------------------------------------------- latency.py
+
+SPACES = {"pretrain": PRETRAIN_SPACE, "kd": KD_SPACE}  # Table B.1, by name
+
+
+def in_folder(path, name, old_suffix):
+    """FOLDER/name; a path ending in old_suffix is the file itself, as --out once named (one more release)."""
+    path = Path(path)
+    if path.suffix == old_suffix:
+        return path
+    return path / name if path.is_dir() or path.suffix == "" else path
+
+
+def out_file(cfg, name, old_suffix, argv=None, **run_folder):
+    """(the file a command writes, the context to write it in) for cfg.out: FOLDER/name inside a RunFolder
+    (run_folder: its resume and marker); an --out ending in old_suffix is that file, with no run folder."""
+    path = in_folder(cfg.out, name, old_suffix)
+    if path.name == name:
+        return path, RunFolder(cfg.out, cfg, overwrite=cfg.overwrite, argv=argv, **run_folder)
+    return path, contextlib.nullcontext(types.SimpleNamespace(done_first=lambda: None))
+
+
+def read_appended(path):
+    """The records of a JSONL file that a run appends to (none if it is not there), a half-written last line
+    (a killed run) cut first so that the lines appended next stay readable."""
+    if not Path(path).exists():
+        return []
+    raw = Path(path).read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(raw.rfind(b"\n") + 1)
+    return read_jsonl(path)
+
+
+@contextlib.contextmanager
+def kept_on_interrupt(path, kind, what, argv=None, script=None, resume=True):
+    """Inside: Ctrl-C (or SIGTERM) becomes Interrupted, saying how many records of `kind` the JSONL file `path`
+    keeps and the command that continues: the same one, with --resume where `resume` asks for it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        kept = sum(r["kind"] == kind for r in read_jsonl(path)) if Path(path).exists() else 0
+        argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+        again = command_line(argv + (["--resume"] if resume and "--resume" not in argv else []), script)
+        raise Interrupted(f"the {kept} {what} so far are kept in {path}; continue with: {again}") from None
+
+
+def space_from(name):
+    """`latency.py measure --space`: a search space by name (Table B.1) or the one saved in a SuperPLM checkpoint."""
+    if name in SPACES:
+        return SPACES[name]
+    if (Path(name) / "checkpoint.pt").is_file():
+        name = str(Path(name) / "checkpoint.pt")
+    if not Path(name).is_file():
+        raise UserError(f"--space {name!r} is neither {' nor '.join(SPACES)} nor a SuperPLM checkpoint file")
+    space = torch_load(name).get("space")
+    if not isinstance(space, dict):
+        raise UserError(f"{name} holds no search space: pass a checkpoint written by superplm.py")
+    return SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in space.items()})
+
+
+def read_timings(path):
+    """The records of `latency.py measure`'s timings.jsonl (a run folder or the file), checked: a meta line first,
+    then >= 10 timed archs and BERT-base."""
+    folder, path = path, in_folder(path, "timings.jsonl", ".jsonl")
+    if not Path(path).exists():
+        raise UserError(f"{path} does not exist: collect it with `python latency.py measure --out {folder}`")
+    records = read_jsonl(path)
+    if not records or records[0].get("kind") != "meta":
+        raise UserError(f"{path} was not written by `latency.py measure`: pass a file that `measure` wrote")
+    timed = sum(r["kind"] == "arch" for r in records)
+    if timed < 10 or not any(r["kind"] == "base" for r in records):
+        raise UserError(f"{path} holds {timed} timed archs: run `latency.py measure` longer (>= 10 needed)")
+    return records
+
+
+def check_resumed(path, saved, now):
+    """A file is resumed only with the settings it was begun with: `saved` and `now` (flat dicts) agree on every
+    key of `now` but "device"."""
+    for key, value in now.items():
+        if key != "device" and saved.get(key) != value:
+            raise UserError(f"{path} was measured with {key}={saved.get(key)}, not {value}: pass the same flags to "
+                            "resume it, or another --out")
 
 
 # ----------------------------------------------------------------------------- search.py

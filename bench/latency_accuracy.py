@@ -21,9 +21,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import append_jsonl, parse_config, read_jsonl, run_main, save_json  # noqa: E402
-from latency import (FitCfg, MeasureCfg, TimingCfg, accuracy, cmd_measure, collect, cpu_model, fit_data,  # noqa: E402
-                     load_data, relative, sample_archs)
+from latency import (FitCfg, MeasureCfg, TimingCfg, accuracy, archs_to_time, cmd_measure, collect, fit_data,  # noqa: E402
+                     load_data, relative)
 from model import PRETRAIN_SPACE, Arch  # noqa: E402
+from runtime import cpu_model  # noqa: E402
 
 HAT_FEATURES = ("hidden", "layers", "ffn", "qkv")  # HAT's and the authors' predictor inputs
 
@@ -78,7 +79,7 @@ def main():
     ms, rel = np.array([r["ms"] for r in noise]), np.array([relative(r) for r in noise])
 
     # the ceiling: the same archs timed twice, in two different random orders
-    archs = sample_archs(PRETRAIN_SPACE, cfg.pairs, cfg.seed + 1)
+    archs = archs_to_time(PRETRAIN_SPACE, cfg.pairs, cfg.seed + 1)
     shuffled = random.Random(cfg.seed + 1).sample(archs, len(archs))
     first, second = ({r["arch"]: r for r in timed_once(out / f"latency_pass{p}.jsonl", a, cfg) if r["kind"] == "arch"}
                      for p, a in ((1, archs), (2, shuffled)))

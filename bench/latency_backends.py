@@ -1,6 +1,6 @@
 """Benchmark: latency on the runtime a model ships on: PyTorch eager against ONNX Runtime fp32 and int8 (issue 12).
 
-1. BERT-base and Table 4's shapes, each on the three backends (latency.BACKENDS), all six models (it and the
+1. BERT-base and Table 4's shapes, each on the three backends (runtime.BACKENDS), all six models (it and the
    reference, per backend) alternated pass by pass: the speedup of ONNX Runtime fp32 / int8 over PyTorch eager
    for the same model, and each backend's speedup over BERT-base beside the paper's.
 2. Architectures of the pre-training space (Table B.1), each exported once, quantized once and timed on the three
@@ -25,8 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import latency  # noqa: E402
 from common import append_jsonl, parse_config, read_jsonl, run_main, save_json  # noqa: E402
-from latency import BACKENDS, REFERENCE, TABLE4, FitCfg, accuracy, fit_data, kendall_tau  # noqa: E402
-from model import BERT_BASE, PRETRAIN_SPACE, Arch  # noqa: E402
+from latency import REFERENCE, FitCfg, accuracy, fit_data, kendall_tau  # noqa: E402
+from model import BERT_BASE, PRETRAIN_SPACE, Arch, Bert  # noqa: E402
+from report import TABLE4  # noqa: E402
+from runtime import BACKENDS, cpu_model, on_backends, timings  # noqa: E402
 
 
 @dataclass
@@ -44,8 +46,8 @@ class BenchCfg:
 
 def time_backends(arch, refs, cfg, repeats):
     """{backend: (ms, reference ms)} of `arch` built on every backend, the six models alternated pass by pass."""
-    models = latency.builds(arch, BACKENDS)
-    times = latency.timings(models + refs, 1, cfg.seq_len, cfg.batch, cfg.warmup, repeats)
+    models = on_backends(Bert(arch).eval(), BACKENDS)
+    times = timings(models + refs, 1, cfg.seq_len, cfg.batch, cfg.warmup, repeats)
     ms = [float(np.median(t)) for t in times]
     return {b: dict(ms=ms[i], ref_ms=ms[len(BACKENDS) + i]) for i, b in enumerate(BACKENDS)}
 
@@ -57,7 +59,7 @@ def _timed(task):
     global _refs
     i, kind, arch, cfg = task
     if _refs is None:
-        _refs = latency.builds(REFERENCE, BACKENDS)
+        _refs = on_backends(Bert(REFERENCE).eval(), BACKENDS)
     t0 = time.time()
     timed = time_backends(Arch.parse(arch), _refs, cfg, cfg.repeats)
     return dict(kind=kind, arch=arch, i=i, seconds=time.time() - t0, **timed)
@@ -67,7 +69,7 @@ def table4(cfg, path):
     """Part 1, kept in `path`: {arch: {backend: (ms, ref ms)}} for BERT-base and Table 4's archs."""
     if path.exists():
         return read_jsonl(path)[0]
-    refs = latency.builds(REFERENCE, BACKENDS)
+    refs = on_backends(Bert(REFERENCE).eval(), BACKENDS)
     archs = [str(BERT_BASE)] + list(dict.fromkeys(a for _, _, a, _ in TABLE4))
     out = {a: time_backends(Arch.parse(a), refs, cfg, cfg.table_repeats) for a in tqdm(archs, unit="model")}
     append_jsonl(path, out)
@@ -76,7 +78,7 @@ def table4(cfg, path):
 
 def collect(cfg, path):
     """Part 2, resumable: one record per arch (and BERT-base every latency.BASE_EVERY archs) in `path`."""
-    archs = latency.sample_archs(PRETRAIN_SPACE, cfg.samples, cfg.seed)
+    archs = latency.archs_to_time(PRETRAIN_SPACE, cfg.samples, cfg.seed)
     tasks = []
     for n, arch in enumerate(archs):
         if n % latency.BASE_EVERY == 0:
@@ -99,8 +101,8 @@ def backend_data(timed, bases, backend, cfg):
     """One backend's timings as latency.load_data returns them, for latency.fit_data."""
     rel = lambda r: r[backend]["ms"] / r[backend]["ref_ms"]  # noqa: E731
     ref_ms = float(np.median([r[backend]["ref_ms"] for r in timed + bases]))
-    device = dict(cpu=latency.cpu_model(), threads=1, seq_len=cfg.seq_len, batch=cfg.batch, backend=backend)
-    meta = dict(device=device, reference=str(REFERENCE), warmup=cfg.warmup, repeats=cfg.repeats)
+    device = dict(cpu=cpu_model(), threads=1, seq_len=cfg.seq_len, batch=cfg.batch, backend=backend)
+    meta = dict(device=device, reference=str(REFERENCE), warmup=cfg.warmup, repeats=cfg.repeats, space="pretrain")
     return dict(meta=meta, archs=[Arch.parse(r["arch"]) for r in timed], ratio=np.array([rel(r) for r in timed]),
                 ms=np.array([r[backend]["ms"] for r in timed]), ref_ms=ref_ms,
                 base_ms=float(np.median([rel(r) for r in bases])) * ref_ms)
@@ -115,7 +117,7 @@ def main():
     timed, bases = collect(cfg, out / f"backends_archs_{cfg.seq_len}x{cfg.batch}.jsonl")
     timed.sort(key=lambda r: r["i"])
 
-    print(f"\n1. ONNX Runtime against PyTorch eager on {latency.cpu_model()}, 1 thread, batch {cfg.batch}, "
+    print(f"\n1. ONNX Runtime against PyTorch eager on {cpu_model()}, 1 thread, batch {cfg.batch}, "
           f"{cfg.seq_len} tokens, median of {cfg.table_repeats} passes alternated")
     base = {b: table[str(BERT_BASE)][b]["ms"] / table[str(BERT_BASE)][b]["ref_ms"] for b in BACKENDS}
     print(f"{'model':24s} {'arch':18s} {'torch ms':>9s} {'ort ms':>8s} {'int8 ms':>8s} {'ort/torch':>9s} "
@@ -160,7 +162,7 @@ def main():
     print(f"\ntiming: {seconds / 60:.0f} worker-minutes for {len(timed) + len(bases)} models on 3 backends "
           f"({seconds / max(len(timed) + len(bases), 1):.1f}s each, export and quantization included); "
           f"this run {(time.time() - t0) / 60:.0f} min")
-    save_json(dict(config=dataclasses.asdict(cfg), cpu=latency.cpu_model(), table4=table, taus=taus,
+    save_json(dict(config=dataclasses.asdict(cfg), cpu=cpu_model(), table4=table, taus=taus,
                    fits={b: fits[b][1] for b in BACKENDS}, cross=cross),
               out / f"latency_backends_{cfg.seq_len}x{cfg.batch}.json")
 

@@ -1,4 +1,5 @@
 import json
+import types
 import warnings
 
 import numpy as np
@@ -7,8 +8,10 @@ import torch
 
 import latency
 from common import UserError, config_parser, parse_config, read_jsonl, torch_load, torch_save
-from latency import LatencyPredictor, accuracy, kendall_tau, measure, parse_target, relative, sample_archs
-from model import BERT_BASE, PRETRAIN_SPACE, Arch, SearchSpace, grid
+from latency import LatencyPredictor, accuracy, kendall_tau, measure, parse_target, relative, archs_to_time
+from model import BERT_BASE, KD_SPACE, PRETRAIN_SPACE, Arch, Bert, SearchSpace, grid
+from report import TABLE4
+from runtime import BACKENDS, on_backends
 
 DEVICE = dict(cpu=latency.cpu_model(), cores=2, threads=1, torch=str(torch.__version__), seq_len=128, batch=1)
 
@@ -20,7 +23,7 @@ def synthetic_ms(arch):
 
 
 def fitted(n=400, steps=1500):
-    archs = sample_archs(PRETRAIN_SPACE, n, seed=0)
+    archs = archs_to_time(PRETRAIN_SPACE, n, seed=0)
     ms = np.array([synthetic_ms(a) for a in archs])
     train, test = archs[: n * 4 // 5], archs[n * 4 // 5:]
     pred = LatencyPredictor.fit(train, ms[: n * 4 // 5] / 10.0, ref_ms=10.0, base_ms=synthetic_ms(BERT_BASE),
@@ -88,8 +91,26 @@ def test_collect_times_each_arch_beside_the_reference(monkeypatch):
     recs = list(latency.collect(archs, cfg, start=5))
     assert [r["kind"] for r in recs] == ["base", "arch", "arch", "base", "arch"]
     assert [r["i"] for r in recs if r["kind"] == "arch"] == [5, 6, 7]
-    assert all(r["ms"] > 0 and r["ref_ms"] > 0 and r["spread"] >= 0 and r["ref_spread"] >= 0 for r in recs)
     assert relative(recs[1]) == recs[1]["ms"] / recs[1]["ref_ms"] < 1  # a 1-layer 64-wide model vs BERT-S1
+
+
+def test_collect_records_the_median_and_spread_of_each_model_and_its_reference(monkeypatch):
+    calls = []
+
+    def timings(models, *settings):  # the model's passes, then the reference's
+        calls.append(([m.arch for m in models], settings))
+        return [[3.0, 1.0, 2.0, 10.0], [5.0, 4.0, 4.0, 6.0]]
+
+    monkeypatch.setattr(latency, "timings", timings)
+    monkeypatch.setattr(latency, "build", lambda arch, backend, threads: types.SimpleNamespace(arch=arch))
+    cfg = latency.TimingCfg(threads=2, seq_len=32, batch_size=3, warmup_passes=4, repeats=5)
+    arch, ref = Arch(1, 64, 64, 1, 64), Arch(2, 128, 256, 2, 128)
+    base, rec = latency.collect([arch], cfg, reference=ref)
+    assert calls == [([BERT_BASE, ref], (2, 32, 3, 4, 5)), ([arch, ref], (2, 32, 3, 4, 5))]
+    # medians 2.5 and 4.5; quartiles (numpy's linear interpolation) 1.75-4.75 and 4-5.25
+    assert (rec["ms"], rec["spread"], rec["ref_ms"], rec["ref_spread"]) == (2.5, 3.0 / 2.5, 4.5, 1.25 / 4.5)
+    assert (base["kind"], base["arch"], rec["kind"], rec["arch"], rec["i"]) == ("base", str(BERT_BASE), "arch",
+                                                                                str(arch), 0)
 
 
 def test_measure_positive_larger_is_slower_and_threads_restored():
@@ -142,7 +163,9 @@ def test_measure_fit_cli_resumes_and_refuses_mixing(tmp_path, monkeypatch, capsy
     latency.main(["fit", "--timings", str(out), "--out", str(fit), "--steps", "100"])
     assert "MAPE" in capsys.readouterr().out and (fit / "metrics.json").exists()
     pred = LatencyPredictor.load(fit)
-    assert pred.device["seq_len"] == 32 and pred.base_ms > 0 and pred(archs[0]) > 0
+    ref_ms = np.median([r["ref_ms"] for r in recs[1:]])  # BERT-base's ms: its drift-free ratio x the reference's
+    base_ms = np.median([r["ms"] / r["ref_ms"] for r in recs if r["kind"] == "base"]) * ref_ms
+    assert pred.device["seq_len"] == 32 and pred.base_ms == pytest.approx(base_ms, rel=1e-12)
     assert pred.state["metrics"]["heldout"]["n"] == 2
     with pytest.raises(UserError, match="--overwrite"):
         latency.main(["fit", "--timings", str(out), "--out", str(fit)])
@@ -175,26 +198,60 @@ def test_a_predictor_warns_once_outside_the_shapes_it_was_fitted_on(capsys):
     assert err.count("\n") == 1 and f"layers {big.layers} not in" in err and str(big) in err
 
 
-def test_table_measures_every_arch(monkeypatch, capsys):
-    monkeypatch.setattr(latency, "BERT_BASE", Arch(2, 128, 512, 2, 128))
-    monkeypatch.setattr(latency, "TABLE4", [("S9", "BERT", "1-64-256-1-64", 3.0), ("S9", "Auto", "1-96-64-1-64", 4.0)])
-    latency.main(["table", "--warmup-passes", "0", "--repeats", "2", "--seq-len", "32"])
+def test_table_prints_the_papers_speedups_beside_measured_and_predicted_ones(tmp_path, monkeypatch, capsys):
+    timed = []
+
+    def collect(archs, cfg, start=0, reference=None):  # a machine where latency is synthetic_ms, the reference 10ms
+        timed.extend(archs)
+        for arch in [BERT_BASE] + archs:
+            yield dict(kind="base" if arch == BERT_BASE else "arch", arch=str(arch), ms=synthetic_ms(arch), ref_ms=10.0)
+
+    monkeypatch.setattr(latency, "collect", collect)
+    pred, _, _ = fitted(n=100, steps=200)
+    pred.save(tmp_path / "lat.pt")
+    latency.main(["table", "--predictor", str(tmp_path / "lat.pt")])
     lines = capsys.readouterr().out.splitlines()
-    assert any("1-64-256-1-64" in line and "3.0x" in line for line in lines)
-    assert any("1-96-64-1-64" in line for line in lines)
+    assert lines[1].split() == ["setting", "model", "arch", "paper", "measured", "predicted"]
+    assert sorted(map(str, timed)) == sorted({a for _, _, a, _ in TABLE4})  # each of Table 4's shapes once
+    rows = [line.split() for line in lines[2:]]
+    paper = "7.1/7.2×14.8/15.7×20.1/20.2×28.4/27.2× 4.9/4.6×9.8/9.0×11.7/10.7×17.0/17.0×"  # Table 4 as printed
+    assert [r[3] for r in rows[:16]] == [f"{v}x" for v in paper.replace("×", "/").replace(" ", "").split("/") if v]
+    assert [tuple(r[:3]) for r in rows] == [(s, m, a) for s, m, a, _ in TABLE4]
+    for (_, _, arch, paper), row in zip(TABLE4, rows):
+        measured = synthetic_ms(BERT_BASE) / synthetic_ms(Arch.parse(arch))
+        predicted = pred.base_ms / float(pred.predict([Arch.parse(arch)])[0])
+        assert row[3:] == [f"{paper:.1f}x", f"{measured:.1f}x", f"{predicted:.1f}x"], row
+
+
+def test_each_command_parses_in_the_shared_grammar_with_a_preset_for_measure(tmp_path, capsys):
+    name, cfg = latency.parse_command(["measure", "--preset", "tiny", "--repeats", "5"])
+    assert name == "measure" and (cfg.samples, cfg.warmup_passes, cfg.repeats) == (150, 1, 5)  # flags given win
+    assert latency.parse_command(["measure"])[1] == latency.MeasureCfg()  # paper: the defaults shown
+    (tmp_path / "config.json").write_text(json.dumps(dict(config=dict(steps=7, width=16))))
+    assert latency.parse_command(["fit", "--config", str(tmp_path), "--width", "8"])[1] == latency.FitCfg(steps=7,
+                                                                                                          width=8)
+    for command, default in (("measure", "(default: 2000)"), ("fit", "(default: 0.2)"), ("table", "(default: )")):
+        with pytest.raises(SystemExit):
+            latency.main([command, "--help"])
+        shown = " ".join(capsys.readouterr().out.split())
+        ours = shown.split("--config FILE start from")[0]  # common's --config (default: None) is not latency's
+        assert shown.startswith(f"usage: latency.py {command} ") and default in ours and "None" not in ours
+    with pytest.raises(SystemExit):
+        latency.main(["mesure"])
+    assert "invalid choice: 'mesure'" in capsys.readouterr().err
 
 
 def test_reference_fits_the_space():
     assert latency.reference_for(PRETRAIN_SPACE) == latency.REFERENCE
-    assert latency.reference_for(latency.KD_SPACE) == latency.REFERENCE
+    assert latency.reference_for(KD_SPACE) == latency.REFERENCE
     assert latency.reference_for(TINY) == Arch(2, 128, 256, 2, 128)
 
 
-def test_sample_archs_distinct_prefix_and_too_many():
-    a = sample_archs(PRETRAIN_SPACE, 50, seed=3)
-    assert len(set(a)) == 50 and sample_archs(PRETRAIN_SPACE, 20, seed=3) == a[:20]
+def test_archs_to_time_distinct_prefix_and_too_many():
+    a = archs_to_time(PRETRAIN_SPACE, 50, seed=3)
+    assert len(set(a)) == 50 and archs_to_time(PRETRAIN_SPACE, 20, seed=3) == a[:20]
     with pytest.raises(UserError, match="--samples"):
-        sample_archs(TINY, TINY.size() + 1, seed=0)
+        archs_to_time(TINY, TINY.size() + 1, seed=0)
 
 
 def test_an_interrupted_measure_keeps_its_timings_and_says_how_to_continue(tmp_path, monkeypatch):
@@ -214,7 +271,7 @@ def test_onnx_runtime_backends(tmp_path, monkeypatch):
     a predictor knows its backend and `table` refuses another one."""
     torch.manual_seed(0)
     arch = Arch(2, 60, 96, 4, 40)
-    eager, fp32, int8 = latency.builds(arch, latency.BACKENDS)
+    eager, fp32, int8 = on_backends(Bert(arch).eval(), BACKENDS)
     ids = torch.randint(30522, (3, 9))
     with torch.no_grad():
         ref = eager(ids)
