@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import UserError, atomic_write, load_hub_dataset, parse_config, run_main, save_json
+from common import UserError, atomic_write, load_hub_dataset, run_main, save_json
+from config import parse_config
 from tokenizer import SPECIAL_TOKENS, Specials, load_tokenizer, train_tokenizer
 
 

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import COUNT, NONNEGATIVE, UserError, parse_config, read_jsonl, run_main, torch_load
+from common import UserError, read_jsonl, run_main, torch_load
+from config import COUNT, NONNEGATIVE, parse_config
 from latency import LatencyPredictor, measure
 from model import Arch
 from runs import RunFolder, load_superplm

@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
-from common import UserError, parse_config, run_main, seed_everything
+from common import UserError, run_main, seed_everything
+from config import parse_config
 from data import stdlib_corpus
 from hf import from_pretrained, save_pretrained
 from model import Arch, Bert, sub

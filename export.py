@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, atomic_write, parse_config, run_main, torch_load
+from common import UserError, atomic_write, run_main, torch_load
+from config import parse_config
 from finetune import load_model
 from hf import from_pretrained
 from runtime import OrtModel, onnx_modules, quantize_int8, to_onnx

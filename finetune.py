@@ -31,9 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, POSITIVE, SHARE, Interrupted, UserError,
-                    append_jsonl, check_config, config_parser, parse_config, resolve_compute, run_main, save_json,
-                    seed_everything, stop_after_step, to_device, torch_load, torch_save)
+from common import (DEVICE_HELP, DTYPE_HELP, DTYPES, Interrupted, UserError, append_jsonl, resolve_compute, run_main,
+                    save_json, seed_everything, stop_after_step, to_device, torch_load, torch_save)
+from config import COUNT, NONNEGATIVE, POSITIVE, SHARE, check_config, config_parser, parse_config
 from glue import GLUE, TASKS, glue_task, hf_labels, task_name, write_test_predictions
 from hf import from_pretrained, read_pretrained, save_pretrained
 from model import Arch, Bert, extract, learning_rate, make_optimizer

@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import (COUNT, NONNEGATIVE, POSITIVE, UserError, append_jsonl, config_parser, parse_config, run_main,
-                    save_json, seed_everything, torch_load, torch_save)
+from common import UserError, append_jsonl, run_main, save_json, seed_everything, torch_load, torch_save
+from config import COUNT, NONNEGATIVE, POSITIVE, config_parser, parse_config
 from model import BERT_BASE, Arch, Bert
 from report import TABLE4, fitted_line, speedup_table
 from runs import check_resumed, in_folder, kept_on_interrupt, out_file, read_appended, read_timings, space_from

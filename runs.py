@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import (Interrupted, UserError, append_jsonl, atomic_write, config_values, read_jsonl, save_json,
-                    torch_load, torch_save)
+from common import Interrupted, UserError, append_jsonl, atomic_write, read_jsonl, save_json, torch_load, torch_save
+from config import config_values
 from model import KD_SPACE, PRETRAIN_SPACE, Arch, Bert, SearchSpace
 
 

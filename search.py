@@ -34,10 +34,10 @@ from typing import Optional
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, SHARE, UserError, end_distributed,
-                    init_distributed, rank0_first, resolve_compute, run_main, save_json, seed_everything,
-                    stop_after_step, torch_load)
-from common import parse_config as parse_with
+from common import (DEVICE_HELP, DTYPE_HELP, DTYPES, UserError, end_distributed, init_distributed, rank0_first,
+                    resolve_compute, run_main, save_json, seed_everything, stop_after_step, torch_load)
+from config import COUNT, NONNEGATIVE, SHARE
+from config import parse_config as parse_with
 from evaluators import SCORE_NAMES, Evaluations, Shared, make_score, ranked, save_model
 from latency import LatencyPredictor, parse_target
 from model import Arch, SearchSpace

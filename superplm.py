@@ -31,10 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, NONNEGATIVE, POSITIVE, SHARE, UserError,
-                    append_jsonl, config_parser, config_values, end_distributed, init_distributed, rank0_first,
-                    resolve_compute, run_main, seed_everything, stop_after_step, torch_load)
-from common import parse_config as parse_with
+from common import (DEVICE_HELP, DTYPE_HELP, DTYPES, UserError, append_jsonl, end_distributed, init_distributed,
+                    rank0_first, resolve_compute, run_main, seed_everything, stop_after_step, torch_load)
+from config import COUNT, NONNEGATIVE, POSITIVE, SHARE, config_parser, config_values
+from config import parse_config as parse_with
 from data import DataConfig, batches, derive_seed, masked_positions, prefetch, prepare, split, steps_per_epoch
 from distill import KDObjective, check_compatible, load_teacher
 from hf import save_pretrained

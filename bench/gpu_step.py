@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (COUNT, DTYPES, NONNEGATIVE, parse_config, resolve_compute, save_json, seed_everything,  # noqa: E402
-                    to_device)
+from common import DTYPES, resolve_compute, save_json, seed_everything, to_device  # noqa: E402
+from config import COUNT, NONNEGATIVE, parse_config  # noqa: E402
 from data import batches, mask_tokens, masked_positions, prefetch  # noqa: E402
 from finetune import Finetuner, optimizer_and_schedule, train_epoch  # noqa: E402
 from latency import features  # noqa: E402

@@ -20,7 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import append_jsonl, parse_config, read_jsonl, run_main, save_json  # noqa: E402
+from common import append_jsonl, read_jsonl, run_main, save_json  # noqa: E402
+from config import parse_config  # noqa: E402
 from latency import (FitCfg, MeasureCfg, TimingCfg, accuracy, archs_to_time, cmd_measure, collect, fit_data,  # noqa: E402
                      load_data, relative)
 from model import PRETRAIN_SPACE, Arch  # noqa: E402

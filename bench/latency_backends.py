@@ -24,7 +24,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import latency  # noqa: E402
-from common import append_jsonl, parse_config, read_jsonl, run_main, save_json  # noqa: E402
+from common import append_jsonl, read_jsonl, run_main, save_json  # noqa: E402
+from config import parse_config  # noqa: E402
 from latency import REFERENCE, FitCfg, accuracy, fit_data, kendall_tau  # noqa: E402
 from model import BERT_BASE, PRETRAIN_SPACE, Arch, Bert  # noqa: E402
 from report import TABLE4  # noqa: E402

@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import latency  # noqa: E402
-from common import COUNT, parse_config, run_main  # noqa: E402
+from common import run_main  # noqa: E402
+from config import COUNT, parse_config  # noqa: E402
 from model import BERT_BASE, Arch, Bert  # noqa: E402
 
 

@@ -38,8 +38,8 @@ from matplotlib.figure import Figure
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import latency  # noqa: E402
 import superplm  # noqa: E402
-from common import (UserError, append_jsonl, parse_config, read_jsonl, resolve_compute, run_main,  # noqa: E402
-                    save_json)
+from common import UserError, append_jsonl, read_jsonl, resolve_compute, run_main, save_json  # noqa: E402
+from config import parse_config  # noqa: E402
 from data import prepare, split  # noqa: E402
 from model import Arch  # noqa: E402
 from evaluators import MLMScore  # noqa: E402

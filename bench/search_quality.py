@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluators  # noqa: E402
 import search  # noqa: E402
 import superplm  # noqa: E402
-from common import UserError, config_from_args, config_parser, run_main, save_json, torch_load  # noqa: E402
+from common import UserError, run_main, save_json, torch_load  # noqa: E402
+from config import config_from_args, config_parser  # noqa: E402
 from model import BERT_BASE, PRETRAIN_SPACE, Arch, SearchSpace  # noqa: E402
 from runs import checkpoint_path, load_superplm  # noqa: E402
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import parse_config, resolve_device, seed_everything  # noqa: E402
+from common import resolve_device, seed_everything  # noqa: E402
+from config import parse_config  # noqa: E402
 from data import mask_tokens  # noqa: E402
 from model import PRETRAIN_SPACE, SUPERPLM, Bert, extract, in_place_grads, make_optimizer  # noqa: E402
 from superplm import MLM, flat_grads  # noqa: E402

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import common
+import config
 import data
 import demo
 import distill
@@ -27,8 +27,8 @@ SHARED = {"--seed": ("7", 7), "--out": ("runs/x", "runs/x"), "--batch-size": ("5
 
 
 def parse(module, command, cls, argv):
-    return common.parse_config(cls, argv, parser=common.config_parser(cls)) if command else \
-        common.parse_config(cls, argv)
+    return config.parse_config(cls, argv, parser=config.config_parser(cls)) if command else \
+        config.parse_config(cls, argv)
 
 
 @pytest.mark.parametrize("module, command, cls", STAGES, ids=[f"{m.__name__} {c or ''}" for m, c, _ in STAGES])
@@ -72,7 +72,7 @@ def test_old_latency_spellings_still_work_with_a_note(command, old, new, field, 
 
 def test_task_names_in_any_case():
     for text in ("RTE", "rte", "Sst-2", "MNLI"):
-        assert common.parse_config(finetune.FinetuneConfig, ["--task", text]).task == finetune.task_name(text)
+        assert config.parse_config(finetune.FinetuneConfig, ["--task", text]).task == finetune.task_name(text)
 
 
 @pytest.mark.parametrize("main, argv, message", [
@@ -105,18 +105,18 @@ def test_negative_and_zero_values_are_refused_in_one_line(main, argv, message, c
 @dataclasses.dataclass
 class Toy:
     out: str = "runs/toy"
-    steps: int = dataclasses.field(default=3, metadata={"help": "steps", **common.COUNT})
+    steps: int = dataclasses.field(default=3, metadata={"help": "steps", **config.COUNT})
 
 
 def test_run_folder_records_the_run_and_round_trips(tmp_path):
-    cfg = common.parse_config(Toy, ["--out", str(tmp_path / "run"), "--steps", "4"])
+    cfg = config.parse_config(Toy, ["--out", str(tmp_path / "run"), "--steps", "4"])
     with RunFolder(cfg.out, cfg, argv=["--out", cfg.out, "--steps", "4"]) as run:
         run.done_first()
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     assert record["config"] == {"out": str(tmp_path / "run"), "steps": 4} and record["status"] == "finished"
     assert record["command"] == f"python test_cli.py --out {tmp_path / 'run'} --steps 4"
     assert set(record["versions"]) == {"torch", "python", "git_commit", "git_dirty"} and record["ended"]
-    assert common.parse_config(Toy, ["--config", str(tmp_path / "run" / "config.json")]) == cfg
+    assert config.parse_config(Toy, ["--config", str(tmp_path / "run" / "config.json")]) == cfg
     with pytest.raises(UserError, match="already holds a run: pass --overwrite to replace it or another --out"):
         RunFolder(cfg.out, cfg)  # a script without --resume is never told to pass it
     with pytest.raises(UserError, match="pass --resume to continue it, --overwrite to replace it"):
@@ -140,7 +140,7 @@ def test_an_interrupt_before_the_first_result_puts_the_folder_back(tmp_path):
 
 def test_no_flag_is_defined_twice_and_help_hides_old_spellings():
     for module, command, cls in STAGES:
-        parser = common.config_parser(cls)
+        parser = config.config_parser(cls)
         shown = [o for a in parser._actions if a.help != argparse.SUPPRESS for o in a.option_strings]
         assert len(shown) == len(set(shown))
         assert not {"--max-steps", "--samples", "--batch", "--data"} & set(shown) or cls in (
@@ -149,11 +149,11 @@ def test_no_flag_is_defined_twice_and_help_hides_old_spellings():
 
 def test_a_script_of_several_commands_parses_each_command_with_its_own_flags(tmp_path, capsys):
     commands = {"make-teacher": (distill.TeacherConfig, "write"), "check": (distill.CheckConfig, "load")}
-    assert common.parse_config(commands, ["check", "--teacher", "t"]) == ("check", distill.CheckConfig(teacher="t"))
-    assert common.parse_config(commands, ["make-teacher", "--seed", "3", "--no-overwrite"]) == \
+    assert config.parse_config(commands, ["check", "--teacher", "t"]) == ("check", distill.CheckConfig(teacher="t"))
+    assert config.parse_config(commands, ["make-teacher", "--seed", "3", "--no-overwrite"]) == \
         ("make-teacher", distill.TeacherConfig(seed=3))
     (tmp_path / "config.json").write_text(json.dumps({"config": {"vocab_size": 99, "out": "x", "overwrite": True}}))
-    assert common.parse_config(commands, ["make-teacher", "--config", str(tmp_path), "--out", "y"]) == \
+    assert config.parse_config(commands, ["make-teacher", "--config", str(tmp_path), "--out", "y"]) == \
         ("make-teacher", distill.TeacherConfig(vocab_size=99, out="y"))  # flags win; --overwrite is asked anew
     for argv, message in ((["check", "--seed", "3"], "check: error: unrecognized arguments: --seed 3"),
                           (["make-teacher", "--vocab-size", "2"], "error: --vocab-size 2 is out of range"),

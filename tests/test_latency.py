@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import latency
-from common import UserError, config_parser, parse_config, read_jsonl, torch_load, torch_save
+from common import UserError, read_jsonl, torch_load, torch_save
+from config import config_parser, parse_config
 from latency import LatencyPredictor, accuracy, kendall_tau, measure, parse_target, relative, archs_to_time
 from model import BERT_BASE, KD_SPACE, PRETRAIN_SPACE, Arch, Bert, SearchSpace, grid
 from report import TABLE4

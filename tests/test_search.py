@@ -18,7 +18,8 @@ import latency
 import rules
 import search
 import superplm
-from common import UserError, parse_config, read_jsonl
+from common import UserError, read_jsonl
+from config import parse_config
 from data import build_dataset, load_tokenizer
 from evaluators import Candidate
 from hf import from_pretrained
