@@ -41,11 +41,18 @@ class _Deprecated(argparse.Action):
         setattr(namespace, "_deprecated", notes + [f"note: {option_string} is deprecated, use {self.new}"])
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default; a default of None is one that the run works out (a task's Table D.1 value,
+    a method's pm, the steps of --epochs): its help says which, instead of "(default: None)"."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def config_parser(cls, description=None, parser=None):
     """Add one flag per dataclass field (the field's metadata['help'] is its help, the default is shown), and
     --config FILE: start from the settings of a run's config.json (flags given still win)."""
-    parser = parser or argparse.ArgumentParser(description=description,
-                                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = parser or argparse.ArgumentParser(description=description, formatter_class=_Defaults)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind, default = hints[f.name], f.default
@@ -140,9 +147,9 @@ def parse_config(cls, argv=None, description=None, parser=None, defaults=None):
         top = argparse.ArgumentParser(description=description)
         commands = top.add_subparsers(dest="command", required=True)
         parsers = {name: config_parser(c, parser=commands.add_parser(
-            name, help=help_, description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+            name, help=help_, description=help_, formatter_class=_Defaults))
             for name, (c, help_) in cls.items()}
-        name = top.parse_known_args(argv)[0].command
+        name = top.parse_known_args([a for a in argv if a not in ("-h", "--help")] or argv)[0].command
         return name, parse_config(cls[name][0], argv[argv.index(name) + 1:], parser=parsers[name], defaults=defaults)
     parser = parser or config_parser(cls, description)
     first, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])  # --help shows the preset's

@@ -93,9 +93,9 @@ class FinetuneConfig:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases, LayerNorm)",
                                                         **NONNEGATIVE})
     max_train_examples: Optional[int] = field(default=None, metadata={
-        "help": "train on a seeded random subset of this many examples; None: all", **COUNT})
+        "help": "train on a seeded random subset of this many examples; default: all of them", **COUNT})
     max_eval_examples: Optional[int] = field(default=None, metadata={
-        "help": "evaluate on a seeded random dev subset of this many examples; None: all", **COUNT})
+        "help": "evaluate on a seeded random dev subset of this many examples; default: all of them", **COUNT})
     seed: int = field(default=0, metadata={"help": "seed of the head, dropout, order and subsets", **NONNEGATIVE})
     log_every: int = field(default=50, metadata={"help": "one line in OUT/log.txt every N steps", **COUNT})
     out: str = field(default="", metadata={"help": "run folder (config.json, metrics.jsonl, log.txt, best/, "

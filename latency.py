@@ -15,7 +15,6 @@ ONNX export on ONNX Runtime, fp32 or int8 (runtime.py); the reference runs on th
     python latency.py table --predictor runs/predictor
 """
 
-import argparse
 import dataclasses
 import random
 import re
@@ -31,7 +30,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from common import UserError, append_jsonl, run_main, save_json, seed_everything, torch_load, torch_save
-from config import COUNT, NONNEGATIVE, POSITIVE, config_parser, parse_config
+from config import COUNT, NONNEGATIVE, POSITIVE, parse_config
 from model import BERT_BASE, Arch, Bert
 from report import TABLE4, fitted_line, speedup_table
 from runs import check_resumed, in_folder, kept_on_interrupt, out_file, read_appended, read_timings, space_from
@@ -400,14 +399,8 @@ COMMANDS = {"measure": (MeasureCfg, cmd_measure, "time sampled architectures int
 
 def parse_command(argv):
     """(command, its config) from `COMMAND FLAGS`, in every stage's grammar: defaults < --preset < --config < flags."""
-    top = argparse.ArgumentParser(prog="latency.py", description=__doc__.splitlines()[0])
-    top.add_argument("command", choices=COMMANDS, help="; ".join(f"{k}: {v[2]}" for k, v in COMMANDS.items()))
-    name = top.parse_args(argv[:1]).command
-    Cfg, _, help_ = COMMANDS[name]
-    sub = argparse.ArgumentParser(prog=f"latency.py {name}", description=help_,
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    return name, parse_config(Cfg, argv[1:], parser=config_parser(Cfg, parser=sub),
-                              defaults=lambda first: PRESETS[first.preset] if Cfg is MeasureCfg else {})
+    return parse_config({name: (cls, help_) for name, (cls, _, help_) in COMMANDS.items()}, argv,
+                        __doc__.splitlines()[0], defaults=lambda first: PRESETS[getattr(first, "preset", "paper")])
 
 
 def main(argv=None):

@@ -15,9 +15,9 @@ metrics.jsonl, log.txt, config.json (settings, command line, versions, start and
 config.json). SIGINT or SIGTERM finishes the step, writes the checkpoint and prints the command that resumes.
 """
 
-import argparse
 import dataclasses
 import random
+import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -71,8 +71,8 @@ class Config(DataConfig):  # the corpus flags (--corpus, --tokenizer, --vocab-si
                                                          "decay to 0 (§4.1)", **SHARE})
     epochs: int = field(default=5, metadata={"help": "passes over the corpus (§4.1), unless --steps", **COUNT})
     steps: Optional[int] = field(default=None, metadata={  # None: --epochs decides (configure keeps it off --help)
-        "help": "the run's length in optimizer steps (the schedule is laid over it) (default: --epochs passes over "
-                "the corpus)", "aliases": ("max_steps",), **COUNT})
+        "help": "the run's length in optimizer steps (the schedule is laid over it); unset: --epochs passes over "
+                "the corpus", "aliases": ("max_steps",), **COUNT})
     sub_models: int = field(default=3, metadata={"help": "M of Algorithm 1: sub-models each worker samples per "
                                                          "batch", "aliases": ("samples",), **COUNT})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases, LayerNorm)",
@@ -379,8 +379,8 @@ def configure(argv=None):
     once (train takes its weights from the same read), and the settings resolve as field defaults < --preset <
     --init's settings < what --arch implies < --config FILE < flags given."""
     parser = config_parser(Config, __doc__.split("\n")[0])
-    parser._option_string_actions["--steps"].default = argparse.SUPPRESS  # unset: --epochs decides (not "None")
-    path = parser.parse_known_args(argv)[0].init
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    path = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0].init  # --help: after the read
     init = read_init(path) if path else None
     return parse_with(Config, argv, parser=parser, defaults=lambda first: defaults(first, init)), init
 

@@ -343,8 +343,8 @@ def test_cli_help_shows_table_d1_and_one_line_errors(capsys, monkeypatch):
                                ("--max-len MAX_LEN", "--doc-stride", ["128, SQuAD 384 (default: 128)"])):
         help_ = text.split(f" {flag} ")[1].split(f" {after} ")[0]
         assert "None" not in help_ and all(s in help_ for s in shown), help_
-    # None only where it is a documented value: every example
-    assert text.count("None: all (default: None)") == 2
+    # a default the run works out says what it is, never "None": every example
+    assert "None" not in text and text.count("examples; default: all of them --") == 2
     with pytest.raises(SystemExit) as e:
         run_main(lambda: ft.main(["--task", "rte"]))
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: no model")
