@@ -175,6 +175,11 @@ def checkpoint_path(path):
     return path
 
 
+def saved_space(fields):
+    """The SearchSpace a checkpoint saved as dataclasses.asdict(space)."""
+    return SearchSpace(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in fields.items()})
+
+
 def load_superplm(path, ckpt=None):
     """(SuperPLM as a Bert in eval mode, its SearchSpace, path of its tokenizer) from a run folder or checkpoint
     (ckpt: the checkpoint's contents, when the caller has already read them)."""
@@ -182,7 +187,7 @@ def load_superplm(path, ckpt=None):
     ckpt = ckpt or torch_load(path)
     model = Bert.from_config(ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
-    space = SearchSpace(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in ckpt["space"].items()})
+    space = saved_space(ckpt["space"])
     beside = path.parent / Path(ckpt["tokenizer"]).name  # the run folder may have moved
     return model.eval(), space, str(beside if beside.exists() else ckpt["tokenizer"])
 
@@ -325,7 +330,7 @@ def space_from(name):
     space = torch_load(name).get("space")
     if not isinstance(space, dict):
         raise UserError(f"{name} holds no search space: pass a checkpoint written by superplm.py")
-    return SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in space.items()})
+    return saved_space(space)
 
 
 def read_timings(path):

@@ -178,7 +178,7 @@ def resuming(folder, marker):
 def trained(out, name, argv, heldout, points):
     """Train one superplm.py run (continuing it if stopped) with held-out loss measured `points` times along it;
     returns its record: arch, steps and the curve [(step, loss)]."""
-    cfg = superplm.parse_config(argv + ["--out", str(out / name), *resuming(out / name, "checkpoint.pt")])
+    cfg, init = superplm.configure(argv + ["--out", str(out / name), *resuming(out / name, "checkpoint.pt")])
     every = max(1, cfg.steps // points)
     cfg = dataclasses.replace(cfg, save_every=every, log_every=every)
     curve_path = out / name / "curve.jsonl"
@@ -186,7 +186,7 @@ def trained(out, name, argv, heldout, points):
     def on_save(step, model):
         append_jsonl(curve_path, dict(step=step, loss=heldout(model)))
 
-    superplm.train(cfg, on_save=on_save)
+    superplm.train(cfg, on_save=on_save, init=init)  # --init's checkpoint: read once, by configure
     curve = sorted({r["step"]: r["loss"] for r in read_jsonl(curve_path)}.items())
     return dict(arch=cfg.arch, steps=cfg.steps, curve=curve, loss=curve[-1][1])
 
