@@ -166,12 +166,15 @@ def keep_jsonl(path, keep):
 # ----------------------------------------------------------------------------- the SuperPLM checkpoint
 
 
-def checkpoint_path(path):
-    """checkpoint.pt of a SuperPLM run folder (or the file itself); one line if there is none."""
-    path = Path(path)
-    path = path / "checkpoint.pt" if path.is_dir() else path
+def checkpoint_path(path, flag=""):
+    """checkpoint.pt of a SuperPLM run folder (or the file itself); if there is none, one line saying where it was
+    looked for (given by `flag`, e.g. --init) and the command that makes one."""
+    given = Path(path)
+    path = given / "checkpoint.pt" if given.is_dir() else given
     if not path.exists():
-        raise UserError(f"{path} does not exist: train a SuperPLM first (python superplm.py --out DIR)")
+        folder = given if given.suffix != ".pt" else given.parent
+        raise UserError(f"{flag + ' ' if flag else ''}{path} does not exist: train a SuperPLM first (python "
+                        f"superplm.py --preset tiny --out {folder})")
     return path
 
 

@@ -43,7 +43,7 @@ from latency import LatencyPredictor, parse_target
 from model import Arch, SearchSpace
 from report import print_search_top, search_figure
 from rules import fast_search
-from runs import RunFolder, SearchRecord, command_line, load_superplm, open_search
+from runs import RunFolder, SearchRecord, checkpoint_path, command_line, load_superplm, open_search
 
 PRESETS = {"default": {},
            "tiny": dict(target="40x", superplm="runs/superplm-tiny", out="runs/search-tiny"),
@@ -309,14 +309,12 @@ def parse_config(argv=None):
 def check_inputs(cfg):
     """The SuperPLM's checkpoint.pt; before any work, the command that makes whatever input is missing."""
     superplm, predictor = Path(cfg.superplm), Path(cfg.latency)
-    if not (superplm / "checkpoint.pt" if superplm.is_dir() else superplm).exists():
-        raise UserError(f"no SuperPLM at {superplm}: train one with `python superplm.py --preset tiny --out "
-                        f"{superplm}` (or pass --superplm)")
+    checkpoint = checkpoint_path(superplm, "--superplm")
     if not (predictor / "predictor.pt" if predictor.is_dir() else predictor).exists():
         raise UserError(f"no latency predictor at {cfg.latency}: make one with `python latency.py measure --space "
                         f"{superplm} --out runs/latency && python latency.py fit --timings runs/latency --out "
                         f"{cfg.latency}`")
-    return superplm / "checkpoint.pt" if superplm.is_dir() else superplm
+    return checkpoint
 
 
 def run_method(cfg, space, score, budget, cache, on_generation):

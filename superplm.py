@@ -41,7 +41,8 @@ from hf import save_pretrained
 from model import (SUPERPLM, Arch, Bert, SearchSpace, extract, grid, in_place_grads, learning_rate, make_optimizer,
                    sub)
 from report import superplm_line
-from runs import RunFolder, interrupt, load_superplm, restore_superplm, resume_superplm, save_superplm, stopped
+from runs import (RunFolder, checkpoint_path, interrupt, load_superplm, restore_superplm, resume_superplm,
+                  save_superplm, stopped)
 from tokenizer import save_tokenizer
 
 
@@ -355,10 +356,7 @@ INHERITED = ("superplm_arch", "objective", "teacher", "corpus", "tokenizer", "vo
 
 def read_init(path):
     """--init's checkpoint (a run folder or its checkpoint.pt): its settings and its weights, read once."""
-    path = Path(path) / "checkpoint.pt" if Path(path).is_dir() else Path(path)
-    if not path.exists():
-        raise UserError(f"--init {path} does not exist: train a SuperPLM first (python superplm.py --out DIR)")
-    return torch_load(path)
+    return torch_load(checkpoint_path(path, "--init"))
 
 
 def defaults(first, init=None):
