@@ -6,16 +6,24 @@ cleanly on SIGINT/SIGTERM (`stop_after_step`), write files atomically. Flags com
 checkpoints from runs.py.
 """
 
+import argparse
 import contextlib
+import dataclasses
+import datetime
 import json
 import os
+import platform
 import random
+import shlex
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import types
+import typing
 import urllib.parse
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,6 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+
 
 
 class UserError(ValueError):
@@ -89,7 +99,7 @@ def stop_after_step():
             signal.signal(s, h)
 
 
-# ----------------------------------------------------------------------------- files written atomically
+# ----------------------------------------------------------------------------- files and JSONL
 
 def atomic_write(path, write):
     """write(tmp_path) then rename over `path`: a crash never leaves a half-written file behind."""
@@ -145,8 +155,152 @@ def read_jsonl(path):
     return out
 
 
-# ----------------------------------------------------------------------------- the Hugging Face hub, offline
+def read_appended(path):
+    """The records of a JSONL file that a run appends to (none if it is not there), a half-written last line
+    (a killed run) cut first so that the lines appended next stay readable."""
+    if not Path(path).exists():
+        return []
+    raw = Path(path).read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(raw.rfind(b"\n") + 1)
+    return read_jsonl(path)
 
+
+def keep_jsonl(path, keep):
+    """Rewrite a JSONL file with only the records where keep(record): a resumed run drops the lines its
+    checkpoint does not cover (and a torn last line), so that no step is logged twice."""
+    path = Path(path)
+    if path.exists():
+        records = [r for r in read_jsonl(path) if keep(r)]
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
+
+
+# ----------------------------------------------------------------------------- the run folder (--out)
+
+def command_line(argv=None, script=None):
+    """The command that ran (or would run) `script` (default: this process's) with `argv`, quoted for a shell."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    return shlex.join(["python", script or Path(sys.argv[0]).name, *argv])
+
+
+def versions():
+    """What a result depends on besides its settings: torch, python, and this repository's commit if any."""
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = commit and bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                               capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return dict(torch=str(torch.__version__), python=platform.python_version(), git_commit=commit,
+                git_dirty=dirty)
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunFolder:
+    """A run's output folder (--out). It is never silently overwritten: a run already there needs --resume (where
+    the script has it) or --overwrite. It holds config.json: the resolved settings, the command line, the versions
+    and the start and end times. Until `done_first()` (the run's first result is written), a failure or an
+    interrupt puts the folder back as it was found: what the run created is removed, what --overwrite set aside
+    is restored.
+
+        with RunFolder(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, marker="checkpoint.pt") as run:
+            ...; run.done_first(); ...
+    """
+
+    def __init__(self, out, cfg, resume=None, overwrite=False, marker=None, argv=None):
+        self.path, self.cfg, self.marker = Path(out), cfg, marker
+        module = type(cfg).__module__  # argv given: the stage's own command line, also when main(argv) is called
+        self.command = command_line(argv, module + ".py" if argv is not None and module != "__main__" else None)
+        self.first, self.status = False, None
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out {path} is a file: --out names a folder")
+        self.existed = path.exists()
+        self.before = set(os.listdir(path)) if self.existed else set()
+        self.before -= {".replaced"}
+        taken = (marker is None and bool(self.before)) or (marker is not None and (path / marker).exists())
+        how = "pass --resume to continue it, --overwrite to replace it, or another --out" if resume is not None \
+            else "pass --overwrite to replace it or another --out"
+        if resume and not taken:
+            raise UserError(f"--resume: {path} holds no run to resume{f' (no {marker})' if marker else ''}: "
+                            "drop --resume to start one")
+        if taken and not (resume or overwrite):
+            raise UserError(f"{path} already holds a run: {how}")
+        self.old_record = (path / "config.json").read_bytes() if (path / "config.json").exists() else None
+        self.resume = bool(resume)
+        path.mkdir(parents=True, exist_ok=True)
+        self.aside = None
+        if overwrite and not resume and self.before:  # set the old run aside until this one has a result
+            self.aside = path / ".replaced"
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside.mkdir()
+            for name in self.before:
+                os.replace(path / name, self.aside / name)
+            self.before = set()
+        self.started = _now()
+        self.write_record()
+
+    RECORD = ("config", "command", "versions", "started", "ended", "status")
+
+    def write_record(self, ended=None):
+        """config.json; in a folder that is also a Hugging Face model (save_pretrained) its keys stay beside ours."""
+        path, model = self.path / "config.json", {}
+        if path.exists():
+            try:
+                model = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                pass
+            model = {k: v for k, v in model.items() if k not in self.RECORD} if "model_type" in model else {}
+        save_json(dict(model, config=dataclasses.asdict(self.cfg), command=self.command, versions=versions(),
+                       started=self.started, ended=ended, status=self.status), path)
+
+    def update(self, cfg):
+        """The settings changed once known (a resumed run takes its saved ones)."""
+        self.cfg = cfg
+        self.write_record()
+
+    def done_first(self):
+        """The run has written its first result: from now on a failure keeps what is there."""
+        if not self.first:
+            self.first = True
+            if self.aside:
+                shutil.rmtree(self.aside, ignore_errors=True)
+
+    def rollback(self):
+        for name in set(os.listdir(self.path)) - self.before - {".replaced"}:
+            p = self.path / name
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if self.aside:
+            for name in os.listdir(self.aside):
+                os.replace(self.aside / name, self.path / name)
+            self.aside.rmdir()
+        if self.old_record is not None:
+            (self.path / "config.json").write_bytes(self.old_record)
+        if not self.existed:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if kind is not None and not self.first:
+            self.rollback()
+            return False
+        self.status = self.status or ("finished" if kind is None else
+                                      "interrupted" if issubclass(kind, KeyboardInterrupt) else f"failed: {error}")
+        self.write_record(ended=_now())
+        if self.aside:
+            shutil.rmtree(self.aside, ignore_errors=True)
+        return False
+
+
+# ----------------------------------------------------------------------------- the Hugging Face hub, offline
 
 def hub_reachable(timeout=3.0):
     """Whether the hub (HF_ENDPOINT, else huggingface.co) takes a connection within `timeout` seconds. False in
@@ -194,7 +348,7 @@ def load_hub_dataset(what, instead, *args, **kwargs):
         datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = offline
 
 
-# ----------------------------------------------------------------------------- seeds
+# ----------------------------------------------------------------------------- seeds, devices, workers
 
 def seed_everything(seed):
     random.seed(seed)
@@ -209,11 +363,13 @@ def subset_indices(n_total, n, seed):
     return sorted(np.random.default_rng(seed).choice(n_total, n, replace=False).tolist())
 
 
-# ----------------------------------------------------------------------------- device and compute dtype
-
 DEVICE_HELP = "auto: cuda if torch sees a GPU (under torchrun cuda:LOCAL_RANK), else cpu; or cpu, cuda, cuda:N"
+
+
 DTYPE_HELP = ("compute dtype of matmuls and attention (torch.autocast); weights, gradients and AdamW's state stay "
               "fp32. auto: bf16 on a GPU that has it (A100, H100, ...), else fp32")
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -278,9 +434,6 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-# ----------------------------------------------------------------------------- workers (torchrun)
-
-
 def init_distributed(device="auto", timeout_h=None):
     """(rank, world, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain run is one worker. Workers
     on GPUs talk over NCCL, workers on CPUs (--device cpu, or no GPU) over gloo. timeout_h: how long a collective
@@ -310,3 +463,126 @@ def rank0_first(rank, world, make):
     if world > 1:
         dist.barrier()
     return make() if rank else result
+
+
+# ----------------------------------------------------------------------------- settings: a dataclass becomes the flags
+
+COUNT = dict(min=1)  # a number of things or steps
+
+
+NONNEGATIVE = dict(min=0)
+
+
+POSITIVE = dict(gt=0)  # a rate, a size
+
+
+SHARE = dict(min=0, max=1)  # a probability, a share of the steps
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default; a default of None is one that the run works out (a task's Table D.1 value,
+    a method's pm, the steps of --epochs): its help says which, instead of "(default: None)"."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def config_parser(cls, description=None, parser=None):
+    """Add one flag per dataclass field (the field's metadata['help'] is its help, the default is shown), and
+    --config FILE: start from the settings of a run's config.json (flags given still win)."""
+    parser = parser or argparse.ArgumentParser(description=description, formatter_class=_Defaults)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind, default = hints[f.name], f.default
+        if default is dataclasses.MISSING:
+            default = f.default_factory()
+        help_ = f.metadata.get("help", " ")
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+        if origin is typing.Union:  # Optional[X] -> X with default None
+            kind = next(a for a in args if a is not type(None))
+            origin, args = typing.get_origin(kind), typing.get_args(kind)
+        flag = _flag(f.name)
+        if kind is bool:
+            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
+            continue
+        spec = dict(nargs="+", type=args[0]) if origin in (list, tuple) else \
+            dict(type=f.metadata.get("type", kind), choices=f.metadata.get("choices"))
+        parser.add_argument(flag, default=default, help=help_, **spec)
+    if not any(a.dest == "config" for a in parser._actions):
+        parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",  # no default to show
+                            help="start from the settings in a run's config.json (flags given still win)")
+    return parser
+
+
+def check_config(cfg):
+    """Every number within its field's range (metadata min / max / gt), else one line naming the flag."""
+    for f in dataclasses.fields(cfg):
+        m, value = f.metadata, getattr(cfg, f.name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is None or isinstance(v, (bool, str)):
+                continue
+            low, high, gt = m.get("min"), m.get("max"), m.get("gt")
+            bad = (low is not None and v < low) or (high is not None and v > high) or (gt is not None and v <= gt)
+            if bad:
+                need = " and ".join(s for s in (f">= {low}" if low is not None else "", f"> {gt}" if gt is not None
+                                                else "", f"<= {high}" if high is not None else "") if s)
+                raise UserError(f"{_flag(f.name)} {v} is out of range: it must be {need}")
+    return cfg
+
+
+def config_from_args(cls, args):
+    """Build the dataclass from a parsed namespace (fields that the namespace lacks keep their defaults) and
+    check every number."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    for f in dataclasses.fields(cls):
+        if f.name in values and isinstance(values[f.name], list) and f.type is not list:
+            if typing.get_origin(typing.get_type_hints(cls)[f.name]) is tuple:
+                values[f.name] = tuple(values[f.name])
+    return check_config(cls(**values))
+
+
+def config_values(cls, saved):
+    """The settings of a saved config (a run's config.json, or the "config" of a checkpoint) as field values of
+    `cls`: keys `cls` lacks are left out."""
+    saved = dict(saved.get("config", saved)) if isinstance(saved.get("config"), dict) else dict(saved)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return {k: tuple(v) if isinstance(v, list) and isinstance(fields[k].default, tuple) else v
+            for k, v in saved.items() if k in fields}
+
+
+def read_config_file(path):
+    path = Path(path)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.exists():
+        raise UserError(f"--config {path} does not exist: pass a config.json from a run folder")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"--config {path} is not JSON ({e}): pass a config.json from a run folder") from None
+
+
+def parse_flags(cls, argv=None, description=None, parser=None, defaults=None):
+    """The config from the command line: field defaults < `defaults(first parse)` (presets, inherited values) <
+    --config FILE < flags given. For a script of several commands, `cls` is {command: (dataclass, help)} and the
+    result (command, config): `script.py COMMAND --flag ...`, each command with its own flags."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if isinstance(cls, dict):
+        top = argparse.ArgumentParser(description=description)
+        commands = top.add_subparsers(dest="command", required=True)
+        parsers = {name: config_parser(c, parser=commands.add_parser(
+            name, help=help_, description=help_, formatter_class=_Defaults))
+            for name, (c, help_) in cls.items()}
+        name = top.parse_known_args([a for a in argv if a not in ("-h", "--help")] or argv)[0].command
+        return name, parse_flags(cls[name][0], argv[argv.index(name) + 1:], parser=parsers[name], defaults=defaults)
+    parser = parser or config_parser(cls, description)
+    first, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])  # --help shows the preset's
+    preset = dict(defaults(first) if defaults else {})
+    if getattr(first, "config", None):  # the run's settings; what to do with a folder (--resume, ...) is asked anew
+        saved = config_values(cls, read_config_file(first.config))
+        preset.update({k: v for k, v in saved.items() if k not in ("resume", "overwrite")})
+    parser.set_defaults(**preset)
+    return config_from_args(cls, parser.parse_args(argv))

@@ -31,32 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
-from common import UserError, atomic_write, load_hub_dataset, run_main, save_json
-from config import parse_config
-from tokenizer import SPECIAL_TOKENS, Specials, load_tokenizer, train_tokenizer
+from common import UserError, atomic_write, load_hub_dataset, parse_flags, run_main, save_json
 
 
-@dataclass
-class DataConfig:
-    corpus: str = field(default="stdlib", metadata={"help": "stdlib, a .txt/.json/.jsonl/.parquet file or folder, "
-                                                            "or hub dataset names name[:config],..."})
-    tokenizer: str = field(default="", metadata={"help": "vocab.txt / tokenizer.json / folder; empty: train one"})
-    vocab_size: int = field(default=30522, metadata={"help": "size of a vocabulary trained on the corpus",
-                                                     "min": len(SPECIAL_TOKENS) + 1})
-    seq_len: int = field(default=128, metadata={"help": "tokens per packed sequence (§4.1)", "min": 3})
-    cache_dir: str = field(default="data_cache", metadata={"help": "where packed corpora and vocabularies go"})
-    preset: str = field(default="paper", metadata={
-        "help": "paper: BERT's vocabulary size and §4.1's 128 tokens; tiny: the corpus of superplm.py --preset tiny. "
-                "A preset changes the defaults (--preset tiny --help shows them); flags given still win",
-        "choices": ["paper", "tiny"]})
-
-
-PRESETS = {"paper": {}, "tiny": dict(vocab_size=4096, seq_len=64)}  # tiny: as superplm.py's tiny preset
-
-
-# ----------------------------------------------------------------------------- rows, held-out tail, masked LM
 
 
 def pack(chunks, tok, seq_len, sp):
@@ -146,7 +126,42 @@ def derive_seed(*parts):
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-# ----------------------------------------------------------------------------- the packed cache, memory-mapped
+def prefetch(batches, device, depth=2):
+    """The data path overlapped with the step (bench/gpu_step.py measures both): a background thread prepares
+    (masks, and on a GPU pins) the next `depth` batches while the current step computes; each batch is then copied
+    without blocking the host. The batches and their order are exactly those of `batches`."""
+    ready, stop, end = queue.Queue(depth), threading.Event(), object()
+
+    def work():
+        try:
+            for batch in batches:
+                if device.type == "cuda":  # page-locked: the copy below is then asynchronous
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                while not stop.is_set():
+                    try:
+                        ready.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():  # the consumer left early (the run reached its last step)
+                    return
+            ready.put(end)
+        except BaseException as e:  # reaches the consumer, traceback and all
+            ready.put(e)
+
+    worker = threading.Thread(target=work, daemon=True, name="prefetch")
+    worker.start()
+    try:
+        while (batch := ready.get()) is not end:
+            if isinstance(batch, BaseException):
+                raise batch
+            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    finally:
+        stop.set()
+        worker.join()  # it ends after the batch in hand: never a thread still in torch when the process exits
+
+
+# ----------------------------------------------------------------------------- the packed corpus and its cache
 
 FORMAT = 1  # bump when the packed layout changes: old caches are then rebuilt
 
@@ -219,9 +234,6 @@ def build_dataset(corpus_spec, tokenizer, seq_len, cache_dir):
                 specials=vars(sp), tokenizer_sha1=hashlib.sha1(tokenizer.to_str().encode()).hexdigest())
     save_json(meta, meta_path)
     return PackedDataset(path, meta)
-
-
-# ----------------------------------------------------------------------------- corpora
 
 
 def _docstrings(node):
@@ -351,45 +363,121 @@ def cached_tokenizer(spec, vocab_size, cache_dir):
     return folder / "tokenizer.json"
 
 
-# ----------------------------------------------------------------------------- batches on the device
+# ----------------------------------------------------------------------------- the WordPiece vocabulary
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT's, in the ids a trained vocabulary gets
 
 
-def prefetch(batches, device, depth=2):
-    """The data path overlapped with the step (bench/gpu_step.py measures both): a background thread prepares
-    (masks, and on a GPU pins) the next `depth` batches while the current step computes; each batch is then copied
-    without blocking the host. The batches and their order are exactly those of `batches`."""
-    ready, stop, end = queue.Queue(depth), threading.Event(), object()
-
-    def work():
-        try:
-            for batch in batches:
-                if device.type == "cuda":  # page-locked: the copy below is then asynchronous
-                    batch = {k: v.pin_memory() for k, v in batch.items()}
-                while not stop.is_set():
-                    try:
-                        ready.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():  # the consumer left early (the run reached its last step)
-                    return
-            ready.put(end)
-        except BaseException as e:  # reaches the consumer, traceback and all
-            ready.put(e)
-
-    worker = threading.Thread(target=work, daemon=True, name="prefetch")
-    worker.start()
-    try:
-        while (batch := ready.get()) is not end:
-            if isinstance(batch, BaseException):
-                raise batch
-            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    finally:
-        stop.set()
-        worker.join()  # it ends after the batch in hand: never a thread still in torch when the process exits
+def _bert_text(tok, lowercase=True):
+    """BERT's (uncased) normalisation and word splitting, and WordPiece decoding."""
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
 
 
-# ----------------------------------------------------------------------------- command line
+def _with_templates(tok):
+    """BERT's `[CLS] A [SEP]` and `[CLS] A [SEP] B [SEP]` (B with token type 1); no truncation or padding."""
+    tok.no_truncation()
+    tok.no_padding()
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    if cls is None or sep is None:
+        raise UserError("the vocabulary has no [CLS] or [SEP] token: use a BERT WordPiece vocabulary")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
+
+
+def load_tokenizer(path):
+    """A BERT tokenizer from a vocab.txt, a tokenizer.json, or a folder holding either (tokenizer.json first)."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ("tokenizer.json", "vocab.txt") if (path / n).exists()]
+        if not found:
+            raise UserError(f"{path} has no tokenizer.json or vocab.txt: point to a BERT vocabulary")
+        path = found[0]
+    if not path.exists():
+        raise UserError(f"tokenizer {path} does not exist: give a vocab.txt, a tokenizer.json or a folder")
+    if path.suffix == ".json":
+        return _with_templates(Tokenizer.from_file(str(path)))
+    vocab = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            vocab.setdefault(line.rstrip("\n"), len(vocab))  # one token per line, id = line number
+    config = path.parent / "tokenizer_config.json"  # a Hugging Face folder records the casing there
+    lowercase = json.loads(config.read_text()).get("do_lower_case", True) if config.exists() else True
+    return _with_templates(_bert_text(Tokenizer(models.WordPiece(vocab, unk_token="[UNK]")), lowercase))
+
+
+def train_tokenizer(texts, vocab_size, out_folder):
+    """Train an uncased WordPiece vocabulary on `texts`; save tokenizer.json and vocab.txt in out_folder."""
+    tok = _bert_text(Tokenizer(models.WordPiece(unk_token="[UNK]")))
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                        show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok = _with_templates(tok)
+    save_tokenizer(tok, out_folder)
+    return tok
+
+
+def save_tokenizer(tok, out_folder):
+    """tokenizer.json (exact) and vocab.txt (for BERT tools), written atomically."""
+    out = Path(out_folder)
+    atomic_write(out / "tokenizer.json", lambda tmp: tok.save(tmp))
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    atomic_write(out / "vocab.txt", lambda tmp: Path(tmp).write_text("".join(t + "\n" for t, _ in vocab),
+                                                                      encoding="utf-8"))
+    return out / "tokenizer.json"
+
+
+def tokenizer_files(path):
+    """The files load_tokenizer reads: tokenizer.json / vocab.txt and the casing in tokenizer_config.json."""
+    path = Path(path)
+    names = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+    folder, names = (path.parent, (path.name, names[2])) if path.is_file() else (path, names)
+    return [folder / n for n in names if (folder / n).exists()]
+
+
+@dataclass(frozen=True)
+class Specials:
+    """The ids masked LM needs: special tokens are never masked; [PAD] marks padding."""
+    pad: int
+    unk: int
+    cls: int
+    sep: int
+    mask: int
+    vocab_size: int
+
+    @classmethod
+    def of(cls, tok):
+        ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise UserError(f"the vocabulary lacks {missing}: use a BERT WordPiece vocabulary")
+        return cls(*ids.values(), tok.get_vocab_size())
+
+    def ids(self):
+        return torch.tensor([self.pad, self.unk, self.cls, self.sep, self.mask])
+
+
+# ----------------------------------------------------------------------------- the command line
+
+@dataclass
+class DataConfig:
+    corpus: str = field(default="stdlib", metadata={"help": "stdlib, a .txt/.json/.jsonl/.parquet file or folder, "
+                                                            "or hub dataset names name[:config],..."})
+    tokenizer: str = field(default="", metadata={"help": "vocab.txt / tokenizer.json / folder; empty: train one"})
+    vocab_size: int = field(default=30522, metadata={"help": "size of a vocabulary trained on the corpus",
+                                                     "min": len(SPECIAL_TOKENS) + 1})
+    seq_len: int = field(default=128, metadata={"help": "tokens per packed sequence (§4.1)", "min": 3})
+    cache_dir: str = field(default="data_cache", metadata={"help": "where packed corpora and vocabularies go"})
+    preset: str = field(default="paper", metadata={
+        "help": "paper: BERT's vocabulary size and §4.1's 128 tokens; tiny: the corpus of superplm.py --preset tiny. "
+                "A preset changes the defaults (--preset tiny --help shows them); flags given still win",
+        "choices": ["paper", "tiny"]})
+
+
+PRESETS = {"paper": {}, "tiny": dict(vocab_size=4096, seq_len=64)}  # tiny: as superplm.py's tiny preset
 
 
 def prepare(cfg):
@@ -400,7 +488,7 @@ def prepare(cfg):
 
 
 def main(argv=None):
-    cfg = parse_config(DataConfig, argv, __doc__.split("\n")[0], defaults=lambda first: PRESETS[first.preset])
+    cfg = parse_flags(DataConfig, argv, __doc__.split("\n")[0], defaults=lambda first: PRESETS[first.preset])
     tok_path, tok, ds = prepare(cfg)
     n = int((ds.ids != ds.specials.pad).sum())
     print(f"{ds.path}: {len(ds)} sequences x {ds.seq_len} = {n:,} tokens, vocabulary {tok_path} "

@@ -17,31 +17,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import UserError, read_jsonl, run_main, torch_load
-from config import COUNT, NONNEGATIVE, parse_config
+from common import COUNT, NONNEGATIVE, RunFolder, UserError, parse_flags, read_jsonl, run_main, torch_load
 from latency import LatencyPredictor, measure
 from model import Arch
-from runs import RunFolder, load_superplm
-from evaluators import MLMScore
-from rules import bert_s
+from search import MLMScore, bert_s
+from superplm import load_superplm
 
 
-@dataclass
-class DemoConfig:
-    out: str = field(default="runs/demo", metadata={"help": "folder for everything the demo makes"})
-    target: str = field(default="40x", metadata={"help": "latency target: speedup over BERT-base on this CPU"})
-    steps: int = field(default=300, metadata={"help": "optimizer steps of one-shot SuperPLM training", **COUNT})
-    latency_samples: int = field(default=200, metadata={"help": "architectures timed for the latency predictor",
-                                                        "min": 10})
-    generations: int = field(default=4, metadata={"help": "T of Algorithm 2", **COUNT})
-    population: int = field(default=25, metadata={"help": "S of Algorithm 2", **COUNT})
-    further_steps: int = field(default=100, metadata={"help": "optimizer steps of further training (stage 3)",
-                                                      **COUNT})
-    seed: int = field(default=0, metadata={"help": "seed of every stage", **NONNEGATIVE})
-    overwrite: bool = field(default=False, metadata={"help": "replace an earlier demo in --out"})
 
 
-def run(*args):
+def run_stage(*args):
     """Run one stage as a user would type it; stop the demo if it fails."""
     cmd = ["python", *map(str, args)]
     print(f"\n$ {shlex.join(cmd)}", flush=True)
@@ -56,31 +41,6 @@ def held_out_loss(run_dir, arch=None):
     model, _, tok = load_superplm(Path(run_dir) / "checkpoint.pt")
     cfg = torch_load(Path(run_dir) / "checkpoint.pt")["config"]
     return -MLMScore(model, tok, cfg["corpus"], cfg["seq_len"], cfg["cache_dir"])(arch or model.arch)
-
-
-def main(argv=None):
-    cfg = parse_config(DemoConfig, argv, __doc__.split("\n")[0])
-    with RunFolder(cfg.out, cfg, overwrite=cfg.overwrite, argv=argv) as folder:
-        out = folder.path
-        splm, lat, pred, search, further = (out / n for n in ("superplm", "latency", "predictor", "search", "further"))
-        t = {}
-        t["1 SuperPLM"] = run("superplm.py", "--preset", "tiny", "--out", splm, "--steps", cfg.steps,
-                              "--seed", cfg.seed)
-        folder.done_first()
-        t["2 latency"] = run("latency.py", "measure", "--space", splm, "--samples", cfg.latency_samples, "--seed",
-                             cfg.seed, "--out", lat)
-        t["2 latency"] += run("latency.py", "fit", "--timings", lat, "--out", pred)
-        t["3 search"] = run("search.py", "--target", cfg.target, "--superplm", splm, "--latency", pred,
-                            "--generations", cfg.generations, "--population", cfg.population, "--seed", cfg.seed,
-                            "--out", search, "--extract")
-        found = json.loads((search / "top.json").read_text())
-        best = found["best"]
-        t["4 further"] = run("superplm.py", "--init", splm, "--arch", best, "--out", further, "--steps",
-                             cfg.further_steps, "--seed", cfg.seed)
-        bert = bert_s(found["budget_ms"], LatencyPredictor.load(pred))  # default rule, 4 layers, same budget
-        t["5 BERT-S"] = run("superplm.py", "--preset", "tiny", "--arch", bert, "--tokenizer", splm / "tokenizer.json",
-                            "--out", out / "bert-s", "--steps", cfg.steps + cfg.further_steps, "--seed", cfg.seed)
-        summary(cfg, out, found, t, bert)
 
 
 def summary(cfg, out, found, t, bert):
@@ -120,6 +80,46 @@ def summary(cfg, out, found, t, bert):
     print(f"\nfiles: {out}/superplm/checkpoint.pt (SuperPLM), {out}/predictor/ (latency predictor), "
           f"{out}/search/top.json and search.png (search), {out}/search/top/ (Hugging Face folders), "
           f"{out}/further/ (further-trained model), {out}/bert-s/ (BERT-S)")
+
+
+@dataclass
+class Config:
+    out: str = field(default="runs/demo", metadata={"help": "folder for everything the demo makes"})
+    target: str = field(default="40x", metadata={"help": "latency target: speedup over BERT-base on this CPU"})
+    steps: int = field(default=300, metadata={"help": "optimizer steps of one-shot SuperPLM training", **COUNT})
+    latency_samples: int = field(default=200, metadata={"help": "architectures timed for the latency predictor",
+                                                        "min": 10})
+    generations: int = field(default=4, metadata={"help": "T of Algorithm 2", **COUNT})
+    population: int = field(default=25, metadata={"help": "S of Algorithm 2", **COUNT})
+    further_steps: int = field(default=100, metadata={"help": "optimizer steps of further training (stage 3)",
+                                                      **COUNT})
+    seed: int = field(default=0, metadata={"help": "seed of every stage", **NONNEGATIVE})
+    overwrite: bool = field(default=False, metadata={"help": "replace an earlier demo in --out"})
+
+
+def main(argv=None):
+    cfg = parse_flags(Config, argv, __doc__.split("\n")[0])
+    with RunFolder(cfg.out, cfg, overwrite=cfg.overwrite, argv=argv) as folder:
+        out = folder.path
+        splm, lat, pred, search, further = (out / n for n in ("superplm", "latency", "predictor", "search", "further"))
+        t = {}
+        t["1 SuperPLM"] = run_stage("superplm.py", "--preset", "tiny", "--out", splm, "--steps", cfg.steps,
+                              "--seed", cfg.seed)
+        folder.done_first()
+        t["2 latency"] = run_stage("latency.py", "measure", "--space", splm, "--samples", cfg.latency_samples, "--seed",
+                             cfg.seed, "--out", lat)
+        t["2 latency"] += run_stage("latency.py", "fit", "--timings", lat, "--out", pred)
+        t["3 search"] = run_stage("search.py", "--target", cfg.target, "--superplm", splm, "--latency", pred,
+                            "--generations", cfg.generations, "--population", cfg.population, "--seed", cfg.seed,
+                            "--out", search, "--extract")
+        found = json.loads((search / "top.json").read_text())
+        best = found["best"]
+        t["4 further"] = run_stage("superplm.py", "--init", splm, "--arch", best, "--out", further, "--steps",
+                             cfg.further_steps, "--seed", cfg.seed)
+        bert = bert_s(found["budget_ms"], LatencyPredictor.load(pred))  # default rule, 4 layers, same budget
+        t["5 BERT-S"] = run_stage("superplm.py", "--preset", "tiny", "--arch", bert, "--tokenizer", splm / "tokenizer.json",
+                            "--out", out / "bert-s", "--steps", cfg.steps + cfg.further_steps, "--seed", cfg.seed)
+        summary(cfg, out, found, t, bert)
 
 
 if __name__ == "__main__":

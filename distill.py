@@ -25,70 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
-from common import UserError, run_main, seed_everything
-from config import parse_config
-from data import stdlib_corpus
-from hf import from_pretrained, save_pretrained
-from model import Arch, Bert, sub
-from tokenizer import load_tokenizer, train_tokenizer
-
-# Where a Hugging Face folder keeps its vocabulary; tokenizer.json first, as it also records the casing.
-VOCAB_FILES = ("tokenizer.json", "vocab.txt")
-TINY_TEACHER = Arch(2, 256, 1024, 4, 256)  # the demo teacher: BERT-S3's shape (Table 4) in two layers
-
-# ----------------------------------------------------------------------------- the teacher
+from common import UserError, parse_flags, run_main, seed_everything
+from data import load_tokenizer, stdlib_corpus, train_tokenizer
+from model import Arch, Bert, from_pretrained, save_pretrained, sub
 
 
-def load_teacher(folder):
-    """(frozen teacher Bert, path of its vocabulary) from a BERT/ELECTRA(-discriminator) folder (§4.1).
-
-    Every problem is reported before training starts: a folder that is not a BERT-shaped model, one without a
-    vocabulary (the student must read the corpus with the teacher's token ids), a vocabulary the teacher cannot
-    embed."""
-    folder = Path(folder)
-    try:
-        teacher = from_pretrained(folder)
-    except UserError as e:
-        raise UserError(f"--teacher: {e}") from None
-    except KeyError as e:
-        raise UserError(f"--teacher: {folder}/config.json has no {e}: expected a BERT/ELECTRA config") from None
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError) as e:
-        raise UserError(f"--teacher: the weights in {folder} do not load ({str(e).splitlines()[0]}): "
-                        "download or save the model again") from None
-    vocab = next((folder / name for name in VOCAB_FILES if (folder / name).exists()), None)
-    if vocab is None:
-        raise UserError(f"--teacher: {folder} has no vocab.txt or tokenizer.json: copy the teacher's vocabulary "
-                        "there (the student reads the corpus with the teacher's token ids)")
-    n = load_tokenizer(vocab).get_vocab_size()
-    if n > teacher.word.num_embeddings:
-        raise UserError(f"--teacher: {vocab} has {n} tokens but the teacher embeds only "
-                        f"{teacher.word.num_embeddings}: use the vocabulary the teacher was trained with")
-    teacher.requires_grad_(False)  # frozen: no gradient is ever computed for it (the authors' code did)
-    return teacher.eval(), str(vocab)
-
-
-def check_compatible(teacher, student, space=None):
-    """Raise UserError unless every sub-model of `student` (a Bert or an Arch, or a SuperPLM with sampling `space`)
-    can be distilled from `teacher`: attention distillation compares head by head, so head counts must match (§3.4)."""
-    H, a = teacher.arch.heads, getattr(student, "arch", student)
-    if a.heads != H:
-        like = f", e.g. {Arch(a.layers, a.hidden, a.ffn, H, a.qkv)}" if a.qkv % H == 0 else ""
-        raise UserError(f"the teacher has {H} attention heads but the student {a} has {a.heads}: attention "
-                        f"distillation needs equal head counts, so give the student {H} heads{like}")
-    if space is not None and set(space.heads) != {H}:
-        raise UserError(f"the search space samples heads {list(space.heads)} but the teacher has {H}: distil with "
-                        f"heads fixed at {H} and mha='dims' (Figure 3(c), KD_SPACE)")
-
-
-def make_tiny_teacher(folder, arch=TINY_TEACHER, vocab_size=4096, texts=None, seed=0):
-    """A random BERT teacher with its own WordPiece vocabulary, for demos and tests (it teaches nothing useful)."""
-    seed_everything(seed)
-    tokenizer = train_tokenizer(stdlib_corpus() if texts is None else texts, vocab_size, folder)
-    save_pretrained(Bert(arch, vocab_size=tokenizer.get_vocab_size()), folder)
-    return Path(folder)
-
-
-# ----------------------------------------------------------------------------- the loss
 
 
 def masked_mse(a, b, keep):
@@ -151,7 +92,60 @@ class KDObjective(nn.Module):
         return att + hid, {"att": att.detach(), "hid": hid.detach()}
 
 
-# ----------------------------------------------------------------------------- command line
+# Where a Hugging Face folder keeps its vocabulary; tokenizer.json first, as it also records the casing.
+VOCAB_FILES = ("tokenizer.json", "vocab.txt")
+
+
+TINY_TEACHER = Arch(2, 256, 1024, 4, 256)  # the demo teacher: BERT-S3's shape (Table 4) in two layers
+
+
+def load_teacher(folder):
+    """(frozen teacher Bert, path of its vocabulary) from a BERT/ELECTRA(-discriminator) folder (§4.1).
+
+    Every problem is reported before training starts: a folder that is not a BERT-shaped model, one without a
+    vocabulary (the student must read the corpus with the teacher's token ids), a vocabulary the teacher cannot
+    embed."""
+    folder = Path(folder)
+    try:
+        teacher = from_pretrained(folder)
+    except UserError as e:
+        raise UserError(f"--teacher: {e}") from None
+    except KeyError as e:
+        raise UserError(f"--teacher: {folder}/config.json has no {e}: expected a BERT/ELECTRA config") from None
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError) as e:
+        raise UserError(f"--teacher: the weights in {folder} do not load ({str(e).splitlines()[0]}): "
+                        "download or save the model again") from None
+    vocab = next((folder / name for name in VOCAB_FILES if (folder / name).exists()), None)
+    if vocab is None:
+        raise UserError(f"--teacher: {folder} has no vocab.txt or tokenizer.json: copy the teacher's vocabulary "
+                        "there (the student reads the corpus with the teacher's token ids)")
+    n = load_tokenizer(vocab).get_vocab_size()
+    if n > teacher.word.num_embeddings:
+        raise UserError(f"--teacher: {vocab} has {n} tokens but the teacher embeds only "
+                        f"{teacher.word.num_embeddings}: use the vocabulary the teacher was trained with")
+    teacher.requires_grad_(False)  # frozen: no gradient is ever computed for it (the authors' code did)
+    return teacher.eval(), str(vocab)
+
+
+def check_compatible(teacher, student, space=None):
+    """Raise UserError unless every sub-model of `student` (a Bert or an Arch, or a SuperPLM with sampling `space`)
+    can be distilled from `teacher`: attention distillation compares head by head, so head counts must match (§3.4)."""
+    H, a = teacher.arch.heads, getattr(student, "arch", student)
+    if a.heads != H:
+        like = f", e.g. {Arch(a.layers, a.hidden, a.ffn, H, a.qkv)}" if a.qkv % H == 0 else ""
+        raise UserError(f"the teacher has {H} attention heads but the student {a} has {a.heads}: attention "
+                        f"distillation needs equal head counts, so give the student {H} heads{like}")
+    if space is not None and set(space.heads) != {H}:
+        raise UserError(f"the search space samples heads {list(space.heads)} but the teacher has {H}: distil with "
+                        f"heads fixed at {H} and mha='dims' (Figure 3(c), KD_SPACE)")
+
+
+def make_tiny_teacher(folder, arch=TINY_TEACHER, vocab_size=4096, texts=None, seed=0):
+    """A random BERT teacher with its own WordPiece vocabulary, for demos and tests (it teaches nothing useful)."""
+    seed_everything(seed)
+    tokenizer = train_tokenizer(stdlib_corpus() if texts is None else texts, vocab_size, folder)
+    save_pretrained(Bert(arch, vocab_size=tokenizer.get_vocab_size()), folder)
+    return Path(folder)
 
 
 @dataclass
@@ -173,7 +167,7 @@ class CheckConfig:
 
 
 def main(argv=None):
-    command, cfg = parse_config({"make-teacher": (TeacherConfig, "write a tiny random teacher"),
+    command, cfg = parse_flags({"make-teacher": (TeacherConfig, "write a tiny random teacher"),
                                  "check": (CheckConfig, "load a teacher and print what a student needs")},
                                 argv, __doc__.split("\n")[0])
     if command == "make-teacher":

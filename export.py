@@ -20,24 +20,18 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, atomic_write, run_main, torch_load
-from config import parse_config
+from common import UserError, atomic_write, parse_flags, run_main, torch_load
 from finetune import load_model
-from hf import from_pretrained
-from runtime import OrtModel, onnx_modules, quantize_int8, to_onnx
+from latency import OrtModel, onnx_modules, quantize_int8, to_onnx
+from model import from_pretrained
+
+
+
 
 TOLERANCE = 1e-4  # largest |ONNX Runtime - PyTorch| accepted for the fp32 graph
+
+
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-@dataclass
-class ExportCfg:
-    model: str = field(default="", metadata={"help": "model folder written by this project (save_pretrained, "
-                                                     "search.py --extract, further training, finetune.py's best/)"})
-    out: str = field(default="model.onnx", metadata={"help": "the ONNX file to write"})
-    int8: bool = field(default=False, metadata={"help": "also write a dynamically int8-quantized copy beside "
-                                                        "--out (<name>.int8.onnx) and report its accuracy cost"})
-    seed: int = field(default=0, metadata={"help": "seed of the random check inputs"})
 
 
 def load(folder):
@@ -92,6 +86,16 @@ def write(proto, path):
     return Path(path).stat().st_size / 1e6
 
 
+@dataclass
+class Config:
+    model: str = field(default="", metadata={"help": "model folder written by this project (save_pretrained, "
+                                                     "search.py --extract, further training, finetune.py's best/)"})
+    out: str = field(default="model.onnx", metadata={"help": "the ONNX file to write"})
+    int8: bool = field(default=False, metadata={"help": "also write a dynamically int8-quantized copy beside "
+                                                        "--out (<name>.int8.onnx) and report its accuracy cost"})
+    seed: int = field(default=0, metadata={"help": "seed of the random check inputs"})
+
+
 def run(cfg):
     if not cfg.model:
         raise UserError("no model: pass --model FOLDER (a folder written by save_pretrained, search.py --extract, "
@@ -125,7 +129,7 @@ def run(cfg):
 
 
 def main(argv=None):
-    return run(parse_config(ExportCfg, argv, __doc__.splitlines()[0]))
+    return run(parse_flags(Config, argv, __doc__.splitlines()[0]))
 
 
 if __name__ == "__main__":

@@ -31,16 +31,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (DEVICE_HELP, DTYPE_HELP, DTYPES, Interrupted, UserError, append_jsonl, resolve_compute, run_main,
+from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, Interrupted, NONNEGATIVE, POSITIVE, RunFolder, SHARE,
+                    UserError, append_jsonl, check_config, config_parser, parse_flags, resolve_compute, run_main,
                     save_json, seed_everything, stop_after_step, to_device, torch_load, torch_save)
-from config import COUNT, NONNEGATIVE, POSITIVE, SHARE, check_config, config_parser, parse_config
-from glue import GLUE, TASKS, glue_task, hf_labels, task_name, write_test_predictions
-from hf import from_pretrained, read_pretrained, save_pretrained
-from model import Arch, Bert, extract, learning_rate, make_optimizer
-from report import finetune_best_line, finetune_epoch_line, finetune_stopped
-from runs import RunFolder, load_superplm
-from squad import squad_task
-from tokenizer import load_tokenizer, tokenizer_files
+from data import load_tokenizer, tokenizer_files
+from model import Arch, Bert, extract, from_pretrained, learning_rate, make_optimizer, read_pretrained, save_pretrained
+from superplm import load_superplm
+from tasks.glue import GLUE, TASKS, glue_task, hf_labels, task_name, write_test_predictions
+from tasks.squad import squad_task
+
+
+
 
 # Table D.1: (batch size, learning rate, epochs), each task's cell of the §4.1 grid (GLUE: batch 32, lr from
 # {1e-5, 2e-5, 3e-5}, epochs from {4, 5, 10}; SQuAD: 16, 3e-5, 4). WNLI is not in the paper: the grid's middle.
@@ -49,69 +50,16 @@ TABLE_D1 = {"squad": (16, 3e-5, 4), "sst2": (32, 2e-5, 4), "mnli": (32, 3e-5, 4)
             "rte": (32, 2e-5, 10), "wnli": (32, 2e-5, 5)}
 
 
+D1_LR, D1_EPOCHS = (", ".join(f"{t} {cell[i]:g}" for t, cell in TABLE_D1.items()) for i in (1, 2))  # for --help
+
+
 def paper_settings(task):
     """The settings that depend on the task: Table D.1's, and 128 tokens per input (SQuAD: windows of 384)."""
     batch_size, lr, epochs = TABLE_D1[task]
     return dict(batch_size=batch_size, lr=[lr], epochs=[epochs], max_len=384 if task == "squad" else 128)
 
 
-D1_LR, D1_EPOCHS = (", ".join(f"{t} {cell[i]:g}" for t, cell in TABLE_D1.items()) for i in (1, 2))  # for --help
-
-
-@dataclass
-class FinetuneConfig:
-    """lr, epochs, batch_size and max_len: None means the task's value (paper_settings); --help shows MNLI's."""
-    task: str = field(default="mnli", metadata={"help": "GLUE task or squad (SQuAD v1.1); any case, RTE = rte",
-                                                "choices": TASKS, "type": task_name})
-    preset: str = field(default="paper", metadata={
-        "help": "paper: Table D.1's settings for the task, the whole data; tiny: one epoch on 2000 training and "
-                "1000 dev examples (search.py's evaluator budget), minutes on 2 CPU cores for a small model. A "
-                "preset changes the defaults; flags given still win", "choices": ["paper", "tiny"]})
-    model: str = field(default="", metadata={"help": "model folder: written by save_pretrained (any qkv), a "
-                                                     "Hugging Face BERT/ELECTRA folder, or a SuperPLM run folder"})
-    arch: str = field(default="", metadata={"help": "with a SuperPLM run folder (checkpoint.pt) as --model: the "
-                                                    "sub-model to extract and fine-tune, e.g. 5-564-1054-8-512"})
-    tokenizer: str = field(default="", metadata={"help": "vocab.txt / tokenizer.json or a folder with one; "
-                                                         "empty: the model's"})
-    data: str = field(default="", metadata={"help": "GLUE: the task's folder in the original layout (or glue_data/ "
-                                                    "holding it); SQuAD: the folder of train-v1.1.json and "
-                                                    "dev-v1.1.json; empty: load with datasets (online)"})
-    lr: Optional[list[float]] = field(default=None, metadata={
-        "help": "peak learning rates; several, with several --epochs, run the §4.1 grid (1e-5 2e-5 3e-5 x 4 5 10). "
-                f"Default: Table D.1's for the task ({D1_LR}); shown: MNLI's", **POSITIVE})
-    epochs: Optional[list[int]] = field(default=None, metadata={
-        "help": f"epoch counts. Default: Table D.1's for the task ({D1_EPOCHS}); shown: MNLI's", **COUNT})
-    batch_size: Optional[int] = field(default=None, metadata={"help": "Table D.1's: 32, SQuAD 16", **COUNT})
-    max_len: Optional[int] = field(default=None, metadata={"help": "tokens per input: 128, SQuAD 384",
-                                                           "min": 3, "max": 512})
-    doc_stride: int = field(default=128, metadata={"help": "SQuAD: tokens between the starts of two windows",
-                                                   **COUNT})
-    max_query_len: int = field(default=64, metadata={"help": "SQuAD: question tokens kept", **COUNT})
-    max_answer_len: int = field(default=30, metadata={"help": "SQuAD: longest answer decoded, in tokens", **COUNT})
-    n_best: int = field(default=20, metadata={"help": "SQuAD: start and end candidates per window", **COUNT})
-    warmup: float = field(default=0.1, metadata={"help": "share of the steps with a linear warm-up", **SHARE})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases, LayerNorm)",
-                                                        **NONNEGATIVE})
-    max_train_examples: Optional[int] = field(default=None, metadata={
-        "help": "train on a seeded random subset of this many examples; default: all of them", **COUNT})
-    max_eval_examples: Optional[int] = field(default=None, metadata={
-        "help": "evaluate on a seeded random dev subset of this many examples; default: all of them", **COUNT})
-    seed: int = field(default=0, metadata={"help": "seed of the head, dropout, order and subsets", **NONNEGATIVE})
-    log_every: int = field(default=50, metadata={"help": "one line in OUT/log.txt every N steps", **COUNT})
-    out: str = field(default="", metadata={"help": "run folder (config.json, metrics.jsonl, log.txt, best/, "
-                                                   "predictions); empty: runs/finetune/<task>, --preset tiny: "
-                                                   "runs/finetune-tiny/<task>"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing run folder"})
-    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
-    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
-
-
-PRESETS = {"paper": {}, "tiny": dict(epochs=[1], max_train_examples=2000, max_eval_examples=1000)}
-
-# ----------------------------------------------------------------------------- fine-tuning (§4.1)
-
-
-def grid(cfg, base, feats, targets, evaluate, pad, compute, log, stop=None):
+def sweep(cfg, base, feats, targets, evaluate, pad, compute, log, stop=None):
     """The §4.1 grid: for every (lr, epochs), fine-tune a copy of `base` (model + head, seeded alike) with AdamW,
     linear warm-up and decay over the run's steps, and evaluate on dev after every epoch. Yields (record, model,
     dev predictions) after each epoch: the caller keeps the best dev score."""
@@ -171,7 +119,7 @@ def train_epoch(model, feats, targets, batch_size, opt, sched, generator, pad, d
     return float(total) / max(len(feats), 1)
 
 
-def best_of_grid(cfg, compute, folder, stop):
+def best_of_sweep(cfg, compute, folder, stop):
     """Run the grid on cfg.task and keep the best dev score (with a run folder: its model, metrics, predictions)."""
     out = folder.path if folder else None
 
@@ -197,7 +145,7 @@ def best_of_grid(cfg, compute, folder, stop):
     if not feats:
         raise UserError(f"{cfg.task}: no training examples")
     best, runs = None, []  # the best epoch of the grid, of each run
-    for record, model, predictions in grid(cfg, base, feats, targets, evaluate, pad, compute, log, stop):
+    for record, model, predictions in sweep(cfg, base, feats, targets, evaluate, pad, compute, log, stop):
         if out:
             append_jsonl(out / "metrics.jsonl", dict(kind="epoch", **record))
         if record["epoch"] == 1:  # a new run of the grid
@@ -225,8 +173,7 @@ def best_of_grid(cfg, compute, folder, stop):
     return result
 
 
-# ----------------------------------------------------------------------------- model: BERT + task head
-
+# ----------------------------------------------------------------------------- the model: a BERT and a task head
 
 class Finetuner(nn.Module):
     """A BERT with BERT's pooler (dense + tanh on [CLS]) and a classifier, or a start/end span head (SQuAD)."""
@@ -316,9 +263,6 @@ def save_checkpoint(model, folder, task, tokenizer_path, record):
     shutil.rmtree(old, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------- batches, loss, predictions
-
-
 def collate(feats, pad, device):
     """Pad (ids, types) pairs to the longest: input_ids, attention_mask, token_type_ids, each (B, T)."""
     T = max(len(ids) for ids, _ in feats)
@@ -352,7 +296,81 @@ def predict(model, feats, batch_size, pad, device, autocast=nullcontext):
     return out if model.span else np.concatenate(out) if out else np.zeros((0, 1))
 
 
-# ----------------------------------------------------------------------------- the command line and search.py's call
+# ----------------------------------------------------------------------------- log lines
+
+def finetune_epoch_line(task, lr, epochs, epoch, loss, metrics, seconds):
+    """finetune.py's line after each epoch: the run (lr, epochs), the epoch's training loss, the dev metrics."""
+    return (f"{task} lr {lr:g} epochs {epochs} | epoch {epoch} loss {loss:.4f} | "
+            + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f" | {seconds:.0f}s")
+
+
+def finetune_best_line(best):
+    """finetune.py's last line: the best epoch of the grid (a record of its metrics.jsonl)."""
+    return (f"{best['task']} best: lr {best['lr']:g} epochs {best['epochs']} epoch {best['epoch']} "
+            f"score {best['score']:.2f}")
+
+
+def finetune_stopped(signal, out, best=None):
+    """What an interrupted fine-tuning kept: nothing before its first epoch ended (best None), else every finished
+    epoch and the best checkpoint (best: its dev_metrics.json)."""
+    if best is None:
+        return f"{signal} before the first epoch ended: nothing kept, {out} is as it was"
+    return (f"{signal}: kept {out}/metrics.jsonl (every finished epoch) and {out}/best/ (lr {best['lr']:g} epochs "
+            f"{best['epochs']} epoch {best['epoch']}, score {best['score']:.2f}); a grid does not resume: run it "
+            "again with --overwrite (or only the missing --lr/--epochs with another --out)")
+
+
+# ----------------------------------------------------------------------------- settings and the command line
+
+@dataclass
+class Config:
+    """lr, epochs, batch_size and max_len: None means the task's value (paper_settings); --help shows MNLI's."""
+    task: str = field(default="mnli", metadata={"help": "GLUE task or squad (SQuAD v1.1); any case, RTE = rte",
+                                                "choices": TASKS, "type": task_name})
+    preset: str = field(default="paper", metadata={
+        "help": "paper: Table D.1's settings for the task, the whole data; tiny: one epoch on 2000 training and "
+                "1000 dev examples (search.py's evaluator budget), minutes on 2 CPU cores for a small model. A "
+                "preset changes the defaults; flags given still win", "choices": ["paper", "tiny"]})
+    model: str = field(default="", metadata={"help": "model folder: written by save_pretrained (any qkv), a "
+                                                     "Hugging Face BERT/ELECTRA folder, or a SuperPLM run folder"})
+    arch: str = field(default="", metadata={"help": "with a SuperPLM run folder (checkpoint.pt) as --model: the "
+                                                    "sub-model to extract and fine-tune, e.g. 5-564-1054-8-512"})
+    tokenizer: str = field(default="", metadata={"help": "vocab.txt / tokenizer.json or a folder with one; "
+                                                         "empty: the model's"})
+    data: str = field(default="", metadata={"help": "GLUE: the task's folder in the original layout (or glue_data/ "
+                                                    "holding it); SQuAD: the folder of train-v1.1.json and "
+                                                    "dev-v1.1.json; empty: load with datasets (online)"})
+    lr: Optional[list[float]] = field(default=None, metadata={
+        "help": "peak learning rates; several, with several --epochs, run the §4.1 grid (1e-5 2e-5 3e-5 x 4 5 10). "
+                f"Default: Table D.1's for the task ({D1_LR}); shown: MNLI's", **POSITIVE})
+    epochs: Optional[list[int]] = field(default=None, metadata={
+        "help": f"epoch counts. Default: Table D.1's for the task ({D1_EPOCHS}); shown: MNLI's", **COUNT})
+    batch_size: Optional[int] = field(default=None, metadata={"help": "Table D.1's: 32, SQuAD 16", **COUNT})
+    max_len: Optional[int] = field(default=None, metadata={"help": "tokens per input: 128, SQuAD 384",
+                                                           "min": 3, "max": 512})
+    doc_stride: int = field(default=128, metadata={"help": "SQuAD: tokens between the starts of two windows",
+                                                   **COUNT})
+    max_query_len: int = field(default=64, metadata={"help": "SQuAD: question tokens kept", **COUNT})
+    max_answer_len: int = field(default=30, metadata={"help": "SQuAD: longest answer decoded, in tokens", **COUNT})
+    n_best: int = field(default=20, metadata={"help": "SQuAD: start and end candidates per window", **COUNT})
+    warmup: float = field(default=0.1, metadata={"help": "share of the steps with a linear warm-up", **SHARE})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases, LayerNorm)",
+                                                        **NONNEGATIVE})
+    max_train_examples: Optional[int] = field(default=None, metadata={
+        "help": "train on a seeded random subset of this many examples; default: all of them", **COUNT})
+    max_eval_examples: Optional[int] = field(default=None, metadata={
+        "help": "evaluate on a seeded random dev subset of this many examples; default: all of them", **COUNT})
+    seed: int = field(default=0, metadata={"help": "seed of the head, dropout, order and subsets", **NONNEGATIVE})
+    log_every: int = field(default=50, metadata={"help": "one line in OUT/log.txt every N steps", **COUNT})
+    out: str = field(default="", metadata={"help": "run folder (config.json, metrics.jsonl, log.txt, best/, "
+                                                   "predictions); empty: runs/finetune/<task>, --preset tiny: "
+                                                   "runs/finetune-tiny/<task>"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing run folder"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
+
+
+PRESETS = {"paper": {}, "tiny": dict(epochs=[1], max_train_examples=2000, max_eval_examples=1000)}
 
 
 def run(cfg, argv=None):
@@ -373,7 +391,7 @@ def run(cfg, argv=None):
     stopper = stop_after_step() if folder else nullcontext(types.SimpleNamespace(signal=None))
     with folder or nullcontext(), stopper as stop:
         try:
-            return best_of_grid(cfg, compute, folder, stop)
+            return best_of_sweep(cfg, compute, folder, stop)
         except KeyboardInterrupt:
             if folder is None:
                 raise
@@ -381,20 +399,10 @@ def run(cfg, argv=None):
             raise Interrupted(finetune_stopped(stop.signal or "stopped", cfg.out, best)) from None
 
 
-def finetune(model_folder, task, data_dir=None, lr=None, epochs=None, batch_size=None, max_train_examples=None,
-             seed=0, out=None, **settings):
-    """Fine-tune and return the best dev metrics (see run); lr and epochs take a number or a list (the grid);
-    `settings` are other FinetuneConfig fields (arch, max_eval_examples, tokenizer, device, ...)."""
-    as_list = lambda x: None if x is None else list(x) if isinstance(x, (list, tuple)) else [x]  # noqa: E731
-    return run(FinetuneConfig(task=task, model=str(model_folder), data=str(data_dir or ""), lr=as_list(lr),
-                              epochs=as_list(epochs), batch_size=batch_size, max_train_examples=max_train_examples,
-                              seed=seed, out=str(out or ""), **settings))
-
-
 def main(argv=None):
-    parser = config_parser(FinetuneConfig, __doc__.split("\n\n")[0])
+    parser = config_parser(Config, __doc__.split("\n\n")[0])
     parser.set_defaults(**paper_settings("mnli"))  # what --help shows: the default task's
-    cfg = parse_config(FinetuneConfig, argv, parser=parser,
+    cfg = parse_flags(Config, argv, parser=parser,
                        defaults=lambda first: dict(paper_settings(first.task), **PRESETS[first.preset]))
     out = cfg.out or f"runs/finetune{'-tiny' if cfg.preset == 'tiny' else ''}/{cfg.task}"
     return run(dataclasses.replace(cfg, out=out), argv)

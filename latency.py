@@ -15,10 +15,15 @@ ONNX export on ONNX Runtime, fp32 or int8 (runtime.py); the reference runs on th
     python latency.py table --predictor runs/predictor
 """
 
+import contextlib
 import dataclasses
+import logging
+import os
+import platform
 import random
 import re
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,70 +34,13 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import UserError, append_jsonl, run_main, save_json, seed_everything, torch_load, torch_save
-from config import COUNT, NONNEGATIVE, POSITIVE, parse_config
-from model import BERT_BASE, Arch, Bert
-from report import TABLE4, fitted_line, speedup_table
-from runs import check_resumed, in_folder, kept_on_interrupt, out_file, read_appended, read_timings, space_from
-from runtime import BACKENDS, cpu_model, device_info, num_threads, on_backends, timings
-
-REFERENCE = Arch(4, 512, 2048, 8, 512)  # timed alongside every arch: BERT-S1 of Table 4, ~1/7 of BERT-base
-BASE_EVERY = 200  # BERT-base is timed at the start of a session and every 200 archs
+from common import (COUNT, Interrupted, NONNEGATIVE, POSITIVE, RunFolder, UserError, append_jsonl, command_line,
+                    parse_flags, read_appended, read_jsonl, run_main, save_json, seed_everything, torch_load,
+                    torch_save)
+from model import Arch, Bert, BERT_BASE, KD_SPACE, PRETRAIN_SPACE
+from superplm import saved_space
 
 
-@dataclass
-class TimingCfg:
-    backend: str = field(default="torch", metadata={"help": "runtime to time on: PyTorch eager, or the ONNX export on "
-                                                            "ONNX Runtime, fp32 or int8 (requirements-onnx.txt)",
-                                                    "choices": BACKENDS})
-    threads: int = field(default=1, metadata={"help": "CPU threads while timing (the paper: a single CPU); one "
-                                                      "thread is timed by its CPU time, more by wall-clock", **COUNT})
-    seq_len: int = field(default=128, metadata={"help": "tokens per input (the paper: 128)", "min": 1, "max": 512})
-    batch_size: int = field(default=1, metadata={"help": "inputs per forward pass (the paper: 1)",
-                                                 "aliases": ("batch",), **COUNT})
-    warmup_passes: int = field(default=3, metadata={"help": "untimed forward passes before timing",
-                                                    "aliases": ("warmup",), **NONNEGATIVE})
-    repeats: int = field(default=10, metadata={"help": "timed forward passes; their median is the latency", **COUNT})
-
-
-@dataclass
-class MeasureCfg(TimingCfg):
-    preset: str = field(default="paper", metadata={
-        "help": "paper: the settings shown here; tiny: 150 archs, 1 + 3 passes each, a quick look in minutes. A "
-                "preset changes the defaults; flags given still win", "choices": ["paper", "tiny"]})
-    space: str = field(default="pretrain", metadata={"help": "pretrain or kd (Table B.1), or a SuperPLM run folder "
-                                                             "or checkpoint whose search space to sample"})
-    samples: int = field(default=2000, metadata={"help": "distinct architectures to time", **COUNT})
-    out: str = field(default="runs/latency", metadata={"help": "run folder: timings.jsonl, config.json"})
-    seed: int = field(default=0, metadata={"help": "seed of the sampled architectures", **NONNEGATIVE})
-    resume: bool = field(default=False, metadata={"help": "continue (or extend to more --samples) the timings"})
-    overwrite: bool = field(default=False, metadata={"help": "replace the timings in --out"})
-
-
-PRESETS = {"paper": {}, "tiny": dict(samples=150, warmup_passes=1, repeats=3)}
-
-
-@dataclass
-class FitCfg:
-    timings: str = field(default="runs/latency", metadata={"help": "`latency.py measure`'s run folder (or file)",
-                                                           "aliases": ("data",)})
-    out: str = field(default="runs/predictor", metadata={"help": "run folder: predictor.pt, metrics.json, config"})
-    holdout: float = field(default=0.2, metadata={"help": "share of archs held out for MAPE/RMSE/Kendall tau",
-                                                  "gt": 0, "max": 0.9})
-    width: int = field(default=128, metadata={"help": "hidden units of each of the MLP's 3 hidden layers", **COUNT})
-    steps: int = field(default=2000, metadata={"help": "full-batch Adam steps", **COUNT})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (cosine decay to 0)", **POSITIVE})
-    seed: int = field(default=0, metadata={"help": "seed of the split and the initialisation", **NONNEGATIVE})
-    overwrite: bool = field(default=False, metadata={"help": "replace the predictor in --out"})
-
-
-@dataclass
-class TableCfg(TimingCfg):
-    predictor: str = field(default="", metadata={"help": "a predictor (fit's run folder or its predictor.pt) to "
-                                                         "add predicted speedups; empty: measured ones only"})
-
-
-# ----------------------------------------------------------------------------- the predictor
 
 
 def features(archs, seq_len, batch):
@@ -200,7 +148,7 @@ class LatencyPredictor:
 
     @classmethod
     def load(cls, path):
-        folder, path = path, in_folder(path, "predictor.pt", ".pt")
+        folder, path = path, in_folder(path, "predictor.pt")
         if not Path(path).exists():
             raise UserError(f"{path} does not exist: fit one with `python latency.py fit --out {folder}`")
         predictor = cls(torch_load(path), str(folder))
@@ -246,20 +194,12 @@ def fit_data(data, cfg, names=FEATURES):
     return pred, metrics
 
 
-def cmd_fit(cfg, argv=None):
-    path, folder = out_file(cfg, "predictor.pt", ".pt", argv)
-    if path.name != "predictor.pt" and path.exists() and not cfg.overwrite:  # the old --out FILE.pt
-        raise UserError(f"{path} already exists: pass --overwrite to replace it or another --out")
-    with folder:
-        t0 = time.time()
-        pred, m = fit_data(load_data(cfg.timings), cfg)
-        pred.save(path)
-        save_json(dict(m, config=dataclasses.asdict(cfg)),
-                  path.with_name("metrics.json") if path.name == "predictor.pt" else path.with_suffix(".json"))
-    fitted_line(m, time.time() - t0, pred.backend, path)
+# ----------------------------------------------------------------------------- timing architectures
+
+REFERENCE = Arch(4, 512, 2048, 8, 512)  # timed alongside every arch: BERT-S1 of Table 4, ~1/7 of BERT-base
 
 
-# ----------------------------------------------------------------------------- collecting data (§3.5, HAT)
+BASE_EVERY = 200  # BERT-base is timed at the start of a session and every 200 archs
 
 
 def build(arch, backend="torch", threads=1):
@@ -329,11 +269,306 @@ def archs_to_time(space, n, seed):
     return list(drawn)
 
 
-def cmd_measure(cfg, argv=None):
+# ----------------------------------------------------------------------------- the clock and the backends it times
+
+BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")  # PyTorch eager; the ONNX export, fp32 or int8-quantized
+
+
+def onnx_modules():
+    """(onnx, onnxruntime, onnxruntime.quantization): the optional extra, imported when first needed."""
+    try:
+        import onnx
+        import onnxruntime
+        import onnxruntime.quantization
+    except ImportError as e:
+        raise UserError(f"{e.name} is not installed: pip install -r requirements-onnx.txt") from None
+    return onnx, onnxruntime, onnxruntime.quantization
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence the exporter's and the quantizer's warnings and log chatter (torchvision absent, pre-processing)."""
+    loggers = [logging.getLogger(), logging.getLogger("torch.onnx")]
+    levels = [log.level for log in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for log, level in zip(loggers, levels):
+                log.setLevel(level)
+
+
+def to_onnx(module, inputs, outputs):
+    """The ONNX graph (a ModelProto) of module(**inputs), exported by torch's dynamo exporter with dynamic batch
+    and sequence axes. `inputs`: name -> (B, T) example tensor, B and T > 1 (a size of 1 would be specialised);
+    `outputs`: names of the returned tensors. (torch's legacy TorchScript exporter cannot export our sliced
+    views with dynamic axes.)"""
+    onnx_modules()
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    with quiet():
+        program = torch.onnx.export(module.eval(), (), kwargs=inputs, dynamo=True, optimize=True,
+                                    input_names=list(inputs), output_names=list(outputs), verbose=False,
+                                    dynamic_shapes={k: {0: batch, 1: seq} for k in inputs})
+    return program.model_proto
+
+
+def quantize_int8(proto):
+    """ONNX Runtime's dynamic quantization: int8 weights, activations quantized on the fly per batch."""
+    onnx, _, quantization = onnx_modules()
+    bare = onnx.ModelProto()
+    bare.CopyFrom(proto)
+    del bare.graph.value_info[:]  # the quantizer infers shapes afresh; the exporter's annotations trip it (Gemm)
+    with tempfile.TemporaryDirectory() as tmp, quiet():
+        quantization.quantize_dynamic(bare, f"{tmp}/int8.onnx", weight_type=quantization.QuantType.QInt8)
+        return onnx.load(f"{tmp}/int8.onnx")
+
+
+class OrtModel:
+    """An ONNX graph on an ONNX Runtime CPU session, called like the torch module it was exported from."""
+
+    def __init__(self, proto, threads=1, cfg=None):
+        _, ort, _ = onnx_modules()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1  # 1: run in the calling thread
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+        self.cfg = cfg  # the exported Bert's config, as latency.timings reads it
+
+    def __call__(self, *args, **kwargs):
+        feed = dict(zip(self.names, args), **kwargs)
+        outs = self.session.run(None, {k: v.cpu().numpy() for k, v in feed.items() if v is not None})
+        outs = [torch.from_numpy(o) for o in outs]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def on_backends(model, backends, threads=1):
+    """The same Bert on each of `backends` (BACKENDS): itself, or its ONNX graph on ONNX Runtime, exported once
+    and quantized once."""
+    out = {"torch": model}
+    if set(backends) - {"torch"}:
+        ids = torch.zeros(2, 16, dtype=torch.long)  # an example input; the graph takes any (B, T)
+        proto = to_onnx(model, dict(input_ids=ids), ["hidden"])
+        out["onnxruntime"] = OrtModel(proto, threads, model.cfg)
+        if "onnxruntime-int8" in backends:
+            out["onnxruntime-int8"] = OrtModel(quantize_int8(proto), threads, model.cfg)
+    return [out[b] for b in backends]
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    """torch's intra-op thread count set to n inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.inference_mode()
+def timings(models, threads=1, seq_len=128, batch=1, warmup=3, repeats=10):
+    """ms of `repeats` forward passes of each model after `warmup` untimed ones, on `threads` threads. Models take
+    turns pass by pass, so that all of them see the same state of a shared machine. With one thread we read that
+    thread's CPU time: on an idle core it equals wall-clock, and on a busy machine it leaves out the time other
+    processes hold the core (wall-clock there varies 2x from one second to the next)."""
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    out = [[] for _ in models]
+    with num_threads(threads):
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(models[0].cfg["vocab_size"], (batch, seq_len), generator=gen)  # (B, T), no padding
+        for n in range(warmup + repeats):
+            for model, times in zip(models, out):
+                t = clock()
+                model(ids)
+                if n >= warmup:
+                    times.append((clock() - t) * 1e3)
+    return out
+
+
+def cpu_model():
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_info(cfg):
+    """What a latency figure depends on besides the architecture (cfg: latency.TimingConfig's settings)."""
+    info = dict(cpu=cpu_model(), cores=os.cpu_count(), threads=cfg.threads, torch=str(torch.__version__),
+                seq_len=cfg.seq_len, batch=cfg.batch_size, backend=cfg.backend)
+    if cfg.backend != "torch":
+        info["onnxruntime"] = onnx_modules()[1].__version__
+    return info
+
+
+# ----------------------------------------------------------------------------- run folders: timings.jsonl, predictor.pt
+
+SPACES = {"pretrain": PRETRAIN_SPACE, "kd": KD_SPACE}  # Table B.1, by name
+
+
+def in_folder(path, name):
+    """A run folder's `name` (an input may also be given as the file itself)."""
+    path = Path(path)
+    return path / name if path.is_dir() or path.suffix == "" else path
+
+
+@contextlib.contextmanager
+def kept_on_interrupt(path, kind, what, argv=None, script=None, resume=True):
+    """Inside: Ctrl-C (or SIGTERM) becomes Interrupted, saying how many records of `kind` the JSONL file `path`
+    keeps and the command that continues: the same one, with --resume where `resume` asks for it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        kept = sum(r["kind"] == kind for r in read_jsonl(path)) if Path(path).exists() else 0
+        argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+        again = command_line(argv + (["--resume"] if resume and "--resume" not in argv else []), script)
+        raise Interrupted(f"the {kept} {what} so far are kept in {path}; continue with: {again}") from None
+
+
+def space_from(name):
+    """`latency.py measure --space`: a search space by name (Table B.1) or the one saved in a SuperPLM checkpoint."""
+    if name in SPACES:
+        return SPACES[name]
+    if (Path(name) / "checkpoint.pt").is_file():
+        name = str(Path(name) / "checkpoint.pt")
+    if not Path(name).is_file():
+        raise UserError(f"--space {name!r} is neither {' nor '.join(SPACES)} nor a SuperPLM checkpoint file")
+    space = torch_load(name).get("space")
+    if not isinstance(space, dict):
+        raise UserError(f"{name} holds no search space: pass a checkpoint written by superplm.py")
+    return saved_space(space)
+
+
+def read_timings(path):
+    """The records of `latency.py measure`'s timings.jsonl (a run folder or the file), checked: a meta line first,
+    then >= 10 timed archs and BERT-base."""
+    folder, path = path, in_folder(path, "timings.jsonl")
+    if not Path(path).exists():
+        raise UserError(f"{path} does not exist: collect it with `python latency.py measure --out {folder}`")
+    records = read_jsonl(path)
+    if not records or records[0].get("kind") != "meta":
+        raise UserError(f"{path} was not written by `latency.py measure`: pass a file that `measure` wrote")
+    timed = sum(r["kind"] == "arch" for r in records)
+    if timed < 10 or not any(r["kind"] == "base" for r in records):
+        raise UserError(f"{path} holds {timed} timed archs: run `latency.py measure` longer (>= 10 needed)")
+    return records
+
+
+def check_resumed(path, saved, now):
+    """A file is resumed only with the settings it was begun with: `saved` and `now` (flat dicts) agree on every
+    key of `now` but "device"."""
+    for key, value in now.items():
+        if key != "device" and saved.get(key) != value:
+            raise UserError(f"{path} was measured with {key}={saved.get(key)}, not {value}: pass the same flags to "
+                            "resume it, or another --out")
+
+
+# ----------------------------------------------------------------------------- Table 4 on this machine
+
+# Table 4 (and Table F.1 for S5): (setting, model, arch, the paper's speedup over BERT-base)
+TABLE4 = [("S1", "BERT", "4-512-2048-8-512", 7.1), ("S1", "AutoTinyBERT", "5-564-1054-8-512", 7.2),
+          ("S2", "BERT", "4-320-1280-5-320", 14.8), ("S2", "AutoTinyBERT", "4-396-624-6-384", 15.7),
+          ("S3", "BERT", "4-256-1024-4-256", 20.1), ("S3", "AutoTinyBERT", "4-432-384-4-256", 20.2),
+          ("S4", "BERT", "4-192-768-3-192", 28.4), ("S4", "AutoTinyBERT", "3-320-608-4-256", 27.2),
+          ("KD-S1", "BERT", "4-512-2048-12-516", 4.9), ("KD-S1", "AutoTinyBERT", "5-564-1024-12-528", 4.6),
+          ("KD-S2", "BERT", "4-312-1200-12-312", 9.8), ("KD-S2", "AutoTinyBERT", "5-324-600-12-324", 9.0),
+          ("KD-S3", "BERT", "4-264-1056-12-264", 11.7), ("KD-S3", "AutoTinyBERT", "5-280-512-12-276", 10.7),
+          ("KD-S4", "BERT", "4-192-768-12-192", 17.0), ("KD-S4", "AutoTinyBERT", "4-256-480-12-192", 17.0),
+          ("S5", "BERT", "4-384-1536-6-384", 9.3), ("S5", "AutoTinyBERT", "5-450-636-6-384", 10.8),
+          ("S5", "AutoTinyBERT-Fast", "5-432-720-6-384", 10.3)]
+
+
+def parse_target(text, base_ms):
+    """A latency budget in ms from "7x" / "7.5x" (speedup over BERT-base, whose latency is base_ms) or "12ms"."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(x|×|ms)\s*", str(text), re.IGNORECASE)
+    value = float(m.group(1)) if m else 0.0
+    if value <= 0:
+        raise UserError(f"latency target {text!r} not understood: use a positive speedup over BERT-base such as "
+                        "'7x' or '7.5x', or a budget in milliseconds such as '12ms'")
+    return value if m.group(2).lower() == "ms" else base_ms / value
+
+
+def fitted_line(m, seconds, backend, path):
+    """`latency.py fit`'s line: the held-out accuracy of the predictor just fitted (m: its metrics.json)."""
+    h, r = m["heldout"], m["heldout_raw"]
+    print(f"fit on {m['train']} archs in {seconds:.1f}s; held-out {h['n']}: MAPE {h['mape']:.2f}%  "
+          f"RMSE {h['rmse']:.2f}ms  Kendall tau {h['tau']:.3f}  (against raw timings: MAPE {r['mape']:.2f}%, "
+          f"tau {r['tau']:.3f}); BERT-base {m['base_ms']:.1f}ms on {backend} -> {path}")
+
+
+def speedup_table(title, rows, measured, predicted=None):
+    """Table 4 beside this machine (`latency.py table`): rows as TABLE4's; measured and predicted (or None):
+    arch -> speedup over BERT-base."""
+    print(title)
+    print(f"{'setting':8s} {'model':18s} {'arch':18s} {'paper':>7s} {'measured':>9s}"
+          + (" predicted" if predicted is not None else ""))
+    for setting, name, arch, paper in rows:
+        row = f"{setting:8s} {name:18s} {arch:18s} {paper:6.1f}x {measured[arch]:8.1f}x"
+        print(row + (f" {predicted[arch]:8.1f}x" if predicted is not None else ""))
+
+
+# ----------------------------------------------------------------------------- settings and the command line
+
+@dataclass
+class TimingConfig:
+    backend: str = field(default="torch", metadata={"help": "runtime to time on: PyTorch eager, or the ONNX export on "
+                                                            "ONNX Runtime, fp32 or int8 (requirements-onnx.txt)",
+                                                    "choices": BACKENDS})
+    threads: int = field(default=1, metadata={"help": "CPU threads while timing (the paper: a single CPU); one "
+                                                      "thread is timed by its CPU time, more by wall-clock", **COUNT})
+    seq_len: int = field(default=128, metadata={"help": "tokens per input (the paper: 128)", "min": 1, "max": 512})
+    batch_size: int = field(default=1, metadata={"help": "inputs per forward pass (the paper: 1)", **COUNT})
+    warmup_passes: int = field(default=3, metadata={"help": "untimed forward passes before timing", **NONNEGATIVE})
+    repeats: int = field(default=10, metadata={"help": "timed forward passes; their median is the latency", **COUNT})
+
+
+@dataclass
+class MeasureConfig(TimingConfig):
+    preset: str = field(default="paper", metadata={
+        "help": "paper: the settings shown here; tiny: 150 archs, 1 + 3 passes each, a quick look in minutes. A "
+                "preset changes the defaults; flags given still win", "choices": ["paper", "tiny"]})
+    space: str = field(default="pretrain", metadata={"help": "pretrain or kd (Table B.1), or a SuperPLM run folder "
+                                                             "or checkpoint whose search space to sample"})
+    samples: int = field(default=2000, metadata={"help": "distinct architectures to time", **COUNT})
+    out: str = field(default="runs/latency", metadata={"help": "run folder: timings.jsonl, config.json"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampled architectures", **NONNEGATIVE})
+    resume: bool = field(default=False, metadata={"help": "continue (or extend to more --samples) the timings"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the timings in --out"})
+
+
+PRESETS = {"paper": {}, "tiny": dict(samples=150, warmup_passes=1, repeats=3)}
+
+
+@dataclass
+class FitConfig:
+    timings: str = field(default="runs/latency", metadata={"help": "`latency.py measure`'s run folder (or file)"})
+    out: str = field(default="runs/predictor", metadata={"help": "run folder: predictor.pt, metrics.json, config"})
+    holdout: float = field(default=0.2, metadata={"help": "share of archs held out for MAPE/RMSE/Kendall tau",
+                                                  "gt": 0, "max": 0.9})
+    width: int = field(default=128, metadata={"help": "hidden units of each of the MLP's 3 hidden layers", **COUNT})
+    steps: int = field(default=2000, metadata={"help": "full-batch Adam steps", **COUNT})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (cosine decay to 0)", **POSITIVE})
+    seed: int = field(default=0, metadata={"help": "seed of the split and the initialisation", **NONNEGATIVE})
+    overwrite: bool = field(default=False, metadata={"help": "replace the predictor in --out"})
+
+
+@dataclass
+class TableConfig(TimingConfig):
+    predictor: str = field(default="", metadata={"help": "a predictor (fit's run folder or its predictor.pt) to "
+                                                         "add predicted speedups; empty: measured ones only"})
+
+
+def run_measure(cfg, argv=None):
     space = space_from(cfg.space)
     meta = dict(kind="meta", space=cfg.space, seed=cfg.seed, warmup=cfg.warmup_passes, repeats=cfg.repeats,
                 reference=str(reference_for(space)), device=device_info(cfg))
-    path, folder = out_file(cfg, "timings.jsonl", ".jsonl", argv, resume=cfg.resume, marker="timings.jsonl")
+    path = Path(cfg.out) / "timings.jsonl"
+    folder = RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="timings.jsonl", argv=argv)
     with folder as run:
         records = read_appended(path)
         if records:  # resumed: only with the settings it was begun with (older files: on torch)
@@ -358,20 +593,20 @@ def cmd_measure(cfg, argv=None):
                 bar.set_postfix_str(f"{r['kind']} {r['arch']} {r['ms']:.1f}ms")
 
 
-# ----------------------------------------------------------------------------- targets and Table 4
+def run_fit(cfg, argv=None):
+    path, folder = Path(cfg.out) / "predictor.pt", RunFolder(cfg.out, cfg, overwrite=cfg.overwrite, argv=argv)
+    if path.name != "predictor.pt" and path.exists() and not cfg.overwrite:  # the old --out FILE.pt
+        raise UserError(f"{path} already exists: pass --overwrite to replace it or another --out")
+    with folder:
+        t0 = time.time()
+        pred, m = fit_data(load_data(cfg.timings), cfg)
+        pred.save(path)
+        save_json(dict(m, config=dataclasses.asdict(cfg)),
+                  path.with_name("metrics.json") if path.name == "predictor.pt" else path.with_suffix(".json"))
+    fitted_line(m, time.time() - t0, pred.backend, path)
 
 
-def parse_target(text, base_ms):
-    """A latency budget in ms from "7x" / "7.5x" (speedup over BERT-base, whose latency is base_ms) or "12ms"."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(x|×|ms)\s*", str(text), re.IGNORECASE)
-    value = float(m.group(1)) if m else 0.0
-    if value <= 0:
-        raise UserError(f"latency target {text!r} not understood: use a positive speedup over BERT-base such as "
-                        "'7x' or '7.5x', or a budget in milliseconds such as '12ms'")
-    return value if m.group(2).lower() == "ms" else base_ms / value
-
-
-def cmd_table(cfg, argv=None):
+def run_table(cfg, argv=None):
     pred = LatencyPredictor.load(cfg.predictor) if cfg.predictor else None
     archs = list(dict.fromkeys(Arch.parse(a) for _, _, a, _ in TABLE4))
     if pred:
@@ -390,16 +625,14 @@ def cmd_table(cfg, argv=None):
                   TABLE4, measured, {str(a): pred.speedup(a) for a in archs} if pred else None)
 
 
-# ----------------------------------------------------------------------------- command line
-
-COMMANDS = {"measure": (MeasureCfg, cmd_measure, "time sampled architectures into OUT/timings.jsonl"),
-            "fit": (FitCfg, cmd_fit, "fit the latency predictor on measured data"),
-            "table": (TableCfg, cmd_table, "Table 4's speedups measured here (and predicted)")}
+COMMANDS = {"measure": (MeasureConfig, run_measure, "time sampled architectures into OUT/timings.jsonl"),
+            "fit": (FitConfig, run_fit, "fit the latency predictor on measured data"),
+            "table": (TableConfig, run_table, "Table 4's speedups measured here (and predicted)")}
 
 
 def parse_command(argv):
     """(command, its config) from `COMMAND FLAGS`, in every stage's grammar: defaults < --preset < --config < flags."""
-    return parse_config({name: (cls, help_) for name, (cls, _, help_) in COMMANDS.items()}, argv,
+    return parse_flags({name: (cls, help_) for name, (cls, _, help_) in COMMANDS.items()}, argv,
                         __doc__.splitlines()[0], defaults=lambda first: PRESETS[getattr(first, "preset", "paper")])
 
 

@@ -23,7 +23,9 @@ scored finish first). On N GPUs (the paper's evaluator fine-tunes every candidat
 
 import argparse
 import dataclasses
+import json
 import random
+import shutil
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -31,83 +33,25 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
+import torch
 import torch.distributed as dist
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from common import (DEVICE_HELP, DTYPE_HELP, DTYPES, UserError, end_distributed, init_distributed, rank0_first,
-                    resolve_compute, run_main, save_json, seed_everything, stop_after_step, torch_load)
-from config import COUNT, NONNEGATIVE, SHARE
-from config import parse_config as parse_with
-from evaluators import SCORE_NAMES, Evaluations, Shared, make_score, ranked, save_model
+from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, Interrupted, NONNEGATIVE, RunFolder, SHARE, UserError,
+                    append_jsonl, atomic_write, command_line, config_values, end_distributed, init_distributed,
+                    parse_flags, rank0_first, read_jsonl, resolve_compute, run_main, save_json, seed_everything,
+                    stop_after_step, to_device, torch_load)
+from data import build_dataset, load_tokenizer, mask_tokens, masked_positions, split, tokenizer_files
+import finetune
 from latency import LatencyPredictor, parse_target
-from model import Arch, SearchSpace
-from report import print_search_top, search_figure
-from rules import fast_search
-from runs import RunFolder, SearchRecord, checkpoint_path, command_line, load_superplm, open_search
-
-PRESETS = {"default": {},
-           "tiny": dict(target="40x", superplm="runs/superplm-tiny", out="runs/search-tiny"),
-           "paper": dict(method="evolve", evaluator="finetune", ft_train_examples=0, ft_eval_examples=0)}
+from model import Arch, SearchSpace, extract, save_pretrained
+from superplm import MLM, checkpoint_path, load_superplm
 
 
-@dataclass
-class Config:
-    preset: str = field(default="default", metadata={
-        "help": "default: the settings shown; tiny: 100 candidates of `superplm.py --preset tiny`'s SuperPLM, about "
-                "2 minutes on 2 CPU cores; paper: Algorithm 2 as in App. C (evolve, T = 4, S = 25, pm = pe = 1/2) "
-                "with the paper's evaluator, one epoch of the whole MNLI and SQuAD per candidate (the paper does not "
-                "say how long). A preset changes the defaults; flags given still win", "choices": list(PRESETS)})
-    target: str = field(default="7x", metadata={"help": "latency target: a speedup over BERT-base ('7x', Table 4) "
-                                                        "or a budget in ms ('40ms')"})
-    superplm: str = field(default="runs/superplm", metadata={"help": "SuperPLM run folder or checkpoint.pt "
-                                                                     "(superplm.py)"})
-    latency: str = field(default="runs/predictor", metadata={"help": "latency predictor: `latency.py fit`'s run "
-                                                                     "folder or its predictor.pt"})
-    method: str = field(default="evolve-elite", metadata={
-        "help": "evolve: Algorithm 2 with the paper's settings; evolve-elite: pm/pe 0.8/0.2, elitist rank parents, "
-                "wider mutation, latency window 0.85-1x (beats random search more often, bench/search_quality.py); "
-                "random; fast: §4.4's rule", "choices": ["evolve", "evolve-elite", "random", "fast"]})
-    evaluator: str = field(default="mlm", metadata={
-        "help": "mlm: -(masked-LM loss) of the sub-model inside the SuperPLM (fast); finetune: the paper's average "
-                "of MNLI accuracy and SQuAD F1 after a short fine-tuning (finetune.py)",
-        "choices": ["mlm", "finetune"]})
-    generations: int = field(default=4, metadata={"help": "T of Algorithm 2 (random search scores T x S archs)",
-                                                  **COUNT})
-    population: int = field(default=25, metadata={"help": "S of Algorithm 2: architectures per generation", **COUNT})
-    p_mutate: Optional[float] = field(default=None, metadata={
-        "help": "pm of Algorithm 2 (random and fast have none); the default follows --method: evolve 0.5 (the "
-                "paper's), evolve-elite 0.8", **SHARE})
-    p_explore: Optional[float] = field(default=None, metadata={
-        "help": "pe of Algorithm 2 (random and fast have none); the default follows --method: evolve 0.5 (the "
-                "paper's), evolve-elite 0.2",
-        **SHARE})
-    top: int = field(default=3, metadata={"help": "architectures reported and extracted (§3.6: the top three)",
-                                          **COUNT})
-    extract: bool = field(default=False, metadata={"help": "save the top architectures as Hugging Face BERT "
-                                                           "folders (with the vocabulary) in OUT/top/"})
-    out: str = field(default="runs/search", metadata={"help": "run folder: results, state, figure"})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted search in --out"})
-    overwrite: bool = field(default=False, metadata={"help": "replace the search in --out"})
-    seed: int = field(default=0, metadata={"help": "seed of the search, the masks and the fine-tuning",
-                                           **NONNEGATIVE})
-    device: str = field(default="auto", metadata={"help": "the evaluator's device. " + DEVICE_HELP})
-    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
-    eval_corpus: str = field(default="", metadata={"help": "mlm: corpus spec of the scored text (data.py); "
-                                                           "empty: the SuperPLM's own"})
-    eval_rows: int = field(default=256, metadata={"help": "mlm: held-out sequences scored (at most the corpus's "
-                                                          "held-out tail, data.split)", **COUNT})
-    batch_size: int = field(default=32, metadata={"help": "mlm: sequences per forward pass", **COUNT})
-    mnli_data: str = field(default="", metadata={"help": "finetune: MNLI folder (GLUE layout); empty: datasets"})
-    squad_data: str = field(default="", metadata={"help": "finetune: folder of SQuAD v1.1 JSON; empty: datasets"})
-    ft_epochs: int = field(default=1, metadata={"help": "finetune: epochs per task", **COUNT})
-    ft_train_examples: int = field(default=2000, metadata={"help": "finetune: training examples per task (0: all)",
-                                                           **NONNEGATIVE})
-    ft_eval_examples: int = field(default=1000, metadata={"help": "finetune: dev examples per task (0: all)",
-                                                          **NONNEGATIVE})
 
 
 # ----------------------------------------------------------------------------- Algorithm 2 (Appendix C)
-
 
 def evolve(space, score, budget, generations=4, population=25, p_mutate=0.5, p_explore=0.5, seed=0, parents=None,
            scale=None, window=0.0, cache=None, on_generation=None, max_draws=None):
@@ -211,7 +155,6 @@ def with_values(space, values):
 
 # ----------------------------------------------------------------------------- the latency constraint (§3.5)
 
-
 class Budget:
     """The latency constraint of §3.5, lat(arch) <= budget_ms, with a cache: `latency` is asked once per arch. A
     budget that no architecture of `space` meets is one line here, before any work."""
@@ -284,13 +227,395 @@ def random_search(space, score, budget, n=100, seed=0, window=0.0, cache=None, o
     return ranked(evals.done)
 
 
+# ----------------------------------------------------------------------------- AutoTinyBERT-Fast (§4.4) and BERT-S (Table 1)
+
+FFN_RULE, QKV_RULE = (1.6, 1.9), (0.7, 1.0)  # §4.4: 1.6 dm <= df <= 1.9 dm and 0.7 dm <= dqkv <= 1.0 dm
+
+
+def fast_candidates(space, budget):
+    """For each layer count, the architecture of the rule nearest the budget from below (§4.4: "we only need to test
+    one architecture at each layer number"). Latency grows with every dimension, so for each (layers, hidden,
+    heads, qkv) the largest ffn within budget is found by bisection, scanning hidden from the top down and stopping
+    once a hidden's largest rule shape fits (no smaller hidden can come nearer)."""
+    attention = sorted(((q, h) for h in space.heads for q in (space.qkv or (space.head_dim * h,)) if q % h == 0))
+    out = []
+    for layers in space.layers:
+        best = None
+        for hidden in sorted(space.hidden, reverse=True):
+            ffns = [f for f in space.ffn if FFN_RULE[0] * hidden <= f <= FFN_RULE[1] * hidden]
+            qhs = [(q, h) for q, h in attention if QKV_RULE[0] * hidden <= q <= QKV_RULE[1] * hidden]
+            shape = lambda f, qh: Arch(layers, hidden, f, qh[1], qh[0])  # noqa: E731
+            if not ffns or not qhs or not budget.meets(shape(ffns[0], qhs[0])):
+                continue  # even this hidden's smallest rule shape is too slow
+            for qh in qhs:
+                lo, hi = 0, len(ffns)  # bisection: ffns[:lo] meet the budget, ffns[hi:] do not
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    lo, hi = (mid + 1, hi) if budget.meets(shape(ffns[mid], qh)) else (lo, mid)
+                if lo and (best is None or budget(shape(ffns[lo - 1], qh)) > budget(best)):
+                    best = shape(ffns[lo - 1], qh)
+            if budget.meets(shape(ffns[-1], qhs[-1])):
+                break
+        if best is not None:
+            out.append(best)
+    return out
+
+
+def fast_search(space, score, budget, seed=0, cache=None, on_generation=None):
+    """AutoTinyBERT-Fast (§4.4): score only the rule's candidate of each layer count and rank them."""
+    archs = fast_candidates(space, budget)
+    if not archs:
+        raise UserError(f"no architecture following the rule of §4.4 meets {budget.budget_ms:.3g} ms; choose a "
+                        "lower speedup target or --method evolve")
+    evals = Evaluations(score, budget, cache)
+    evals(archs, generation=1)
+    if on_generation:
+        on_generation(ranked(evals.done))
+    return ranked(evals.done)
+
+
+def bert_s(ms, latency, layers=4):
+    """BERT-S at a latency (Table 1's baseline): the default-rule shape of `layers` layers, hidden 64 to 768, whose
+    latency predicted by `latency` (a latency.LatencyPredictor) is closest to `ms` from below; the smallest when
+    none is below."""
+    shapes = [Arch.default_rule(layers, 64 * k) for k in range(1, 13)]
+    pred = latency.predict(shapes)
+    below = [k for k in range(len(shapes)) if pred[k] <= ms]
+    return shapes[max(below, key=lambda k: pred[k]) if below else 0]
+
+
 METHODS = {"evolve": evolve, "evolve-elite": evolve_elite, "random": random_search, "fast": fast_search}
 
 
-# ----------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------- the evaluator (§3.5): score(arch), higher is better
+
+@dataclass
+class Candidate:
+    """One scored architecture: its score (higher is better), predicted latency and the generation it entered."""
+    arch: Arch
+    score: float
+    latency: float
+    generation: int = 1
+
+    def to_dict(self):
+        return dict(arch=str(self.arch), score=self.score, latency=self.latency, generation=self.generation)
+
+
+def ranked(candidates):
+    """Best first; ties keep the order in which they were scored (so results are deterministic)."""
+    return sorted(candidates, key=lambda c: -c.score)
+
+
+class Evaluations:
+    """The evaluator of Algorithm 2 behind a cache: no architecture is scored twice. `cache` (arch -> score) holds
+    the scores of an interrupted run: re-running the same seeded search over it replays the same decisions and
+    scores only what is missing, so a resumed search equals an uninterrupted one."""
+
+    def __init__(self, score, budget, cache=None):
+        self.score, self.budget, self.cache = score, budget, dict(cache or {})
+        self.done, self.seen = [], set()  # Candidates in the order they were scored, and their archs
+
+    def __contains__(self, arch):
+        return arch in self.seen
+
+    def __call__(self, archs, generation):
+        new = [a for a in archs if a not in self.cache]
+        # A generation's new architectures: shared out over workers when `score` can (Shared), else one by one.
+        values = self.score.many(new) if hasattr(self.score, "many") else [self.score(a) for a in new]
+        self.cache.update(zip(new, map(float, values)))
+        out = [Candidate(arch, self.cache[arch], self.budget(arch), generation) for arch in archs]
+        self.seen.update(archs)
+        self.done += out
+        return out
+
+
+SCORE_NAMES = {"mlm": "score = -(masked-LM loss)", "finetune": "score = (MNLI acc + SQuAD F1) / 2"}
+
+
+class MLMScore:
+    """score(arch) = -(masked-LM loss) of the sub-model, run inside the SuperPLM (equal to extracting it, §3.4), on
+    the corpus's held-out sequences (data.split: one-shot training never sees them) with fixed masks. Loss rather
+    than accuracy: it moves with every masked token instead of in steps of 1/n, so close candidates are told apart.
+    The roulette wheel of Algorithm 2 shifts these negative scores (see search.roulette)."""
+
+    def __init__(self, model, tokenizer_path, corpus, seq_len, cache_dir, rows=256, batch_size=32, seed=0,
+                 compute=None):
+        compute = compute or resolve_compute("cpu")
+        data, heldout = split(build_dataset(corpus, load_tokenizer(tokenizer_path), seq_len, cache_dir))
+        rows = min(rows, len(heldout))  # a small corpus holds out fewer: score what there is
+        ids = heldout[list(range(rows))]  # (rows, T)
+        inputs, labels = mask_tokens(ids, heldout.specials, torch.Generator().manual_seed(seed))
+        if not (labels != -100).any():
+            raise UserError(f"corpus {corpus} gives {len(data) + len(heldout)} packed sequences, which leaves "
+                            f"{rows} held-out ones{' with no masked token' if rows else ''} to score sub-models on "
+                            "(data.split): use a larger corpus, or another one with --eval-corpus")
+        mask = (ids != heldout.specials.pad).long()
+        self.batches = [to_device(dict(input_ids=inputs[i:i + batch_size], labels=labels[i:i + batch_size],
+                                       attention_mask=mask[i:i + batch_size],
+                                       masked=masked_positions(labels[i:i + batch_size])), compute.device)
+                        for i in range(0, rows, batch_size)]
+        self.model, self.objective, self.metrics = model.to(compute.device).eval(), MLM(), {}
+        self.autocast = compute.autocast
+
+    @torch.no_grad()
+    def __call__(self, arch):
+        loss = acc = n = 0.0
+        for batch in self.batches:
+            k = batch["masked"].numel()  # masked tokens: MLM averages over them
+            with self.autocast():
+                batch_loss, stats = self.objective(self.model, batch, arch)
+            loss, acc, n = loss + float(batch_loss) * k, acc + float(stats["acc"]) * k, n + k
+        self.metrics[arch] = dict(mlm_loss=loss / n, mlm_acc=100 * acc / n)
+        return -loss / n
+
+
+class FinetuneScore:
+    """The paper's evaluator (§3.5): extract the candidate, fine-tune it briefly on MNLI and on SQuAD v1.1 with
+    finetune.py, and score it by the average of MNLI accuracy and SQuAD F1 (both in %)."""
+
+    def __init__(self, model, tokenizer_path, work, cfg):
+        self.model, self.tokenizer, self.work, self.cfg, self.metrics = model.eval(), tokenizer_path, work, cfg, {}
+
+    def __call__(self, arch):
+        folder = Path(self.work) / f"candidate-{arch}"
+        save_model(self.model, arch, self.tokenizer, folder)
+        c, scores = self.cfg, {}
+        for task, data in (("mnli", c.mnli_data), ("squad", c.squad_data)):
+            result = finetune.run(finetune.Config(task=task, model=str(folder), data=data, epochs=[c.ft_epochs],
+                                                  max_train_examples=c.ft_train_examples or None,
+                                                  max_eval_examples=c.ft_eval_examples or None, seed=c.seed,
+                                                  device=c.device, dtype=c.dtype))
+            scores[task] = result["score"]
+        shutil.rmtree(folder)
+        self.metrics[arch] = dict(mnli_acc=scores["mnli"], squad_f1=scores["squad"])
+        return (scores["mnli"] + scores["squad"]) / 2
+
+
+def save_model(superplm, arch, tokenizer_path, folder):
+    """The sub-model as a stand-alone Hugging Face BERT folder with its vocabulary, ready for superplm.py --init
+    or finetune.py (§3.6)."""
+    save_pretrained(extract(superplm, arch), folder)
+    for f in tokenizer_files(Path(tokenizer_path).parent):
+        shutil.copyfile(f, Path(folder) / f.name)
+    return folder
+
+
+def make_score(cfg, model, tokenizer, ckpt, compute):
+    """search.py's --evaluator for the SuperPLM `model` (its checkpoint's contents `ckpt`): the finetune one works
+    in cfg.out, the mlm one scores the SuperPLM's own corpus unless --eval-corpus says otherwise."""
+    if cfg.evaluator == "finetune":
+        return FinetuneScore(model, tokenizer, cfg.out, dataclasses.replace(cfg, device=str(compute.device)))
+    if ckpt.get("objective") != "mlm":
+        raise UserError(f"{cfg.superplm} was trained by {ckpt.get('objective')}, so its masked-LM head is untrained: "
+                        "use --evaluator finetune")
+    c = ckpt["config"]
+    return MLMScore(model, tokenizer, cfg.eval_corpus or c["corpus"], c["seq_len"], c["cache_dir"], cfg.eval_rows,
+                    cfg.batch_size, cfg.seed, compute)
+
+
+class Shared:
+    """An evaluator shared out over torch.distributed workers (torchrun). Worker 0 runs the search; each time it
+    needs scores (a generation's new candidates) it sends the list to every worker, each scores its share on its
+    own device, one candidate per worker per round, and worker 0 gathers the round's scores and metrics and
+    records them (record(arch, score), in generation order) before the next round. The other workers only serve().
+    With one worker this is a plain loop, so the search and its files are the same whatever the number of workers;
+    an interrupted search loses at most the round in progress."""
+
+    def __init__(self, score, rank, world, record):
+        self.score, self.rank, self.world, self.record = score, rank, world, record
+
+    def many(self, archs):  # worker 0, inside the search
+        if self.world > 1:
+            dist.broadcast_object_list([archs])
+        values = []
+        for arch, (value, metrics) in zip(archs, self._rounds(archs)):
+            self.score.metrics[arch] = metrics
+            self.record(arch, value)
+            values.append(value)
+        return values
+
+    def serve(self):  # workers 1..N-1: score shares until worker 0 says the search is over
+        while True:
+            archs = [None]
+            dist.broadcast_object_list(archs)
+            if archs[0] is None:
+                return
+            for _ in self._rounds(archs[0]):
+                pass
+
+    def stop(self):  # worker 0, after the search
+        if self.world > 1:
+            dist.broadcast_object_list([None])
+
+    def _rounds(self, archs):
+        """Yield (score, metrics) of every arch, computed round by round, worker k taking the k-th of each round."""
+        for i in range(0, len(archs), self.world):
+            this_round = archs[i:i + self.world]
+            mine = None
+            if self.rank < len(this_round):
+                arch = this_round[self.rank]
+                mine = (float(self.score(arch)), self.score.metrics.get(arch, {}))
+            got = [mine]
+            if self.world > 1:
+                got = [None] * self.world
+                dist.all_gather_object(got, mine)
+            yield from got[:len(this_round)]
+
+
+# ----------------------------------------------------------------------------- the run folder: candidates.jsonl, scored.json, top.json, search.png
+
+def open_search(cfg, folder, resumable):
+    """(config, records of the candidates scored before) of a search in `folder` (a RunFolder). OUT/candidates.jsonl
+    holds one line per scored architecture: --resume replays the same seeded search over those scores, with the
+    saved config (only the flags in `resumable` may change), so that it ends as an uninterrupted search would."""
+    state = folder.path / "candidates.jsonl"
+    if cfg.resume and folder.old_record:  # the saved search wins, so that the replay is exact
+        saved = config_values(type(cfg), json.loads(folder.old_record))
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in resumable})
+        folder.update(cfg)
+    records = {Arch.parse(r["arch"]): r for r in (read_jsonl(state) if state.exists() else [])}
+    if records:  # rewritten whole: a torn last line from a killed run would spoil the lines appended after it
+        atomic_write(state, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records.values())))
+    return cfg, records
+
+
+class SearchRecord:
+    """What worker 0 of a search writes as it goes: every scored candidate at once as a line of candidates.jsonl
+    (an interrupted search loses at most the round in progress), and after each generation scored.json, best
+    first. A SIGINT/SIGTERM (`stop`, common.stop_after_step) ends the search once the candidate in progress is
+    written. `metrics` (arch -> the evaluator's own numbers) and `latency` (arch -> ms) fill in the records."""
+
+    def __init__(self, folder, command, latency, base_ms, metrics, bar, stop):
+        self.folder, self.command, self.latency, self.base_ms = folder, command, latency, base_ms
+        self.metrics, self.bar, self.stop = metrics, bar, stop
+        self.path = folder.path / "candidates.jsonl"
+
+    def rows(self, candidates):
+        """The records of scored.json and top.json: a candidate with its speedup and its metrics."""
+        return [dict(c.to_dict(), speedup=self.base_ms / c.latency, **self.metrics.get(c.arch, {}))
+                for c in candidates]
+
+    def scored(self, arch, score):
+        append_jsonl(self.path, dict(arch=str(arch), score=score, latency=self.latency(arch),
+                                     metrics=self.metrics.get(arch, {})))
+        self.folder.done_first()
+        self.bar.update()
+        if self.stop.signal:
+            self.bar.close()
+            raise Interrupted(f"{self.stop.signal}: the {len(read_jsonl(self.path))} candidates scored so far are "
+                              f"kept in {self.path}; resume with: {self.command}")
+
+    def generation(self, best_first):
+        save_json(self.rows(best_first), self.folder.path / "scored.json")
+        self.bar.write(f"generation {max(c.generation for c in best_first)}: {len(best_first)} scored, best "
+                       f"{best_first[0].arch} score {best_first[0].score:.4f}")
+
+
+def search_figure(rows, top, target_speedup, path, title, ylabel):
+    """Speedup against score of every scored architecture (rows of scored.json), the top ones circled: the paper's
+    Figure 1 for one search."""
+    fig = Figure(figsize=(6, 4))  # matplotlib's object API: no pyplot state, no display backend
+    ax = fig.subplots()
+    gens = sorted({r["generation"] for r in rows})
+    for g in gens:
+        rs = [r for r in rows if r["generation"] == g]
+        ax.scatter([r["speedup"] for r in rs], [r["score"] for r in rs], s=14, alpha=0.7,
+                   label=f"generation {g}" if len(gens) > 1 else "scored")
+    ax.scatter([r["speedup"] for r in top], [r["score"] for r in top], s=80, facecolors="none",
+               edgecolors="red", label="top: " + ", ".join(f"{i} {r['arch']}" for i, r in enumerate(top, 1)))
+    for i, r in enumerate(top, 1):
+        ax.annotate(str(i), (r["speedup"], r["score"]), fontsize=8, xytext=(5, -3 - 4 * i),
+                    textcoords="offset points", color="red")
+    ax.axvline(target_speedup, color="grey", linestyle="--", label=f"target {target_speedup:.3g}x")
+    ax.set(xlabel="speedup over BERT-base (predicted)", ylabel=ylabel, title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+SEARCH_COLUMNS = ("arch", "score", "latency", "generation", "speedup")  # a row's own; the rest: the evaluator's
+
+
+def print_search_top(top, n_scored, target, budget_ms, method, evaluator):
+    """The top rows of a search, with the evaluator's own numbers (masked-LM loss, MNLI accuracy, ...) beside."""
+    extra = sorted({k for r in top for k in r} - set(SEARCH_COLUMNS))
+    print(f"\ntop {len(top)} of {n_scored} scored architectures (layers-hidden-ffn-heads-qkv) for {target} = "
+          f"{budget_ms:.4g} ms, by {method} with the {evaluator} evaluator:")
+    print(f"{'rank':>4}  {'architecture':20s} {'latency ms':>10} {'speedup':>8} {'score':>9}"
+          + "".join(f" {k:>9}" for k in extra))
+    for i, r in enumerate(top, 1):
+        print(f"{i:>4}  {r['arch']:20s} {r['latency']:10.4g} {r['speedup']:7.2f}x {r['score']:9.4f}"
+              + "".join(f" {r.get(k, float('nan')):9.4f}" for k in extra))
+
+
+# ----------------------------------------------------------------------------- settings and the command line
+
+PRESETS = {"default": {},
+           "tiny": dict(target="40x", superplm="runs/superplm-tiny", out="runs/search-tiny"),
+           "paper": dict(method="evolve", evaluator="finetune", ft_train_examples=0, ft_eval_examples=0)}
+
+
+@dataclass
+class Config:
+    preset: str = field(default="default", metadata={
+        "help": "default: the settings shown; tiny: 100 candidates of `superplm.py --preset tiny`'s SuperPLM, about "
+                "2 minutes on 2 CPU cores; paper: Algorithm 2 as in App. C (evolve, T = 4, S = 25, pm = pe = 1/2) "
+                "with the paper's evaluator, one epoch of the whole MNLI and SQuAD per candidate (the paper does not "
+                "say how long). A preset changes the defaults; flags given still win", "choices": list(PRESETS)})
+    target: str = field(default="7x", metadata={"help": "latency target: a speedup over BERT-base ('7x', Table 4) "
+                                                        "or a budget in ms ('40ms')"})
+    superplm: str = field(default="runs/superplm", metadata={"help": "SuperPLM run folder or checkpoint.pt "
+                                                                     "(superplm.py)"})
+    latency: str = field(default="runs/predictor", metadata={"help": "latency predictor: `latency.py fit`'s run "
+                                                                     "folder or its predictor.pt"})
+    method: str = field(default="evolve-elite", metadata={
+        "help": "evolve: Algorithm 2 with the paper's settings; evolve-elite: pm/pe 0.8/0.2, elitist rank parents, "
+                "wider mutation, latency window 0.85-1x (beats random search more often, bench/search_quality.py); "
+                "random; fast: §4.4's rule", "choices": ["evolve", "evolve-elite", "random", "fast"]})
+    evaluator: str = field(default="mlm", metadata={
+        "help": "mlm: -(masked-LM loss) of the sub-model inside the SuperPLM (fast); finetune: the paper's average "
+                "of MNLI accuracy and SQuAD F1 after a short fine-tuning (finetune.py)",
+        "choices": ["mlm", "finetune"]})
+    generations: int = field(default=4, metadata={"help": "T of Algorithm 2 (random search scores T x S archs)",
+                                                  **COUNT})
+    population: int = field(default=25, metadata={"help": "S of Algorithm 2: architectures per generation", **COUNT})
+    p_mutate: Optional[float] = field(default=None, metadata={
+        "help": "pm of Algorithm 2 (random and fast have none); the default follows --method: evolve 0.5 (the "
+                "paper's), evolve-elite 0.8", **SHARE})
+    p_explore: Optional[float] = field(default=None, metadata={
+        "help": "pe of Algorithm 2 (random and fast have none); the default follows --method: evolve 0.5 (the "
+                "paper's), evolve-elite 0.2",
+        **SHARE})
+    top: int = field(default=3, metadata={"help": "architectures reported and extracted (§3.6: the top three)",
+                                          **COUNT})
+    extract: bool = field(default=False, metadata={"help": "save the top architectures as Hugging Face BERT "
+                                                           "folders (with the vocabulary) in OUT/top/"})
+    out: str = field(default="runs/search", metadata={"help": "run folder: results, state, figure"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted search in --out"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the search in --out"})
+    seed: int = field(default=0, metadata={"help": "seed of the search, the masks and the fine-tuning",
+                                           **NONNEGATIVE})
+    device: str = field(default="auto", metadata={"help": "the evaluator's device. " + DEVICE_HELP})
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
+    eval_corpus: str = field(default="", metadata={"help": "mlm: corpus spec of the scored text (data.py); "
+                                                           "empty: the SuperPLM's own"})
+    eval_rows: int = field(default=256, metadata={"help": "mlm: held-out sequences scored (at most the corpus's "
+                                                          "held-out tail, data.split)", **COUNT})
+    batch_size: int = field(default=32, metadata={"help": "mlm: sequences per forward pass", **COUNT})
+    mnli_data: str = field(default="", metadata={"help": "finetune: MNLI folder (GLUE layout); empty: datasets"})
+    squad_data: str = field(default="", metadata={"help": "finetune: folder of SQuAD v1.1 JSON; empty: datasets"})
+    ft_epochs: int = field(default=1, metadata={"help": "finetune: epochs per task", **COUNT})
+    ft_train_examples: int = field(default=2000, metadata={"help": "finetune: training examples per task (0: all)",
+                                                           **NONNEGATIVE})
+    ft_eval_examples: int = field(default=1000, metadata={"help": "finetune: dev examples per task (0: all)",
+                                                          **NONNEGATIVE})
+
 
 PROBABILITIES = {"evolve": dict(p_mutate=0.5, p_explore=0.5),  # pm and pe of each method, as --help shows them
                  "evolve-elite": dict(p_mutate=ELITE["p_mutate"], p_explore=ELITE["p_explore"])}
+
+
 RESUMABLE = ("resume", "overwrite", "out", "device", "dtype", "extract", "top")  # flags a resumed search may change
 
 
@@ -303,7 +628,7 @@ def defaults(first, argv=None):
 
 
 def parse_config(argv=None):
-    return parse_with(Config, argv, __doc__.split("\n")[0], defaults=partial(defaults, argv=argv))
+    return parse_flags(Config, argv, __doc__.split("\n")[0], defaults=partial(defaults, argv=argv))
 
 
 def check_inputs(cfg):

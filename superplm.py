@@ -16,6 +16,7 @@ config.json). SIGINT or SIGTERM finishes the step, writes the checkpoint and pri
 """
 
 import dataclasses
+import os
 import random
 import sys
 import time
@@ -31,77 +32,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (DEVICE_HELP, DTYPE_HELP, DTYPES, UserError, append_jsonl, end_distributed, init_distributed,
-                    rank0_first, resolve_compute, run_main, seed_everything, stop_after_step, torch_load)
-from config import COUNT, NONNEGATIVE, POSITIVE, SHARE, config_parser, config_values
-from config import parse_config as parse_with
-from data import DataConfig, batches, derive_seed, masked_positions, prefetch, prepare, split, steps_per_epoch
+from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, Interrupted, NONNEGATIVE, POSITIVE, RunFolder, SHARE,
+                    UserError, append_jsonl, command_line, config_parser, config_values, end_distributed,
+                    init_distributed, keep_jsonl, parse_flags, rank0_first, resolve_compute, run_main,
+                    seed_everything, stop_after_step, torch_load, torch_save)
+from data import (DataConfig, batches, derive_seed, masked_positions, prefetch, prepare, save_tokenizer, split,
+                  steps_per_epoch)
 from distill import KDObjective, check_compatible, load_teacher
-from hf import save_pretrained
-from model import (SUPERPLM, Arch, Bert, SearchSpace, extract, grid, in_place_grads, learning_rate, make_optimizer,
-                   sub)
-from report import superplm_line
-from runs import (RunFolder, checkpoint_path, interrupt, load_superplm, restore_superplm, resume_superplm,
-                  save_superplm, stopped)
-from tokenizer import save_tokenizer
+from model import (Arch, Bert, SearchSpace, SUPERPLM, extract, grid, in_place_grads, learning_rate, make_optimizer,
+                   save_pretrained, sub)
 
 
-@dataclass
-class Config(DataConfig):  # the corpus flags (--corpus, --tokenizer, --vocab-size, --seq-len, --cache-dir) first
-    preset: str = field(default="paper", metadata={
-        "help": "paper: the settings of §4.1 (shown here); tiny: a 4-256-1024-4-256 SuperPLM that learns on two "
-                "CPU cores in minutes. A preset changes the defaults; flags given still win",
-        "choices": ["paper", "tiny"]})
-    out: str = field(default="runs/superplm", metadata={"help": "run folder: checkpoint, metrics, vocabulary"})
-    superplm_arch: str = field(default=str(SUPERPLM), metadata={
-        "help": "the SuperPLM's layers-hidden-ffn-heads-qkv (§3.4); sampling uses Table B.1's ranges scaled to it",
-        "aliases": ("superplm",)})
-    objective: str = field(default="mlm", metadata={
-        "help": "mlm: BERT pre-training; kd: TinyBERT's last-layer distillation from --teacher (§4.1)",
-        "choices": ["mlm", "kd"]})
-    teacher: str = field(default="", metadata={"help": "kd: the teacher's folder (the paper's: ELECTRA-base)"})
-    mha: str = field(default="", metadata={
-        "help": "attention slicing (Figure 3): heads keeps the head width, dims keeps every head; empty: heads for "
-                "mlm, dims for kd (§3.4)", "choices": ["", "heads", "dims"]})
-    arch: str = field(default="", metadata={"help": "train only this architecture, e.g. 5-564-1054-8-512: with "
-                                                    "--init, the stage-3 further training of §3.6 (no warm-up)"})
-    init: str = field(default="", metadata={"help": "start from this SuperPLM (run folder or checkpoint.pt)"})
-    batch_size: int = field(default=256, metadata={"help": "global batch, split over the ranks (§4.1)", **COUNT})
-    lr: float = field(default=1e-5, metadata={"help": "peak learning rate of AdamW (§4.1)", **POSITIVE})
-    warmup: float = field(default=0.1, metadata={"help": "share of the steps with linear warm-up, then linear "
-                                                         "decay to 0 (§4.1)", **SHARE})
-    epochs: int = field(default=5, metadata={"help": "passes over the corpus (§4.1), unless --steps", **COUNT})
-    steps: Optional[int] = field(default=None, metadata={  # None: --epochs decides (configure keeps it off --help)
-        "help": "the run's length in optimizer steps (the schedule is laid over it); unset: --epochs passes over "
-                "the corpus", "aliases": ("max_steps",), **COUNT})
-    sub_models: int = field(default=3, metadata={"help": "M of Algorithm 1: sub-models each worker samples per "
-                                                         "batch", "aliases": ("samples",), **COUNT})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases, LayerNorm)",
-                                                        **NONNEGATIVE})
-    adam_eps: float = field(default=1e-6, metadata={"help": "AdamW epsilon (BERT's)", **POSITIVE})
-    clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this", **POSITIVE})
-    dropout: float = field(default=0.1, metadata={"help": "dropout of a new model", "min": 0, "max": 0.99})
-    seed: int = field(default=0, metadata={"help": "seeds the weights, the data order, masks, sub-models",
-                                           **NONNEGATIVE})
-    save_every: int = field(default=1000, metadata={"help": "write the checkpoint every K steps (and at the end)",
-                                                    **COUNT})
-    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
-    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
-    log_every: int = field(default=50, metadata={"help": "one log line every N steps", **COUNT})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoint, with its "
-                                                          "saved settings"})
-    overwrite: bool = field(default=False, metadata={"help": "replace the run in --out"})
-
-
-# Small runs: a SuperPLM of BERT-S3's shape (Table 4) on the stdlib corpus, with a learning rate that shows
-# progress within minutes rather than the paper's 1e-5 over days.
-PRESETS = {"paper": {},
-           "tiny": dict(superplm_arch="4-256-1024-4-256", vocab_size=4096, seq_len=64, batch_size=32, lr=1e-3,
-                        steps=600, save_every=100, log_every=20, out="runs/superplm-tiny")}
 
 
 # ----------------------------------------------------------------------------- Algorithm 1
-
 
 def sample_arch(space, seed, step, rank, m) -> Arch:
     """Algorithm 1, line 7: the m-th sub-model of worker `rank` at `step`. The authors' code seeded with (step, m)
@@ -150,7 +94,7 @@ def update(flat, world, optimizer, lr, clip):
     optimizer.step()
 
 
-def train(cfg, argv=None, on_save=None, init=None):
+def run(cfg, argv=None, on_save=None, init=None):
     """Algorithm 1 in cfg.out (one architecture with --arch); returns the model. argv (the command line, sys.argv's
     by default) goes into config.json; init: --init's checkpoint if the caller has read it (configure does);
     on_save(step, model), if given, runs on rank 0 after each checkpoint is written (bench/table1_mini.py)."""
@@ -208,7 +152,6 @@ def train(cfg, argv=None, on_save=None, init=None):
 
 # ----------------------------------------------------------------------------- search space and sampling
 
-
 def space_for(superplm: Arch, mha="heads") -> SearchSpace:
     """Table B.1's ranges scaled to a SuperPLM: for 8-768-3072-12-768 exactly PRETRAIN_SPACE ("heads") or
     KD_SPACE ("dims"). Hidden from 1/6 and ffn from 1/24 of the maximum in steps of 4; "dims" keeps every head
@@ -226,7 +169,6 @@ def single(arch: Arch) -> SearchSpace:
 
 
 # ----------------------------------------------------------------------------- objectives
-
 
 class MLM(nn.Module):
     """BERT's masked-LM loss (pre-training, §4.1). Logits are computed only at the masked positions.
@@ -252,7 +194,6 @@ def make_objective(cfg, model, space, teacher):
 
 
 # ----------------------------------------------------------------------------- what the run starts from
-
 
 def setup(cfg, rank, world, device, ckpt=None, init=None):
     """(model, space, objective, training rows) of a run: its weights and KD projection are the run's own checkpoint
@@ -301,8 +242,115 @@ def build_model(cfg, vocab_size, init=None):
     return model, single(arch) if cfg.arch else space_for(arch, mha)
 
 
-# ----------------------------------------------------------------------------- progress
+# ----------------------------------------------------------------------------- the checkpoint (what every later stage reads) and resume
 
+def save_superplm(out, model, space, objective, optimizer, cfg, step, total, spe, rows):
+    """Write out/checkpoint.pt (the format above) at `step` of `total` (spe steps per epoch over `rows` sequences)."""
+    torch_save(dict(model_config=model.config(), model=model.state_dict(), space=dataclasses.asdict(space),
+                    objective=cfg.objective, objective_state=objective.state_dict(),
+                    tokenizer=str((Path(out) / "tokenizer.json").resolve()), optimizer=optimizer.state_dict(),
+                    schedule=dict(total=total, warmup=cfg.warmup, peak=cfg.lr), step=step,
+                    data=dict(epoch=step // spe, batch=step % spe, rows=rows), rng=rng_states(),
+                    config=dataclasses.asdict(cfg)), Path(out) / "checkpoint.pt")
+
+
+def checkpoint_path(path, flag=""):
+    """checkpoint.pt of a SuperPLM run folder (or the file itself); if there is none, one line saying where it was
+    looked for (given by `flag`, e.g. --init) and the command that makes one."""
+    given = Path(path)
+    path = given / "checkpoint.pt" if given.is_dir() else given
+    if not path.exists():
+        folder = given if given.suffix != ".pt" else given.parent
+        raise UserError(f"{flag + ' ' if flag else ''}{path} does not exist: train a SuperPLM first (python "
+                        f"superplm.py --preset tiny --out {folder})")
+    return path
+
+
+def saved_space(fields):
+    """The SearchSpace a checkpoint saved as dataclasses.asdict(space)."""
+    return SearchSpace(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in fields.items()})
+
+
+def load_superplm(path, ckpt=None):
+    """(SuperPLM as a Bert in eval mode, its SearchSpace, path of its tokenizer) from a run folder or checkpoint
+    (ckpt: the checkpoint's contents, when the caller has already read them)."""
+    path = checkpoint_path(path)
+    ckpt = ckpt or torch_load(path)
+    model = Bert.from_config(ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    space = saved_space(ckpt["space"])
+    beside = path.parent / Path(ckpt["tokenizer"]).name  # the run folder may have moved
+    return model.eval(), space, str(beside if beside.exists() else ckpt["tokenizer"])
+
+
+def rng_states():
+    """Every random generator's state, saved in a checkpoint so that a resumed run draws what it would have."""
+    return dict(python=random.getstate(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_states(s):
+    random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def resume_superplm(cfg, folder, rank):
+    """--resume: (the run's checkpoint, its saved settings with this command's --out, --device and --dtype), with
+    config.json and metrics.jsonl brought back to that checkpoint (no step logged twice); else (None, cfg)."""
+    if not cfg.resume:
+        return None, cfg
+    out = Path(cfg.out)
+    ckpt = torch_load(out / "checkpoint.pt")
+    cfg = dataclasses.replace(type(cfg)(**config_values(type(cfg), ckpt["config"])), out=cfg.out, resume=True,
+                              device=cfg.device, dtype=cfg.dtype)  # the saved settings, where and how: this run's
+    if rank == 0:
+        folder.update(cfg)
+        keep_jsonl(out / "metrics.jsonl", lambda r: r["step"] <= ckpt["step"])
+    return ckpt, cfg
+
+
+def restore_superplm(ckpt, optimizer, rows):
+    """Continue from a checkpoint on a corpus of `rows` sequences: the optimizer's state and every random
+    generator's as they were; returns the step to go on from."""
+    if ckpt["data"]["rows"] != rows:
+        raise UserError(f"the corpus now gives {rows} sequences, the checkpoint's {ckpt['data']['rows']}: "
+                        "resume with the corpus and --seq-len the run started with")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_states(ckpt["rng"])
+    return ckpt["step"]
+
+
+def stopped(stop, world, device):
+    """Whether a SIGINT/SIGTERM arrived; with several workers, whether any of them got one (all stop together)."""
+    if world == 1:
+        return stop.signal is not None
+    flag = torch.tensor([float(stop.signal is not None)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def resume_command(script, out):
+    """The command that continues the run in `out`: as many workers again under torchrun (per node, with the same
+    rendezvous flags)."""
+    command = command_line(["--out", out, "--resume"], script)
+    if "WORLD_SIZE" in os.environ:
+        command = command.replace("python", f"torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']}", 1)
+    return command
+
+
+def interrupt(cfg, stop, step, total, rank, world):
+    """superplm.py stops after a signal, its step saved: rank 0 says how to resume, the other workers leave."""
+    if world > 1:
+        dist.barrier()
+        if rank:
+            sys.exit(130)
+    raise Interrupted(f"{stop.signal or 'a signal'} at step {step}/{total}: saved {Path(cfg.out) / 'checkpoint.pt'}; "
+                      f"resume with: {resume_command('superplm.py', cfg.out)}")
+
+
+# ----------------------------------------------------------------------------- progress
 
 class Log:
     """Rank 0's progress bar, and every log_every steps one line (terminal and log.txt) and one metrics.jsonl
@@ -346,7 +394,66 @@ class Log:
         self.window, self.t0, self.steps0 = defaultdict(float), time.time(), step
 
 
-# ----------------------------------------------------------------------------- the command line
+def superplm_line(step, total, means, lr, rate, archs):
+    """superplm.py's log line: the window's mean loss and statistics, the learning rate, global tokens/s, and rank
+    0's sub-models of this step."""
+    return (f"step {step}/{total} | " + " | ".join(f"{k} {v:.4f}" for k, v in means.items())
+            + f" | lr {lr:.2e} | {rate:,.0f} tok/s | archs {' '.join(archs)}")
+
+
+# ----------------------------------------------------------------------------- settings and the command line
+
+@dataclass
+class Config(DataConfig):  # the corpus flags (--corpus, --tokenizer, --vocab-size, --seq-len, --cache-dir) first
+    preset: str = field(default="paper", metadata={
+        "help": "paper: the settings of §4.1 (shown here); tiny: a 4-256-1024-4-256 SuperPLM that learns on two "
+                "CPU cores in minutes. A preset changes the defaults; flags given still win",
+        "choices": ["paper", "tiny"]})
+    out: str = field(default="runs/superplm", metadata={"help": "run folder: checkpoint, metrics, vocabulary"})
+    superplm_arch: str = field(default=str(SUPERPLM), metadata={
+        "help": "the SuperPLM's layers-hidden-ffn-heads-qkv (§3.4); sampling uses Table B.1's ranges scaled to it"})
+    objective: str = field(default="mlm", metadata={
+        "help": "mlm: BERT pre-training; kd: TinyBERT's last-layer distillation from --teacher (§4.1)",
+        "choices": ["mlm", "kd"]})
+    teacher: str = field(default="", metadata={"help": "kd: the teacher's folder (the paper's: ELECTRA-base)"})
+    mha: str = field(default="", metadata={
+        "help": "attention slicing (Figure 3): heads keeps the head width, dims keeps every head; empty: heads for "
+                "mlm, dims for kd (§3.4)", "choices": ["", "heads", "dims"]})
+    arch: str = field(default="", metadata={"help": "train only this architecture, e.g. 5-564-1054-8-512: with "
+                                                    "--init, the stage-3 further training of §3.6 (no warm-up)"})
+    init: str = field(default="", metadata={"help": "start from this SuperPLM (run folder or checkpoint.pt)"})
+    batch_size: int = field(default=256, metadata={"help": "global batch, split over the ranks (§4.1)", **COUNT})
+    lr: float = field(default=1e-5, metadata={"help": "peak learning rate of AdamW (§4.1)", **POSITIVE})
+    warmup: float = field(default=0.1, metadata={"help": "share of the steps with linear warm-up, then linear "
+                                                         "decay to 0 (§4.1)", **SHARE})
+    epochs: int = field(default=5, metadata={"help": "passes over the corpus (§4.1), unless --steps", **COUNT})
+    steps: Optional[int] = field(default=None, metadata={  # None: --epochs decides (configure keeps it off --help)
+        "help": "the run's length in optimizer steps (the schedule is laid over it); unset: --epochs passes over "
+                "the corpus", **COUNT})
+    sub_models: int = field(default=3, metadata={"help": "M of Algorithm 1: sub-models each worker samples per "
+                                                         "batch", **COUNT})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases, LayerNorm)",
+                                                        **NONNEGATIVE})
+    adam_eps: float = field(default=1e-6, metadata={"help": "AdamW epsilon (BERT's)", **POSITIVE})
+    clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this", **POSITIVE})
+    dropout: float = field(default=0.1, metadata={"help": "dropout of a new model", "min": 0, "max": 0.99})
+    seed: int = field(default=0, metadata={"help": "seeds the weights, the data order, masks, sub-models",
+                                           **NONNEGATIVE})
+    save_every: int = field(default=1000, metadata={"help": "write the checkpoint every K steps (and at the end)",
+                                                    **COUNT})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
+    log_every: int = field(default=50, metadata={"help": "one log line every N steps", **COUNT})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoint, with its "
+                                                          "saved settings"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the run in --out"})
+
+
+# Small runs: a SuperPLM of BERT-S3's shape (Table 4) on the stdlib corpus, with a learning rate that shows
+# progress within minutes rather than the paper's 1e-5 over days.
+PRESETS = {"paper": {},
+           "tiny": dict(superplm_arch="4-256-1024-4-256", vocab_size=4096, seq_len=64, batch_size=32, lr=1e-3,
+                        steps=600, save_every=100, log_every=20, out="runs/superplm-tiny")}
 
 
 INHERITED = ("superplm_arch", "objective", "teacher", "corpus", "tokenizer", "vocab_size", "seq_len", "cache_dir",
@@ -380,7 +487,7 @@ def configure(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     path = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0].init  # --help: after the read
     init = read_init(path) if path else None
-    return parse_with(Config, argv, parser=parser, defaults=lambda first: defaults(first, init)), init
+    return parse_flags(Config, argv, parser=parser, defaults=lambda first: defaults(first, init)), init
 
 
 def parse_config(argv=None):
@@ -389,7 +496,7 @@ def parse_config(argv=None):
 
 def main(argv=None):
     cfg, init = configure(argv)
-    train(cfg, argv, init=init)
+    run(cfg, argv, init=init)
 
 
 if __name__ == "__main__":
