@@ -1,9 +1,11 @@
 """Plumbing shared by every stage, below all of them: one-line errors, interrupts, atomic files and JSONL logs, the
-Hugging Face hub offline, seeds, devices and compute dtypes, torchrun's workers.
+Hugging Face hub offline, seeds, devices and compute dtypes, torchrun's workers, the run folder, and the one way a
+script is configured (a dataclass becomes its flags).
 
 What every script must do the same way lives here once: fail with one clear line (`UserError`, `run_main`), stop
-cleanly on SIGINT/SIGTERM (`stop_after_step`), write files atomically. Flags come from config.py, run folders and
-checkpoints from runs.py.
+cleanly on SIGINT/SIGTERM (`stop_after_step`), write files atomically, never overwrite a run silently (`RunFolder`),
+and take its settings from a dataclass (`parse_flags`). What belongs to one stage (its checkpoint, its tables) lives
+in that stage's file.
 """
 
 import argparse
@@ -34,8 +36,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-
-
 
 
 class UserError(ValueError):
@@ -99,7 +99,8 @@ def stop_after_step():
             signal.signal(s, h)
 
 
-# ----------------------------------------------------------------------------- files and JSONL
+# ----------------------------------------------------------------------------------------------------- files and JSONL
+
 
 def atomic_write(path, write):
     """write(tmp_path) then rename over `path`: a crash never leaves a half-written file behind."""
@@ -176,7 +177,8 @@ def keep_jsonl(path, keep):
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
 
 
-# ----------------------------------------------------------------------------- the run folder (--out)
+# ---------------------------------------------------------------------------------------------- the run folder (--out)
+
 
 def command_line(argv=None, script=None):
     """The command that ran (or would run) `script` (default: this process's) with `argv`, quoted for a shell."""
@@ -300,7 +302,8 @@ class RunFolder:
         return False
 
 
-# ----------------------------------------------------------------------------- the Hugging Face hub, offline
+# --------------------------------------------------------------------------------------- the Hugging Face hub, offline
+
 
 def hub_reachable(timeout=3.0):
     """Whether the hub (HF_ENDPOINT, else huggingface.co) takes a connection within `timeout` seconds. False in
@@ -348,7 +351,8 @@ def load_hub_dataset(what, instead, *args, **kwargs):
         datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = offline
 
 
-# ----------------------------------------------------------------------------- seeds, devices, workers
+# --------------------------------------------------------------------------------------------- seeds, devices, workers
+
 
 def seed_everything(seed):
     random.seed(seed)
@@ -466,6 +470,7 @@ def rank0_first(rank, world, make):
 
 
 # ----------------------------------------------------------------------------- settings: a dataclass becomes the flags
+
 
 COUNT = dict(min=1)  # a number of things or steps
 

@@ -1,6 +1,6 @@
 """Data for the SuperPLM (§3.4, §4.1): a corpus packed into sequences, masked LM, each rank's share of a batch.
 
-The corpus is tokenised with a BERT WordPiece vocabulary (tokenizer.py; trained on the corpus unless given),
+The corpus is tokenised with a BERT WordPiece vocabulary (trained on the corpus unless given; below),
 packed into rows of seq_len tokens cached on disk, its tail held out for one-shot scores; every batch is split
 into the ranks' sub-batches (Algorithm 1) and corrupted by BERT's masked LM.
 
@@ -35,8 +35,6 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tqdm import tqdm
 
 from common import UserError, atomic_write, load_hub_dataset, parse_flags, run_main, save_json
-
-
 
 
 def pack(chunks, tok, seq_len, sp):
@@ -161,7 +159,8 @@ def prefetch(batches, device, depth=2):
         worker.join()  # it ends after the batch in hand: never a thread still in torch when the process exits
 
 
-# ----------------------------------------------------------------------------- the packed corpus and its cache
+# ------------------------------------------------------------------------------------- the packed corpus and its cache
+
 
 FORMAT = 1  # bump when the packed layout changes: old caches are then rebuilt
 
@@ -363,7 +362,8 @@ def cached_tokenizer(spec, vocab_size, cache_dir):
     return folder / "tokenizer.json"
 
 
-# ----------------------------------------------------------------------------- the WordPiece vocabulary
+# -------------------------------------------------------------------------------------------- the WordPiece vocabulary
+
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT's, in the ids a trained vocabulary gets
 
@@ -460,7 +460,8 @@ class Specials:
         return torch.tensor([self.pad, self.unk, self.cls, self.sep, self.mask])
 
 
-# ----------------------------------------------------------------------------- the command line
+# ---------------------------------------------------------------------------------------------------- the command line
+
 
 @dataclass
 class DataConfig:

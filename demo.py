@@ -24,8 +24,6 @@ from search import MLMScore, bert_s
 from superplm import load_superplm
 
 
-
-
 def run_stage(*args):
     """Run one stage as a user would type it; stop the demo if it fails."""
     cmd = ["python", *map(str, args)]
@@ -104,21 +102,22 @@ def main(argv=None):
         splm, lat, pred, search, further = (out / n for n in ("superplm", "latency", "predictor", "search", "further"))
         t = {}
         t["1 SuperPLM"] = run_stage("superplm.py", "--preset", "tiny", "--out", splm, "--steps", cfg.steps,
-                              "--seed", cfg.seed)
+                                    "--seed", cfg.seed)
         folder.done_first()
         t["2 latency"] = run_stage("latency.py", "measure", "--space", splm, "--samples", cfg.latency_samples, "--seed",
-                             cfg.seed, "--out", lat)
+                                   cfg.seed, "--out", lat)
         t["2 latency"] += run_stage("latency.py", "fit", "--timings", lat, "--out", pred)
         t["3 search"] = run_stage("search.py", "--target", cfg.target, "--superplm", splm, "--latency", pred,
-                            "--generations", cfg.generations, "--population", cfg.population, "--seed", cfg.seed,
-                            "--out", search, "--extract")
+                                  "--generations", cfg.generations, "--population", cfg.population, "--seed", cfg.seed,
+                                  "--out", search, "--extract")
         found = json.loads((search / "top.json").read_text())
         best = found["best"]
         t["4 further"] = run_stage("superplm.py", "--init", splm, "--arch", best, "--out", further, "--steps",
-                             cfg.further_steps, "--seed", cfg.seed)
+                                   cfg.further_steps, "--seed", cfg.seed)
         bert = bert_s(found["budget_ms"], LatencyPredictor.load(pred))  # default rule, 4 layers, same budget
-        t["5 BERT-S"] = run_stage("superplm.py", "--preset", "tiny", "--arch", bert, "--tokenizer", splm / "tokenizer.json",
-                            "--out", out / "bert-s", "--steps", cfg.steps + cfg.further_steps, "--seed", cfg.seed)
+        t["5 BERT-S"] = run_stage("superplm.py", "--preset", "tiny", "--arch", bert, "--tokenizer",
+                                  splm / "tokenizer.json", "--out", out / "bert-s", "--steps",
+                                  cfg.steps + cfg.further_steps, "--seed", cfg.seed)
         summary(cfg, out, found, t, bert)
 
 

@@ -30,8 +30,6 @@ from data import load_tokenizer, stdlib_corpus, train_tokenizer
 from model import Arch, Bert, from_pretrained, save_pretrained, sub
 
 
-
-
 def masked_mse(a, b, keep):
     """Mean squared error over the entries where `keep` (broadcast to a's shape) is True. Computed by weighting
     rather than selecting: selecting has a data-dependent size, which makes the host wait for the GPU."""
@@ -152,8 +150,8 @@ def make_tiny_teacher(folder, arch=TINY_TEACHER, vocab_size=4096, texts=None, se
 class TeacherConfig:
     out: str = field(default="runs/teacher", metadata={"help": "folder for the teacher (config.json, "
                                                                "model.safetensors, tokenizer.json, vocab.txt)"})
-    arch: str = field(default=str(TINY_TEACHER), metadata={"help": "teacher layers-hidden-ffn-heads-qkv; the "
-                                                                    "paper's teacher is ELECTRA-base, 12-768-3072-12-768"})
+    arch: str = field(default=str(TINY_TEACHER), metadata={
+        "help": "teacher layers-hidden-ffn-heads-qkv; the paper's teacher is ELECTRA-base, 12-768-3072-12-768"})
     vocab_size: int = field(default=4096, metadata={"help": "WordPiece vocabulary trained on the stdlib corpus",
                                                     "min": 6})
     seed: int = field(default=0, metadata={"help": "seed of the random weights", "min": 0})
@@ -168,8 +166,8 @@ class CheckConfig:
 
 def main(argv=None):
     command, cfg = parse_flags({"make-teacher": (TeacherConfig, "write a tiny random teacher"),
-                                 "check": (CheckConfig, "load a teacher and print what a student needs")},
-                                argv, __doc__.split("\n")[0])
+                                "check": (CheckConfig, "load a teacher and print what a student needs")},
+                               argv, __doc__.split("\n")[0])
     if command == "make-teacher":
         out = Path(cfg.out)
         if (out / "config.json").exists() and not cfg.overwrite:

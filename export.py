@@ -3,13 +3,13 @@
 The searched model is a BERT of an unusual shape (qkv != hidden); its ONNX graph runs wherever ONNX Runtime does.
 `export.py` takes any folder this project writes (save_pretrained, search.py --extract, further training: the
 bare encoder; finetune.py's best/: the encoder with its GLUE classifier or SQuAD span head), exports it with
-torch's dynamo exporter (runtime.to_onnx) with dynamic batch and sequence axes, and runs the graph on ONNX
+torch's dynamo exporter (latency.to_onnx) with dynamic batch and sequence axes, and runs the graph on ONNX
 Runtime against our PyTorch model on a few padded batches of other shapes than the example it was traced with:
 the largest absolute difference is printed, and above 1e-4 nothing is written. With --int8 it also writes
 ONNX Runtime's dynamic int8 quantization of the graph and reports what that costs on the same inputs.
 
-    python export.py --model runs/further --out model.onnx
-    python export.py --model runs/finetune/mnli/best --out mnli.onnx --int8     # + mnli.int8.onnx
+    python export.py --model runs/further --out runs/export/model.onnx
+    python export.py --model runs/finetune/mnli/best --out runs/export/mnli.onnx --int8     # + mnli.int8.onnx
 
 Inputs: input_ids, attention_mask, token_type_ids, each (batch, sequence) int64. Outputs: last_hidden_state
 (batch, sequence, hidden), or logits (batch, labels), or start_logits and end_logits (batch, sequence).
@@ -24,8 +24,6 @@ from common import UserError, atomic_write, parse_flags, run_main, torch_load
 from finetune import load_model
 from latency import OrtModel, onnx_modules, quantize_int8, to_onnx
 from model import from_pretrained
-
-
 
 
 TOLERANCE = 1e-4  # largest |ONNX Runtime - PyTorch| accepted for the fp32 graph

@@ -3,8 +3,8 @@
 Every score in the paper's Tables 1, 2 and F.1 is a dev score after fine-tuning on each task as BERT and TinyBERT
 do: BERT's pooler + a classifier (SQuAD: a start/end span head) on the model, AdamW with 10% linear warm-up then
 linear decay, dev evaluated after every epoch, for every (learning rate, epochs) of the §4.1 grid from the same
-start; the best dev score counts. Table D.1 is each task's cell of that grid (the default). glue.py and squad.py
-read the tasks' files and score them.
+start; the best dev score counts. Table D.1 is each task's cell of that grid (the default). tasks/glue.py and
+tasks/squad.py read the tasks' files and score them.
 
     python finetune.py --task rte --model runs/further --data glue_data/RTE --preset tiny   # minutes on 2 CPU cores
     python finetune.py --task mnli --model runs/further --data glue_data/MNLI --lr 1e-5 2e-5 3e-5 --epochs 4 5 10
@@ -39,8 +39,6 @@ from model import Arch, Bert, extract, from_pretrained, learning_rate, make_opti
 from superplm import load_superplm
 from tasks.glue import GLUE, TASKS, glue_task, hf_labels, task_name, write_test_predictions
 from tasks.squad import squad_task
-
-
 
 
 # Table D.1: (batch size, learning rate, epochs), each task's cell of the §4.1 grid (GLUE: batch 32, lr from
@@ -173,7 +171,8 @@ def best_of_sweep(cfg, compute, folder, stop):
     return result
 
 
-# ----------------------------------------------------------------------------- the model: a BERT and a task head
+# ----------------------------------------------------------------------------------- the model: a BERT and a task head
+
 
 class Finetuner(nn.Module):
     """A BERT with BERT's pooler (dense + tanh on [CLS]) and a classifier, or a start/end span head (SQuAD)."""
@@ -296,7 +295,8 @@ def predict(model, feats, batch_size, pad, device, autocast=nullcontext):
     return out if model.span else np.concatenate(out) if out else np.zeros((0, 1))
 
 
-# ----------------------------------------------------------------------------- log lines
+# ----------------------------------------------------------------------------------------------------------- log lines
+
 
 def finetune_epoch_line(task, lr, epochs, epoch, loss, metrics, seconds):
     """finetune.py's line after each epoch: the run (lr, epochs), the epoch's training loss, the dev metrics."""
@@ -320,7 +320,8 @@ def finetune_stopped(signal, out, best=None):
             "again with --overwrite (or only the missing --lr/--epochs with another --out)")
 
 
-# ----------------------------------------------------------------------------- settings and the command line
+# --------------------------------------------------------------------------------------- settings and the command line
+
 
 @dataclass
 class Config:
@@ -403,7 +404,7 @@ def main(argv=None):
     parser = config_parser(Config, __doc__.split("\n\n")[0])
     parser.set_defaults(**paper_settings("mnli"))  # what --help shows: the default task's
     cfg = parse_flags(Config, argv, parser=parser,
-                       defaults=lambda first: dict(paper_settings(first.task), **PRESETS[first.preset]))
+                      defaults=lambda first: dict(paper_settings(first.task), **PRESETS[first.preset]))
     out = cfg.out or f"runs/finetune{'-tiny' if cfg.preset == 'tiny' else ''}/{cfg.task}"
     return run(dataclasses.replace(cfg, out=out), argv)
 

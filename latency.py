@@ -7,7 +7,7 @@ latency. A target "7x" means lat(α) <= lat(BERT-base) / 7, BERT-base timed in t
 On a shared machine drift, not the predictor, limits accuracy. So archs are timed in random order, each one pass
 by pass beside a fixed reference model, and the predictor learns the drift-free ratio of the two (times the
 reference's median ms). One thread is timed by its CPU time, not wall-clock. --backend: PyTorch eager, or the
-ONNX export on ONNX Runtime, fp32 or int8 (runtime.py); the reference runs on the same backend.
+ONNX export on ONNX Runtime, fp32 or int8 (the same graph export.py writes); the reference runs on the same backend.
 
     python latency.py measure --space pretrain --samples 2000 --out runs/latency   # hours; --resume continues
     python latency.py measure --preset tiny --out runs/latency   # a quick look: 150 archs, 1-3 minutes
@@ -39,8 +39,6 @@ from common import (COUNT, Interrupted, NONNEGATIVE, POSITIVE, RunFolder, UserEr
                     torch_save)
 from model import Arch, Bert, BERT_BASE, KD_SPACE, PRETRAIN_SPACE
 from superplm import saved_space
-
-
 
 
 def features(archs, seq_len, batch):
@@ -194,7 +192,8 @@ def fit_data(data, cfg, names=FEATURES):
     return pred, metrics
 
 
-# ----------------------------------------------------------------------------- timing architectures
+# ------------------------------------------------------------------------------------------------ timing architectures
+
 
 REFERENCE = Arch(4, 512, 2048, 8, 512)  # timed alongside every arch: BERT-S1 of Table 4, ~1/7 of BERT-base
 
@@ -269,7 +268,8 @@ def archs_to_time(space, n, seed):
     return list(drawn)
 
 
-# ----------------------------------------------------------------------------- the clock and the backends it times
+# --------------------------------------------------------------------------------- the clock and the backends it times
+
 
 BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")  # PyTorch eager; the ONNX export, fp32 or int8-quantized
 
@@ -406,7 +406,8 @@ def device_info(cfg):
     return info
 
 
-# ----------------------------------------------------------------------------- run folders: timings.jsonl, predictor.pt
+# ---------------------------------------------------------------------------- run folders: timings.jsonl, predictor.pt
+
 
 SPACES = {"pretrain": PRETRAIN_SPACE, "kd": KD_SPACE}  # Table B.1, by name
 
@@ -468,7 +469,7 @@ def check_resumed(path, saved, now):
                             "resume it, or another --out")
 
 
-# ----------------------------------------------------------------------------- Table 4 on this machine
+# --------------------------------------------------------------------------------------------- Table 4 on this machine
 
 # Table 4 (and Table F.1 for S5): (setting, model, arch, the paper's speedup over BERT-base)
 TABLE4 = [("S1", "BERT", "4-512-2048-8-512", 7.1), ("S1", "AutoTinyBERT", "5-564-1054-8-512", 7.2),
@@ -512,7 +513,8 @@ def speedup_table(title, rows, measured, predicted=None):
         print(row + (f" {predicted[arch]:8.1f}x" if predicted is not None else ""))
 
 
-# ----------------------------------------------------------------------------- settings and the command line
+# --------------------------------------------------------------------------------------- settings and the command line
+
 
 @dataclass
 class TimingConfig:
@@ -633,7 +635,7 @@ COMMANDS = {"measure": (MeasureConfig, run_measure, "time sampled architectures 
 def parse_command(argv):
     """(command, its config) from `COMMAND FLAGS`, in every stage's grammar: defaults < --preset < --config < flags."""
     return parse_flags({name: (cls, help_) for name, (cls, _, help_) in COMMANDS.items()}, argv,
-                        __doc__.splitlines()[0], defaults=lambda first: PRESETS[getattr(first, "preset", "paper")])
+                       __doc__.splitlines()[0], defaults=lambda first: PRESETS[getattr(first, "preset", "paper")])
 
 
 def main(argv=None):

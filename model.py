@@ -6,6 +6,10 @@ by one of the two strategies of Figure 3:
     mha="heads"  (b) keep the head width and take the first h heads: qkv = head_dim * h   (pre-training)
     mha="dims"   (c) keep every head and take the first qkv/H dims inside each head         (distillation)
 `extract` copies those slices into a stand-alone Bert whose outputs equal the SuperPLM run at that arch.
+
+Below the model: AdamW with §4.1's schedule, and Hugging Face BERT folders (`save_pretrained`, `from_pretrained`,
+as nanoGPT keeps its `from_pretrained` with its model): a folder this project writes loads in transformers, and a
+stock BERT or ELECTRA folder loads here.
 """
 
 import contextlib
@@ -22,8 +26,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from common import UserError, atomic_write, save_json
-
-
 
 
 @dataclass(frozen=True, order=True)
@@ -131,7 +133,8 @@ KD_SPACE = SearchSpace(layers=grid(1, 8, 1), hidden=grid(128, 768, 4), ffn=grid(
                        heads=(12,), qkv=grid(180, 768, 12))
 
 
-# ----------------------------------------------------------------------------- the elastic BERT (§3.4)
+# --------------------------------------------------------------------------------------------- the elastic BERT (§3.4)
+
 
 def sub(p, *sizes, shape=None):
     """The leading block p.view(shape)[:a, :b, ...]. All of §3.4's sub-matrix extraction goes through here.
@@ -359,7 +362,8 @@ def extract(superplm: Bert, arch: Arch) -> Bert:
     return model.train(superplm.training)
 
 
-# ----------------------------------------------------------------------------- AdamW and the schedule (§4.1)
+# --------------------------------------------------------------------------------------- AdamW and the schedule (§4.1)
+
 
 def learning_rate(step, total, peak, warmup):
     """§4.1: linear warm-up over the first `warmup` share of the steps, then linear decay to 0."""
@@ -381,10 +385,10 @@ def make_optimizer(params, lr, weight_decay, eps=1e-6):
         return torch.optim.AdamW(groups, lr=lr, eps=eps)
 
 
-# ----------------------------------------------------------------------------- Hugging Face BERT folders
+# ------------------------------------------------------------------------------------------- Hugging Face BERT folders
 
 # transformers' classes for any qkv: modeling_autotinybert.py, written into every saved folder
-HF_MODELING = Path(__file__).with_name("modeling_autotinybert.py")
+HF_MODELING = Path(__file__).parent / "hf" / "modeling_autotinybert.py"
 
 
 HF_AUTO_MAP = {f"AutoModel{task}": f"modeling_autotinybert.AutoTinyBert{task or 'Model'}"

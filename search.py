@@ -10,7 +10,7 @@
 
 Every method takes a plain callable `score(arch) -> float` (higher is better) and a Budget over any
 `latency(arch) -> ms`, so it can be studied on synthetic objectives; the command line builds them from a SuperPLM
-checkpoint (evaluators.py) and a fitted latency predictor (latency.py):
+checkpoint (the evaluators below) and a fitted latency predictor (latency.py):
 
     python search.py --target 7x --superplm runs/superplm --latency runs/predictor [--method evolve] [--extract]
 
@@ -38,20 +38,19 @@ import torch.distributed as dist
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+import finetune
 from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, Interrupted, NONNEGATIVE, RunFolder, SHARE, UserError,
                     append_jsonl, atomic_write, command_line, config_values, end_distributed, init_distributed,
                     parse_flags, rank0_first, read_jsonl, resolve_compute, run_main, save_json, seed_everything,
                     stop_after_step, to_device, torch_load)
 from data import build_dataset, load_tokenizer, mask_tokens, masked_positions, split, tokenizer_files
-import finetune
 from latency import LatencyPredictor, parse_target
 from model import Arch, SearchSpace, extract, save_pretrained
 from superplm import MLM, checkpoint_path, load_superplm
 
 
+# -------------------------------------------------------------------------------------------- Algorithm 2 (Appendix C)
 
-
-# ----------------------------------------------------------------------------- Algorithm 2 (Appendix C)
 
 def evolve(space, score, budget, generations=4, population=25, p_mutate=0.5, p_explore=0.5, seed=0, parents=None,
            scale=None, window=0.0, cache=None, on_generation=None, max_draws=None):
@@ -153,7 +152,8 @@ def with_values(space, values):
     return Arch(**values)
 
 
-# ----------------------------------------------------------------------------- the latency constraint (§3.5)
+# --------------------------------------------------------------------------------------- the latency constraint (§3.5)
+
 
 class Budget:
     """The latency constraint of §3.5, lat(arch) <= budget_ms, with a cache: `latency` is asked once per arch. A
@@ -227,7 +227,8 @@ def random_search(space, score, budget, n=100, seed=0, window=0.0, cache=None, o
     return ranked(evals.done)
 
 
-# ----------------------------------------------------------------------------- AutoTinyBERT-Fast (§4.4) and BERT-S (Table 1)
+# ----------------------------------------------------------------------- AutoTinyBERT-Fast (§4.4) and BERT-S (Table 1)
+
 
 FFN_RULE, QKV_RULE = (1.6, 1.9), (0.7, 1.0)  # §4.4: 1.6 dm <= df <= 1.9 dm and 0.7 dm <= dqkv <= 1.0 dm
 
@@ -287,7 +288,8 @@ def bert_s(ms, latency, layers=4):
 METHODS = {"evolve": evolve, "evolve-elite": evolve_elite, "random": random_search, "fast": fast_search}
 
 
-# ----------------------------------------------------------------------------- the evaluator (§3.5): score(arch), higher is better
+# ----------------------------------------------------------------- the evaluator (§3.5): score(arch), higher is better
+
 
 @dataclass
 class Candidate:
@@ -462,7 +464,8 @@ class Shared:
             yield from got[:len(this_round)]
 
 
-# ----------------------------------------------------------------------------- the run folder: candidates.jsonl, scored.json, top.json, search.png
+# ------------------------------------------------- the run folder: candidates.jsonl, scored.json, top.json, search.png
+
 
 def open_search(cfg, folder, resumable):
     """(config, records of the candidates scored before) of a search in `folder` (a RunFolder). OUT/candidates.jsonl
@@ -549,7 +552,8 @@ def print_search_top(top, n_scored, target, budget_ms, method, evaluator):
               + "".join(f" {r.get(k, float('nan')):9.4f}" for k in extra))
 
 
-# ----------------------------------------------------------------------------- settings and the command line
+# --------------------------------------------------------------------------------------- settings and the command line
+
 
 PRESETS = {"default": {},
            "tiny": dict(target="40x", superplm="runs/superplm-tiny", out="runs/search-tiny"),

@@ -43,9 +43,8 @@ from model import (Arch, Bert, SearchSpace, SUPERPLM, extract, grid, in_place_gr
                    save_pretrained, sub)
 
 
+# --------------------------------------------------------------------------------------------------------- Algorithm 1
 
-
-# ----------------------------------------------------------------------------- Algorithm 1
 
 def sample_arch(space, seed, step, rank, m) -> Arch:
     """Algorithm 1, line 7: the m-th sub-model of worker `rank` at `step`. The authors' code seeded with (step, m)
@@ -150,7 +149,8 @@ def run(cfg, argv=None, on_save=None, init=None):
     return model
 
 
-# ----------------------------------------------------------------------------- search space and sampling
+# ------------------------------------------------------------------------------------------- search space and sampling
+
 
 def space_for(superplm: Arch, mha="heads") -> SearchSpace:
     """Table B.1's ranges scaled to a SuperPLM: for 8-768-3072-12-768 exactly PRETRAIN_SPACE ("heads") or
@@ -168,7 +168,8 @@ def single(arch: Arch) -> SearchSpace:
     return SearchSpace((arch.layers,), (arch.hidden,), (arch.ffn,), (arch.heads,), (arch.qkv,), arch.head_dim)
 
 
-# ----------------------------------------------------------------------------- objectives
+# ---------------------------------------------------------------------------------------------------------- objectives
+
 
 class MLM(nn.Module):
     """BERT's masked-LM loss (pre-training, §4.1). Logits are computed only at the masked positions.
@@ -193,7 +194,8 @@ def make_objective(cfg, model, space, teacher):
     return KDObjective(teacher, model.arch.hidden)
 
 
-# ----------------------------------------------------------------------------- what the run starts from
+# -------------------------------------------------------------------------------------------- what the run starts from
+
 
 def setup(cfg, rank, world, device, ckpt=None, init=None):
     """(model, space, objective, training rows) of a run: its weights and KD projection are the run's own checkpoint
@@ -242,10 +244,16 @@ def build_model(cfg, vocab_size, init=None):
     return model, single(arch) if cfg.arch else space_for(arch, mha)
 
 
-# ----------------------------------------------------------------------------- the checkpoint (what every later stage reads) and resume
+# ------------------------------------------------------------ the checkpoint (what every later stage reads) and resume
+# checkpoint.pt holds, for `load_superplm` and --resume:
+#     model_config, model          the SuperPLM (Bert.config() and its state_dict)
+#     space                        its SearchSpace (Table B.1 scaled to it)
+#     tokenizer                    the vocabulary's path (tokenizer.json beside the checkpoint)
+#     objective, objective_state   mlm or kd, and the KD projection's weights
+#     optimizer, schedule, step, data, rng, config   what --resume needs to continue exactly
 
 def save_superplm(out, model, space, objective, optimizer, cfg, step, total, spe, rows):
-    """Write out/checkpoint.pt (the format above) at `step` of `total` (spe steps per epoch over `rows` sequences)."""
+    """Write out/checkpoint.pt (the keys above) at `step` of `total` (spe steps per epoch over `rows` sequences)."""
     torch_save(dict(model_config=model.config(), model=model.state_dict(), space=dataclasses.asdict(space),
                     objective=cfg.objective, objective_state=objective.state_dict(),
                     tokenizer=str((Path(out) / "tokenizer.json").resolve()), optimizer=optimizer.state_dict(),
@@ -350,7 +358,8 @@ def interrupt(cfg, stop, step, total, rank, world):
                       f"resume with: {resume_command('superplm.py', cfg.out)}")
 
 
-# ----------------------------------------------------------------------------- progress
+# ------------------------------------------------------------------------------------------------------------ progress
+
 
 class Log:
     """Rank 0's progress bar, and every log_every steps one line (terminal and log.txt) and one metrics.jsonl
@@ -401,7 +410,8 @@ def superplm_line(step, total, means, lr, rate, archs):
             + f" | lr {lr:.2e} | {rate:,.0f} tok/s | archs {' '.join(archs)}")
 
 
-# ----------------------------------------------------------------------------- settings and the command line
+# --------------------------------------------------------------------------------------- settings and the command line
+
 
 @dataclass
 class Config(DataConfig):  # the corpus flags (--corpus, --tokenizer, --vocab-size, --seq-len, --cache-dir) first

@@ -1,4 +1,4 @@
-"""GLUE for finetune.py: the tasks' original files and the dev metrics of §4.1 (squad.py is SQuAD's sibling).
+"""GLUE for finetune.py: the tasks' original files and the dev metrics of §4.1 (tasks/squad.py is SQuAD's sibling).
 
   - GLUE: where each task's texts and label live in the original TSV files and in the `datasets` copy,
   - read_glue: one split (train, dev, dev_matched, test, ...) from glue_data/ as download_glue_data writes it,
@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from common import UserError, atomic_write, load_hub_dataset, subset_indices
+
 
 # ----------------------------------------------------------------------------- tasks
 
@@ -52,7 +53,7 @@ GLUE = {
     "rte": GlueTask("RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", NLI),
     "wnli": GlueTask("WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", BINARY),
 }
-TASKS = tuple(GLUE) + ("squad",)  # the names finetune.py takes: GLUE's, and SQuAD v1.1 (squad.py)
+TASKS = tuple(GLUE) + ("squad",)  # the names finetune.py takes: GLUE's, and SQuAD v1.1 (tasks/squad.py)
 
 
 def task_name(task):

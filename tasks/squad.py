@@ -20,6 +20,7 @@ import numpy as np
 
 from common import UserError, load_hub_dataset, subset_indices
 
+
 # ----------------------------------------------------------------------------- the official evaluation, in percent
 
 
