@@ -28,14 +28,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import DTYPES, resolve_compute, save_json, seed_everything, to_device  # noqa: E402
-from config import COUNT, NONNEGATIVE, parse_config  # noqa: E402
-from data import batches, mask_tokens, masked_positions, prefetch  # noqa: E402
+from common import (COUNT, DTYPES, NONNEGATIVE, parse_flags, resolve_compute, save_json, seed_everything,  # noqa: E402
+                    to_device)
+from data import Specials, batches, mask_tokens, masked_positions, prefetch  # noqa: E402
 from finetune import Finetuner, optimizer_and_schedule, train_epoch  # noqa: E402
 from latency import features  # noqa: E402
 from model import BERT_BASE, SUPERPLM, Arch, Bert, extract, in_place_grads, make_optimizer  # noqa: E402
 from superplm import MLM, accumulate, flat_grads, sample_arch, space_for, update  # noqa: E402
-from tokenizer import Specials  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks as the vendors state them, TFLOP/s; the first name found in
 # torch.cuda.get_device_name() wins, so the more specific come first. NVL boards (other clocks) are left unknown.
@@ -153,7 +152,7 @@ class Row:
 
 
 def main(argv=None):
-    cfg = parse_config(BenchConfig, argv, __doc__.split("\n")[0])
+    cfg = parse_flags(BenchConfig, argv, __doc__.split("\n")[0])
     compute = resolve_compute(cfg.device, cfg.dtype)
     device, autocast = compute.device, compute.autocast
     seed_everything(cfg.seed)

@@ -20,18 +20,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import append_jsonl, read_jsonl, run_main, save_json  # noqa: E402
-from config import parse_config  # noqa: E402
-from latency import (FitCfg, MeasureCfg, TimingCfg, accuracy, archs_to_time, cmd_measure, collect, fit_data,  # noqa: E402
-                     load_data, relative)
+from common import append_jsonl, parse_flags, read_jsonl, run_main, save_json  # noqa: E402
+from latency import (FitConfig, MeasureConfig, TimingConfig, accuracy, archs_to_time, collect, cpu_model,  # noqa: E402
+                     fit_data, load_data, relative, run_measure)
 from model import PRETRAIN_SPACE, Arch  # noqa: E402
-from runtime import cpu_model  # noqa: E402
 
 HAT_FEATURES = ("hidden", "layers", "ffn", "qkv")  # HAT's and the authors' predictor inputs
 
 
 @dataclass
-class BenchCfg(TimingCfg):
+class BenchCfg(TimingConfig):
     samples: int = field(default=1000, metadata={"help": "architectures timed for the predictor (issue: >= 1000)"})
     pairs: int = field(default=100, metadata={"help": "architectures timed twice, in two random orders"})
     noise_runs: int = field(default=10, metadata={"help": "times the noise architecture is timed"})
@@ -56,18 +54,18 @@ def timed_once(path, archs, cfg):
 
 
 def main():
-    cfg = parse_config(BenchCfg, description=__doc__.splitlines()[0])
+    cfg = parse_flags(BenchCfg, description=__doc__.splitlines()[0])
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    timing = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TimingCfg)}
+    timing = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TimingConfig)}
 
     # the data set: resumes where an earlier run stopped
-    data_path = out / "latency_pretrain.jsonl"
-    cmd_measure(MeasureCfg(**timing, space="pretrain", samples=cfg.samples, out=str(data_path), seed=cfg.seed,
-                           resume=True))
-    collect_s = sum(r.get("seconds", 0.0) for r in read_jsonl(data_path))
+    data_path = out / "latency_pretrain"  # latency.py measure's run folder
+    run_measure(MeasureConfig(**timing, space="pretrain", samples=cfg.samples, out=str(data_path), seed=cfg.seed,
+                              resume=(data_path / "timings.jsonl").exists()))
+    collect_s = sum(r.get("seconds", 0.0) for r in read_jsonl(data_path / "timings.jsonl"))
     data = load_data(data_path)
-    fit_cfg = FitCfg(seed=cfg.seed)
+    fit_cfg = FitConfig(seed=cfg.seed)
     t0 = time.time()
     predictor, ours = fit_data(data, fit_cfg)
     fit_s = time.time() - t0

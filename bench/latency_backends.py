@@ -1,6 +1,6 @@
 """Benchmark: latency on the runtime a model ships on: PyTorch eager against ONNX Runtime fp32 and int8 (issue 12).
 
-1. BERT-base and Table 4's shapes, each on the three backends (runtime.BACKENDS), all six models (it and the
+1. BERT-base and Table 4's shapes, each on the three backends (latency.BACKENDS), all six models (it and the
    reference, per backend) alternated pass by pass: the speedup of ONNX Runtime fp32 / int8 over PyTorch eager
    for the same model, and each backend's speedup over BERT-base beside the paper's.
 2. Architectures of the pre-training space (Table B.1), each exported once, quantized once and timed on the three
@@ -24,12 +24,10 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import latency  # noqa: E402
-from common import append_jsonl, read_jsonl, run_main, save_json  # noqa: E402
-from config import parse_config  # noqa: E402
-from latency import REFERENCE, FitCfg, accuracy, fit_data, kendall_tau  # noqa: E402
+from common import append_jsonl, parse_flags, read_jsonl, run_main, save_json  # noqa: E402
+from latency import (BACKENDS, REFERENCE, TABLE4, FitConfig, accuracy, cpu_model, fit_data, kendall_tau,  # noqa: E402
+                     on_backends, timings)
 from model import BERT_BASE, PRETRAIN_SPACE, Arch, Bert  # noqa: E402
-from report import TABLE4  # noqa: E402
-from runtime import BACKENDS, cpu_model, on_backends, timings  # noqa: E402
 
 
 @dataclass
@@ -110,7 +108,7 @@ def backend_data(timed, bases, backend, cfg):
 
 
 def main():
-    cfg = parse_config(BenchCfg, description=__doc__.splitlines()[0])
+    cfg = parse_flags(BenchCfg, description=__doc__.splitlines()[0])
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -138,7 +136,7 @@ def main():
     print(f"\n2. latency predictor per backend: {len(timed)} archs of the pre-training space, 80% to fit, "
           f"20% held out; {cfg.warmup} + {cfg.repeats} passes each, beside the reference on the same backend")
     data = {b: backend_data(timed, bases, b, cfg) for b in BACKENDS}
-    fits = {b: fit_data(data[b], FitCfg(seed=cfg.seed)) for b in BACKENDS}
+    fits = {b: fit_data(data[b], FitConfig(seed=cfg.seed)) for b in BACKENDS}
     print(f"{'backend':18s} {'BERT-base ms':>12s} {'MAPE %':>7s} {'tau':>6s} {'held out':>8s}")
     for b in BACKENDS:
         h = fits[b][1]["heldout"]
@@ -151,7 +149,7 @@ def main():
         for b in BACKENDS[i + 1:]:
             taus[f"{a} vs {b}"] = tau = kendall_tau(drift_free[a], drift_free[b])
             print(f"  {a:18s} vs {b:18s} tau {tau:.3f}  ({(1 - tau) / 2 * 100:.1f}% of pairs swapped)")
-    test = np.random.default_rng(cfg.seed).permutation(len(timed))[:max(1, int(len(timed) * FitCfg.holdout))]
+    test = np.random.default_rng(cfg.seed).permutation(len(timed))[:max(1, int(len(timed) * FitConfig.holdout))]
     torch_pred = fits["torch"][0].predict([data["torch"]["archs"][i] for i in test])
     print("the torch predictor scored against other runtimes' timings of the held-out archs:")
     cross = {}

@@ -22,8 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import latency  # noqa: E402
-from common import run_main  # noqa: E402
-from config import COUNT, parse_config  # noqa: E402
+from common import COUNT, parse_flags, run_main  # noqa: E402
 from model import BERT_BASE, Arch, Bert  # noqa: E402
 
 
@@ -91,7 +90,7 @@ class Config:
 
 
 def main(argv=None):
-    args = parse_config(Config, argv, __doc__.split("\n")[0])
+    args = parse_flags(Config, argv, __doc__.split("\n")[0])
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), "
@@ -111,7 +110,7 @@ def main(argv=None):
             print(f"{str(arch):<22}{a:>10.1f}{b:>14.1f}{a / b:>8.2f}")
 
     print("\n3. speedup over BERT-base of every architecture of Table 4 (latency.py table)")
-    latency.cmd_table(latency.TableCfg(threads=args.threads))
+    latency.run_table(latency.TableConfig(threads=args.threads))
 
 
 if __name__ == "__main__":

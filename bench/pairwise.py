@@ -38,11 +38,10 @@ from matplotlib.figure import Figure
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import latency  # noqa: E402
 import superplm  # noqa: E402
-from common import UserError, append_jsonl, read_jsonl, resolve_compute, run_main, save_json  # noqa: E402
-from config import parse_config  # noqa: E402
+from common import UserError, append_jsonl, parse_flags, read_jsonl, resolve_compute, run_main, save_json  # noqa: E402
 from data import prepare, split  # noqa: E402
 from model import Arch  # noqa: E402
-from evaluators import MLMScore  # noqa: E402
+from search import MLMScore  # noqa: E402
 
 PAPER = {"HAT baseline": 90.0, "ILS": 91.6, "ILS + SME": 94.2, "ILS + SME + EBL (ours)": 96.7}  # Table 3, %
 
@@ -189,7 +188,7 @@ def run(name, out, done, base, archs, tok_path, rows, cfg, **changes):
         return done[name]
     t0 = time.time()
     again = (out / name / "checkpoint.pt").exists()  # a run stopped part-way continues
-    model = superplm.train(dataclasses.replace(base, out=str(out / name), resume=again, overwrite=not again,
+    model = superplm.run(dataclasses.replace(base, out=str(out / name), resume=again, overwrite=not again,
                                                **changes))
     train_s = time.time() - t0
     record = dict(run=name, steps=changes["steps"], samples=changes["sub_models"], train_s=train_s,
@@ -322,7 +321,7 @@ def open_study(cfg, made=MADE, prefixes=("init-", "superplm-", "standalone-")):
 def study_config(cls, argv, doc):
     """(the study's config, the superplm.py config every run starts from: --preset and --train-args) from the
     command line. Every study scores masked-LM loss."""
-    cfg = parse_config(cls, argv, doc.split("\n")[0])
+    cfg = parse_flags(cls, argv, doc.split("\n")[0])
     base = superplm.parse_config(["--preset", cfg.preset, *shlex.split(cfg.train_args)])
     if base.objective != "mlm":
         raise UserError("this study scores masked-LM loss: drop --objective from --train-args")

@@ -32,13 +32,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import evaluators  # noqa: E402
 import search  # noqa: E402
 import superplm  # noqa: E402
-from common import UserError, run_main, save_json, torch_load  # noqa: E402
-from config import config_from_args, config_parser  # noqa: E402
+from common import UserError, config_from_args, config_parser, run_main, save_json, torch_load  # noqa: E402
 from model import BERT_BASE, PRETRAIN_SPACE, Arch, SearchSpace  # noqa: E402
-from runs import checkpoint_path, load_superplm  # noqa: E402
+from superplm import checkpoint_path, load_superplm  # noqa: E402
 
 
 @dataclass
@@ -164,7 +162,7 @@ def toy_superplm(folder):
     corpus = folder.with_name("toy-corpus.txt")
     corpus.parent.mkdir(parents=True, exist_ok=True)
     corpus.write_text("\n\n".join(" ".join(rng.choices(rng.choice(topics), k=12)) + " ." for _ in range(3000)))
-    superplm.train(superplm.Config(corpus=str(corpus), vocab_size=200, seq_len=32, out=str(folder),
+    superplm.run(superplm.Config(corpus=str(corpus), vocab_size=200, seq_len=32, out=str(folder),
                                    cache_dir=str(folder.parent / "cache"), superplm_arch="4-64-256-4-64",
                                    batch_size=32, lr=3e-3, steps=600, save_every=600, log_every=200, dropout=0.0,
                                    seed=0))
@@ -178,7 +176,7 @@ def mlm_table(cfg, space, model, tokenizer, ckpt):
     if path.exists() and json.loads(path.read_text()).get("key") == key:
         return {Arch.parse(a): s for a, s in json.loads(path.read_text())["scores"].items()}
     c = ckpt["config"]
-    score = evaluators.MLMScore(model, tokenizer, c["corpus"], c["seq_len"], c["cache_dir"], cfg.eval_rows)
+    score = search.MLMScore(model, tokenizer, c["corpus"], c["seq_len"], c["cache_dir"], cfg.eval_rows)
     archs = [search.with_values(space, dict(layers=L, hidden=d, ffn=f, heads=h))
              for L in space.layers for d in space.hidden for f in space.ffn for h in space.heads]
     t0, table = time.time(), {}

@@ -20,12 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import resolve_device, seed_everything  # noqa: E402
-from config import parse_config  # noqa: E402
-from data import mask_tokens  # noqa: E402
+from common import parse_flags, resolve_device, seed_everything  # noqa: E402
+from data import Specials, mask_tokens  # noqa: E402
 from model import PRETRAIN_SPACE, SUPERPLM, Bert, extract, in_place_grads, make_optimizer  # noqa: E402
 from superplm import MLM, flat_grads  # noqa: E402
-from tokenizer import Specials  # noqa: E402
 
 
 @dataclass
@@ -136,7 +134,7 @@ def part2(cfg, device, batch):
 
 
 def main():
-    cfg = parse_config(BenchConfig, description=__doc__.split("\n")[0])
+    cfg = parse_flags(BenchConfig, description=__doc__.split("\n")[0])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device()

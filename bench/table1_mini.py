@@ -46,10 +46,9 @@ import superplm  # noqa: E402
 from common import UserError, append_jsonl, read_jsonl, resolve_compute, run_main, save_json  # noqa: E402
 from data import load_corpus, prepare, split, steps_per_epoch  # noqa: E402
 from model import Arch  # noqa: E402
-from runs import load_superplm  # noqa: E402
 from pairwise import Study, machine, open_study, study_config  # noqa: E402
-from evaluators import MLMScore  # noqa: E402
-from rules import bert_s, default_rule  # noqa: E402
+from search import MLMScore, bert_s  # noqa: E402
+from superplm import load_superplm  # noqa: E402
 
 # Table 1 (pre-training setting): speedup over BERT-base and GLUE dev average without SQuAD ("score")
 PAPER = [("S1", "5-564-1054-8-512", 7.2, 78.3, "4-512-2048-8-512", 7.1, 76.5),
@@ -91,7 +90,7 @@ class Config(Study):
 
 
 def is_default_rule(arch):
-    return arch.hidden % 64 == 0 and arch == default_rule(arch.layers, arch.hidden)
+    return arch.hidden % 64 == 0 and arch == Arch.default_rule(arch.layers, arch.hidden)
 
 
 # ----------------------------------------------------------------------------- the downstream task
@@ -186,7 +185,7 @@ def trained(out, name, argv, heldout, points):
     def on_save(step, model):
         append_jsonl(curve_path, dict(step=step, loss=heldout(model)))
 
-    superplm.train(cfg, on_save=on_save, init=init)  # --init's checkpoint: read once, by configure
+    superplm.run(cfg, on_save=on_save, init=init)  # --init's checkpoint: read once, by configure
     curve = sorted({r["step"]: r["loss"] for r in read_jsonl(curve_path)}.items())
     return dict(arch=cfg.arch, steps=cfg.steps, curve=curve, loss=curve[-1][1])
 
@@ -410,15 +409,15 @@ def main(argv=None):
     def task_acc(run, seed):
         if task_dir is None:
             return None
-        return stage(out, done, f"task-{run}", lambda: dict(acc=finetune.finetune(
-            out / run, "rte", data_dir=task_dir, lr=cfg.ft_lr, epochs=cfg.ft_epochs, batch_size=32, seed=seed,
-            max_len=128)["accuracy"]))["acc"]
+        return stage(out, done, f"task-{run}", lambda: dict(acc=finetune.run(finetune.Config(
+            task="rte", model=str(out / run), data=str(task_dir), lr=list(cfg.ft_lr), epochs=[cfg.ft_epochs],
+            batch_size=32, seed=seed, max_len=128))["accuracy"]))["acc"]
 
     print(f"Table 1 in miniature: seeds {cfg.seeds}, targets {cfg.targets}; {steps['oneshot']} one-shot + "
           f"{steps['further']} further steps against {steps['total']} from scratch ({spe} steps an epoch)", flush=True)
     for seed in cfg.seeds:
         splm = f"superplm-s{seed}"
-        stage(out, done, splm, lambda: dict(arch=str(superplm.train(superplm.parse_config(
+        stage(out, done, splm, lambda: dict(arch=str(superplm.run(superplm.parse_config(
             common + ["--out", str(out / splm), "--steps", str(steps["oneshot"]), "--seed", str(seed),
                       *resuming(out / splm, "checkpoint.pt")])).arch), steps=steps["oneshot"]))
         stage(out, done, "latency", lambda: fit_latency(out, out / splm / "checkpoint.pt", cfg.latency_samples))

@@ -28,3 +28,16 @@ def small_corpus(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(docs[:250]))
     return path
+
+
+def png(path):
+    """The PNG at path as an (height, width, 4) array of RGBA floats in [0, 1] (matplotlib reads PNG itself)."""
+    import matplotlib.image
+    return matplotlib.image.imread(path)
+
+
+def pixels(image, colour, tol=0.06):
+    """How many pixels of the image are drawn in `colour` (a matplotlib colour: "red", "C3", "#1f77b4"), within tol."""
+    import matplotlib.colors
+    import numpy as np
+    return int((np.abs(image[..., :3] - np.array(matplotlib.colors.to_rgb(colour))) <= tol).all(-1).sum())

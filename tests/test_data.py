@@ -11,8 +11,8 @@ import torch
 import common
 import data
 from common import UserError
-from data import batches, build_dataset, mask_tokens, stdlib_corpus, steps_per_epoch
-from tokenizer import SPECIAL_TOKENS, Specials, load_tokenizer, train_tokenizer
+from data import (SPECIAL_TOKENS, Specials, batches, build_dataset, load_tokenizer, mask_tokens, stdlib_corpus,
+                  steps_per_epoch, train_tokenizer)
 
 
 @pytest.fixture(scope="module")

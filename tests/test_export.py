@@ -11,8 +11,7 @@ import torch
 import export
 import finetune as ft
 from common import run_main, torch_save
-from hf import save_pretrained
-from model import Arch, Bert
+from model import Arch, Bert, save_pretrained
 
 ARCH = Arch(2, 60, 96, 4, 40)  # qkv != hidden, head width 10, heads not dividing hidden
 VOCAB = 120

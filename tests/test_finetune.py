@@ -8,11 +8,9 @@ import torch
 from sklearn.metrics import accuracy_score
 
 import finetune as ft
-import glue
-import squad
 from common import UserError, read_jsonl, run_main, torch_save
-from hf import save_pretrained
-from model import Arch, Bert, SearchSpace
+from model import Arch, Bert, SearchSpace, save_pretrained
+from tasks import glue, squad
 from test_squad import WORDS, squad_examples, tok, vocab, write_squad  # noqa: F401 (tok, vocab: fixtures)
 
 
@@ -23,6 +21,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def finetune(model_folder, task, data_dir=None, lr=None, epochs=None, out=None, **settings):
+    """finetune.run with its Config built from keywords: lr and epochs take a number or a list (the §4.1 sweep),
+    `settings` are other Config fields (batch_size, arch, max_train_examples, device, ...)."""
+    as_list = lambda x: None if x is None else list(x) if isinstance(x, (list, tuple)) else [x]  # noqa: E731
+    return ft.run(ft.Config(task=task, model=str(model_folder), data=str(data_dir or ""), lr=as_list(lr),
+                            epochs=as_list(epochs), out=str(out or ""), **settings))
 
 
 def tiny_bert_folder(folder, vocab, seed=0):
@@ -130,7 +136,7 @@ def test_glue_bad_input_errors(tmp_path):
     with pytest.raises(UserError, match="unknown task 'mnlx'"):
         glue.task_name("mnlx")
     with pytest.raises(UserError, match="unknown task"):
-        ft.finetune(tmp_path, "squad2", data_dir=tmp_path)
+        finetune(tmp_path, "squad2", data_dir=tmp_path)
     assert glue.task_name("SST-2") == "sst2" and glue.task_name("sts-b") == "stsb"
     (tmp_path / "RTE").mkdir()
     with pytest.raises(UserError, match=r"RTE has no train\.tsv"):
@@ -250,12 +256,12 @@ def test_finetune_learns_a_keyword_task(tmp_path, vocab):
     write_tsv(glue_dir / "RTE" / "train.tsv", keyword_task(320, 0))
     write_tsv(glue_dir / "RTE" / "dev.tsv", keyword_task(100, 1))
     write_tsv(glue_dir / "RTE" / "test.tsv", [r[:3] for r in keyword_task(20, 2)])
-    result = ft.finetune(model, "rte", data_dir=glue_dir, lr=[1e-4, 1e-3], epochs=[1, 4], batch_size=16,
-                         out=tmp_path / "run")
+    result = finetune(model, "rte", data_dir=glue_dir, lr=[1e-4, 1e-3], epochs=[1, 4], batch_size=16,
+                      out=tmp_path / "run")
     dev = glue.read_glue("rte", "dev", glue_dir)
     one_class = 100 * dev.labels.count(0) / len(dev.labels)  # the score of "always entailment": 52 of 100
     # lr 1e-4 never leaves one class (the scores of always one or always the other); lr 1e-3 learns the rule
-    # exactly, first at epoch 2 of 4: that epoch is the grid's best
+    # exactly, first at epoch 2 of 4: that epoch is the sweep's best
     assert [(r["lr"], r["epochs"], r["epoch"], r["accuracy"]) for r in result["runs"]] == [
         (1e-4, 1, 1, one_class), (1e-4, 4, 3, one_class), (1e-3, 1, 1, 100 - one_class), (1e-3, 4, 2, 100.0)]
     assert (result["lr"], result["epochs"], result["epoch"], result["score"]) == (1e-3, 4, 2, 100.0)
@@ -270,7 +276,7 @@ def test_finetune_learns_a_keyword_task(tmp_path, vocab):
     assert (tmp_path / "run" / "RTE.tsv").read_text().splitlines() == ["index\tprediction"] + [
         f"{i}\t{label}" for i, _, _, label in test]
     with pytest.raises(UserError, match="already holds a run"):
-        ft.finetune(model, "rte", data_dir=glue_dir, out=tmp_path / "run")
+        finetune(model, "rte", data_dir=glue_dir, out=tmp_path / "run")
 
 
 def test_sub_model_of_a_superplm_checkpoint(tmp_path, vocab):
@@ -292,7 +298,7 @@ def test_sub_model_of_a_superplm_checkpoint(tmp_path, vocab):
     glue_dir = tmp_path / "glue"
     write_tsv(glue_dir / "RTE" / "train.tsv", keyword_task(32, 0))
     write_tsv(glue_dir / "RTE" / "dev.tsv", keyword_task(16, 1))
-    result = ft.finetune(run, "rte", data_dir=glue_dir, arch=str(arch), epochs=1, out=tmp_path / "run")
+    result = finetune(run, "rte", data_dir=glue_dir, arch=str(arch), epochs=1, out=tmp_path / "run")
     dev = glue.read_glue("rte", "dev", glue_dir)  # the saved sub-model scores what the run reported (scikit-learn)
     assert 100 * accuracy_score(dev.labels, reloaded_predictions(tmp_path / "run" / "best", dev)) == result["accuracy"]
     config = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
@@ -305,8 +311,8 @@ def test_squad_run_writes_official_predictions(tmp_path, vocab):
     model = tiny_bert_folder(tmp_path / "model", vocab)
     write_squad(tmp_path / "squad", "train", squad_examples(24, 4))
     write_squad(tmp_path / "squad", "dev", squad_examples(6, 5))
-    result = ft.finetune(model, "squad", data_dir=tmp_path / "squad", epochs=1, max_train_examples=16,
-                         out=tmp_path / "run", max_len=48, doc_stride=16)
+    result = finetune(model, "squad", data_dir=tmp_path / "squad", epochs=1, max_train_examples=16,
+                      out=tmp_path / "run", max_len=48, doc_stride=16)
     assert {"exact_match", "f1", "score"} <= set(result) and result["score"] == result["f1"]
     predictions = json.loads((tmp_path / "run" / "predictions.json").read_text())
     assert set(predictions) == {f"q5-{i}" for i in range(6)} and all(isinstance(v, str) for v in predictions.values())
@@ -395,9 +401,9 @@ def test_cli_run_folder_records_its_settings_and_a_failed_start_leaves_nothing(t
     assert again == result and json.loads((tmp_path / "again" / "config.json").read_text())["config"] == dict(
         record["config"], out=str(tmp_path / "again"))
     # run() resolves Table D.1's values on a copy: the caller's config is left as it was
-    cfg = ft.FinetuneConfig(task="RTE", model=flags[3], data=flags[5], epochs=[2], batch_size=8)
-    assert ft.run(cfg) == result and cfg == ft.FinetuneConfig(task="RTE", model=flags[3], data=flags[5], epochs=[2],
-                                                              batch_size=8)
+    cfg = ft.Config(task="RTE", model=flags[3], data=flags[5], epochs=[2], batch_size=8)
+    assert ft.run(cfg) == result and cfg == ft.Config(task="RTE", model=flags[3], data=flags[5], epochs=[2],
+                                                      batch_size=8)
 
 
 def test_sigterm_keeps_the_finished_epochs_and_says_so(tmp_path, vocab, monkeypatch):

@@ -8,11 +8,10 @@ import torch
 
 import latency
 from common import UserError, read_jsonl, torch_load, torch_save
-from config import config_parser, parse_config
-from latency import LatencyPredictor, accuracy, kendall_tau, measure, parse_target, relative, archs_to_time
+from common import config_parser, parse_flags
+from latency import (BACKENDS, TABLE4, LatencyPredictor, accuracy, archs_to_time, kendall_tau, measure, on_backends,
+                     parse_target, relative)
 from model import BERT_BASE, KD_SPACE, PRETRAIN_SPACE, Arch, Bert, SearchSpace, grid
-from report import TABLE4
-from runtime import BACKENDS, on_backends
 
 DEVICE = dict(cpu=latency.cpu_model(), cores=2, threads=1, torch=str(torch.__version__), seq_len=128, batch=1)
 
@@ -87,7 +86,7 @@ def test_kendall_tau_and_accuracy():
 def test_collect_times_each_arch_beside_the_reference(monkeypatch):
     monkeypatch.setattr(latency, "BERT_BASE", Arch(2, 128, 512, 2, 128))  # keep the test fast
     monkeypatch.setattr(latency, "BASE_EVERY", 2)
-    cfg = latency.TimingCfg(seq_len=32, warmup_passes=0, repeats=3)
+    cfg = latency.TimingConfig(seq_len=32, warmup_passes=0, repeats=3)
     archs = [Arch(1, 64, 64, 1, 64), Arch(2, 96, 128, 2, 128), Arch(1, 64, 128, 1, 64)]
     recs = list(latency.collect(archs, cfg, start=5))
     assert [r["kind"] for r in recs] == ["base", "arch", "arch", "base", "arch"]
@@ -104,7 +103,7 @@ def test_collect_records_the_median_and_spread_of_each_model_and_its_reference(m
 
     monkeypatch.setattr(latency, "timings", timings)
     monkeypatch.setattr(latency, "build", lambda arch, backend, threads: types.SimpleNamespace(arch=arch))
-    cfg = latency.TimingCfg(threads=2, seq_len=32, batch_size=3, warmup_passes=4, repeats=5)
+    cfg = latency.TimingConfig(threads=2, seq_len=32, batch_size=3, warmup_passes=4, repeats=5)
     arch, ref = Arch(1, 64, 64, 1, 64), Arch(2, 128, 256, 2, 128)
     base, rec = latency.collect([arch], cfg, reference=ref)
     assert calls == [([BERT_BASE, ref], (2, 32, 3, 4, 5)), ([arch, ref], (2, 32, 3, 4, 5))]
@@ -151,9 +150,9 @@ def test_measure_fit_cli_resumes_and_refuses_mixing(tmp_path, monkeypatch, capsy
     assert all(r["ms"] > 0 and r["spread"] >= 0 for r in recs[1:])
     record = json.loads((out / "config.json").read_text())  # the resumed run's settings, round-tripping
     assert record["config"]["samples"] == 12 and record["command"].startswith("python latency.py measure --samples 12")
-    assert parse_config(latency.MeasureCfg, ["--config", str(out / "config.json")],
-                        parser=config_parser(latency.MeasureCfg)) == latency.MeasureCfg(**dict(record["config"],
-                                                                                               resume=False))
+    assert parse_flags(latency.MeasureConfig, ["--config", str(out / "config.json")],
+                       parser=config_parser(latency.MeasureConfig)) == latency.MeasureConfig(**dict(record["config"],
+                                                                                                   resume=False))
     with pytest.raises(UserError, match="seq_len"):
         latency.main(["measure", "--samples", "13", *flags[:-1], "64", "--resume"])
     with pytest.raises(UserError, match="SuperPLM"):
@@ -174,16 +173,6 @@ def test_measure_fit_cli_resumes_and_refuses_mixing(tmp_path, monkeypatch, capsy
     latency.main(["fit", "--config", str(fit / "config.json"), "--out", str(tmp_path / "again")])
     again = torch_load(tmp_path / "again" / "predictor.pt")
     assert all(torch.equal(v, again["net"][k]) for k, v in pred.state["net"].items())
-
-    # the old spellings (one more release): a file for --out, --data, --warmup, --batch
-    old = tmp_path / "old.jsonl"
-    capsys.readouterr()
-    latency.main(["measure", "--samples", "10", "--space", str(ckpt), "--out", str(old), "--warmup", "0",
-                  "--batch", "1", "--repeats", "2", "--seq-len", "32"])
-    latency.main(["fit", "--data", str(old), "--out", str(tmp_path / "old.pt"), "--steps", "50"])
-    err = capsys.readouterr().err
-    assert "--warmup is deprecated, use --warmup-passes" in err and "--data is deprecated, use --timings" in err
-    assert (tmp_path / "old.pt").exists() and (tmp_path / "old.json").exists()
 
 
 def test_a_predictor_warns_once_outside_the_shapes_it_was_fitted_on(capsys):
@@ -222,24 +211,6 @@ def test_table_prints_the_papers_speedups_beside_measured_and_predicted_ones(tmp
         measured = synthetic_ms(BERT_BASE) / synthetic_ms(Arch.parse(arch))
         predicted = pred.base_ms / float(pred.predict([Arch.parse(arch)])[0])
         assert row[3:] == [f"{paper:.1f}x", f"{measured:.1f}x", f"{predicted:.1f}x"], row
-
-
-def test_each_command_parses_in_the_shared_grammar_with_a_preset_for_measure(tmp_path, capsys):
-    name, cfg = latency.parse_command(["measure", "--preset", "tiny", "--repeats", "5"])
-    assert name == "measure" and (cfg.samples, cfg.warmup_passes, cfg.repeats) == (150, 1, 5)  # flags given win
-    assert latency.parse_command(["measure"])[1] == latency.MeasureCfg()  # paper: the defaults shown
-    (tmp_path / "config.json").write_text(json.dumps(dict(config=dict(steps=7, width=16))))
-    assert latency.parse_command(["fit", "--config", str(tmp_path), "--width", "8"])[1] == latency.FitCfg(steps=7,
-                                                                                                          width=8)
-    for command, default in (("measure", "(default: 2000)"), ("fit", "(default: 0.2)"), ("table", "(default: )")):
-        with pytest.raises(SystemExit):
-            latency.main([command, "--help"])
-        shown = " ".join(capsys.readouterr().out.split())
-        assert shown.startswith("usage: ") and f" {command} [-h] " in shown.split(" options: ")[0]
-        assert default in shown and "None" not in shown
-    with pytest.raises(SystemExit):
-        latency.main(["mesure"])
-    assert "invalid choice: 'mesure'" in capsys.readouterr().err
 
 
 def test_reference_fits_the_space():
@@ -283,18 +254,18 @@ def test_onnx_runtime_backends(tmp_path, monkeypatch):
     monkeypatch.setattr(latency, "BERT_BASE", Arch(2, 48, 64, 2, 32))
     space = dict(layers=(1, 2), hidden=(32, 48), ffn=(64,), heads=(1, 2), head_dim=16)
     torch_save({"space": space}, tmp_path / "superplm.pt")
-    out = tmp_path / "lat.jsonl"
+    out = tmp_path / "lat"
     flags = ["--space", str(tmp_path / "superplm.pt"), "--samples", "1", "--seq-len", "16", "--warmup-passes", "0",
              "--repeats", "2", "--out", str(out)]
     latency.main(["measure", "--backend", "onnxruntime-int8"] + flags)
-    records = read_jsonl(out)
+    records = read_jsonl(out / "timings.jsonl")
     assert records[0]["device"]["backend"] == "onnxruntime-int8" and "onnxruntime" in records[0]["device"]
     assert [r["kind"] for r in records[1:]] == ["base", "arch"] and all(r["ms"] > 0 for r in records[1:])
     with pytest.raises(UserError, match="backend=onnxruntime-int8, not torch"):
-        latency.main(["measure"] + flags)  # resuming with another backend
+        latency.main(["measure", "--resume"] + flags)  # resuming with another backend
 
     pred, _, _ = fitted(n=50, steps=50)
     assert pred.backend == "torch"  # DEVICE predates backends
     pred.save(tmp_path / "lat.pt")
     with pytest.raises(UserError, match="--backend torch"):
-        latency.cmd_table(latency.TableCfg(backend="onnxruntime", predictor=str(tmp_path / "lat.pt")))
+        latency.run_table(latency.TableConfig(backend="onnxruntime", predictor=str(tmp_path / "lat.pt")))

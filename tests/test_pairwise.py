@@ -11,11 +11,11 @@ import scipy.stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import pairwise  # noqa: E402
+from conftest import pixels, png  # noqa: E402
 from latency import kendall_tau  # noqa: E402
 from model import Arch  # noqa: E402
-from evaluators import MLMScore  # noqa: E402
-from runs import load_superplm  # noqa: E402
-from superplm import space_for  # noqa: E402
+from search import MLMScore  # noqa: E402
+from superplm import load_superplm, space_for  # noqa: E402
 
 
 def luo(f, s, pairs=None):
@@ -85,7 +85,10 @@ def test_whole_study_runs_and_resumes(tmp_path, small_corpus):
             "--tokens", str(8 * 32 * 6), "--archs", "4", "--group", "2", "--pool", "300", "--out", str(out)]
     pairwise.main(argv)
     results = json.loads((out / "results.json").read_text())
-    assert (out / "pairwise.png").stat().st_size > 0
+    image = png(out / "pairwise.png")  # Figure 4: one 4 x 4 inch panel per variant at 130 dpi
+    assert image.shape == (520, 2080, 4)
+    # each panel's y = x line in black, the dots coloured by latency level (viridis: 0 purple, 1 yellow)
+    assert pixels(image, "black") > 200 and pixels(image, "#440154") > 20 and pixels(image, "#fde725") > 20
     rows = results["variants"]
     assert [r["variant"] for r in rows] == ["heads-m3", "heads-m1", "dims-m3", "dims-m1"]
     for r in rows:  # Eq. 5 and tau of the scores it lists, as Luo et al.'s loop and scipy compute them (no ties)

@@ -6,13 +6,12 @@ import pytest
 import torch
 
 import distill
-import finetune as ft
 import superplm
 from common import UserError, read_jsonl, resolve_compute, resolve_device
 from data import stdlib_corpus
 from model import Arch, Bert, in_place_grads, make_optimizer
 from superplm import MLM, accumulate, flat_grads, sample_arch, space_for, update
-from test_finetune import keyword_task, tiny_bert_folder, write_tsv
+from test_finetune import finetune, keyword_task, tiny_bert_folder, write_tsv
 from test_squad import vocab  # noqa: F401 (fixture)
 from test_superplm import corpus, flags, one_thread  # noqa: F401 (fixtures)
 
@@ -160,7 +159,7 @@ def test_fine_tuning_runs_in_bf16(tmp_path, vocab):  # noqa: F811 (fixture)
     glue = tmp_path / "glue"
     write_tsv(glue / "RTE" / "train.tsv", keyword_task(64, 0))
     write_tsv(glue / "RTE" / "dev.tsv", keyword_task(32, 1))
-    runs = {dtype: ft.finetune(model, "rte", data_dir=glue, lr=1e-3, epochs=2, batch_size=16, device="cpu",
-                               dtype=dtype) for dtype in ("fp32", "bf16")}
+    runs = {dtype: finetune(model, "rte", data_dir=glue, lr=1e-3, epochs=2, batch_size=16, device="cpu",
+                            dtype=dtype) for dtype in ("fp32", "bf16")}
     a, b = runs["fp32"]["train_loss"], runs["bf16"]["train_loss"]
     assert abs(a - b) <= 1e-2 * a and a != b

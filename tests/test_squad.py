@@ -4,9 +4,9 @@ import random
 import numpy as np
 import pytest
 
-import squad as sq
 from common import UserError
-from tokenizer import load_tokenizer
+from data import load_tokenizer
+from tasks import squad as sq
 
 WORDS = ("the a an cat dog bird fish tree house river city paris cafe runs sits eats sees red blue green small "
          "big old new quick slow and or but in on of to with is was good bad man woman child book car road").split()

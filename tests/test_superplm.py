@@ -13,13 +13,10 @@ import torch
 import distill
 import superplm
 from common import UserError, read_jsonl, seed_everything, torch_load
-from data import batches, build_dataset, split, stdlib_corpus
-from hf import from_pretrained
-from model import (KD_SPACE, PRETRAIN_SPACE, SUPERPLM, Arch, Bert, SearchSpace, extract, in_place_grads, learning_rate,
-                   make_optimizer)
-from runs import load_superplm
-from superplm import MLM, accumulate, flat_grads, sample_arch, space_for, update
-from tokenizer import load_tokenizer
+from data import batches, build_dataset, load_tokenizer, split, stdlib_corpus
+from model import (KD_SPACE, PRETRAIN_SPACE, SUPERPLM, Arch, Bert, SearchSpace, extract, from_pretrained,
+                   in_place_grads, learning_rate, make_optimizer)
+from superplm import MLM, accumulate, flat_grads, load_superplm, sample_arch, space_for, update
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Arch(2, 64, 128, 2, 64)  # head width 32
@@ -82,7 +79,7 @@ def test_sampled_archs_cover_every_value_and_differ_between_ranks():
         assert sample_arch(space, 0, 5, 1, 2) == sample_arch(space, 0, 5, 1, 2)  # reproducible
     space = space_for(TINY)
     same = sum(sample_arch(space, 0, s, 0, 0) == sample_arch(space, 0, s, 1, 0) for s in range(50))
-    assert same < 5  # line 7: each worker its own sub-model (the authors' code gave all the same)
+    assert same == 0  # line 7: each worker its own sub-model (the authors' code gave all the same); seed 0: none
 
 
 def test_learning_rate_warms_up_then_decays_linearly():
@@ -178,7 +175,7 @@ def test_two_workers_equal_one_process_replaying_their_sub_batches_and_sub_model
     model.train()
     start = {k: v.clone() for k, v in model.state_dict().items()}
     flat = flat_grads(list(model.parameters()))
-    opt = make_optimizer(list(model.parameters()), cfg.lr, cfg.weight_decay, cfg.adam_eps)
+    opt = make_optimizer(list(model.parameters()), cfg.lr)
     streams = [batches(ds, cfg.batch_size, 0, cfg.seed, rank, 2) for rank in range(2)]
     for step in range(3):
         grads = []
@@ -187,7 +184,7 @@ def test_two_workers_equal_one_process_replaying_their_sub_batches_and_sub_model
             accumulate(model, MLM(), next(streams[rank]), space, cfg.sub_models, cfg.seed, step, rank)
             grads.append(flat.clone())
         flat.copy_((grads[0] + grads[1]) / 2)
-        update(flat, 1, opt, learning_rate(step, 3, cfg.lr, cfg.warmup), cfg.clip)
+        update(flat, 1, opt, learning_rate(step, 3, cfg.lr, cfg.warmup))
     for name, p in model.state_dict().items():
         torch.testing.assert_close(ckpt["model"][name], p, atol=2e-6, rtol=1e-5, msg=name)
     assert any(not torch.equal(start[k], v) for k, v in ckpt["model"].items())

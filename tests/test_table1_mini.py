@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import search  # noqa: E402
 import table1_mini as t1  # noqa: E402
+from conftest import pixels, png  # noqa: E402
 from model import Arch  # noqa: E402
-from runs import load_superplm  # noqa: E402
+from superplm import load_superplm  # noqa: E402
 
 
 class WidthPredictor:
@@ -21,18 +23,18 @@ class WidthPredictor:
         return np.array([a.layers * a.hidden / 100 for a in archs], dtype=np.float64)
 
 
-def test_default_rule_and_bert_s():  # search.py's, used by the study and the demo
-    assert t1.default_rule(4, 256) == Arch.parse("4-256-1024-4-256")  # BERT-S3 of Table 4
-    assert t1.default_rule(4, 512) == Arch.parse("4-512-2048-8-512")  # BERT-S1
+def test_default_rule_and_bert_s():  # model.py's and search.py's, used by the study and the demo
+    assert Arch.default_rule(4, 256) == Arch.parse("4-256-1024-4-256")  # BERT-S3 of Table 4
+    assert Arch.default_rule(4, 512) == Arch.parse("4-512-2048-8-512")  # BERT-S1
     assert t1.is_default_rule(Arch.parse("4-192-768-3-192"))
     assert not t1.is_default_rule(Arch.parse("4-432-384-4-256"))  # AutoTinyBERT-S3
     assert not t1.is_default_rule(Arch.parse("4-100-400-1-64"))  # hidden not a multiple of 64
     pred = WidthPredictor()  # 4-64: 2.56 ms, 4-128: 5.12, 4-192: 7.68, ...
-    assert t1.bert_s(7.68, pred, 4) == Arch.parse("4-192-768-3-192")  # equal counts as below
-    assert t1.bert_s(7.67, pred, 4) == Arch.parse("4-128-512-2-128")
-    assert t1.bert_s(1000, pred, 4) == Arch.parse("4-768-3072-12-768")  # BERT-base's width at most
-    assert t1.bert_s(1.0, pred, 4) == Arch.parse("4-64-256-1-64")  # none below: the smallest
-    assert t1.bert_s(7.0, pred, 2) == Arch.parse("2-320-1280-5-320")  # 6.4 ms
+    assert search.bert_s(7.68, pred, 4) == Arch.parse("4-192-768-3-192")  # equal counts as below
+    assert search.bert_s(7.67, pred, 4) == Arch.parse("4-128-512-2-128")
+    assert search.bert_s(1000, pred, 4) == Arch.parse("4-768-3072-12-768")  # BERT-base's width at most
+    assert search.bert_s(1.0, pred, 4) == Arch.parse("4-64-256-1-64")  # none below: the smallest
+    assert search.bert_s(7.0, pred, 2) == Arch.parse("2-320-1280-5-320")  # 6.4 ms
 
 
 def test_steps_to_reach():
@@ -78,7 +80,13 @@ def test_whole_study_runs_and_resumes(tmp_path, small_corpus):
             "--ft-lr", "1e-4", "--curve-points", "2", "--out", str(out)]
     t1.main(argv)
     results = json.loads((out / "results.json").read_text())
-    assert (out / "figure1.png").stat().st_size > 0 and (out / "figure5.png").stat().st_size > 0
+    figure1, figure5 = png(out / "figure1.png"), png(out / "figure5.png")  # 9.5 x 4.5 and 5 x 4 inches at 130 dpi
+    assert figure1.shape == (585, 1235, 4) and figure5.shape == (520, 650, 4)
+    # Figure 1: the scored candidates in light grey, AutoTinyBERT (C3), BERT-S (C0) and the searched arch from
+    # scratch (C2) as markers; Figure 5: the inherited curve (C3) and the one from scratch (C2)
+    assert all(pixels(figure1, c) > 20 for c in ("lightgrey", "C3", "C0", "C2")), [pixels(figure1, c) for c in (
+        "lightgrey", "C3", "C0", "C2")]
+    assert pixels(figure5, "C3") > 20 and pixels(figure5, "C2") > 20
     steps = results["info"]["steps"]
     spe = results["info"]["epoch_steps"]
     assert steps == dict(oneshot=round(0.06 * spe), further=round(0.06 * spe), total=2 * round(0.06 * spe))

@@ -1,5 +1,6 @@
 """Every folder we write loads in stock transformers (trust_remote_code=True: modeling_autotinybert.py) and
-computes what our model computes: hidden states, MLM logits, classification and span logits."""
+computes what our model computes: hidden states, MLM logits, classification and span logits; and transformers'
+BERT and ELECTRA checkpoints load into ours (Appendix A's layout)."""
 
 import json
 
@@ -10,10 +11,9 @@ from transformers import (AutoModel, AutoModelForMaskedLM, AutoModelForQuestionA
                           AutoModelForSequenceClassification)
 
 import finetune as ft
-import glue
-from hf import save_pretrained
-from model import Arch, Bert, extract
-from test_finetune import keyword_task, write_tsv
+from model import Arch, Bert, extract, from_pretrained, save_pretrained
+from tasks import glue
+from test_finetune import finetune, keyword_task, write_tsv
 from test_model import VOCAB, batch
 from test_squad import tok, vocab  # noqa: F401 (fixtures)
 
@@ -115,8 +115,8 @@ def test_a_fine_tuned_folder_predicts_the_same_labels(tmp_path, vocab):  # noqa:
     glue_dir = tmp_path / "glue"
     write_tsv(glue_dir / "RTE" / "train.tsv", keyword_task(160, 0))
     write_tsv(glue_dir / "RTE" / "dev.tsv", keyword_task(60, 1))
-    result = ft.finetune(tmp_path / "model", "rte", data_dir=glue_dir, lr=1e-3, epochs=3, batch_size=16,
-                         out=tmp_path / "run")
+    result = finetune(tmp_path / "model", "rte", data_dir=glue_dir, lr=1e-3, epochs=3, batch_size=16,
+                      out=tmp_path / "run")
     best = tmp_path / "run" / "best"
     dev = glue.read_glue("rte", "dev", glue_dir)
     feats = glue.encode_glue(ft.load_tokenizer(best), dev)
@@ -127,3 +127,64 @@ def test_a_fine_tuned_folder_predicts_the_same_labels(tmp_path, vocab):  # noqa:
     assert theirs == ours.tolist()
     assert 100 * sum(t == y for t, y in zip(theirs, dev.labels)) / len(dev.labels) == result["accuracy"]
     assert [hf.config.id2label[t] for t in theirs[:3]] == [glue.GLUE["rte"].labels[t] for t in ours[:3]]
+
+
+# ----------------------------------------------------------------------------- Hugging Face layout (Appendix A)
+
+TINY = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+            max_position_embeddings=64)
+
+
+def _hf_equal(hf_model, ours, T=12):
+    ids, mask, types = batch(T=T)
+    with torch.no_grad():
+        ref = hf_model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        return (ours(ids, mask, types) - ref).abs().max().item()
+
+
+def _mlm_equal(hf_mlm, ours):
+    ids, mask, types = batch()
+    with torch.no_grad():
+        ref = hf_mlm(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        return (ours.mlm_logits(ours(ids, mask, types)) - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["bert", "electra", "electra-projected", "bert-bin"])
+def test_loads_transformers_checkpoints(tmp_path, kind):
+    torch.manual_seed(0)
+    if kind.startswith("electra"):
+        cfg = transformers.ElectraConfig(**TINY, embedding_size=32 if kind == "electra-projected" else 64)
+        hf = transformers.ElectraForPreTraining(cfg).eval()
+        body = hf.electra
+    else:
+        hf = transformers.BertForMaskedLM(transformers.BertConfig(**TINY)).eval()
+        body = hf.bert
+    hf.save_pretrained(tmp_path, safe_serialization=kind != "bert-bin")
+    ours = from_pretrained(tmp_path).eval()
+    assert _hf_equal(body, ours) <= 1e-5
+    if kind.startswith("bert"):  # the MLM head came along too
+        assert _mlm_equal(hf, ours) <= 1e-4
+
+
+def test_save_pretrained_loads_in_transformers(tmp_path):
+    torch.manual_seed(0)
+    ours = Bert(Arch(2, 64, 96, 4, 64), vocab_size=VOCAB, max_position=64).eval()
+    save_pretrained(ours, tmp_path)
+    assert "qkv_size" not in json.loads((tmp_path / "config.json").read_text())
+    hf = transformers.BertForMaskedLM.from_pretrained(tmp_path).eval()
+    assert _hf_equal(hf.bert, ours) <= 1e-5
+    assert _mlm_equal(hf, ours) <= 1e-4
+
+
+def test_qkv_different_from_hidden_round_trips_exactly(tmp_path):
+    torch.manual_seed(0)
+    ours = Bert(Arch(2, 80, 96, 4, 48), vocab_size=VOCAB, max_position=64).eval()
+    save_pretrained(ours, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["qkv_size"] == 48
+    back = from_pretrained(tmp_path).eval()
+    assert back.arch == ours.arch
+    for (n, a), (_, b) in zip(ours.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), n
+    ids, mask, types = batch()
+    with torch.no_grad():
+        assert torch.equal(back(ids, mask, types), ours(ids, mask, types))
