@@ -51,7 +51,7 @@ def run_main(main):
     """Call main(); a UserError becomes `error: ...` on stderr and exit status 2. Anything else is a bug and keeps
     its traceback (a ValueError deep inside the code is not the user's fault). SIGTERM (how a cluster preempts) is
     treated as Ctrl-C; a loop inside `stop_after_step` finishes its step and saves first."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt, as Ctrl-C does
     try:
         return main()
     except UserError as e:
@@ -62,10 +62,6 @@ def run_main(main):
         _close_bars()
         print(f"interrupted: {e}" if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
         sys.exit(130)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _close_bars():
@@ -100,7 +96,6 @@ def stop_after_step():
 
 
 # ----------------------------------------------------------------------------------------------------- files and JSONL
-
 
 def atomic_write(path, write):
     """write(tmp_path) then rename over `path`: a crash never leaves a half-written file behind."""
@@ -179,7 +174,6 @@ def keep_jsonl(path, keep):
 
 # ---------------------------------------------------------------------------------------------- the run folder (--out)
 
-
 def command_line(argv=None, script=None):
     """The command that ran (or would run) `script` (default: this process's) with `argv`, quoted for a shell."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
@@ -216,26 +210,23 @@ class RunFolder:
     """
 
     def __init__(self, out, cfg, resume=None, overwrite=False, marker=None, argv=None):
-        self.path, self.cfg, self.marker = Path(out), cfg, marker
+        path = self.path = Path(out)
+        self.cfg, self.first, self.status = cfg, False, None
         module = type(cfg).__module__  # argv given: the stage's own command line, also when main(argv) is called
         self.command = command_line(argv, module + ".py" if argv is not None and module != "__main__" else None)
-        self.first, self.status = False, None
-        path = self.path
         if path.exists() and not path.is_dir():
             raise UserError(f"--out {path} is a file: --out names a folder")
         self.existed = path.exists()
-        self.before = set(os.listdir(path)) if self.existed else set()
-        self.before -= {".replaced"}
-        taken = (marker is None and bool(self.before)) or (marker is not None and (path / marker).exists())
-        how = "pass --resume to continue it, --overwrite to replace it, or another --out" if resume is not None \
-            else "pass --overwrite to replace it or another --out"
+        self.before = set(os.listdir(path)) - {".replaced"} if self.existed else set()
+        taken = (path / marker).exists() if marker else bool(self.before)
         if resume and not taken:
             raise UserError(f"--resume: {path} holds no run to resume{f' (no {marker})' if marker else ''}: "
                             "drop --resume to start one")
-        if taken and not (resume or overwrite):
-            raise UserError(f"{path} already holds a run: {how}")
+        if taken and not (resume or overwrite):  # a script without --resume (resume None) is not told to pass it
+            how = "--overwrite to replace it or" if resume is None else "--resume to continue it, --overwrite to " \
+                "replace it, or"
+            raise UserError(f"{path} already holds a run: pass {how} another --out")
         self.old_record = (path / "config.json").read_bytes() if (path / "config.json").exists() else None
-        self.resume = bool(resume)
         path.mkdir(parents=True, exist_ok=True)
         self.aside = None
         if overwrite and not resume and self.before:  # set the old run aside until this one has a result
@@ -304,12 +295,11 @@ class RunFolder:
 
 # --------------------------------------------------------------------------------------- the Hugging Face hub, offline
 
-
 def hub_reachable(timeout=3.0):
     """Whether the hub (HF_ENDPOINT, else huggingface.co) takes a connection within `timeout` seconds. False in
     offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); behind a proxy, assumed true (the proxy decides)."""
-    if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE",
-                                                                               "HF_DATASETS_OFFLINE")):
+    offline = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in offline):
         return False
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True
@@ -353,7 +343,6 @@ def load_hub_dataset(what, instead, *args, **kwargs):
 
 # --------------------------------------------------------------------------------------------- seeds, devices, workers
 
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -368,12 +357,8 @@ def subset_indices(n_total, n, seed):
 
 
 DEVICE_HELP = "auto: cuda if torch sees a GPU (under torchrun cuda:LOCAL_RANK), else cpu; or cpu, cuda, cuda:N"
-
-
 DTYPE_HELP = ("compute dtype of matmuls and attention (torch.autocast); weights, gradients and AdamW's state stay "
               "fp32. auto: bf16 on a GPU that has it (A100, H100, ...), else fp32")
-
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -471,17 +456,17 @@ def rank0_first(rank, world, make):
 
 # ----------------------------------------------------------------------------- settings: a dataclass becomes the flags
 
-
+# A field's allowed range, in its metadata: check_config refuses a number outside it in one line naming the flag.
 COUNT = dict(min=1)  # a number of things or steps
-
-
 NONNEGATIVE = dict(min=0)
-
-
 POSITIVE = dict(gt=0)  # a rate, a size
-
-
 SHARE = dict(min=0, max=1)  # a probability, a share of the steps
+
+
+def flag(default, text, **meta):
+    """A settings field: its default, its --help text, and its range (COUNT, ...), choices or type, all read by
+    config_parser and check_config."""
+    return dataclasses.field(default=default, metadata=dict(help=text, **meta))
 
 
 def _flag(name):
@@ -498,8 +483,9 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
 
 def config_parser(cls, description=None, parser=None):
     """Add one flag per dataclass field (the field's metadata['help'] is its help, the default is shown), and
-    --config FILE: start from the settings of a run's config.json (flags given still win)."""
-    parser = parser or argparse.ArgumentParser(description=description, formatter_class=_Defaults)
+    --config FILE: start from the settings of a run's config.json (flags given still win). No flag is abbreviated:
+    an old spelling such as --batch is refused, not read as --batch-size."""
+    parser = parser or argparse.ArgumentParser(description=description, formatter_class=_Defaults, allow_abbrev=False)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind, default = hints[f.name], f.default
@@ -514,7 +500,7 @@ def config_parser(cls, description=None, parser=None):
         if kind is bool:
             parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
             continue
-        spec = dict(nargs="+", type=args[0]) if origin in (list, tuple) else \
+        spec = dict(nargs="+", type=args[0]) if origin is list else \
             dict(type=f.metadata.get("type", kind), choices=f.metadata.get("choices"))
         parser.add_argument(flag, default=default, help=help_, **spec)
     if not any(a.dest == "config" for a in parser._actions):
@@ -543,31 +529,15 @@ def config_from_args(cls, args):
     """Build the dataclass from a parsed namespace (fields that the namespace lacks keep their defaults) and
     check every number."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    for f in dataclasses.fields(cls):
-        if f.name in values and isinstance(values[f.name], list) and f.type is not list:
-            if typing.get_origin(typing.get_type_hints(cls)[f.name]) is tuple:
-                values[f.name] = tuple(values[f.name])
     return check_config(cls(**values))
 
 
 def config_values(cls, saved):
     """The settings of a saved config (a run's config.json, or the "config" of a checkpoint) as field values of
     `cls`: keys `cls` lacks are left out."""
-    saved = dict(saved.get("config", saved)) if isinstance(saved.get("config"), dict) else dict(saved)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    return {k: tuple(v) if isinstance(v, list) and isinstance(fields[k].default, tuple) else v
-            for k, v in saved.items() if k in fields}
-
-
-def read_config_file(path):
-    path = Path(path)
-    path = path / "config.json" if path.is_dir() else path
-    if not path.exists():
-        raise UserError(f"--config {path} does not exist: pass a config.json from a run folder")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"--config {path} is not JSON ({e}): pass a config.json from a run folder") from None
+    saved = saved["config"] if isinstance(saved.get("config"), dict) else saved
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in saved.items() if k in fields}
 
 
 def parse_flags(cls, argv=None, description=None, parser=None, defaults=None):
@@ -576,10 +546,10 @@ def parse_flags(cls, argv=None, description=None, parser=None, defaults=None):
     result (command, config): `script.py COMMAND --flag ...`, each command with its own flags."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if isinstance(cls, dict):
-        top = argparse.ArgumentParser(description=description)
+        top = argparse.ArgumentParser(description=description, allow_abbrev=False)
         commands = top.add_subparsers(dest="command", required=True)
         parsers = {name: config_parser(c, parser=commands.add_parser(
-            name, help=help_, description=help_, formatter_class=_Defaults))
+            name, help=help_, description=help_, formatter_class=_Defaults, allow_abbrev=False))
             for name, (c, help_) in cls.items()}
         name = top.parse_known_args([a for a in argv if a not in ("-h", "--help")] or argv)[0].command
         return name, parse_flags(cls[name][0], argv[argv.index(name) + 1:], parser=parsers[name], defaults=defaults)
@@ -587,7 +557,13 @@ def parse_flags(cls, argv=None, description=None, parser=None, defaults=None):
     first, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])  # --help shows the preset's
     preset = dict(defaults(first) if defaults else {})
     if getattr(first, "config", None):  # the run's settings; what to do with a folder (--resume, ...) is asked anew
-        saved = config_values(cls, read_config_file(first.config))
+        path = Path(first.config) / "config.json" if Path(first.config).is_dir() else Path(first.config)
+        if not path.exists():
+            raise UserError(f"--config {path} does not exist: pass a config.json from a run folder")
+        try:
+            saved = config_values(cls, json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise UserError(f"--config {path} is not JSON ({e}): pass a config.json from a run folder") from None
         preset.update({k: v for k, v in saved.items() if k not in ("resume", "overwrite")})
     parser.set_defaults(**preset)
     return config_from_args(cls, parser.parse_args(argv))

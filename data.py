@@ -26,7 +26,7 @@ import re
 import sys
 import sysconfig
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
-from common import UserError, atomic_write, load_hub_dataset, parse_flags, run_main, save_json
+from common import UserError, atomic_write, flag, load_hub_dataset, parse_flags, run_main, save_json
 
 
 def pack(chunks, tok, seq_len, sp):
@@ -161,7 +161,6 @@ def prefetch(batches, device, depth=2):
 
 # ------------------------------------------------------------------------------------- the packed corpus and its cache
 
-
 FORMAT = 1  # bump when the packed layout changes: old caches are then rebuilt
 
 
@@ -287,15 +286,6 @@ def corpus_key(spec):
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _text_column(ds, name):
-    if "text" in ds.column_names:
-        return ds.select_columns(["text"])
-    strings = [c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"]
-    if len(strings) != 1:
-        raise UserError(f"corpus {name} has columns {ds.column_names}: give it a 'text' column")
-    return ds.select_columns(strings).rename_column(strings[0], "text")
-
-
 def not_utf8(path, chunk=1 << 20):
     """How many bytes of a file are not UTF-8 (0 for a clean file; older Project Gutenberg texts hold Latin-1)."""
     decoder, bad = codecs.getincrementaldecoder("utf-8")("surrogateescape"), 0  # a bad byte -> one U+DC80..DCFF
@@ -344,7 +334,12 @@ def load_corpus(spec, cache_dir=None):
             name, _, config = one.partition(":")
             ds = load_hub_dataset(f"corpus {one!r}", "give local files (a .txt/.jsonl/.parquet file or folder) or "
                                   "'stdlib'", name, config or None, split="train", cache_dir=cache_dir)
-        parts.append(_text_column(ds, one))
+        if "text" not in ds.column_names:  # then its one string column is the text
+            strings = [c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"]
+            if len(strings) != 1:
+                raise UserError(f"corpus {one} has columns {ds.column_names}: give it a 'text' column")
+            ds = ds.rename_column(strings[0], "text")
+        parts.append(ds.select_columns(["text"]))
     if len(parts) == 1:
         return parts[0]
     import datasets
@@ -363,7 +358,6 @@ def cached_tokenizer(spec, vocab_size, cache_dir):
 
 
 # -------------------------------------------------------------------------------------------- the WordPiece vocabulary
-
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT's, in the ids a trained vocabulary gets
 
@@ -424,9 +418,8 @@ def save_tokenizer(tok, out_folder):
     """tokenizer.json (exact) and vocab.txt (for BERT tools), written atomically."""
     out = Path(out_folder)
     atomic_write(out / "tokenizer.json", lambda tmp: tok.save(tmp))
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    atomic_write(out / "vocab.txt", lambda tmp: Path(tmp).write_text("".join(t + "\n" for t, _ in vocab),
-                                                                      encoding="utf-8"))
+    vocab = "".join(t + "\n" for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]))
+    atomic_write(out / "vocab.txt", lambda tmp: Path(tmp).write_text(vocab, encoding="utf-8"))
     return out / "tokenizer.json"
 
 
@@ -462,20 +455,17 @@ class Specials:
 
 # ---------------------------------------------------------------------------------------------------- the command line
 
-
 @dataclass
 class DataConfig:
-    corpus: str = field(default="stdlib", metadata={"help": "stdlib, a .txt/.json/.jsonl/.parquet file or folder, "
-                                                            "or hub dataset names name[:config],..."})
-    tokenizer: str = field(default="", metadata={"help": "vocab.txt / tokenizer.json / folder; empty: train one"})
-    vocab_size: int = field(default=30522, metadata={"help": "size of a vocabulary trained on the corpus",
-                                                     "min": len(SPECIAL_TOKENS) + 1})
-    seq_len: int = field(default=128, metadata={"help": "tokens per packed sequence (§4.1)", "min": 3})
-    cache_dir: str = field(default="data_cache", metadata={"help": "where packed corpora and vocabularies go"})
-    preset: str = field(default="paper", metadata={
-        "help": "paper: BERT's vocabulary size and §4.1's 128 tokens; tiny: the corpus of superplm.py --preset tiny. "
-                "A preset changes the defaults (--preset tiny --help shows them); flags given still win",
-        "choices": ["paper", "tiny"]})
+    corpus: str = flag("stdlib", "stdlib, a .txt/.json/.jsonl/.parquet file or folder, or hub dataset names "
+                                 "name[:config],...")
+    tokenizer: str = flag("", "vocab.txt / tokenizer.json / folder; empty: train one")
+    vocab_size: int = flag(30522, "size of a vocabulary trained on the corpus", min=len(SPECIAL_TOKENS) + 1)
+    seq_len: int = flag(128, "tokens per packed sequence (§4.1)", min=3)
+    cache_dir: str = flag("data_cache", "where packed corpora and vocabularies go")
+    preset: str = flag("paper", "paper: BERT's vocabulary size and §4.1's 128 tokens; tiny: the corpus of superplm.py "
+                                "--preset tiny. A preset changes the defaults (--preset tiny --help shows them); flags "
+                                "given still win", choices=["paper", "tiny"])
 
 
 PRESETS = {"paper": {}, "tiny": dict(vocab_size=4096, seq_len=64)}  # tiny: as superplm.py's tiny preset

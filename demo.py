@@ -14,10 +14,10 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from common import COUNT, NONNEGATIVE, RunFolder, UserError, parse_flags, read_jsonl, run_main, torch_load
+from common import COUNT, NONNEGATIVE, RunFolder, UserError, flag, parse_flags, read_jsonl, run_main, torch_load
 from latency import LatencyPredictor, measure
 from model import Arch
 from search import MLMScore, bert_s
@@ -42,9 +42,8 @@ def held_out_loss(run_dir, arch=None):
 
 
 def summary(cfg, out, found, t, bert):
-    splm_log = [r for r in read_jsonl(out / "superplm" / "metrics.jsonl") if "loss" in r]
-    bert_log = [r for r in read_jsonl(out / "bert-s" / "metrics.jsonl") if "loss" in r]
-    further_log = [r for r in read_jsonl(out / "further" / "metrics.jsonl") if "loss" in r]
+    splm_log, further_log, bert_log = ([r for r in read_jsonl(out / name / "metrics.jsonl") if "loss" in r]
+                                       for name in ("superplm", "further", "bert-s"))
     fit = json.loads((out / "predictor" / "metrics.json").read_text())
     held = fit.get("heldout", {})
     best = Arch.parse(found["best"])
@@ -82,17 +81,15 @@ def summary(cfg, out, found, t, bert):
 
 @dataclass
 class Config:
-    out: str = field(default="runs/demo", metadata={"help": "folder for everything the demo makes"})
-    target: str = field(default="40x", metadata={"help": "latency target: speedup over BERT-base on this CPU"})
-    steps: int = field(default=300, metadata={"help": "optimizer steps of one-shot SuperPLM training", **COUNT})
-    latency_samples: int = field(default=200, metadata={"help": "architectures timed for the latency predictor",
-                                                        "min": 10})
-    generations: int = field(default=4, metadata={"help": "T of Algorithm 2", **COUNT})
-    population: int = field(default=25, metadata={"help": "S of Algorithm 2", **COUNT})
-    further_steps: int = field(default=100, metadata={"help": "optimizer steps of further training (stage 3)",
-                                                      **COUNT})
-    seed: int = field(default=0, metadata={"help": "seed of every stage", **NONNEGATIVE})
-    overwrite: bool = field(default=False, metadata={"help": "replace an earlier demo in --out"})
+    out: str = flag("runs/demo", "folder for everything the demo makes")
+    target: str = flag("40x", "latency target: speedup over BERT-base on this CPU")
+    steps: int = flag(300, "optimizer steps of one-shot SuperPLM training", **COUNT)
+    latency_samples: int = flag(200, "architectures timed for the latency predictor", min=10)
+    generations: int = flag(4, "T of Algorithm 2", **COUNT)
+    population: int = flag(25, "S of Algorithm 2", **COUNT)
+    further_steps: int = flag(100, "optimizer steps of further training (stage 3)", **COUNT)
+    seed: int = flag(0, "seed of every stage", **NONNEGATIVE)
+    overwrite: bool = flag(False, "replace an earlier demo in --out")
 
 
 def main(argv=None):

@@ -17,7 +17,7 @@ This file holds the teacher and the loss; superplm.py runs Algorithm 1 with them
 """
 
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
-from common import UserError, parse_flags, run_main, seed_everything
+from common import UserError, flag, parse_flags, run_main, seed_everything
 from data import load_tokenizer, stdlib_corpus, train_tokenizer
 from model import Arch, Bert, from_pretrained, save_pretrained, sub
 
@@ -90,10 +90,6 @@ class KDObjective(nn.Module):
         return att + hid, {"att": att.detach(), "hid": hid.detach()}
 
 
-# Where a Hugging Face folder keeps its vocabulary; tokenizer.json first, as it also records the casing.
-VOCAB_FILES = ("tokenizer.json", "vocab.txt")
-
-
 TINY_TEACHER = Arch(2, 256, 1024, 4, 256)  # the demo teacher: BERT-S3's shape (Table 4) in two layers
 
 
@@ -113,7 +109,8 @@ def load_teacher(folder):
     except (SafetensorError, pickle.UnpicklingError, RuntimeError) as e:
         raise UserError(f"--teacher: the weights in {folder} do not load ({str(e).splitlines()[0]}): "
                         "download or save the model again") from None
-    vocab = next((folder / name for name in VOCAB_FILES if (folder / name).exists()), None)
+    # the vocabulary in a Hugging Face folder: tokenizer.json first, as it also records the casing
+    vocab = next((folder / name for name in ("tokenizer.json", "vocab.txt") if (folder / name).exists()), None)
     if vocab is None:
         raise UserError(f"--teacher: {folder} has no vocab.txt or tokenizer.json: copy the teacher's vocabulary "
                         "there (the student reads the corpus with the teacher's token ids)")
@@ -148,20 +145,18 @@ def make_tiny_teacher(folder, arch=TINY_TEACHER, vocab_size=4096, texts=None, se
 
 @dataclass
 class TeacherConfig:
-    out: str = field(default="runs/teacher", metadata={"help": "folder for the teacher (config.json, "
-                                                               "model.safetensors, tokenizer.json, vocab.txt)"})
-    arch: str = field(default=str(TINY_TEACHER), metadata={
-        "help": "teacher layers-hidden-ffn-heads-qkv; the paper's teacher is ELECTRA-base, 12-768-3072-12-768"})
-    vocab_size: int = field(default=4096, metadata={"help": "WordPiece vocabulary trained on the stdlib corpus",
-                                                    "min": 6})
-    seed: int = field(default=0, metadata={"help": "seed of the random weights", "min": 0})
-    overwrite: bool = field(default=False, metadata={"help": "replace a teacher already in --out"})
+    out: str = flag("runs/teacher", "folder for the teacher (config.json, model.safetensors, tokenizer.json, "
+                                    "vocab.txt)")
+    arch: str = flag(str(TINY_TEACHER), "teacher layers-hidden-ffn-heads-qkv; the paper's teacher is ELECTRA-base, "
+                                        "12-768-3072-12-768")
+    vocab_size: int = flag(4096, "WordPiece vocabulary trained on the stdlib corpus", min=6)
+    seed: int = flag(0, "seed of the random weights", min=0)
+    overwrite: bool = flag(False, "replace a teacher already in --out")
 
 
 @dataclass
 class CheckConfig:
-    teacher: str = field(default="runs/teacher", metadata={"help": "a BERT/ELECTRA Hugging Face folder with its "
-                                                                   "vocab.txt or tokenizer.json"})
+    teacher: str = flag("runs/teacher", "a BERT/ELECTRA Hugging Face folder with its vocab.txt or tokenizer.json")
 
 
 def main(argv=None):

@@ -21,7 +21,7 @@ import shutil
 import time
 import types
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -31,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, Interrupted, NONNEGATIVE, POSITIVE, RunFolder, SHARE,
-                    UserError, append_jsonl, check_config, config_parser, parse_flags, resolve_compute, run_main,
+from common import (COUNT, DEVICE_HELP, DTYPES, DTYPE_HELP, Interrupted, NONNEGATIVE, POSITIVE, RunFolder, SHARE,
+                    UserError, append_jsonl, check_config, config_parser, flag, parse_flags, resolve_compute, run_main,
                     save_json, seed_everything, stop_after_step, to_device, torch_load, torch_save)
 from data import load_tokenizer, tokenizer_files
 from model import Arch, Bert, extract, from_pretrained, learning_rate, make_optimizer, read_pretrained, save_pretrained
@@ -46,7 +46,6 @@ from tasks.squad import squad_task
 TABLE_D1 = {"squad": (16, 3e-5, 4), "sst2": (32, 2e-5, 4), "mnli": (32, 3e-5, 4), "mrpc": (32, 2e-5, 10),
             "cola": (32, 1e-5, 10), "qnli": (32, 2e-5, 10), "qqp": (32, 2e-5, 5), "stsb": (32, 3e-5, 10),
             "rte": (32, 2e-5, 10), "wnli": (32, 2e-5, 5)}
-
 
 D1_LR, D1_EPOCHS = (", ".join(f"{t} {cell[i]:g}" for t, cell in TABLE_D1.items()) for i in (1, 2))  # for --help
 
@@ -66,7 +65,7 @@ def sweep(cfg, base, feats, targets, evaluate, pad, compute, log, stop=None):
         for epochs in cfg.epochs:
             seed_everything(cfg.seed)  # every run starts alike: head, dropout and the order of the examples
             model = copy.deepcopy(base).to(compute.device)
-            opt, sched = optimizer_and_schedule(model, lr, epochs * steps_per_epoch, cfg.warmup, cfg.weight_decay)
+            opt, sched = optimizer_and_schedule(model, lr, epochs * steps_per_epoch, cfg.warmup)
             generator = torch.Generator().manual_seed(cfg.seed)
             for epoch in range(1, epochs + 1):
                 t0 = time.time()
@@ -75,14 +74,15 @@ def sweep(cfg, base, feats, targets, evaluate, pad, compute, log, stop=None):
                                    lambda line: log(line, terminal=False), cfg.log_every, stop)
                 metrics, predictions = evaluate(lambda f: predict(model, f, 2 * cfg.batch_size, pad, compute.device,
                                                                   compute.autocast))
-                log(finetune_epoch_line(cfg.task, lr, epochs, epoch, loss, metrics, time.time() - t0))
+                log(f"{cfg.task} lr {lr:g} epochs {epochs} | epoch {epoch} loss {loss:.4f} | "
+                    + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f" | {time.time() - t0:.0f}s")
                 record = dict(task=cfg.task, lr=lr, epochs=epochs, epoch=epoch, train_loss=loss, **metrics)
                 yield record, model, predictions
 
 
-def optimizer_and_schedule(model, lr, steps, warmup, weight_decay):
-    """AdamW (BERT's: no decay on biases and LayerNorm) with linear warm-up over `warmup` of the steps, then
-    linear decay to 0 (§4.1)."""
+def optimizer_and_schedule(model, lr, steps, warmup, weight_decay=0.01):
+    """AdamW (BERT's: weight decay 0.01, none on biases and LayerNorm) with linear warm-up over `warmup` of the
+    steps, then linear decay to 0 (§4.1)."""
     opt = make_optimizer(model.parameters(), lr, weight_decay)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: learning_rate(step, steps, 1.0, warmup))
 
@@ -134,8 +134,7 @@ def best_of_sweep(cfg, compute, folder, stop):
     pad = tok.token_to_id("[PAD]")
     data, n_train, n_dev = cfg.data or None, cfg.max_train_examples, cfg.max_eval_examples
     if cfg.task == "squad":
-        feats, targets, evaluate = squad_task(tok, data, cfg.max_len, cfg.doc_stride, cfg.max_query_len, cfg.n_best,
-                                              cfg.max_answer_len, n_train, n_dev, cfg.seed)
+        feats, targets, evaluate = squad_task(tok, data, cfg.max_len, cfg.doc_stride, n_train, n_dev, cfg.seed)
     else:
         feats, targets, evaluate = glue_task(cfg.task, data, tok, cfg.max_len, n_train, n_dev, cfg.seed)
     # (N,) classes, or STS-B's scores; SQuAD (N, 2): the answer's first and last token
@@ -160,7 +159,8 @@ def best_of_sweep(cfg, compute, folder, stop):
         if out and record["epoch"] == record["epochs"]:
             append_jsonl(out / "metrics.jsonl", dict(kind="run", **runs[-1]))
     result = dict(best, runs=runs)
-    print(finetune_best_line(best))
+    print(f"{best['task']} best: lr {best['lr']:g} epochs {best['epochs']} epoch {best['epoch']} "
+          f"score {best['score']:.2f}")
     if out:
         append_jsonl(out / "metrics.jsonl", dict(kind="best", **best))
         save_json(result, out / "results.json")
@@ -172,7 +172,6 @@ def best_of_sweep(cfg, compute, folder, stop):
 
 
 # ----------------------------------------------------------------------------------- the model: a BERT and a task head
-
 
 class Finetuner(nn.Module):
     """A BERT with BERT's pooler (dense + tanh on [CLS]) and a classifier, or a start/end span head (SQuAD)."""
@@ -219,7 +218,11 @@ def load_model(folder, task, arch=""):
     The head: the folder's own head.pt for this task (a checkpoint of this script), else fresh, with the pooler
     taken from 'bert.pooler.dense.*' where the checkpoint has one."""
     path, outputs = Path(folder), 2 if task == "squad" else len(GLUE[task].labels) or 1
-    if (arch or not is_model_folder(path)) and (path.suffix == ".pt" or (path / "checkpoint.pt").exists()):
+    try:  # a Hugging Face model folder (config.json with a model_type), not only a run folder with its config.json
+        model_folder = "model_type" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        model_folder = False
+    if (arch or not model_folder) and (path.suffix == ".pt" or (path / "checkpoint.pt").exists()):
         superplm, _, tokenizer = load_superplm(path)
         bert = extract(superplm, Arch.parse(arch) if arch else superplm.arch).train()
         return Finetuner(bert, outputs, span=task == "squad"), tokenizer
@@ -235,14 +238,6 @@ def load_model(folder, task, arch=""):
         if len(pooler) == 2:
             model.pooler.load_state_dict(pooler)
     return model, None
-
-
-def is_model_folder(path):
-    """A Hugging Face model folder (config.json with a model_type), not only a run folder with its config.json."""
-    try:
-        return "model_type" in json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
 
 
 def save_checkpoint(model, folder, task, tokenizer_path, record):
@@ -295,80 +290,43 @@ def predict(model, feats, batch_size, pad, device, autocast=nullcontext):
     return out if model.span else np.concatenate(out) if out else np.zeros((0, 1))
 
 
-# ----------------------------------------------------------------------------------------------------------- log lines
-
-
-def finetune_epoch_line(task, lr, epochs, epoch, loss, metrics, seconds):
-    """finetune.py's line after each epoch: the run (lr, epochs), the epoch's training loss, the dev metrics."""
-    return (f"{task} lr {lr:g} epochs {epochs} | epoch {epoch} loss {loss:.4f} | "
-            + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f" | {seconds:.0f}s")
-
-
-def finetune_best_line(best):
-    """finetune.py's last line: the best epoch of the grid (a record of its metrics.jsonl)."""
-    return (f"{best['task']} best: lr {best['lr']:g} epochs {best['epochs']} epoch {best['epoch']} "
-            f"score {best['score']:.2f}")
-
-
-def finetune_stopped(signal, out, best=None):
-    """What an interrupted fine-tuning kept: nothing before its first epoch ended (best None), else every finished
-    epoch and the best checkpoint (best: its dev_metrics.json)."""
-    if best is None:
-        return f"{signal} before the first epoch ended: nothing kept, {out} is as it was"
-    return (f"{signal}: kept {out}/metrics.jsonl (every finished epoch) and {out}/best/ (lr {best['lr']:g} epochs "
-            f"{best['epochs']} epoch {best['epoch']}, score {best['score']:.2f}); a grid does not resume: run it "
-            "again with --overwrite (or only the missing --lr/--epochs with another --out)")
-
-
 # --------------------------------------------------------------------------------------- settings and the command line
-
 
 @dataclass
 class Config:
     """lr, epochs, batch_size and max_len: None means the task's value (paper_settings); --help shows MNLI's."""
-    task: str = field(default="mnli", metadata={"help": "GLUE task or squad (SQuAD v1.1); any case, RTE = rte",
-                                                "choices": TASKS, "type": task_name})
-    preset: str = field(default="paper", metadata={
-        "help": "paper: Table D.1's settings for the task, the whole data; tiny: one epoch on 2000 training and "
-                "1000 dev examples (search.py's evaluator budget), minutes on 2 CPU cores for a small model. A "
-                "preset changes the defaults; flags given still win", "choices": ["paper", "tiny"]})
-    model: str = field(default="", metadata={"help": "model folder: written by save_pretrained (any qkv), a "
-                                                     "Hugging Face BERT/ELECTRA folder, or a SuperPLM run folder"})
-    arch: str = field(default="", metadata={"help": "with a SuperPLM run folder (checkpoint.pt) as --model: the "
-                                                    "sub-model to extract and fine-tune, e.g. 5-564-1054-8-512"})
-    tokenizer: str = field(default="", metadata={"help": "vocab.txt / tokenizer.json or a folder with one; "
-                                                         "empty: the model's"})
-    data: str = field(default="", metadata={"help": "GLUE: the task's folder in the original layout (or glue_data/ "
-                                                    "holding it); SQuAD: the folder of train-v1.1.json and "
-                                                    "dev-v1.1.json; empty: load with datasets (online)"})
-    lr: Optional[list[float]] = field(default=None, metadata={
-        "help": "peak learning rates; several, with several --epochs, run the §4.1 grid (1e-5 2e-5 3e-5 x 4 5 10). "
-                f"Default: Table D.1's for the task ({D1_LR}); shown: MNLI's", **POSITIVE})
-    epochs: Optional[list[int]] = field(default=None, metadata={
-        "help": f"epoch counts. Default: Table D.1's for the task ({D1_EPOCHS}); shown: MNLI's", **COUNT})
-    batch_size: Optional[int] = field(default=None, metadata={"help": "Table D.1's: 32, SQuAD 16", **COUNT})
-    max_len: Optional[int] = field(default=None, metadata={"help": "tokens per input: 128, SQuAD 384",
-                                                           "min": 3, "max": 512})
-    doc_stride: int = field(default=128, metadata={"help": "SQuAD: tokens between the starts of two windows",
-                                                   **COUNT})
-    max_query_len: int = field(default=64, metadata={"help": "SQuAD: question tokens kept", **COUNT})
-    max_answer_len: int = field(default=30, metadata={"help": "SQuAD: longest answer decoded, in tokens", **COUNT})
-    n_best: int = field(default=20, metadata={"help": "SQuAD: start and end candidates per window", **COUNT})
-    warmup: float = field(default=0.1, metadata={"help": "share of the steps with a linear warm-up", **SHARE})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases, LayerNorm)",
-                                                        **NONNEGATIVE})
-    max_train_examples: Optional[int] = field(default=None, metadata={
-        "help": "train on a seeded random subset of this many examples; default: all of them", **COUNT})
-    max_eval_examples: Optional[int] = field(default=None, metadata={
-        "help": "evaluate on a seeded random dev subset of this many examples; default: all of them", **COUNT})
-    seed: int = field(default=0, metadata={"help": "seed of the head, dropout, order and subsets", **NONNEGATIVE})
-    log_every: int = field(default=50, metadata={"help": "one line in OUT/log.txt every N steps", **COUNT})
-    out: str = field(default="", metadata={"help": "run folder (config.json, metrics.jsonl, log.txt, best/, "
-                                                   "predictions); empty: runs/finetune/<task>, --preset tiny: "
-                                                   "runs/finetune-tiny/<task>"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing run folder"})
-    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
-    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
+    task: str = flag("mnli", "GLUE task or squad (SQuAD v1.1); any case, RTE = rte", choices=TASKS, type=task_name)
+    preset: str = flag("paper", "paper: Table D.1's settings for the task, the whole data; tiny: one epoch on 2000 "
+                                "training and 1000 dev examples (search.py's evaluator budget), minutes on 2 CPU cores "
+                                "for a small model. A preset changes the defaults; flags given still win",
+                                choices=["paper", "tiny"])
+    model: str = flag("", "model folder: written by save_pretrained (any qkv), a Hugging Face BERT/ELECTRA folder, or "
+                          "a SuperPLM run folder")
+    arch: str = flag("", "with a SuperPLM run folder (checkpoint.pt) as --model: the sub-model to extract and "
+                         "fine-tune, e.g. 5-564-1054-8-512")
+    tokenizer: str = flag("", "vocab.txt / tokenizer.json or a folder with one; empty: the model's")
+    data: str = flag("", "GLUE: the task's folder in the original layout (or glue_data/ holding it); SQuAD: the folder "
+                         "of train-v1.1.json and dev-v1.1.json; empty: load with datasets (online)")
+    lr: Optional[list[float]] = flag(None, "peak learning rates; several, with several --epochs, run the §4.1 grid "
+                                           f"(1e-5 2e-5 3e-5 x 4 5 10). Default: Table D.1's for the task ({D1_LR}); "
+                                           "shown: MNLI's", **POSITIVE)
+    epochs: Optional[list[int]] = flag(None, f"epoch counts. Default: Table D.1's for the task ({D1_EPOCHS}); shown: "
+                                             "MNLI's", **COUNT)
+    batch_size: Optional[int] = flag(None, "Table D.1's: 32, SQuAD 16", **COUNT)
+    max_len: Optional[int] = flag(None, "tokens per input: 128, SQuAD 384", min=3, max=512)
+    doc_stride: int = flag(128, "SQuAD: tokens between the starts of two windows", **COUNT)
+    warmup: float = flag(0.1, "share of the steps with a linear warm-up", **SHARE)
+    max_train_examples: Optional[int] = flag(None, "train on a seeded random subset of this many examples; default: "
+                                                   "all of them", **COUNT)
+    max_eval_examples: Optional[int] = flag(None, "evaluate on a seeded random dev subset of this many examples; "
+                                                  "default: all of them", **COUNT)
+    seed: int = flag(0, "seed of the head, dropout, order and subsets", **NONNEGATIVE)
+    log_every: int = flag(50, "one line in OUT/log.txt every N steps", **COUNT)
+    out: str = flag("", "run folder (config.json, metrics.jsonl, log.txt, best/, predictions); empty: "
+                        "runs/finetune/<task>, --preset tiny: runs/finetune-tiny/<task>")
+    overwrite: bool = flag(False, "replace an existing run folder")
+    device: str = flag("auto", DEVICE_HELP)
+    dtype: str = flag("auto", DTYPE_HELP, choices=["auto", *DTYPES])
 
 
 PRESETS = {"paper": {}, "tiny": dict(epochs=[1], max_train_examples=2000, max_eval_examples=1000)}
@@ -396,8 +354,14 @@ def run(cfg, argv=None):
         except KeyboardInterrupt:
             if folder is None:
                 raise
-            best = json.loads((folder.path / "best" / "dev_metrics.json").read_text()) if folder.first else None
-            raise Interrupted(finetune_stopped(stop.signal or "stopped", cfg.out, best)) from None
+            signal, out = stop.signal or "stopped", cfg.out
+            if not folder.first:
+                raise Interrupted(f"{signal} before the first epoch ended: nothing kept, {out} is as it was") from None
+            best = json.loads((folder.path / "best" / "dev_metrics.json").read_text())  # every finished epoch is kept
+            raise Interrupted(f"{signal}: kept {out}/metrics.jsonl (every finished epoch) and {out}/best/ (lr "
+                              f"{best['lr']:g} epochs {best['epochs']} epoch {best['epoch']}, score "
+                              f"{best['score']:.2f}); a grid does not resume: run it again with --overwrite (or only "
+                              "the missing --lr/--epochs with another --out)") from None
 
 
 def main(argv=None):

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import (COUNT, Interrupted, NONNEGATIVE, POSITIVE, RunFolder, UserError, append_jsonl, command_line,
+from common import (COUNT, Interrupted, NONNEGATIVE, RunFolder, UserError, append_jsonl, command_line, flag,
                     parse_flags, read_appended, read_jsonl, run_main, save_json, seed_everything, torch_load,
                     torch_save)
 from model import Arch, Bert, BERT_BASE, KD_SPACE, PRETRAIN_SPACE
@@ -114,7 +114,8 @@ class LatencyPredictor:
     def fit(cls, archs, ratio, ref_ms, base_ms, device, names=FEATURES, width=128, steps=2000, lr=1e-3, seed=0,
             space=None):
         """Fit log(ratio) with full-batch Adam; ratio = latency / reference latency, ref_ms the reference's ms.
-        The shapes it answers for without a warning: those of `archs`, and of the `space` they were sampled from."""
+        The shapes it answers for without a warning: those of `archs`, and of the `space` they were sampled from.
+        HAT's predictor: 3 hidden layers of `width` units, Adam at `lr` with cosine decay."""
         bounds = list(archs) + ([space.smallest(), space.largest()] if space else [])
         seed_everything(seed)
         f = features(archs, device["seq_len"], device["batch"])
@@ -183,7 +184,7 @@ def fit_data(data, cfg, names=FEATURES):
     except (UserError, OSError):
         space = None
     pred = LatencyPredictor.fit([data["archs"][i] for i in train], data["ratio"][train], data["ref_ms"],
-                                data["base_ms"], device, names, cfg.width, cfg.steps, cfg.lr, cfg.seed, space)
+                                data["base_ms"], device, names, steps=cfg.steps, seed=cfg.seed, space=space)
     p = pred.predict([data["archs"][i] for i in test])
     metrics = dict(heldout=accuracy(p, data["ratio"][test] * data["ref_ms"]),
                    heldout_raw=accuracy(p, data["ms"][test]), train=len(train), ref_ms=data["ref_ms"],
@@ -194,9 +195,7 @@ def fit_data(data, cfg, names=FEATURES):
 
 # ------------------------------------------------------------------------------------------------ timing architectures
 
-
 REFERENCE = Arch(4, 512, 2048, 8, 512)  # timed alongside every arch: BERT-S1 of Table 4, ~1/7 of BERT-base
-
 
 BASE_EVERY = 200  # BERT-base is timed at the start of a session and every 200 archs
 
@@ -247,11 +246,19 @@ def relative(record):
 
 
 def load_data(path):
-    """A measured JSONL as arrays: archs, drift-free ratios (ms / the reference's ms timed alongside), raw ms, and
+    """`latency.py measure`'s timings.jsonl (a run folder or the file), checked (a meta line first, then >= 10 timed
+    archs and BERT-base), as arrays: archs, drift-free ratios (ms / the reference's ms timed alongside), raw ms, and
     the reference's and BERT-base's ms (medians over the file)."""
-    records = read_timings(path)
+    folder, path = path, in_folder(path, "timings.jsonl")
+    if not Path(path).exists():
+        raise UserError(f"{path} does not exist: collect it with `python latency.py measure --out {folder}`")
+    records = read_jsonl(path)
+    if not records or records[0].get("kind") != "meta":
+        raise UserError(f"{path} was not written by `latency.py measure`: pass a file that `measure` wrote")
     timed = [r for r in records if r["kind"] == "arch"]
     bases = [relative(r) for r in records if r["kind"] == "base"]
+    if len(timed) < 10 or not bases:
+        raise UserError(f"{path} holds {len(timed)} timed archs: run `latency.py measure` longer (>= 10 needed)")
     ref_ms = float(np.median([r["ref_ms"] for r in records[1:]]))
     return dict(meta=records[0], archs=[Arch.parse(r["arch"]) for r in timed],
                 ratio=np.array([relative(r) for r in timed]), ms=np.array([r["ms"] for r in timed]),
@@ -269,7 +276,6 @@ def archs_to_time(space, n, seed):
 
 
 # --------------------------------------------------------------------------------- the clock and the backends it times
-
 
 BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")  # PyTorch eager; the ONNX export, fp32 or int8-quantized
 
@@ -397,17 +403,7 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def device_info(cfg):
-    """What a latency figure depends on besides the architecture (cfg: latency.TimingConfig's settings)."""
-    info = dict(cpu=cpu_model(), cores=os.cpu_count(), threads=cfg.threads, torch=str(torch.__version__),
-                seq_len=cfg.seq_len, batch=cfg.batch_size, backend=cfg.backend)
-    if cfg.backend != "torch":
-        info["onnxruntime"] = onnx_modules()[1].__version__
-    return info
-
-
 # ---------------------------------------------------------------------------- run folders: timings.jsonl, predictor.pt
-
 
 SPACES = {"pretrain": PRETRAIN_SPACE, "kd": KD_SPACE}  # Table B.1, by name
 
@@ -416,19 +412,6 @@ def in_folder(path, name):
     """A run folder's `name` (an input may also be given as the file itself)."""
     path = Path(path)
     return path / name if path.is_dir() or path.suffix == "" else path
-
-
-@contextlib.contextmanager
-def kept_on_interrupt(path, kind, what, argv=None, script=None, resume=True):
-    """Inside: Ctrl-C (or SIGTERM) becomes Interrupted, saying how many records of `kind` the JSONL file `path`
-    keeps and the command that continues: the same one, with --resume where `resume` asks for it."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        kept = sum(r["kind"] == kind for r in read_jsonl(path)) if Path(path).exists() else 0
-        argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-        again = command_line(argv + (["--resume"] if resume and "--resume" not in argv else []), script)
-        raise Interrupted(f"the {kept} {what} so far are kept in {path}; continue with: {again}") from None
 
 
 def space_from(name):
@@ -443,30 +426,6 @@ def space_from(name):
     if not isinstance(space, dict):
         raise UserError(f"{name} holds no search space: pass a checkpoint written by superplm.py")
     return saved_space(space)
-
-
-def read_timings(path):
-    """The records of `latency.py measure`'s timings.jsonl (a run folder or the file), checked: a meta line first,
-    then >= 10 timed archs and BERT-base."""
-    folder, path = path, in_folder(path, "timings.jsonl")
-    if not Path(path).exists():
-        raise UserError(f"{path} does not exist: collect it with `python latency.py measure --out {folder}`")
-    records = read_jsonl(path)
-    if not records or records[0].get("kind") != "meta":
-        raise UserError(f"{path} was not written by `latency.py measure`: pass a file that `measure` wrote")
-    timed = sum(r["kind"] == "arch" for r in records)
-    if timed < 10 or not any(r["kind"] == "base" for r in records):
-        raise UserError(f"{path} holds {timed} timed archs: run `latency.py measure` longer (>= 10 needed)")
-    return records
-
-
-def check_resumed(path, saved, now):
-    """A file is resumed only with the settings it was begun with: `saved` and `now` (flat dicts) agree on every
-    key of `now` but "device"."""
-    for key, value in now.items():
-        if key != "device" and saved.get(key) != value:
-            raise UserError(f"{path} was measured with {key}={saved.get(key)}, not {value}: pass the same flags to "
-                            "resume it, or another --out")
 
 
 # --------------------------------------------------------------------------------------------- Table 4 on this machine
@@ -494,53 +453,32 @@ def parse_target(text, base_ms):
     return value if m.group(2).lower() == "ms" else base_ms / value
 
 
-def fitted_line(m, seconds, backend, path):
-    """`latency.py fit`'s line: the held-out accuracy of the predictor just fitted (m: its metrics.json)."""
-    h, r = m["heldout"], m["heldout_raw"]
-    print(f"fit on {m['train']} archs in {seconds:.1f}s; held-out {h['n']}: MAPE {h['mape']:.2f}%  "
-          f"RMSE {h['rmse']:.2f}ms  Kendall tau {h['tau']:.3f}  (against raw timings: MAPE {r['mape']:.2f}%, "
-          f"tau {r['tau']:.3f}); BERT-base {m['base_ms']:.1f}ms on {backend} -> {path}")
-
-
-def speedup_table(title, rows, measured, predicted=None):
-    """Table 4 beside this machine (`latency.py table`): rows as TABLE4's; measured and predicted (or None):
-    arch -> speedup over BERT-base."""
-    print(title)
-    print(f"{'setting':8s} {'model':18s} {'arch':18s} {'paper':>7s} {'measured':>9s}"
-          + (" predicted" if predicted is not None else ""))
-    for setting, name, arch, paper in rows:
-        row = f"{setting:8s} {name:18s} {arch:18s} {paper:6.1f}x {measured[arch]:8.1f}x"
-        print(row + (f" {predicted[arch]:8.1f}x" if predicted is not None else ""))
-
-
 # --------------------------------------------------------------------------------------- settings and the command line
-
 
 @dataclass
 class TimingConfig:
-    backend: str = field(default="torch", metadata={"help": "runtime to time on: PyTorch eager, or the ONNX export on "
-                                                            "ONNX Runtime, fp32 or int8 (requirements-onnx.txt)",
-                                                    "choices": BACKENDS})
-    threads: int = field(default=1, metadata={"help": "CPU threads while timing (the paper: a single CPU); one "
-                                                      "thread is timed by its CPU time, more by wall-clock", **COUNT})
-    seq_len: int = field(default=128, metadata={"help": "tokens per input (the paper: 128)", "min": 1, "max": 512})
-    batch_size: int = field(default=1, metadata={"help": "inputs per forward pass (the paper: 1)", **COUNT})
-    warmup_passes: int = field(default=3, metadata={"help": "untimed forward passes before timing", **NONNEGATIVE})
-    repeats: int = field(default=10, metadata={"help": "timed forward passes; their median is the latency", **COUNT})
+    backend: str = flag("torch", "runtime to time on: PyTorch eager, or the ONNX export on ONNX Runtime, fp32 or int8 "
+                                 "(requirements-onnx.txt)", choices=BACKENDS)
+    threads: int = flag(1, "CPU threads while timing (the paper: a single CPU); one thread is timed by its CPU time, "
+                           "more by wall-clock", **COUNT)
+    seq_len: int = flag(128, "tokens per input (the paper: 128)", min=1, max=512)
+    batch_size: int = flag(1, "inputs per forward pass (the paper: 1)", **COUNT)
+    warmup_passes: int = flag(3, "untimed forward passes before timing", **NONNEGATIVE)
+    repeats: int = flag(10, "timed forward passes; their median is the latency", **COUNT)
 
 
 @dataclass
 class MeasureConfig(TimingConfig):
-    preset: str = field(default="paper", metadata={
-        "help": "paper: the settings shown here; tiny: 150 archs, 1 + 3 passes each, a quick look in minutes. A "
-                "preset changes the defaults; flags given still win", "choices": ["paper", "tiny"]})
-    space: str = field(default="pretrain", metadata={"help": "pretrain or kd (Table B.1), or a SuperPLM run folder "
-                                                             "or checkpoint whose search space to sample"})
-    samples: int = field(default=2000, metadata={"help": "distinct architectures to time", **COUNT})
-    out: str = field(default="runs/latency", metadata={"help": "run folder: timings.jsonl, config.json"})
-    seed: int = field(default=0, metadata={"help": "seed of the sampled architectures", **NONNEGATIVE})
-    resume: bool = field(default=False, metadata={"help": "continue (or extend to more --samples) the timings"})
-    overwrite: bool = field(default=False, metadata={"help": "replace the timings in --out"})
+    preset: str = flag("paper", "paper: the settings shown here; tiny: 150 archs, 1 + 3 passes each, a quick look in "
+                                "minutes. A preset changes the defaults; flags given still win",
+                                choices=["paper", "tiny"])
+    space: str = flag("pretrain", "pretrain or kd (Table B.1), or a SuperPLM run folder or checkpoint whose search "
+                                  "space to sample")
+    samples: int = flag(2000, "distinct architectures to time", **COUNT)
+    out: str = flag("runs/latency", "run folder: timings.jsonl, config.json")
+    seed: int = flag(0, "seed of the sampled architectures", **NONNEGATIVE)
+    resume: bool = flag(False, "continue (or extend to more --samples) the timings")
+    overwrite: bool = flag(False, "replace the timings in --out")
 
 
 PRESETS = {"paper": {}, "tiny": dict(samples=150, warmup_passes=1, repeats=3)}
@@ -548,34 +486,37 @@ PRESETS = {"paper": {}, "tiny": dict(samples=150, warmup_passes=1, repeats=3)}
 
 @dataclass
 class FitConfig:
-    timings: str = field(default="runs/latency", metadata={"help": "`latency.py measure`'s run folder (or file)"})
-    out: str = field(default="runs/predictor", metadata={"help": "run folder: predictor.pt, metrics.json, config"})
-    holdout: float = field(default=0.2, metadata={"help": "share of archs held out for MAPE/RMSE/Kendall tau",
-                                                  "gt": 0, "max": 0.9})
-    width: int = field(default=128, metadata={"help": "hidden units of each of the MLP's 3 hidden layers", **COUNT})
-    steps: int = field(default=2000, metadata={"help": "full-batch Adam steps", **COUNT})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (cosine decay to 0)", **POSITIVE})
-    seed: int = field(default=0, metadata={"help": "seed of the split and the initialisation", **NONNEGATIVE})
-    overwrite: bool = field(default=False, metadata={"help": "replace the predictor in --out"})
+    timings: str = flag("runs/latency", "`latency.py measure`'s run folder (or file)")
+    out: str = flag("runs/predictor", "run folder: predictor.pt, metrics.json, config")
+    holdout: float = flag(0.2, "share of archs held out for MAPE/RMSE/Kendall tau", gt=0, max=0.9)
+    steps: int = flag(2000, "full-batch Adam steps", **COUNT)
+    seed: int = flag(0, "seed of the split and the initialisation", **NONNEGATIVE)
+    overwrite: bool = flag(False, "replace the predictor in --out")
 
 
 @dataclass
 class TableConfig(TimingConfig):
-    predictor: str = field(default="", metadata={"help": "a predictor (fit's run folder or its predictor.pt) to "
-                                                         "add predicted speedups; empty: measured ones only"})
+    predictor: str = flag("", "a predictor (fit's run folder or its predictor.pt) to add predicted speedups; empty: "
+                              "measured ones only")
 
 
 def run_measure(cfg, argv=None):
     space = space_from(cfg.space)
+    device = dict(cpu=cpu_model(), cores=os.cpu_count(), threads=cfg.threads, torch=str(torch.__version__),
+                  seq_len=cfg.seq_len, batch=cfg.batch_size, backend=cfg.backend)  # what a latency depends on
+    if cfg.backend != "torch":
+        device["onnxruntime"] = onnx_modules()[1].__version__
     meta = dict(kind="meta", space=cfg.space, seed=cfg.seed, warmup=cfg.warmup_passes, repeats=cfg.repeats,
-                reference=str(reference_for(space)), device=device_info(cfg))
+                reference=str(reference_for(space)), device=device)
     path = Path(cfg.out) / "timings.jsonl"
-    folder = RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="timings.jsonl", argv=argv)
-    with folder as run:
+    with RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="timings.jsonl", argv=argv) as run:
         records = read_appended(path)
         if records:  # resumed: only with the settings it was begun with (older files: on torch)
-            check_resumed(path, dict(records[0], **dict(dict(backend="torch"), **records[0].get("device", {}))),
-                          dict(meta, **meta["device"]))
+            saved = dict(records[0], **{"backend": "torch", **records[0].get("device", {})})
+            for key, value in dict(meta, **meta["device"]).items():
+                if key != "device" and saved.get(key) != value:
+                    raise UserError(f"{path} was measured with {key}={saved.get(key)}, not {value}: pass the same "
+                                    "flags to resume it, or another --out")
         done = sum(r["kind"] == "arch" for r in records)
         archs = archs_to_time(space, cfg.samples, cfg.seed)[done:]
         if not archs:
@@ -586,26 +527,31 @@ def run_measure(cfg, argv=None):
             path.parent.mkdir(parents=True, exist_ok=True)
             append_jsonl(path, meta)
         print(f"timing {len(archs)} archs ({done} done) on {meta['device']['cpu']}, {cfg.threads} thread(s) -> {path}")
-        with tqdm(total=len(archs), unit="arch") as bar, kept_on_interrupt(
-                path, "arch", "archs timed", argv, "latency.py", resume=path.name == "timings.jsonl"):
-            for r in collect(archs, cfg, start=done, reference=reference_for(space)):
-                append_jsonl(path, r)  # every timing is kept at once
-                run.done_first()
-                bar.update(r["kind"] == "arch")
-                bar.set_postfix_str(f"{r['kind']} {r['arch']} {r['ms']:.1f}ms")
+        try:
+            with tqdm(total=len(archs), unit="arch") as bar:
+                for r in collect(archs, cfg, start=done, reference=reference_for(space)):
+                    append_jsonl(path, r)  # every timing is kept at once
+                    run.done_first()
+                    bar.update(r["kind"] == "arch")
+                    bar.set_postfix_str(f"{r['kind']} {r['arch']} {r['ms']:.1f}ms")
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say what is kept and the command that continues
+            kept = sum(r["kind"] == "arch" for r in read_jsonl(path))
+            argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+            again = command_line(argv + ([] if "--resume" in argv else ["--resume"]), "latency.py")
+            raise Interrupted(f"the {kept} archs timed so far are kept in {path}; continue with: {again}") from None
 
 
 def run_fit(cfg, argv=None):
-    path, folder = Path(cfg.out) / "predictor.pt", RunFolder(cfg.out, cfg, overwrite=cfg.overwrite, argv=argv)
-    if path.name != "predictor.pt" and path.exists() and not cfg.overwrite:  # the old --out FILE.pt
-        raise UserError(f"{path} already exists: pass --overwrite to replace it or another --out")
-    with folder:
+    path = Path(cfg.out) / "predictor.pt"
+    with RunFolder(cfg.out, cfg, overwrite=cfg.overwrite, argv=argv):
         t0 = time.time()
         pred, m = fit_data(load_data(cfg.timings), cfg)
         pred.save(path)
-        save_json(dict(m, config=dataclasses.asdict(cfg)),
-                  path.with_name("metrics.json") if path.name == "predictor.pt" else path.with_suffix(".json"))
-    fitted_line(m, time.time() - t0, pred.backend, path)
+        save_json(dict(m, config=dataclasses.asdict(cfg)), path.with_name("metrics.json"))
+    h, r = m["heldout"], m["heldout_raw"]  # the held-out accuracy of the predictor just fitted
+    print(f"fit on {m['train']} archs in {time.time() - t0:.1f}s; held-out {h['n']}: MAPE {h['mape']:.2f}%  "
+          f"RMSE {h['rmse']:.2f}ms  Kendall tau {h['tau']:.3f}  (against raw timings: MAPE {r['mape']:.2f}%, "
+          f"tau {r['tau']:.3f}); BERT-base {m['base_ms']:.1f}ms on {pred.backend} -> {path}")
 
 
 def run_table(cfg, argv=None):
@@ -613,18 +559,21 @@ def run_table(cfg, argv=None):
     archs = list(dict.fromkeys(Arch.parse(a) for _, _, a, _ in TABLE4))
     if pred:
         described = dict(pred.device, backend=pred.backend)
-        for key, flag in (("threads", "threads"), ("seq_len", "seq_len"), ("batch", "batch_size"),
+        for key, name in (("threads", "threads"), ("seq_len", "seq_len"), ("batch", "batch_size"),
                           ("backend", "backend")):
-            if described[key] != getattr(cfg, flag):
+            if described[key] != getattr(cfg, name):
                 raise UserError(f"{cfg.predictor} describes {key}={described[key]}: pass "
-                                f"--{flag.replace('_', '-')} {described[key]}")
+                                f"--{name.replace('_', '-')} {described[key]}")
         pred.check_ranges(archs)
     records = list(tqdm(collect(archs, cfg), total=len(archs) + 1, unit="model"))
     base = np.median([relative(r) for r in records if r["kind"] == "base"])
     measured = {r["arch"]: base / relative(r) for r in records if r["kind"] == "arch"}
-    speedup_table(f"speedup over BERT-base on {cfg.backend}, {cpu_model()}, {cfg.threads} thread(s), batch "
-                  f"{cfg.batch_size}, {cfg.seq_len} tokens" + (f"; predicted by {cfg.predictor}" if pred else ""),
-                  TABLE4, measured, {str(a): pred.speedup(a) for a in archs} if pred else None)
+    print(f"speedup over BERT-base on {cfg.backend}, {cpu_model()}, {cfg.threads} thread(s), batch {cfg.batch_size}, "
+          f"{cfg.seq_len} tokens" + (f"; predicted by {cfg.predictor}" if pred else ""))
+    print(f"{'setting':8s} {'model':18s} {'arch':18s} {'paper':>7s} {'measured':>9s}" + (" predicted" if pred else ""))
+    for setting, name, arch, paper in TABLE4:  # Table 4 beside this machine
+        row = f"{setting:8s} {name:18s} {arch:18s} {paper:6.1f}x {measured[arch]:8.1f}x"
+        print(row + (f" {pred.speedup(arch):8.1f}x" if pred else ""))
 
 
 COMMANDS = {"measure": (MeasureConfig, run_measure, "time sampled architectures into OUT/timings.jsonl"),

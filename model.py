@@ -73,8 +73,6 @@ class Arch:
 
 
 BERT_BASE = Arch(12, 768, 3072, 12, 768)
-
-
 SUPERPLM = Arch(8, 768, 3072, 12, 768)  # §3.4
 
 
@@ -119,22 +117,18 @@ class SearchSpace:
         return Arch(max(self.layers), max(self.hidden), max(self.ffn), max(self.heads), max(self.choices("qkv")))
 
     def smallest(self) -> Arch:
-        heads = min(self.heads)
-        qkv = self.head_dim * heads if self.qkv is None else min(self.qkv)
-        return Arch(min(self.layers), min(self.hidden), min(self.ffn), heads, qkv)
+        return Arch(min(self.layers), min(self.hidden), min(self.ffn), min(self.heads), min(self.choices("qkv")))
 
 
 # Table B.1. The paper says "about 46M and 10M"; the ranges give 11.4M (pre-training) and 47.5M (distillation).
 PRETRAIN_SPACE = SearchSpace(layers=grid(1, 8, 1), hidden=grid(128, 768, 4), ffn=grid(128, 3072, 4),
                              heads=grid(1, 12, 1))
 
-
 KD_SPACE = SearchSpace(layers=grid(1, 8, 1), hidden=grid(128, 768, 4), ffn=grid(128, 3072, 4),
                        heads=(12,), qkv=grid(180, 768, 12))
 
 
 # --------------------------------------------------------------------------------------------- the elastic BERT (§3.4)
-
 
 def sub(p, *sizes, shape=None):
     """The leading block p.view(shape)[:a, :b, ...]. All of §3.4's sub-matrix extraction goes through here.
@@ -364,7 +358,6 @@ def extract(superplm: Bert, arch: Arch) -> Bert:
 
 # --------------------------------------------------------------------------------------- AdamW and the schedule (§4.1)
 
-
 def learning_rate(step, total, peak, warmup):
     """§4.1: linear warm-up over the first `warmup` share of the steps, then linear decay to 0."""
     w = int(warmup * total)
@@ -373,8 +366,8 @@ def learning_rate(step, total, peak, warmup):
     return peak * max(0.0, (total - step) / max(1, total - w))
 
 
-def make_optimizer(params, lr, weight_decay, eps=1e-6):
-    """AdamW; no weight decay on biases and LayerNorm (BERT)."""
+def make_optimizer(params, lr, weight_decay=0.01, eps=1e-6):
+    """AdamW with BERT's weight decay and epsilon (the paper does not tune them); no decay on biases and LayerNorm."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     rest = [p for p in params if p.dim() < 2]
@@ -389,7 +382,6 @@ def make_optimizer(params, lr, weight_decay, eps=1e-6):
 
 # transformers' classes for any qkv: modeling_autotinybert.py, written into every saved folder
 HF_MODELING = Path(__file__).parent / "hf" / "modeling_autotinybert.py"
-
 
 HF_AUTO_MAP = {f"AutoModel{task}": f"modeling_autotinybert.AutoTinyBert{task or 'Model'}"
                for task in ("", "ForMaskedLM", "ForSequenceClassification", "ForQuestionAnswering")}
@@ -439,35 +431,27 @@ def _hf_names(layers, emb_proj):
     return pairs
 
 
-def hf_state_dict(model, prefix="bert."):
-    """Our state dict under transformers' BertForMaskedLM names."""
-    ours = model.state_dict()
-    out = {(hf if hf.startswith("cls.") else prefix + hf): ours[name]
-           for name, hf in _hf_names(model.arch.layers, model.emb_proj is not None)}
-    out["cls.predictions.decoder.weight"] = ours["word.weight"]
-    out["cls.predictions.decoder.bias"] = ours["mlm_bias"]
-    return out
-
-
 def save_pretrained(model, folder, head=None, **config_fields):
     """Write config.json + model.safetensors as transformers' BertForMaskedLM does, plus the modeling file
     that lets stock transformers load any qkv (trust_remote_code=True; a plain BERT loads without it).
     `head`: more tensors under transformers' names (a fine-tuned head); `config_fields` go into config.json."""
     a, c = model.arch, model.cfg
     config = dict(architectures=["BertForMaskedLM"], auto_map=HF_AUTO_MAP, model_type="bert",
-                  vocab_size=c["vocab_size"],
-                  hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.heads,
-                  intermediate_size=a.ffn, hidden_act=c["act"], hidden_dropout_prob=c["dropout"],
-                  attention_probs_dropout_prob=c["dropout"], max_position_embeddings=c["max_position"],
-                  type_vocab_size=c["type_vocab"], layer_norm_eps=c["eps"], initializer_range=0.02,
-                  pad_token_id=0)
+                  vocab_size=c["vocab_size"], hidden_size=a.hidden, num_hidden_layers=a.layers,
+                  num_attention_heads=a.heads, intermediate_size=a.ffn, hidden_act=c["act"],
+                  hidden_dropout_prob=c["dropout"], attention_probs_dropout_prob=c["dropout"],
+                  max_position_embeddings=c["max_position"], type_vocab_size=c["type_vocab"], layer_norm_eps=c["eps"],
+                  initializer_range=0.02, pad_token_id=0)
     if a.qkv != a.hidden:
         config["qkv_size"] = a.qkv
     if c["embedding_size"]:
         config["embedding_size"] = c["embedding_size"]
     config.update(config_fields)
-    tensors = {k: v.detach().contiguous().clone() for k, v in dict(hf_state_dict(model), **(head or {})).items()
-               if k != "cls.predictions.decoder.weight"}  # tied: safetensors stores no shared tensors
+    ours = model.state_dict()  # under BertForMaskedLM's names, but for the decoder's weight: the embedding (tied)
+    tensors = {(hf if hf.startswith("cls.") else "bert." + hf): ours[name]
+               for name, hf in _hf_names(a.layers, model.emb_proj is not None)}
+    tensors.update({"cls.predictions.decoder.bias": ours["mlm_bias"], **(head or {})})
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     Path(folder).mkdir(parents=True, exist_ok=True)
     atomic_write(Path(folder) / "model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
     modeling = HF_MODELING.read_text()  # copied as text: the product never imports it
@@ -482,12 +466,11 @@ def from_pretrained(folder, mha="heads", dropout=None):
     arch = Arch(config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"],
                 config["num_attention_heads"], qkv)
     emb = config.get("embedding_size")
-    model = Bert(arch, vocab_size=config["vocab_size"], mha=mha,
-                max_position=config.get("max_position_embeddings", 512),
-                type_vocab=config.get("type_vocab_size", 2), eps=config.get("layer_norm_eps", 1e-12),
-                act=config.get("hidden_act", "gelu"),
-                dropout=config.get("hidden_dropout_prob", 0.1) if dropout is None else dropout,
-                embedding_size=emb if emb and emb != arch.hidden else None)
+    model = Bert(arch, vocab_size=config["vocab_size"], mha=mha, act=config.get("hidden_act", "gelu"),
+                 max_position=config.get("max_position_embeddings", 512),
+                 type_vocab=config.get("type_vocab_size", 2), eps=config.get("layer_norm_eps", 1e-12),
+                 dropout=config.get("hidden_dropout_prob", 0.1) if dropout is None else dropout,
+                 embedding_size=emb if emb and emb != arch.hidden else None)
     ours = {}
     for name, hf in _hf_names(arch.layers, model.emb_proj is not None):
         for key in (hf, "bert." + hf, "electra." + hf, hf.replace("weight", "gamma").replace("bias", "beta")):

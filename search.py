@@ -28,7 +28,7 @@ import random
 import shutil
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -39,9 +39,9 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import finetune
-from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, Interrupted, NONNEGATIVE, RunFolder, SHARE, UserError,
-                    append_jsonl, atomic_write, command_line, config_values, end_distributed, init_distributed,
-                    parse_flags, rank0_first, read_jsonl, resolve_compute, run_main, save_json, seed_everything,
+from common import (COUNT, DEVICE_HELP, DTYPES, DTYPE_HELP, Interrupted, NONNEGATIVE, RunFolder, SHARE, UserError,
+                    append_jsonl, command_line, config_values, end_distributed, flag, init_distributed, parse_flags,
+                    rank0_first, read_appended, read_jsonl, resolve_compute, run_main, save_json, seed_everything,
                     stop_after_step, to_device, torch_load)
 from data import build_dataset, load_tokenizer, mask_tokens, masked_positions, split, tokenizer_files
 from latency import LatencyPredictor, parse_target
@@ -50,7 +50,6 @@ from superplm import MLM, checkpoint_path, load_superplm
 
 
 # -------------------------------------------------------------------------------------------- Algorithm 2 (Appendix C)
-
 
 def evolve(space, score, budget, generations=4, population=25, p_mutate=0.5, p_explore=0.5, seed=0, parents=None,
            scale=None, window=0.0, cache=None, on_generation=None, max_draws=None):
@@ -99,9 +98,7 @@ def evolve(space, score, budget, generations=4, population=25, p_mutate=0.5, p_e
 ELITE = dict(p_mutate=0.8, p_explore=0.2, parents=5, scale=0.1, window=0.85)
 
 
-def evolve_elite(space, score, budget, **settings):
-    """Algorithm 2's loop with ELITE's settings (any of them can be overridden)."""
-    return evolve(space, score, budget, **{**ELITE, **settings})
+evolve_elite = partial(evolve, **ELITE)  # Algorithm 2's loop with ELITE's settings (any of them can be overridden)
 
 
 def roulette(candidates, rng):
@@ -153,7 +150,6 @@ def with_values(space, values):
 
 
 # --------------------------------------------------------------------------------------- the latency constraint (§3.5)
-
 
 class Budget:
     """The latency constraint of §3.5, lat(arch) <= budget_ms, with a cache: `latency` is asked once per arch. A
@@ -229,7 +225,6 @@ def random_search(space, score, budget, n=100, seed=0, window=0.0, cache=None, o
 
 # ----------------------------------------------------------------------- AutoTinyBERT-Fast (§4.4) and BERT-S (Table 1)
 
-
 FFN_RULE, QKV_RULE = (1.6, 1.9), (0.7, 1.0)  # §4.4: 1.6 dm <= df <= 1.9 dm and 0.7 dm <= dqkv <= 1.0 dm
 
 
@@ -290,7 +285,6 @@ METHODS = {"evolve": evolve, "evolve-elite": evolve_elite, "random": random_sear
 
 # ----------------------------------------------------------------- the evaluator (§3.5): score(arch), higher is better
 
-
 @dataclass
 class Candidate:
     """One scored architecture: its score (higher is better), predicted latency and the generation it entered."""
@@ -329,9 +323,6 @@ class Evaluations:
         self.seen.update(archs)
         self.done += out
         return out
-
-
-SCORE_NAMES = {"mlm": "score = -(masked-LM loss)", "finetune": "score = (MNLI acc + SQuAD F1) / 2"}
 
 
 class MLMScore:
@@ -412,7 +403,7 @@ def make_score(cfg, model, tokenizer, ckpt, compute):
                         "use --evaluator finetune")
     c = ckpt["config"]
     return MLMScore(model, tokenizer, cfg.eval_corpus or c["corpus"], c["seq_len"], c["cache_dir"], cfg.eval_rows,
-                    cfg.batch_size, cfg.seed, compute)
+                    seed=cfg.seed, compute=compute)
 
 
 class Shared:
@@ -466,20 +457,16 @@ class Shared:
 
 # ------------------------------------------------- the run folder: candidates.jsonl, scored.json, top.json, search.png
 
-
-def open_search(cfg, folder, resumable):
+def open_search(cfg, folder):
     """(config, records of the candidates scored before) of a search in `folder` (a RunFolder). OUT/candidates.jsonl
     holds one line per scored architecture: --resume replays the same seeded search over those scores, with the
-    saved config (only the flags in `resumable` may change), so that it ends as an uninterrupted search would."""
-    state = folder.path / "candidates.jsonl"
+    saved config (only RESUMABLE's flags may change), so that it ends as an uninterrupted search would."""
     if cfg.resume and folder.old_record:  # the saved search wins, so that the replay is exact
         saved = config_values(type(cfg), json.loads(folder.old_record))
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in resumable})
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in RESUMABLE})
         folder.update(cfg)
-    records = {Arch.parse(r["arch"]): r for r in (read_jsonl(state) if state.exists() else [])}
-    if records:  # rewritten whole: a torn last line from a killed run would spoil the lines appended after it
-        atomic_write(state, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records.values())))
-    return cfg, records
+    records = read_appended(folder.path / "candidates.jsonl")  # a torn last line (a killed run) is cut first
+    return cfg, {Arch.parse(r["arch"]): r for r in records}
 
 
 class SearchRecord:
@@ -537,23 +524,7 @@ def search_figure(rows, top, target_speedup, path, title, ylabel):
     return path
 
 
-SEARCH_COLUMNS = ("arch", "score", "latency", "generation", "speedup")  # a row's own; the rest: the evaluator's
-
-
-def print_search_top(top, n_scored, target, budget_ms, method, evaluator):
-    """The top rows of a search, with the evaluator's own numbers (masked-LM loss, MNLI accuracy, ...) beside."""
-    extra = sorted({k for r in top for k in r} - set(SEARCH_COLUMNS))
-    print(f"\ntop {len(top)} of {n_scored} scored architectures (layers-hidden-ffn-heads-qkv) for {target} = "
-          f"{budget_ms:.4g} ms, by {method} with the {evaluator} evaluator:")
-    print(f"{'rank':>4}  {'architecture':20s} {'latency ms':>10} {'speedup':>8} {'score':>9}"
-          + "".join(f" {k:>9}" for k in extra))
-    for i, r in enumerate(top, 1):
-        print(f"{i:>4}  {r['arch']:20s} {r['latency']:10.4g} {r['speedup']:7.2f}x {r['score']:9.4f}"
-              + "".join(f" {r.get(k, float('nan')):9.4f}" for k in extra))
-
-
 # --------------------------------------------------------------------------------------- settings and the command line
-
 
 PRESETS = {"default": {},
            "tiny": dict(target="40x", superplm="runs/superplm-tiny", out="runs/search-tiny"),
@@ -562,63 +533,48 @@ PRESETS = {"default": {},
 
 @dataclass
 class Config:
-    preset: str = field(default="default", metadata={
-        "help": "default: the settings shown; tiny: 100 candidates of `superplm.py --preset tiny`'s SuperPLM, about "
-                "2 minutes on 2 CPU cores; paper: Algorithm 2 as in App. C (evolve, T = 4, S = 25, pm = pe = 1/2) "
-                "with the paper's evaluator, one epoch of the whole MNLI and SQuAD per candidate (the paper does not "
-                "say how long). A preset changes the defaults; flags given still win", "choices": list(PRESETS)})
-    target: str = field(default="7x", metadata={"help": "latency target: a speedup over BERT-base ('7x', Table 4) "
-                                                        "or a budget in ms ('40ms')"})
-    superplm: str = field(default="runs/superplm", metadata={"help": "SuperPLM run folder or checkpoint.pt "
-                                                                     "(superplm.py)"})
-    latency: str = field(default="runs/predictor", metadata={"help": "latency predictor: `latency.py fit`'s run "
-                                                                     "folder or its predictor.pt"})
-    method: str = field(default="evolve-elite", metadata={
-        "help": "evolve: Algorithm 2 with the paper's settings; evolve-elite: pm/pe 0.8/0.2, elitist rank parents, "
-                "wider mutation, latency window 0.85-1x (beats random search more often, bench/search_quality.py); "
-                "random; fast: §4.4's rule", "choices": ["evolve", "evolve-elite", "random", "fast"]})
-    evaluator: str = field(default="mlm", metadata={
-        "help": "mlm: -(masked-LM loss) of the sub-model inside the SuperPLM (fast); finetune: the paper's average "
-                "of MNLI accuracy and SQuAD F1 after a short fine-tuning (finetune.py)",
-        "choices": ["mlm", "finetune"]})
-    generations: int = field(default=4, metadata={"help": "T of Algorithm 2 (random search scores T x S archs)",
-                                                  **COUNT})
-    population: int = field(default=25, metadata={"help": "S of Algorithm 2: architectures per generation", **COUNT})
-    p_mutate: Optional[float] = field(default=None, metadata={
-        "help": "pm of Algorithm 2 (random and fast have none); the default follows --method: evolve 0.5 (the "
-                "paper's), evolve-elite 0.8", **SHARE})
-    p_explore: Optional[float] = field(default=None, metadata={
-        "help": "pe of Algorithm 2 (random and fast have none); the default follows --method: evolve 0.5 (the "
-                "paper's), evolve-elite 0.2",
-        **SHARE})
-    top: int = field(default=3, metadata={"help": "architectures reported and extracted (§3.6: the top three)",
-                                          **COUNT})
-    extract: bool = field(default=False, metadata={"help": "save the top architectures as Hugging Face BERT "
-                                                           "folders (with the vocabulary) in OUT/top/"})
-    out: str = field(default="runs/search", metadata={"help": "run folder: results, state, figure"})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted search in --out"})
-    overwrite: bool = field(default=False, metadata={"help": "replace the search in --out"})
-    seed: int = field(default=0, metadata={"help": "seed of the search, the masks and the fine-tuning",
-                                           **NONNEGATIVE})
-    device: str = field(default="auto", metadata={"help": "the evaluator's device. " + DEVICE_HELP})
-    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
-    eval_corpus: str = field(default="", metadata={"help": "mlm: corpus spec of the scored text (data.py); "
-                                                           "empty: the SuperPLM's own"})
-    eval_rows: int = field(default=256, metadata={"help": "mlm: held-out sequences scored (at most the corpus's "
-                                                          "held-out tail, data.split)", **COUNT})
-    batch_size: int = field(default=32, metadata={"help": "mlm: sequences per forward pass", **COUNT})
-    mnli_data: str = field(default="", metadata={"help": "finetune: MNLI folder (GLUE layout); empty: datasets"})
-    squad_data: str = field(default="", metadata={"help": "finetune: folder of SQuAD v1.1 JSON; empty: datasets"})
-    ft_epochs: int = field(default=1, metadata={"help": "finetune: epochs per task", **COUNT})
-    ft_train_examples: int = field(default=2000, metadata={"help": "finetune: training examples per task (0: all)",
-                                                           **NONNEGATIVE})
-    ft_eval_examples: int = field(default=1000, metadata={"help": "finetune: dev examples per task (0: all)",
-                                                          **NONNEGATIVE})
+    preset: str = flag("default", "default: the settings shown; tiny: 100 candidates of `superplm.py --preset tiny`'s "
+                                  "SuperPLM, about 2 minutes on 2 CPU cores; paper: Algorithm 2 as in App. C (evolve, "
+                                  "T = 4, S = 25, pm = pe = 1/2) with the paper's evaluator, one epoch of the whole "
+                                  "MNLI and SQuAD per candidate (the paper does not say how long). A preset changes "
+                                  "the defaults; flags given still win", choices=list(PRESETS))
+    target: str = flag("7x", "latency target: a speedup over BERT-base ('7x', Table 4) or a budget in ms ('40ms')")
+    superplm: str = flag("runs/superplm", "SuperPLM run folder or checkpoint.pt (superplm.py)")
+    latency: str = flag("runs/predictor", "latency predictor: `latency.py fit`'s run folder or its predictor.pt")
+    method: str = flag("evolve-elite", "evolve: Algorithm 2 with the paper's settings; evolve-elite: pm/pe 0.8/0.2, "
+                                       "elitist rank parents, wider mutation, latency window 0.85-1x (beats random "
+                                       "search more often, bench/search_quality.py); random; fast: §4.4's rule",
+                                       choices=["evolve", "evolve-elite", "random", "fast"])
+    evaluator: str = flag("mlm", "mlm: -(masked-LM loss) of the sub-model inside the SuperPLM (fast); finetune: the "
+                                 "paper's average of MNLI accuracy and SQuAD F1 after a short fine-tuning "
+                                 "(finetune.py)", choices=["mlm", "finetune"])
+    generations: int = flag(4, "T of Algorithm 2 (random search scores T x S archs)", **COUNT)
+    population: int = flag(25, "S of Algorithm 2: architectures per generation", **COUNT)
+    p_mutate: Optional[float] = flag(None, "pm of Algorithm 2 (random and fast have none); the default follows "
+                                           "--method: evolve 0.5 (the paper's), evolve-elite 0.8", **SHARE)
+    p_explore: Optional[float] = flag(None, "pe of Algorithm 2 (random and fast have none); the default follows "
+                                            "--method: evolve 0.5 (the paper's), evolve-elite 0.2", **SHARE)
+    top: int = flag(3, "architectures reported and extracted (§3.6: the top three)", **COUNT)
+    extract: bool = flag(False, "save the top architectures as Hugging Face BERT folders (with the vocabulary) in "
+                                "OUT/top/")
+    out: str = flag("runs/search", "run folder: results, state, figure")
+    resume: bool = flag(False, "continue an interrupted search in --out")
+    overwrite: bool = flag(False, "replace the search in --out")
+    seed: int = flag(0, "seed of the search, the masks and the fine-tuning", **NONNEGATIVE)
+    device: str = flag("auto", "the evaluator's device. " + DEVICE_HELP)
+    dtype: str = flag("auto", DTYPE_HELP, choices=["auto", *DTYPES])
+    eval_corpus: str = flag("", "mlm: corpus spec of the scored text (data.py); empty: the SuperPLM's own")
+    eval_rows: int = flag(256, "mlm: held-out sequences scored (at most the corpus's held-out tail, data.split)",
+                               **COUNT)
+    mnli_data: str = flag("", "finetune: MNLI folder (GLUE layout); empty: datasets")
+    squad_data: str = flag("", "finetune: folder of SQuAD v1.1 JSON; empty: datasets")
+    ft_epochs: int = flag(1, "finetune: epochs per task", **COUNT)
+    ft_train_examples: int = flag(2000, "finetune: training examples per task (0: all)", **NONNEGATIVE)
+    ft_eval_examples: int = flag(1000, "finetune: dev examples per task (0: all)", **NONNEGATIVE)
 
 
 PROBABILITIES = {"evolve": dict(p_mutate=0.5, p_explore=0.5),  # pm and pe of each method, as --help shows them
                  "evolve-elite": dict(p_mutate=ELITE["p_mutate"], p_explore=ELITE["p_explore"])}
-
 
 RESUMABLE = ("resume", "overwrite", "out", "device", "dtype", "extract", "top")  # flags a resumed search may change
 
@@ -664,7 +620,7 @@ def main(argv=None):
     folder = RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="candidates.jsonl", argv=argv) if rank == 0 \
         else nullcontext()  # worker 0 owns the run folder
     with folder:
-        opened = [open_search(cfg, folder, RESUMABLE) if rank == 0 else None]  # a resumed search: its saved settings
+        opened = [open_search(cfg, folder) if rank == 0 else None]  # a resumed search: its saved settings
         if world > 1:
             dist.broadcast_object_list(opened)
         cfg, records = opened[0]
@@ -707,14 +663,24 @@ def main(argv=None):
 def finish(cfg, results, rows, budget, predictor, model, tokenizer):
     """Worker 0 after the search: scored.json, top.json, the figure, the printed top and (--extract) the models."""
     out, top = Path(cfg.out), results[:cfg.top]
-    save_json(rows(results), out / "scored.json")
+    scored, best = rows(results), rows(top)
+    save_json(scored, out / "scored.json")
     save_json(dict(target=cfg.target, budget_ms=budget.budget_ms, base_ms=predictor.base_ms, backend=predictor.backend,
                    method=cfg.method, evaluator=cfg.evaluator, superplm=str(cfg.superplm), best=str(top[0].arch),
-                   top=rows(top)), out / "top.json")
-    made = [out / "top.json", out / "scored.json", out / "candidates.jsonl"]
-    made.append(search_figure(rows(results), rows(top), predictor.base_ms / budget.budget_ms, out / "search.png",
-                              f"{cfg.method} search for {cfg.target}", SCORE_NAMES[cfg.evaluator]))
-    print_search_top(rows(top), len(results), cfg.target, budget.budget_ms, cfg.method, cfg.evaluator)
+                   top=best), out / "top.json")
+    ylabel = {"mlm": "score = -(masked-LM loss)", "finetune": "score = (MNLI acc + SQuAD F1) / 2"}[cfg.evaluator]
+    made = [out / "top.json", out / "scored.json", out / "candidates.jsonl",
+            search_figure(scored, best, predictor.base_ms / budget.budget_ms, out / "search.png",
+                          f"{cfg.method} search for {cfg.target}", ylabel)]
+    # the top rows, with the evaluator's own numbers (masked-LM loss, MNLI accuracy, ...) beside
+    extra = sorted({k for r in best for k in r} - {"arch", "score", "latency", "generation", "speedup"})
+    print(f"\ntop {len(top)} of {len(results)} scored architectures (layers-hidden-ffn-heads-qkv) for {cfg.target} = "
+          f"{budget.budget_ms:.4g} ms, by {cfg.method} with the {cfg.evaluator} evaluator:")
+    print(f"{'rank':>4}  {'architecture':20s} {'latency ms':>10} {'speedup':>8} {'score':>9}"
+          + "".join(f" {k:>9}" for k in extra))
+    for i, r in enumerate(best, 1):
+        print(f"{i:>4}  {r['arch']:20s} {r['latency']:10.4g} {r['speedup']:7.2f}x {r['score']:9.4f}"
+              + "".join(f" {r.get(k, float('nan')):9.4f}" for k in extra))
     if cfg.extract:
         made += [save_model(model, c.arch, tokenizer, out / "top" / f"{i}-{c.arch}") for i, c in enumerate(top, 1)]
     print("\nwrote " + ", ".join(str(p) for p in made))

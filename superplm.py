@@ -22,7 +22,7 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -32,10 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, Interrupted, NONNEGATIVE, POSITIVE, RunFolder, SHARE,
-                    UserError, append_jsonl, command_line, config_parser, config_values, end_distributed,
-                    init_distributed, keep_jsonl, parse_flags, rank0_first, resolve_compute, run_main,
-                    seed_everything, stop_after_step, torch_load, torch_save)
+from common import (COUNT, DEVICE_HELP, DTYPES, DTYPE_HELP, Interrupted, NONNEGATIVE, POSITIVE, RunFolder, SHARE,
+                    UserError, append_jsonl, command_line, config_parser, config_values, end_distributed, flag,
+                    init_distributed, keep_jsonl, parse_flags, rank0_first, resolve_compute, run_main, seed_everything,
+                    stop_after_step, torch_load, torch_save)
 from data import (DataConfig, batches, derive_seed, masked_positions, prefetch, prepare, save_tokenizer, split,
                   steps_per_epoch)
 from distill import KDObjective, check_compatible, load_teacher
@@ -44,7 +44,6 @@ from model import (Arch, Bert, SearchSpace, SUPERPLM, extract, grid, in_place_gr
 
 
 # --------------------------------------------------------------------------------------------------------- Algorithm 1
-
 
 def sample_arch(space, seed, step, rank, m) -> Arch:
     """Algorithm 1, line 7: the m-th sub-model of worker `rank` at `step`. The authors' code seeded with (step, m)
@@ -82,7 +81,10 @@ def accumulate(model, objective, batch, space, M, seed, step, rank, autocast=nul
     return archs, stats
 
 
-def update(flat, world, optimizer, lr, clip):
+CLIP = 1.0  # BERT's: the global gradient norm is clipped to 1 (the paper does not tune it)
+
+
+def update(flat, world, optimizer, lr, clip=CLIP):
     """Algorithm 1, line 11: average the gradients over the workers, clip them, one AdamW step."""
     if world > 1:
         dist.all_reduce(flat)  # sum of every worker's gradients, parameters a sample missed count as zero
@@ -111,12 +113,17 @@ def run(cfg, argv=None, on_save=None, init=None):
             for p in params:
                 dist.broadcast(p.data, 0)
         flat = flat_grads(params)
-        optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay, cfg.adam_eps)
+        optimizer = make_optimizer(params, cfg.lr)  # BERT's weight decay and epsilon
         spe = steps_per_epoch(dataset, cfg.batch_size)
         total = cfg.steps or cfg.epochs * spe
         step = restore_superplm(ckpt, optimizer, len(dataset)) if ckpt else 0
         log = Log(cfg, rank, world, device, step, total)
-        log.start(model, space, compute, len(dataset), spe, resumed=ckpt is not None)
+        if rank == 0:  # the run's first line
+            n = sum(p.numel() for p in model.parameters())
+            log.write(f"{f'resuming at step {step}' if ckpt else 'training'} {model.arch} ({n / 1e6:.1f}M parameters, "
+                      f"{cfg.objective}) on {world} worker(s), {compute}: {total} steps of {cfg.batch_size} x "
+                      f"{cfg.seq_len} tokens, {len(dataset)} sequences ({spe} steps/epoch), M={cfg.sub_models}, "
+                      f"space of {space.size():,} archs")
         with stop_after_step() as stop:
             while step < total:
                 epoch, pos = divmod(step, spe)
@@ -127,7 +134,7 @@ def run(cfg, argv=None, on_save=None, init=None):
                     archs, stats = accumulate(model, objective, batch, space, cfg.sub_models, cfg.seed, step, rank,
                                               compute.autocast)  # lines 6-10
                     lr = learning_rate(step, total, cfg.lr, cfg.warmup)
-                    update(flat, world, optimizer, lr, cfg.clip)  # line 11
+                    update(flat, world, optimizer, lr)  # line 11
                     step += 1
                     log.step(step, epoch, lr, stats, archs)
                     stopping = stopped(stop, world, device)
@@ -151,7 +158,6 @@ def run(cfg, argv=None, on_save=None, init=None):
 
 # ------------------------------------------------------------------------------------------- search space and sampling
 
-
 def space_for(superplm: Arch, mha="heads") -> SearchSpace:
     """Table B.1's ranges scaled to a SuperPLM: for 8-768-3072-12-768 exactly PRETRAIN_SPACE ("heads") or
     KD_SPACE ("dims"). Hidden from 1/6 and ffn from 1/24 of the maximum in steps of 4; "dims" keeps every head
@@ -170,7 +176,6 @@ def single(arch: Arch) -> SearchSpace:
 
 # ---------------------------------------------------------------------------------------------------------- objectives
 
-
 class MLM(nn.Module):
     """BERT's masked-LM loss (pre-training, §4.1). Logits are computed only at the masked positions.
 
@@ -187,15 +192,7 @@ class MLM(nn.Module):
         return loss, {"acc": ((logits.argmax(-1) == labels).sum() / n).detach()}
 
 
-def make_objective(cfg, model, space, teacher):
-    if cfg.objective == "mlm":
-        return MLM()
-    check_compatible(teacher, model, space)
-    return KDObjective(teacher, model.arch.hidden)
-
-
 # -------------------------------------------------------------------------------------------- what the run starts from
-
 
 def setup(cfg, rank, world, device, ckpt=None, init=None):
     """(model, space, objective, training rows) of a run: its weights and KD projection are the run's own checkpoint
@@ -219,7 +216,9 @@ def setup(cfg, rank, world, device, ckpt=None, init=None):
     model, space = build_model(cfg, tok.get_vocab_size(), start)
     if rank == 0 and not ckpt:
         save_tokenizer(tok, Path(cfg.out))
-    objective = make_objective(cfg, model, space, teacher)
+    if teacher is not None:
+        check_compatible(teacher, model, space)
+    objective = MLM() if teacher is None else KDObjective(teacher, model.arch.hidden)
     if ckpt:
         objective.load_state_dict(ckpt["objective_state"])
     elif cfg.init and cfg.objective == "kd" and init.get("objective") == "kd":  # an MLM SuperPLM has none
@@ -258,7 +257,9 @@ def save_superplm(out, model, space, objective, optimizer, cfg, step, total, spe
                     objective=cfg.objective, objective_state=objective.state_dict(),
                     tokenizer=str((Path(out) / "tokenizer.json").resolve()), optimizer=optimizer.state_dict(),
                     schedule=dict(total=total, warmup=cfg.warmup, peak=cfg.lr), step=step,
-                    data=dict(epoch=step // spe, batch=step % spe, rows=rows), rng=rng_states(),
+                    data=dict(epoch=step // spe, batch=step % spe, rows=rows),
+                    rng=dict(python=random.getstate(), torch=torch.get_rng_state(),  # a resumed run draws the same
+                             cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
                     config=dataclasses.asdict(cfg)), Path(out) / "checkpoint.pt")
 
 
@@ -291,19 +292,6 @@ def load_superplm(path, ckpt=None):
     return model.eval(), space, str(beside if beside.exists() else ckpt["tokenizer"])
 
 
-def rng_states():
-    """Every random generator's state, saved in a checkpoint so that a resumed run draws what it would have."""
-    return dict(python=random.getstate(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
-def set_rng_states(s):
-    random.setstate(s["python"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"]:
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 def resume_superplm(cfg, folder, rank):
     """--resume: (the run's checkpoint, its saved settings with this command's --out, --device and --dtype), with
     config.json and metrics.jsonl brought back to that checkpoint (no step logged twice); else (None, cfg)."""
@@ -326,7 +314,10 @@ def restore_superplm(ckpt, optimizer, rows):
         raise UserError(f"the corpus now gives {rows} sequences, the checkpoint's {ckpt['data']['rows']}: "
                         "resume with the corpus and --seq-len the run started with")
     optimizer.load_state_dict(ckpt["optimizer"])
-    set_rng_states(ckpt["rng"])
+    random.setstate(ckpt["rng"]["python"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if ckpt["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     return ckpt["step"]
 
 
@@ -339,27 +330,21 @@ def stopped(stop, world, device):
     return bool(flag.item())
 
 
-def resume_command(script, out):
-    """The command that continues the run in `out`: as many workers again under torchrun (per node, with the same
-    rendezvous flags)."""
-    command = command_line(["--out", out, "--resume"], script)
-    if "WORLD_SIZE" in os.environ:
-        command = command.replace("python", f"torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']}", 1)
-    return command
-
-
 def interrupt(cfg, stop, step, total, rank, world):
-    """superplm.py stops after a signal, its step saved: rank 0 says how to resume, the other workers leave."""
+    """superplm.py stops after a signal, its step saved: rank 0 says how to resume (as many workers again under
+    torchrun), the other workers leave."""
     if world > 1:
         dist.barrier()
         if rank:
             sys.exit(130)
+    command = command_line(["--out", cfg.out, "--resume"], "superplm.py")
+    if "WORLD_SIZE" in os.environ:
+        command = command.replace("python", f"torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']}", 1)
     raise Interrupted(f"{stop.signal or 'a signal'} at step {step}/{total}: saved {Path(cfg.out) / 'checkpoint.pt'}; "
-                      f"resume with: {resume_command('superplm.py', cfg.out)}")
+                      f"resume with: {command}")
 
 
 # ------------------------------------------------------------------------------------------------------------ progress
-
 
 class Log:
     """Rank 0's progress bar, and every log_every steps one line (terminal and log.txt) and one metrics.jsonl
@@ -374,14 +359,6 @@ class Log:
         self.bar.write(line)
         with open(Path(self.cfg.out) / "log.txt", "a") as f:
             f.write(line + "\n")
-
-    def start(self, model, space, compute, rows, spe, resumed):  # the run's first line
-        cfg, n = self.cfg, sum(p.numel() for p in model.parameters())
-        if self.rank == 0:
-            self.write(f"{'resuming at step ' + str(self.steps0) if resumed else 'training'} {model.arch} "
-                       f"({n / 1e6:.1f}M parameters, {cfg.objective}) on {self.world} worker(s), {compute}: "
-                       f"{self.total} steps of {cfg.batch_size} x {cfg.seq_len} tokens, {rows} sequences ({spe} "
-                       f"steps/epoch), M={cfg.sub_models}, space of {space.size():,} archs")
 
     def step(self, step, epoch, lr, stats, archs):
         self.bar.update()
@@ -399,64 +376,45 @@ class Log:
             record = dict(step=step, epoch=epoch, lr=lr, tokens_per_s=rate, **means,
                           archs=[str(a) for a in archs])  # rank 0's sub-models of this step
             append_jsonl(Path(self.cfg.out) / "metrics.jsonl", record)
-            self.write(superplm_line(step, self.total, means, lr, rate, record["archs"]))
+            self.write(f"step {step}/{self.total} | " + " | ".join(f"{k} {v:.4f}" for k, v in means.items())
+                       + f" | lr {lr:.2e} | {rate:,.0f} tok/s | archs {' '.join(record['archs'])}")
         self.window, self.t0, self.steps0 = defaultdict(float), time.time(), step
-
-
-def superplm_line(step, total, means, lr, rate, archs):
-    """superplm.py's log line: the window's mean loss and statistics, the learning rate, global tokens/s, and rank
-    0's sub-models of this step."""
-    return (f"step {step}/{total} | " + " | ".join(f"{k} {v:.4f}" for k, v in means.items())
-            + f" | lr {lr:.2e} | {rate:,.0f} tok/s | archs {' '.join(archs)}")
 
 
 # --------------------------------------------------------------------------------------- settings and the command line
 
-
 @dataclass
 class Config(DataConfig):  # the corpus flags (--corpus, --tokenizer, --vocab-size, --seq-len, --cache-dir) first
-    preset: str = field(default="paper", metadata={
-        "help": "paper: the settings of §4.1 (shown here); tiny: a 4-256-1024-4-256 SuperPLM that learns on two "
-                "CPU cores in minutes. A preset changes the defaults; flags given still win",
-        "choices": ["paper", "tiny"]})
-    out: str = field(default="runs/superplm", metadata={"help": "run folder: checkpoint, metrics, vocabulary"})
-    superplm_arch: str = field(default=str(SUPERPLM), metadata={
-        "help": "the SuperPLM's layers-hidden-ffn-heads-qkv (§3.4); sampling uses Table B.1's ranges scaled to it"})
-    objective: str = field(default="mlm", metadata={
-        "help": "mlm: BERT pre-training; kd: TinyBERT's last-layer distillation from --teacher (§4.1)",
-        "choices": ["mlm", "kd"]})
-    teacher: str = field(default="", metadata={"help": "kd: the teacher's folder (the paper's: ELECTRA-base)"})
-    mha: str = field(default="", metadata={
-        "help": "attention slicing (Figure 3): heads keeps the head width, dims keeps every head; empty: heads for "
-                "mlm, dims for kd (§3.4)", "choices": ["", "heads", "dims"]})
-    arch: str = field(default="", metadata={"help": "train only this architecture, e.g. 5-564-1054-8-512: with "
-                                                    "--init, the stage-3 further training of §3.6 (no warm-up)"})
-    init: str = field(default="", metadata={"help": "start from this SuperPLM (run folder or checkpoint.pt)"})
-    batch_size: int = field(default=256, metadata={"help": "global batch, split over the ranks (§4.1)", **COUNT})
-    lr: float = field(default=1e-5, metadata={"help": "peak learning rate of AdamW (§4.1)", **POSITIVE})
-    warmup: float = field(default=0.1, metadata={"help": "share of the steps with linear warm-up, then linear "
-                                                         "decay to 0 (§4.1)", **SHARE})
-    epochs: int = field(default=5, metadata={"help": "passes over the corpus (§4.1), unless --steps", **COUNT})
-    steps: Optional[int] = field(default=None, metadata={  # None: --epochs decides (configure keeps it off --help)
-        "help": "the run's length in optimizer steps (the schedule is laid over it); unset: --epochs passes over "
-                "the corpus", **COUNT})
-    sub_models: int = field(default=3, metadata={"help": "M of Algorithm 1: sub-models each worker samples per "
-                                                         "batch", **COUNT})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases, LayerNorm)",
-                                                        **NONNEGATIVE})
-    adam_eps: float = field(default=1e-6, metadata={"help": "AdamW epsilon (BERT's)", **POSITIVE})
-    clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this", **POSITIVE})
-    dropout: float = field(default=0.1, metadata={"help": "dropout of a new model", "min": 0, "max": 0.99})
-    seed: int = field(default=0, metadata={"help": "seeds the weights, the data order, masks, sub-models",
-                                           **NONNEGATIVE})
-    save_every: int = field(default=1000, metadata={"help": "write the checkpoint every K steps (and at the end)",
-                                                    **COUNT})
-    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
-    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
-    log_every: int = field(default=50, metadata={"help": "one log line every N steps", **COUNT})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoint, with its "
-                                                          "saved settings"})
-    overwrite: bool = field(default=False, metadata={"help": "replace the run in --out"})
+    preset: str = flag("paper", "paper: the settings of §4.1 (shown here); tiny: a 4-256-1024-4-256 SuperPLM that "
+                                "learns on two CPU cores in minutes. A preset changes the defaults; flags given still "
+                                "win", choices=["paper", "tiny"])
+    out: str = flag("runs/superplm", "run folder: checkpoint, metrics, vocabulary")
+    superplm_arch: str = flag(str(SUPERPLM), "the SuperPLM's layers-hidden-ffn-heads-qkv (§3.4); sampling uses Table "
+                                             "B.1's ranges scaled to it")
+    objective: str = flag("mlm", "mlm: BERT pre-training; kd: TinyBERT's last-layer distillation from --teacher "
+                                 "(§4.1)", choices=["mlm", "kd"])
+    teacher: str = flag("", "kd: the teacher's folder (the paper's: ELECTRA-base)")
+    mha: str = flag("", "attention slicing (Figure 3): heads keeps the head width, dims keeps every head; empty: heads "
+                        "for mlm, dims for kd (§3.4)", choices=["", "heads", "dims"])
+    arch: str = flag("", "train only this architecture, e.g. 5-564-1054-8-512: with --init, the stage-3 further "
+                         "training of §3.6 (no warm-up)")
+    init: str = flag("", "start from this SuperPLM (run folder or checkpoint.pt)")
+    batch_size: int = flag(256, "global batch, split over the ranks (§4.1)", **COUNT)
+    lr: float = flag(1e-5, "peak learning rate of AdamW (§4.1)", **POSITIVE)
+    warmup: float = flag(0.1, "share of the steps with linear warm-up, then linear decay to 0 (§4.1)", **SHARE)
+    epochs: int = flag(5, "passes over the corpus (§4.1), unless --steps", **COUNT)
+    steps: Optional[int] = flag(None, "the run's length in optimizer steps (the schedule is laid over it); unset: "
+                                      "--epochs passes over the corpus",
+                                      **COUNT)  # None: --epochs decides (configure keeps it off --help)
+    sub_models: int = flag(3, "M of Algorithm 1: sub-models each worker samples per batch", **COUNT)
+    dropout: float = flag(0.1, "dropout of a new model", min=0, max=0.99)
+    seed: int = flag(0, "seeds the weights, the data order, masks, sub-models", **NONNEGATIVE)
+    save_every: int = flag(1000, "write the checkpoint every K steps (and at the end)", **COUNT)
+    device: str = flag("auto", DEVICE_HELP)
+    dtype: str = flag("auto", DTYPE_HELP, choices=["auto", *DTYPES])
+    log_every: int = flag(50, "one log line every N steps", **COUNT)
+    resume: bool = flag(False, "continue the run in --out from its checkpoint, with its saved settings")
+    overwrite: bool = flag(False, "replace the run in --out")
 
 
 # Small runs: a SuperPLM of BERT-S3's shape (Table 4) on the stdlib corpus, with a learning rate that shows
@@ -465,10 +423,8 @@ PRESETS = {"paper": {},
            "tiny": dict(superplm_arch="4-256-1024-4-256", vocab_size=4096, seq_len=64, batch_size=32, lr=1e-3,
                         steps=600, save_every=100, log_every=20, out="runs/superplm-tiny")}
 
-
 INHERITED = ("superplm_arch", "objective", "teacher", "corpus", "tokenizer", "vocab_size", "seq_len", "cache_dir",
-             "batch_size", "lr", "sub_models", "weight_decay", "adam_eps", "clip", "dropout", "log_every",
-             "save_every")  # what --init carries over
+             "batch_size", "lr", "sub_models", "dropout", "log_every", "save_every")  # what --init carries over
 
 
 def read_init(path):

@@ -21,7 +21,6 @@ from common import UserError, atomic_write, load_hub_dataset, subset_indices
 
 # ----------------------------------------------------------------------------- tasks
 
-
 @dataclass(frozen=True)
 class GlueTask:
     """Where a GLUE task's fields live: header names in the original TSV files, column names in `datasets`."""
@@ -66,7 +65,6 @@ def task_name(task):
 
 # ----------------------------------------------------------------------------- metrics (§4.1), in percent
 
-
 def _pearson(x, y):
     x, y = x - x.mean(), y - y.mean()
     denom = np.sqrt((x * x).sum() * (y * y).sum())
@@ -91,11 +89,6 @@ def _matthews(p, y):
     return float(cov_yp / np.sqrt(cov_yy * cov_pp)) if cov_yy * cov_pp > 0 else 0.0
 
 
-def _binary_f1(p, y):
-    tp, fp, fn = ((p == 1) & (y == 1)).sum(), ((p == 1) & (y == 0)).sum(), ((p == 0) & (y == 1)).sum()
-    return float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
-
-
 def compute_metrics(task, predictions, labels):
     """GLUE dev metrics in percent; "score" is the paper's number for the task (§4.1) and selects the model."""
     name, p, y = task_name(task), np.asarray(predictions), np.asarray(labels)
@@ -104,7 +97,8 @@ def compute_metrics(task, predictions, labels):
         return {"pearson": pearson, "spearman": spearman, "score": (pearson + spearman) / 2}
     m = {"accuracy": 100 * float((p == y).mean())}
     if name in ("mrpc", "qqp"):  # the paper reports accuracy on dev, F1 on test
-        m["f1"] = 100 * _binary_f1(p, y)
+        tp, fp, fn = ((p == 1) & (y == 1)).sum(), ((p == 1) & (y == 0)).sum(), ((p == 0) & (y == 1)).sum()
+        m["f1"] = 100 * float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
     if name == "cola":
         m["matthews"] = 100 * _matthews(p, y)
     m["score"] = m.get("matthews", m["accuracy"])
@@ -112,7 +106,6 @@ def compute_metrics(task, predictions, labels):
 
 
 # ----------------------------------------------------------------------------- GLUE data
-
 
 @dataclass
 class Split:
@@ -212,7 +205,6 @@ def encode_glue(tokenizer, split, max_len=128):
 
 # ----------------------------------------------------------------------------- a task as finetune.py needs it
 
-
 def labels_of(logits):
     """A classifier's logits (N, classes) -> classes; STS-B's regression output (N, 1) -> scores."""
     return logits[:, 0] if logits.shape[1] == 1 else logits.argmax(1)
@@ -258,7 +250,6 @@ def write_test_predictions(task, data_dir, tokenizer, max_len, out, predict):
             continue
         split = read_glue(task, stem, data_dir)
         predictions = labels_of(predict(encode_glue(tokenizer, split, max_len))).tolist()
-        rows = [f"{i}\t{t.labels[p]}" if t.labels else f"{i}\t{min(max(p, 0.0), 5.0):.3f}"
-                for i, p in zip(split.ids, predictions)]
-        atomic_write(out / f"{submission}.tsv", lambda tmp: Path(tmp).write_text("\n".join(["index\tprediction"]
-                                                                                          + rows) + "\n"))
+        text = "".join(f"{i}\t{t.labels[p]}\n" if t.labels else f"{i}\t{min(max(p, 0.0), 5.0):.3f}\n"
+                       for i, p in zip(split.ids, predictions))
+        atomic_write(out / f"{submission}.tsv", lambda tmp: Path(tmp).write_text("index\tprediction\n" + text))

@@ -23,7 +23,6 @@ from common import UserError, load_hub_dataset, subset_indices
 
 # ----------------------------------------------------------------------------- the official evaluation, in percent
 
-
 def normalize_answer(text):
     """The official SQuAD v1.1 normalisation: lower case, no punctuation, no articles, single spaces."""
     text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
@@ -49,7 +48,6 @@ def squad_scores(predictions, answers):
 
 
 # ----------------------------------------------------------------------------- SQuAD v1.1 data
-
 
 def read_squad(which, data_dir=None):
     """SQuAD v1.1 examples (which: train | dev) as dicts: id, question, context, answers (texts), starts (chars)."""
@@ -139,9 +137,7 @@ def decode(examples, windows, logits, n_best=20, max_answer_len=30):
 
 # ----------------------------------------------------------------------------- SQuAD as fine-tuning needs it
 
-
-def squad_task(tokenizer, data_dir=None, max_len=384, doc_stride=128, max_query_len=64, n_best=20,
-               max_answer_len=30, max_train=None, max_eval=None, seed=0):
+def squad_task(tokenizer, data_dir=None, max_len=384, doc_stride=128, max_train=None, max_eval=None, seed=0):
     """(train features, train targets [start, end], evaluate). evaluate(predict) -> (dev metrics with "score" =
     F1, the official {id: text} predictions), where predict(features) -> the (start, end) logits of each window.
     max_train / max_eval: a seeded random choice of that many questions."""
@@ -149,12 +145,12 @@ def squad_task(tokenizer, data_dir=None, max_len=384, doc_stride=128, max_query_
     train = [train[i] for i in subset_indices(len(train), max_train, seed)]
     dev = read_squad("dev", data_dir)
     dev = [dev[i] for i in subset_indices(len(dev), max_eval, seed)]
-    window = dict(max_len=max_len, doc_stride=doc_stride, max_query_len=max_query_len)
+    window = dict(max_len=max_len, doc_stride=doc_stride)
     train_w, dev_w = squad_windows(tokenizer, train, labelled=True, **window), squad_windows(tokenizer, dev, **window)
     dev_feats, golds = [(w.ids, w.types) for w in dev_w], {ex["id"]: ex["answers"] for ex in dev}
 
     def evaluate(predict):
-        predictions = decode(dev, dev_w, predict(dev_feats), n_best, max_answer_len)
+        predictions = decode(dev, dev_w, predict(dev_feats))
         m = squad_scores(predictions, golds)
         return dict(m, score=m["f1"]), predictions
 
