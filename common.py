@@ -423,25 +423,31 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def init_distributed(device="auto", timeout_h=None):
+def init_distributed(device="auto", timeout_h=24):
     """(rank, world, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain run is one worker. Workers
     on GPUs talk over NCCL, workers on CPUs (--device cpu, or no GPU) over gloo. timeout_h: how long a collective
-    may wait for a slower worker (torch's default is minutes)."""
+    may wait for a slower worker. Long, because rank 0 prepares the corpus alone while the others wait in a
+    barrier (rank0_first): hours for Wikipedia + BooksCorpus, where NCCL's default of 10 minutes would abort."""
     device = resolve_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # kernels and NCCL's buffers on this worker's GPU
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=timedelta(hours=timeout_h) if timeout_h else None)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=timeout_h),
+                            device_id=device if device.type == "cuda" else None)  # NCCL: this worker's GPU
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def barrier():
+    """dist.barrier() naming this worker's GPU under NCCL (set by init_distributed): else NCCL guesses it."""
+    dist.barrier(device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None)
 
 
 def end_distributed(world):
     """Leave the process group together: a worker that left while another still waited on its last message would
     take that worker down (gloo aborts on a closed connection)."""
     if world > 1:
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
 
 
@@ -450,7 +456,7 @@ def rank0_first(rank, world, make):
     if rank == 0:
         result = make()
     if world > 1:
-        dist.barrier()
+        barrier()
     return make() if rank else result
 
 

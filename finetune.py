@@ -275,19 +275,22 @@ def loss_fn(model, out, y):
 
 @torch.no_grad()
 def predict(model, feats, batch_size, pad, device, autocast=nullcontext):
-    """GLUE: logits (N, outputs). SQuAD: per window, (start, end) logits over its own tokens."""
+    """GLUE: logits (N, outputs). SQuAD: per window, (start, end) logits over its own tokens. The logits stay on
+    the device and are copied to the host once (a copy per batch would make the host wait for every batch)."""
     model.eval()
+    if not feats:
+        return [] if model.span else np.zeros((0, 1))
+    T = max(len(ids) for ids, _ in feats)  # SQuAD: every batch's logits padded to the longest window
     out = []
     for i in range(0, len(feats), batch_size):
-        chunk = feats[i:i + batch_size]
         with autocast():
-            logits = model(**collate(chunk, pad, device))
-        if model.span:
-            s, e = (x.float().cpu().numpy() for x in logits)
-            out += [(s[k, :len(ids)], e[k, :len(ids)]) for k, (ids, _) in enumerate(chunk)]
-        else:
-            out.append(logits.float().cpu().numpy())
-    return out if model.span else np.concatenate(out) if out else np.zeros((0, 1))
+            logits = model(**collate(feats[i:i + batch_size], pad, device))
+        out.append(torch.stack([F.pad(x.float(), (0, T - x.shape[1])) for x in logits], -1) if model.span
+                   else logits.float())  # SQuAD: (B, T, 2), GLUE: (B, outputs)
+    out = torch.cat(out).cpu().numpy()  # the one copy to the host
+    if model.span:
+        return [(out[k, :len(ids), 0], out[k, :len(ids), 1]) for k, (ids, _) in enumerate(feats)]
+    return out
 
 
 # --------------------------------------------------------------------------------------- settings and the command line

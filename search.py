@@ -352,12 +352,13 @@ class MLMScore:
 
     @torch.no_grad()
     def __call__(self, arch):
-        loss = acc = n = 0.0
+        sums, n = 0, 0  # (loss, acc) summed over masked tokens on the device: read once, not every batch
         for batch in self.batches:
             k = batch["masked"].numel()  # masked tokens: MLM averages over them
             with self.autocast():
                 batch_loss, stats = self.objective(self.model, batch, arch)
-            loss, acc, n = loss + float(batch_loss) * k, acc + float(stats["acc"]) * k, n + k
+            sums, n = sums + torch.stack([batch_loss, stats["acc"]]).double() * k, n + k
+        loss, acc = sums.tolist()
         self.metrics[arch] = dict(mlm_loss=loss / n, mlm_acc=100 * acc / n)
         return -loss / n
 
@@ -616,7 +617,7 @@ def run_method(cfg, space, score, budget, cache, on_generation):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    rank, world, device = init_distributed(cfg.device, timeout_h=24)  # a candidate may take hours
+    rank, world, device = init_distributed(cfg.device)  # a candidate may take hours: 24 h timeout
     folder = RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="candidates.jsonl", argv=argv) if rank == 0 \
         else nullcontext()  # worker 0 owns the run folder
     with folder:

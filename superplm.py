@@ -32,8 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (COUNT, DEVICE_HELP, DTYPES, DTYPE_HELP, Interrupted, NONNEGATIVE, POSITIVE, RunFolder, SHARE,
-                    UserError, append_jsonl, command_line, config_parser, config_values, end_distributed, flag,
+from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, Interrupted, NONNEGATIVE, POSITIVE, RunFolder, SHARE,
+                    UserError, append_jsonl, barrier, command_line, config_parser, config_values, end_distributed, flag,
                     init_distributed, keep_jsonl, parse_flags, rank0_first, resolve_compute, run_main, seed_everything,
                     stop_after_step, torch_load, torch_save)
 from data import (DataConfig, batches, derive_seed, masked_positions, prefetch, prepare, save_tokenizer, split,
@@ -103,7 +103,7 @@ def run(cfg, argv=None, on_save=None, init=None):
     folder = RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="checkpoint.pt", argv=argv) if rank == 0 \
         else nullcontext()
     if world > 1:
-        dist.barrier()
+        barrier()
     with folder:
         ckpt, cfg = resume_superplm(cfg, folder, rank)  # --resume: the run's checkpoint, and its settings
         compute = resolve_compute(str(device), cfg.dtype)
@@ -137,7 +137,8 @@ def run(cfg, argv=None, on_save=None, init=None):
                     update(flat, world, optimizer, lr)  # line 11
                     step += 1
                     log.step(step, epoch, lr, stats, archs)
-                    stopping = stopped(stop, world, device)
+                    due = step % cfg.log_every == 0 or step % cfg.save_every == 0 or step == total
+                    stopping = stopped(stop, world, device, due)  # no host sync on the steps between
                     if rank == 0 and (step % cfg.save_every == 0 or step == total or stopping):
                         save_superplm(Path(cfg.out), model, space, objective, optimizer, cfg, step, total, spe,
                                       len(dataset))
@@ -258,8 +259,7 @@ def save_superplm(out, model, space, objective, optimizer, cfg, step, total, spe
                     tokenizer=str((Path(out) / "tokenizer.json").resolve()), optimizer=optimizer.state_dict(),
                     schedule=dict(total=total, warmup=cfg.warmup, peak=cfg.lr), step=step,
                     data=dict(epoch=step // spe, batch=step % spe, rows=rows),
-                    rng=dict(python=random.getstate(), torch=torch.get_rng_state(),  # a resumed run draws the same
-                             cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+                    rng=rng_states(),
                     config=dataclasses.asdict(cfg)), Path(out) / "checkpoint.pt")
 
 
@@ -308,23 +308,42 @@ def resume_superplm(cfg, folder, rank):
 
 
 def restore_superplm(ckpt, optimizer, rows):
-    """Continue from a checkpoint on a corpus of `rows` sequences: the optimizer's state and every random
-    generator's as they were; returns the step to go on from."""
+    """Continue from a checkpoint on a corpus of `rows` sequences: the optimizer's state and the random generators'
+    as they were; returns the step to go on from. Python's and torch's CPU generators are restored, and the GPU's on
+    this worker's GPU (rank 0's was saved: one state, not one per visible GPU, so that a checkpoint written on 8
+    GPUs resumes on 1). Nothing else needs restoring: each sub-model's dropout is reseeded from (seed, step, rank,
+    m) in accumulate and each batch's masks from (seed, epoch, row) in data.batches, so a resumed run equals an
+    uninterrupted one on any number of GPUs."""
     if ckpt["data"]["rows"] != rows:
         raise UserError(f"the corpus now gives {rows} sequences, the checkpoint's {ckpt['data']['rows']}: "
                         "resume with the corpus and --seq-len the run started with")
     optimizer.load_state_dict(ckpt["optimizer"])
-    random.setstate(ckpt["rng"]["python"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if ckpt["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    set_rng_states(ckpt["rng"])
     return ckpt["step"]
 
 
-def stopped(stop, world, device):
-    """Whether a SIGINT/SIGTERM arrived; with several workers, whether any of them got one (all stop together)."""
+def rng_states():
+    """Python's, torch's CPU and the current GPU's generator states (see restore_superplm)."""
+    return dict(python=random.getstate(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else [])
+
+
+def set_rng_states(s):
+    random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+    cuda = s["cuda"][0] if isinstance(s["cuda"], (list, tuple)) and s["cuda"] else s["cuda"]  # older: one per GPU
+    if len(cuda) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
+
+
+def stopped(stop, world, device, due=True):
+    """Whether a SIGINT/SIGTERM arrived; with several workers, whether any of them got one (all stop together).
+    Several workers ask each other only at steps where `due` (the log and save steps, which read from the GPU
+    anyway): reading the answer makes the host wait for the step, which would stall the GPU's queue every step."""
     if world == 1:
         return stop.signal is not None
+    if not due:
+        return False
     flag = torch.tensor([float(stop.signal is not None)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
@@ -334,7 +353,7 @@ def interrupt(cfg, stop, step, total, rank, world):
     """superplm.py stops after a signal, its step saved: rank 0 says how to resume (as many workers again under
     torchrun), the other workers leave."""
     if world > 1:
-        dist.barrier()
+        barrier()
         if rank:
             sys.exit(130)
     command = command_line(["--out", cfg.out, "--resume"], "superplm.py")
