@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from common import UserError, atomic_write, save_json
+from data import masked_positions
 
 
 @dataclass(frozen=True, order=True)
@@ -354,6 +355,22 @@ def extract(superplm: Bert, arch: Arch) -> Bert:
         else:  # every other tensor: its leading block
             p.copy_(sub(s, *p.shape))
     return model.train(superplm.training)
+
+
+class MLM(nn.Module):
+    """BERT's masked-LM loss (pre-training, §4.1). Logits are computed only at the masked positions.
+
+    The positions come with the batch ("masked", found on the host by data.batches): selecting them on a GPU with
+    a boolean mask would make the host wait for the GPU at every step to learn how many there are."""
+
+    def forward(self, model, batch, arch=None):
+        hidden = model(batch["input_ids"], batch["attention_mask"], arch=arch)  # (B, T, C)
+        where = batch["masked"] if "masked" in batch else masked_positions(batch["labels"])  # (n,) in B*T
+        labels = batch["labels"].flatten()[where]  # (n,)
+        logits = model.mlm_logits(hidden.flatten(0, 1)[where], arch)  # (n, vocab)
+        n = max(where.numel(), 1)
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum") / n
+        return loss, {"acc": ((logits.argmax(-1) == labels).sum() / n).detach()}
 
 
 # --------------------------------------------------------------------------------------- AdamW and the schedule (§4.1)

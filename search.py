@@ -39,14 +39,14 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import finetune
-from common import (COUNT, DEVICE_HELP, DTYPES, DTYPE_HELP, Interrupted, NONNEGATIVE, RunFolder, SHARE, UserError,
+from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, Interrupted, NONNEGATIVE, RunFolder, SHARE, UserError,
                     append_jsonl, command_line, config_values, end_distributed, flag, init_distributed, parse_flags,
                     rank0_first, read_appended, read_jsonl, resolve_compute, run_main, save_json, seed_everything,
                     stop_after_step, to_device, torch_load)
 from data import build_dataset, load_tokenizer, mask_tokens, masked_positions, split, tokenizer_files
 from latency import LatencyPredictor, parse_target
-from model import Arch, SearchSpace, extract, save_pretrained
-from superplm import MLM, checkpoint_path, load_superplm
+from model import Arch, MLM, SearchSpace, extract, save_pretrained
+from superplm import checkpoint_path, load_superplm
 
 
 # -------------------------------------------------------------------------------------------- Algorithm 2 (Appendix C)

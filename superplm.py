@@ -28,18 +28,15 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, Interrupted, NONNEGATIVE, POSITIVE, RunFolder, SHARE,
                     UserError, append_jsonl, barrier, command_line, config_parser, config_values, end_distributed, flag,
                     init_distributed, keep_jsonl, parse_flags, rank0_first, resolve_compute, run_main, seed_everything,
                     stop_after_step, torch_load, torch_save)
-from data import (DataConfig, batches, derive_seed, masked_positions, prefetch, prepare, save_tokenizer, split,
-                  steps_per_epoch)
+from data import DataConfig, batches, derive_seed, prefetch, prepare, save_tokenizer, split, steps_per_epoch
 from distill import KDObjective, check_compatible, load_teacher
-from model import (Arch, Bert, SearchSpace, SUPERPLM, extract, grid, in_place_grads, learning_rate, make_optimizer,
+from model import (Arch, Bert, MLM, SearchSpace, SUPERPLM, extract, grid, in_place_grads, learning_rate, make_optimizer,
                    save_pretrained, sub)
 
 
@@ -176,22 +173,6 @@ def single(arch: Arch) -> SearchSpace:
 
 
 # ---------------------------------------------------------------------------------------------------------- objectives
-
-class MLM(nn.Module):
-    """BERT's masked-LM loss (pre-training, §4.1). Logits are computed only at the masked positions.
-
-    The positions come with the batch ("masked", found on the host by data.batches): selecting them on a GPU with
-    a boolean mask would make the host wait for the GPU at every step to learn how many there are."""
-
-    def forward(self, model, batch, arch=None):
-        hidden = model(batch["input_ids"], batch["attention_mask"], arch=arch)  # (B, T, C)
-        where = batch["masked"] if "masked" in batch else masked_positions(batch["labels"])  # (n,) in B*T
-        labels = batch["labels"].flatten()[where]  # (n,)
-        logits = model.mlm_logits(hidden.flatten(0, 1)[where], arch)  # (n, vocab)
-        n = max(where.numel(), 1)
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum") / n
-        return loss, {"acc": ((logits.argmax(-1) == labels).sum() / n).detach()}
-
 
 # -------------------------------------------------------------------------------------------- what the run starts from
 

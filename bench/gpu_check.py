@@ -15,7 +15,6 @@ A step that fails is recorded (its exit status and last lines) and the check goe
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys

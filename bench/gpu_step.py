@@ -34,7 +34,8 @@ from data import Specials, batches, mask_tokens, masked_positions, prefetch  # n
 from finetune import Finetuner, optimizer_and_schedule, train_epoch  # noqa: E402
 from latency import features  # noqa: E402
 from model import BERT_BASE, SUPERPLM, Arch, Bert, extract, in_place_grads, make_optimizer  # noqa: E402
-from superplm import MLM, accumulate, flat_grads, sample_arch, space_for, update  # noqa: E402
+from model import MLM  # noqa: E402
+from superplm import accumulate, flat_grads, sample_arch, space_for, update  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks as the vendors state them, TFLOP/s; the first name found in
 # torch.cuda.get_device_name() wins, so the more specific come first. NVL boards (other clocks) are left unknown.

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import parse_flags, resolve_device, seed_everything  # noqa: E402
 from data import Specials, mask_tokens  # noqa: E402
 from model import PRETRAIN_SPACE, SUPERPLM, Bert, extract, in_place_grads, make_optimizer  # noqa: E402
-from superplm import MLM, flat_grads  # noqa: E402
+from model import MLM  # noqa: E402
+from superplm import flat_grads  # noqa: E402
 
 
 @dataclass

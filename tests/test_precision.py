@@ -10,7 +10,8 @@ import superplm
 from common import UserError, read_jsonl, resolve_compute, resolve_device
 from data import stdlib_corpus
 from model import Arch, Bert, in_place_grads, make_optimizer
-from superplm import MLM, accumulate, flat_grads, sample_arch, space_for, update
+from model import MLM
+from superplm import accumulate, flat_grads, sample_arch, space_for, update
 from test_finetune import finetune, keyword_task, tiny_bert_folder, write_tsv
 from test_squad import vocab  # noqa: F401 (fixture)
 from test_superplm import corpus, flags, one_thread  # noqa: F401 (fixtures)

@@ -16,7 +16,8 @@ from common import UserError, read_jsonl, seed_everything, torch_load
 from data import batches, build_dataset, load_tokenizer, split, stdlib_corpus
 from model import (KD_SPACE, PRETRAIN_SPACE, SUPERPLM, Arch, Bert, SearchSpace, extract, from_pretrained,
                    in_place_grads, learning_rate, make_optimizer)
-from superplm import MLM, accumulate, flat_grads, load_superplm, sample_arch, space_for, update
+from model import MLM
+from superplm import accumulate, flat_grads, load_superplm, sample_arch, space_for, update
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Arch(2, 64, 128, 2, 64)  # head width 32

@@ -39,10 +39,10 @@ sys.path.insert(0, str(ROOT))
 
 # The project's names this driver uses, all here: when files move, only these lines change.
 import finetune  # noqa: E402  (Finetuner, optimizer_and_schedule, train_epoch, predict)
-import superplm  # noqa: E402  (run, parse_config, accumulate, prefetch, make_optimizer, MLM, space_for, sample_arch)
+import superplm  # noqa: E402  (run, parse_config, accumulate, prefetch, make_optimizer, space_for, sample_arch)
 from common import resolve_compute  # noqa: E402
 from distill import make_tiny_teacher  # noqa: E402
-from model import Arch, Bert  # noqa: E402
+from model import MLM, Arch, Bert  # noqa: E402
 from search import MLMScore  # noqa: E402
 from superplm import save_superplm  # noqa: E402  (its module's torch_save is replaced: fake tensors have no data)
 
@@ -239,7 +239,7 @@ def main(argv=None):
     with (patched(superplm, "accumulate", accumulate), patched(superplm, "make_optimizer", make_optimizer),
           patched(superplm, "prefetch", prefetch), patched(saver, "torch_save", torch_save),
           patched(torch.utils, "swap_tensors", mode.swap_tensors), patched(FakeTensor, "tolist", mode.tolist),
-          patched(superplm.MLM, "forward", forward) if args.plant else nullcontext(), mode):
+          patched(MLM, "forward", forward) if args.plant else nullcontext(), mode):
         # 1. superplm.run: two steps, M = 3, bf16, for both objectives (rank 0 of 2)
         models = {}
         for objective in ["mlm"] + ["kd"] * (args.only is None):
