@@ -118,7 +118,8 @@ def main(argv=None):
         else ["--evaluator", "mlm"]
     search = command(torchrun(n) + ["search.py", "--target", "2x", "--superplm", str(superplm), "--latency",
                                     str(work / "predictor"), *evaluator, "--generations", "2", "--population", "4",
-                                    "--out", str(work / "search"), "--overwrite"], work / "search.log", 2 * args.timeout)
+                                    "--out", str(work / "search"), "--overwrite"],
+                     work / "search.log", 2 * args.timeout)
     scored = work / "search" / "scored.json"
     if scored.exists():
         search["best"] = json.loads(scored.read_text())[0]
