@@ -13,19 +13,19 @@ cannot prove, measured, with every figure in one JSON file (README, "On GPUs", s
 A step that fails is recorded (its exit status and last lines) and the check goes on to the next.
 """
 
-import argparse
 import json
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import UserError, read_jsonl, run_main, save_json, torch_load  # noqa: E402
+from common import COUNT, UserError, flag, parse_flags, read_jsonl, run_main, save_json, torch_load  # noqa: E402
 
 
 def command(args, log, timeout):
@@ -73,15 +73,18 @@ def killed_and_resumed(n, work, steps, timeout):
     return out
 
 
+@dataclass
+class Config:
+    out: str = flag("bench/out/gpu_check.json", "the figures as JSON")
+    work: str = flag("runs/gpu-check", "run folders and logs")
+    steps: int = flag(300, "steps of each SuperPLM run", **COUNT)
+    mnli_data: str = flag("", "GLUE's MNLI folder: the search uses the paper's evaluator")
+    squad_data: str = flag("", "SQuAD v1.1's folder (train-v1.1.json, dev-v1.1.json)")
+    timeout: int = flag(240, "seconds any one command may take", **COUNT)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="bench/out/gpu_check.json", help="the figures as JSON")
-    parser.add_argument("--work", default="runs/gpu-check", help="run folders and logs")
-    parser.add_argument("--steps", type=int, default=300, help="steps of each SuperPLM run")
-    parser.add_argument("--mnli-data", default="", help="GLUE's MNLI folder: the search uses the paper's evaluator")
-    parser.add_argument("--squad-data", default="", help="SQuAD v1.1's folder (train-v1.1.json, dev-v1.1.json)")
-    parser.add_argument("--timeout", type=int, default=240, help="seconds any one command may take")
-    args = parser.parse_args(argv)
+    args = parse_flags(Config, argv, __doc__.split("\n")[0])
     if not torch.cuda.is_available():
         raise UserError("torch sees no GPU here: the GPU check runs on a GPU machine (the CPU's counterpart is "
                         "tests/test_cuda_dryrun.py)")
