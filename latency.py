@@ -54,6 +54,23 @@ def features(archs, seq_len, batch):
                 elementwise=B * L * T * (2 * dm + df))  # LayerNorms, residuals, GELU
 
 
+def macs(archs, seq_len=128):
+    """Multiply-adds of one input of seq_len tokens through the encoder: the matmuls of Eq. 1-3, as features counts
+    them (embedding lookups, LayerNorms and softmax are not multiply-adds). A training-free proxy of size."""
+    f = features(archs, seq_len, batch=1)
+    return f["ffn_macs"] + f["proj_macs"] + f["attn_macs"]
+
+
+def params(archs):
+    """Non-embedding parameters: the weights and biases of the encoder's layers, without the embeddings and the
+    masked-LM head. The training-free proxy of LiteTransformerSearch (Javaheripi et al. 2022)."""
+    L, dm, df, dqkv = np.array([[a.layers, a.hidden, a.ffn, a.qkv] for a in archs], dtype=np.int64).T  # exact
+    return L * (3 * (dm * dqkv + dqkv)  # Eq. 1: W_Q, W_K, W_V (dm x dqkv) and their biases
+                + dqkv * dm + dm  # Eq. 2: W_O (dqkv x dm) and its bias
+                + dm * df + df + df * dm + dm  # Eq. 3: W_1 (dm x df), W_2 (df x dm) and their biases
+                + 2 * 2 * dm)  # two LayerNorms: weight and bias each
+
+
 FEATURES = ("layers", "hidden", "ffn", "heads", "qkv", "ffn_macs", "proj_macs", "attn_macs", "softmax", "elementwise")
 
 

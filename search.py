@@ -44,7 +44,7 @@ from common import (COUNT, DEVICE_HELP, DTYPES, DTYPE_HELP, Interrupted, NONNEGA
                     rank0_first, read_appended, read_jsonl, resolve_compute, run_main, save_json, seed_everything,
                     stop_after_step, to_device, torch_load)
 from data import build_dataset, load_tokenizer, mask_tokens, masked_positions, split, tokenizer_files
-from latency import LatencyPredictor, parse_target
+from latency import LatencyPredictor, params, parse_target, space_from
 from model import Arch, SearchSpace, extract, save_pretrained
 from superplm import MLM, checkpoint_path, load_superplm
 
@@ -363,6 +363,17 @@ class MLMScore:
         return -loss / n
 
 
+class ParamsScore:
+    """score(arch) = non-embedding parameters in millions (latency.params): the training-free proxy. It needs no
+    SuperPLM and no data; under the latency budget the search then picks the largest encoder that fits."""
+
+    def __init__(self):
+        self.metrics = {}
+
+    def __call__(self, arch):
+        return float(params([arch])[0]) / 1e6
+
+
 class FinetuneScore:
     """The paper's evaluator (§3.5): extract the candidate, fine-tune it briefly on MNLI and on SQuAD v1.1 with
     finetune.py, and score it by the average of MNLI accuracy and SQuAD F1 (both in %)."""
@@ -397,6 +408,8 @@ def save_model(superplm, arch, tokenizer_path, folder):
 def make_score(cfg, model, tokenizer, ckpt, compute):
     """search.py's --evaluator for the SuperPLM `model` (its checkpoint's contents `ckpt`): the finetune one works
     in cfg.out, the mlm one scores the SuperPLM's own corpus unless --eval-corpus says otherwise."""
+    if cfg.evaluator == "params":
+        return ParamsScore()
     if cfg.evaluator == "finetune":
         return FinetuneScore(model, tokenizer, cfg.out, dataclasses.replace(cfg, device=str(compute.device)))
     if ckpt.get("objective") != "mlm":
@@ -548,7 +561,10 @@ class Config:
                                        choices=["evolve", "evolve-elite", "random", "fast"])
     evaluator: str = flag("mlm", "mlm: -(masked-LM loss) of the sub-model inside the SuperPLM (fast); finetune: the "
                                  "paper's average of MNLI accuracy and SQuAD F1 after a short fine-tuning "
-                                 "(finetune.py)", choices=["mlm", "finetune"])
+                                 "(finetune.py); params: non-embedding parameters, training-free (no SuperPLM "
+                                 "weights: only a space, see --space)", choices=["mlm", "finetune", "params"])
+    space: str = flag("", "params: the space to search, pretrain or kd (Table B.1) or a SuperPLM run folder, as for "
+                          "`latency.py measure`; empty: --superplm's")
     generations: int = flag(4, "T of Algorithm 2 (random search scores T x S archs)", **COUNT)
     population: int = flag(25, "S of Algorithm 2: architectures per generation", **COUNT)
     p_mutate: Optional[float] = flag(None, "pm of Algorithm 2 (random and fast have none); the default follows "
@@ -625,9 +641,19 @@ def main(argv=None):
         if world > 1:
             dist.broadcast_object_list(opened)
         cfg, records = opened[0]
-        checkpoint = check_inputs(cfg)
-        ckpt = torch_load(checkpoint)  # read once: the SuperPLM, and the corpus settings of the mlm evaluator
-        model, space, tokenizer = load_superplm(checkpoint, ckpt)
+        if cfg.evaluator == "params":  # training-free: a space (--space, else the SuperPLM's), no weights
+            if cfg.extract:
+                raise UserError("--extract copies a SuperPLM's weights, which --evaluator params does not use: drop "
+                                "--extract and train the pick from scratch with `python superplm.py --arch ARCH`")
+            model = tokenizer = ckpt = None
+            space = space_from(cfg.space or str(check_inputs(cfg)))
+        else:
+            if cfg.space:
+                raise UserError(f"--space is for --evaluator params: --evaluator {cfg.evaluator} searches the "
+                                "space of --superplm")
+            checkpoint = check_inputs(cfg)
+            ckpt = torch_load(checkpoint)  # read once: the SuperPLM, and the corpus settings of the mlm evaluator
+            model, space, tokenizer = load_superplm(checkpoint, ckpt)
         predictor = LatencyPredictor.load(cfg.latency)
         budget = Budget(space, predictor, parse_target(cfg.target, predictor.base_ms))
         seed_everything(cfg.seed)
@@ -639,8 +665,8 @@ def main(argv=None):
             Shared(score, rank, world, record=None).serve()
             end_distributed(world)
             return None
-        print(f"searching {space.size():,} architectures of {model.arch} ({cfg.method}, {cfg.evaluator} evaluator) "
-              f"for {cfg.target}: latency <= {budget.budget_ms:.4g} ms on {predictor.backend} (BERT-base "
+        print(f"searching {space.size():,} architectures of {space.largest()} ({cfg.method}, {cfg.evaluator} "
+              f"evaluator) for {cfg.target}: latency <= {budget.budget_ms:.4g} ms on {predictor.backend} (BERT-base "
               f"{predictor.base_ms:.4g} ms) on {world} worker(s), {compute}"
               + (f"; {len(records)} scored before, replayed" if records else ""))
         n_evals = len(space.layers) if cfg.method == "fast" else cfg.generations * cfg.population
@@ -667,9 +693,10 @@ def finish(cfg, results, rows, budget, predictor, model, tokenizer):
     scored, best = rows(results), rows(top)
     save_json(scored, out / "scored.json")
     save_json(dict(target=cfg.target, budget_ms=budget.budget_ms, base_ms=predictor.base_ms, backend=predictor.backend,
-                   method=cfg.method, evaluator=cfg.evaluator, superplm=str(cfg.superplm), best=str(top[0].arch),
-                   top=best), out / "top.json")
-    ylabel = {"mlm": "score = -(masked-LM loss)", "finetune": "score = (MNLI acc + SQuAD F1) / 2"}[cfg.evaluator]
+                   method=cfg.method, evaluator=cfg.evaluator, superplm=str(cfg.superplm) if model else None,
+                   best=str(top[0].arch), top=best), out / "top.json")
+    ylabel = {"mlm": "score = -(masked-LM loss)", "finetune": "score = (MNLI acc + SQuAD F1) / 2",
+              "params": "score = non-embedding parameters (M)"}[cfg.evaluator]
     made = [out / "top.json", out / "scored.json", out / "candidates.jsonl",
             search_figure(scored, best, predictor.base_ms / budget.budget_ms, out / "search.png",
                           f"{cfg.method} search for {cfg.target}", ylabel)]
@@ -685,8 +712,11 @@ def finish(cfg, results, rows, budget, predictor, model, tokenizer):
     if cfg.extract:
         made += [save_model(model, c.arch, tokenizer, out / "top" / f"{i}-{c.arch}") for i, c in enumerate(top, 1)]
     print("\nwrote " + ", ".join(str(p) for p in made))
-    print(f"next (§3.6, further training): python superplm.py --init {cfg.superplm} --arch {top[0].arch} "
-          f"--out runs/further")
+    if model is None:  # the params evaluator's pick has no weights yet
+        print(f"next (pre-training from scratch): python superplm.py --arch {top[0].arch} --out runs/scratch")
+    else:
+        print(f"next (§3.6, further training): python superplm.py --init {cfg.superplm} --arch {top[0].arch} "
+              f"--out runs/further")
     return top
 
 
