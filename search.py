@@ -64,15 +64,13 @@ def evolve(space, score, budget, generations=4, population=25, p_mutate=0.5, p_e
     mutation; window=w admits only candidates of at least w x the budget (the authors' code keeps 0.85-1.1x)."""
     if not (0 <= p_mutate <= 1 and 0 <= p_explore <= 1 and p_mutate + p_explore <= 1):
         raise UserError(f"p_mutate={p_mutate} and p_explore={p_explore} must be probabilities summing to <= 1")
-    evals, low, rng = Evaluations(score, budget, cache), budget.window(window), random.Random(seed)
+    evals, low, rng = Evaluations(score, budget, cache, on_generation), budget.window(window), random.Random(seed)
     max_draws = max_draws or 1000 * population
     # Line 2: sample the first generation G1 from A; the evaluator produces its performance V1.
     prev = evals(fill(lambda: space.sample(rng), population, budget, low, evals, max_draws), generation=1)
     if not prev:
         raise UserError(f"no architecture within {budget.budget_ms:.4g} ms found in {max_draws} random draws: "
                         f"{budget.advice(low)}")
-    if on_generation:
-        on_generation(ranked(evals.done))
     for t in range(2, generations + 1):  # line 3
         scored = list(evals.done)
 
@@ -88,8 +86,6 @@ def evolve(space, score, budget, generations=4, population=25, p_mutate=0.5, p_e
 
         # Lines 4 and 8-10: G_t <- {}, append new candidates until |G_t| = S; line 11: the evaluator gives V_t.
         prev = evals(fill(propose, population, budget, low, evals, max_draws), generation=t) or prev
-        if on_generation:
-            on_generation(ranked(evals.done))
     return ranked(evals.done)  # line 13: the best first
 
 
@@ -212,15 +208,12 @@ def fill(propose, size, budget, low, evals, max_draws):
 
 def random_search(space, score, budget, n=100, seed=0, window=0.0, cache=None, on_generation=None, max_draws=None):
     """The baseline: n distinct architectures sampled uniformly from the space within the budget, all scored."""
-    evals, low, rng = Evaluations(score, budget, cache), budget.window(window), random.Random(seed)
+    evals, low, rng = Evaluations(score, budget, cache, on_generation), budget.window(window), random.Random(seed)
     archs = fill(lambda: space.sample(rng), n, budget, low, evals, max_draws or 1000 * n)
     if not archs:
         raise UserError(f"no architecture within {budget.budget_ms:.4g} ms found by random sampling: "
                         f"{budget.advice(low)}")
-    evals(archs, generation=1)
-    if on_generation:
-        on_generation(ranked(evals.done))
-    return ranked(evals.done)
+    return ranked(evals(archs, generation=1))
 
 
 # ----------------------------------------------------------------------- AutoTinyBERT-Fast (§4.4) and BERT-S (Table 1)
@@ -263,11 +256,7 @@ def fast_search(space, score, budget, seed=0, cache=None, on_generation=None):
     if not archs:
         raise UserError(f"no architecture following the rule of §4.4 meets {budget.budget_ms:.3g} ms; choose a "
                         "lower speedup target or --method evolve")
-    evals = Evaluations(score, budget, cache)
-    evals(archs, generation=1)
-    if on_generation:
-        on_generation(ranked(evals.done))
-    return ranked(evals.done)
+    return ranked(Evaluations(score, budget, cache, on_generation)(archs, generation=1))
 
 
 def bert_s(ms, latency, layers=4):
@@ -293,9 +282,6 @@ class Candidate:
     latency: float
     generation: int = 1
 
-    def to_dict(self):
-        return dict(arch=str(self.arch), score=self.score, latency=self.latency, generation=self.generation)
-
 
 def ranked(candidates):
     """Best first; ties keep the order in which they were scored (so results are deterministic)."""
@@ -305,10 +291,11 @@ def ranked(candidates):
 class Evaluations:
     """The evaluator of Algorithm 2 behind a cache: no architecture is scored twice. `cache` (arch -> score) holds
     the scores of an interrupted run: re-running the same seeded search over it replays the same decisions and
-    scores only what is missing, so a resumed search equals an uninterrupted one."""
+    scores only what is missing, so a resumed search equals an uninterrupted one. on_generation(scored so far,
+    best first) runs after each generation."""
 
-    def __init__(self, score, budget, cache=None):
-        self.score, self.budget, self.cache = score, budget, dict(cache or {})
+    def __init__(self, score, budget, cache=None, on_generation=None):
+        self.score, self.budget, self.cache, self.on_generation = score, budget, dict(cache or {}), on_generation
         self.done, self.seen = [], set()  # Candidates in the order they were scored, and their archs
 
     def __contains__(self, arch):
@@ -322,6 +309,8 @@ class Evaluations:
         out = [Candidate(arch, self.cache[arch], self.budget(arch), generation) for arch in archs]
         self.seen.update(archs)
         self.done += out
+        if self.on_generation and self.done:
+            self.on_generation(ranked(self.done))
         return out
 
 
@@ -447,8 +436,7 @@ class Shared:
             dist.broadcast_object_list(archs)
             if archs[0] is None:
                 return
-            for _ in self._rounds(archs[0]):
-                pass
+            list(self._rounds(archs[0]))  # this worker's share of each round
 
     def stop(self):  # worker 0, after the search
         if self.world > 1:
@@ -496,8 +484,8 @@ class SearchRecord:
 
     def rows(self, candidates):
         """The records of scored.json and top.json: a candidate with its speedup and its metrics."""
-        return [dict(c.to_dict(), speedup=self.base_ms / c.latency, **self.metrics.get(c.arch, {}))
-                for c in candidates]
+        return [dict(dataclasses.asdict(c), arch=str(c.arch), speedup=self.base_ms / c.latency,
+                     **self.metrics.get(c.arch, {})) for c in candidates]
 
     def scored(self, arch, score):
         append_jsonl(self.path, dict(arch=str(arch), score=score, latency=self.latency(arch),
