@@ -54,6 +54,29 @@ def features(archs, seq_len, batch):
                 elementwise=B * L * T * (2 * dm + df))  # LayerNorms, residuals, GELU
 
 
+def macs(archs, seq_len=128):
+    """Multiply-adds of one input of seq_len tokens through the encoder: the matmuls of Eq. 1-3, as features counts
+    them (embedding lookups, LayerNorms and softmax are not multiply-adds). A training-free proxy of size."""
+    f = features(archs, seq_len, batch=1)
+    return f["ffn_macs"] + f["proj_macs"] + f["attn_macs"]
+
+
+def params(archs):
+    """Non-embedding parameters: the weights and biases of the encoder's layers, without the embeddings and the
+    masked-LM head. The training-free proxy of LiteTransformerSearch (Javaheripi et al. 2022)."""
+    L, dm, df, dqkv = np.array([[a.layers, a.hidden, a.ffn, a.qkv] for a in archs], dtype=np.int64).T  # exact
+    return L * (3 * (dm * dqkv + dqkv)  # Eq. 1: W_Q, W_K, W_V (dm x dqkv) and their biases
+                + dqkv * dm + dm  # Eq. 2: W_O (dqkv x dm) and its bias
+                + dm * df + df + df * dm + dm  # Eq. 3: W_1 (dm x df), W_2 (df x dm) and their biases
+                + 2 * 2 * dm)  # two LayerNorms: weight and bias each
+
+
+def log_features(archs, device, names):
+    """(N, F) the logs of the features `names` on `device` (seq_len, batch): sizes span two orders of magnitude."""
+    f = features(archs, device["seq_len"], device["batch"])
+    return np.log(np.stack([f[k] for k in names], 1))
+
+
 FEATURES = ("layers", "hidden", "ffn", "heads", "qkv", "ffn_macs", "proj_macs", "attn_macs", "softmax", "elementwise")
 
 
@@ -75,19 +98,14 @@ class LatencyPredictor:
     device = property(lambda self: self.state["device"])  # what its latencies depend on besides the arch
     backend = property(lambda self: self.device.get("backend", "torch"))  # BACKENDS (older files: torch)
 
-    def _inputs(self, archs):
-        s = self.state
-        f = features(archs, s["device"]["seq_len"], s["device"]["batch"])
-        x = np.log(np.stack([f[k] for k in s["features"]], 1))  # (N, F): sizes span two orders of magnitude
-        return torch.tensor((x - s["mean"]) / s["std"], dtype=torch.float32)
-
     @torch.no_grad()
     def predict(self, archs):
         """Latency in ms of each arch."""
-        archs = [a if isinstance(a, Arch) else Arch.parse(a) for a in archs]
+        archs, s = [a if isinstance(a, Arch) else Arch.parse(a) for a in archs], self.state
         self.check_ranges(archs)
-        log_ratio = self.net(self._inputs(archs)).squeeze(1).double().numpy()  # (N,)
-        return np.exp(log_ratio * self.state["y_std"] + self.state["y_mean"]) * self.state["ref_ms"]
+        x = log_features(archs, s["device"], s["features"])
+        log_ratio = self.net(torch.tensor((x - s["mean"]) / s["std"], dtype=torch.float32)).squeeze(1)  # (N,)
+        return np.exp(log_ratio.double().numpy() * s["y_std"] + s["y_mean"]) * s["ref_ms"]
 
     def __call__(self, arch):
         return float(self.predict([arch])[0])
@@ -118,8 +136,7 @@ class LatencyPredictor:
         HAT's predictor: 3 hidden layers of `width` units, Adam at `lr` with cosine decay."""
         bounds = list(archs) + ([space.smallest(), space.largest()] if space else [])
         seed_everything(seed)
-        f = features(archs, device["seq_len"], device["batch"])
-        x = np.log(np.stack([f[k] for k in names], 1))  # (N, F)
+        x = log_features(archs, device, names)  # (N, F)
         mean, std = x.mean(0), x.std(0) + 1e-8
         y = np.log(ratio)
         state = dict(features=list(names), width=width, mean=mean.tolist(), std=std.tolist(),
@@ -294,17 +311,13 @@ def onnx_modules():
 @contextlib.contextmanager
 def quiet():
     """Silence the exporter's and the quantizer's warnings and log chatter (torchvision absent, pre-processing)."""
-    loggers = [logging.getLogger(), logging.getLogger("torch.onnx")]
-    levels = [log.level for log in loggers]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for log in loggers:
-            log.setLevel(logging.ERROR)
+        logging.disable(logging.WARNING)  # every logger: errors only
         try:
             yield
         finally:
-            for log, level in zip(loggers, levels):
-                log.setLevel(level)
+            logging.disable(logging.NOTSET)
 
 
 def to_onnx(module, inputs, outputs):
@@ -524,7 +537,6 @@ def run_measure(cfg, argv=None):
             print(f"{path} already holds {done} archs: pass a larger --samples (with --resume) to time more")
             return
         if not records:
-            path.parent.mkdir(parents=True, exist_ok=True)
             append_jsonl(path, meta)
         print(f"timing {len(archs)} archs ({done} done) on {meta['device']['cpu']}, {cfg.threads} thread(s) -> {path}")
         try:

@@ -44,7 +44,7 @@ from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, Interrupted, NONNEGA
                     rank0_first, read_appended, read_jsonl, resolve_compute, run_main, save_json, seed_everything,
                     stop_after_step, to_device, torch_load)
 from data import build_dataset, load_tokenizer, mask_tokens, masked_positions, split, tokenizer_files
-from latency import LatencyPredictor, parse_target
+from latency import LatencyPredictor, params, parse_target, space_from
 from model import Arch, MLM, SearchSpace, extract, save_pretrained
 from superplm import checkpoint_path, load_superplm
 
@@ -64,15 +64,13 @@ def evolve(space, score, budget, generations=4, population=25, p_mutate=0.5, p_e
     mutation; window=w admits only candidates of at least w x the budget (the authors' code keeps 0.85-1.1x)."""
     if not (0 <= p_mutate <= 1 and 0 <= p_explore <= 1 and p_mutate + p_explore <= 1):
         raise UserError(f"p_mutate={p_mutate} and p_explore={p_explore} must be probabilities summing to <= 1")
-    evals, low, rng = Evaluations(score, budget, cache), budget.window(window), random.Random(seed)
+    evals, low, rng = Evaluations(score, budget, cache, on_generation), budget.window(window), random.Random(seed)
     max_draws = max_draws or 1000 * population
     # Line 2: sample the first generation G1 from A; the evaluator produces its performance V1.
     prev = evals(fill(lambda: space.sample(rng), population, budget, low, evals, max_draws), generation=1)
     if not prev:
         raise UserError(f"no architecture within {budget.budget_ms:.4g} ms found in {max_draws} random draws: "
                         f"{budget.advice(low)}")
-    if on_generation:
-        on_generation(ranked(evals.done))
     for t in range(2, generations + 1):  # line 3
         scored = list(evals.done)
 
@@ -88,8 +86,6 @@ def evolve(space, score, budget, generations=4, population=25, p_mutate=0.5, p_e
 
         # Lines 4 and 8-10: G_t <- {}, append new candidates until |G_t| = S; line 11: the evaluator gives V_t.
         prev = evals(fill(propose, population, budget, low, evals, max_draws), generation=t) or prev
-        if on_generation:
-            on_generation(ranked(evals.done))
     return ranked(evals.done)  # line 13: the best first
 
 
@@ -212,15 +208,12 @@ def fill(propose, size, budget, low, evals, max_draws):
 
 def random_search(space, score, budget, n=100, seed=0, window=0.0, cache=None, on_generation=None, max_draws=None):
     """The baseline: n distinct architectures sampled uniformly from the space within the budget, all scored."""
-    evals, low, rng = Evaluations(score, budget, cache), budget.window(window), random.Random(seed)
+    evals, low, rng = Evaluations(score, budget, cache, on_generation), budget.window(window), random.Random(seed)
     archs = fill(lambda: space.sample(rng), n, budget, low, evals, max_draws or 1000 * n)
     if not archs:
         raise UserError(f"no architecture within {budget.budget_ms:.4g} ms found by random sampling: "
                         f"{budget.advice(low)}")
-    evals(archs, generation=1)
-    if on_generation:
-        on_generation(ranked(evals.done))
-    return ranked(evals.done)
+    return ranked(evals(archs, generation=1))
 
 
 # ----------------------------------------------------------------------- AutoTinyBERT-Fast (§4.4) and BERT-S (Table 1)
@@ -263,11 +256,7 @@ def fast_search(space, score, budget, seed=0, cache=None, on_generation=None):
     if not archs:
         raise UserError(f"no architecture following the rule of §4.4 meets {budget.budget_ms:.3g} ms; choose a "
                         "lower speedup target or --method evolve")
-    evals = Evaluations(score, budget, cache)
-    evals(archs, generation=1)
-    if on_generation:
-        on_generation(ranked(evals.done))
-    return ranked(evals.done)
+    return ranked(Evaluations(score, budget, cache, on_generation)(archs, generation=1))
 
 
 def bert_s(ms, latency, layers=4):
@@ -293,9 +282,6 @@ class Candidate:
     latency: float
     generation: int = 1
 
-    def to_dict(self):
-        return dict(arch=str(self.arch), score=self.score, latency=self.latency, generation=self.generation)
-
 
 def ranked(candidates):
     """Best first; ties keep the order in which they were scored (so results are deterministic)."""
@@ -305,10 +291,11 @@ def ranked(candidates):
 class Evaluations:
     """The evaluator of Algorithm 2 behind a cache: no architecture is scored twice. `cache` (arch -> score) holds
     the scores of an interrupted run: re-running the same seeded search over it replays the same decisions and
-    scores only what is missing, so a resumed search equals an uninterrupted one."""
+    scores only what is missing, so a resumed search equals an uninterrupted one. on_generation(scored so far,
+    best first) runs after each generation."""
 
-    def __init__(self, score, budget, cache=None):
-        self.score, self.budget, self.cache = score, budget, dict(cache or {})
+    def __init__(self, score, budget, cache=None, on_generation=None):
+        self.score, self.budget, self.cache, self.on_generation = score, budget, dict(cache or {}), on_generation
         self.done, self.seen = [], set()  # Candidates in the order they were scored, and their archs
 
     def __contains__(self, arch):
@@ -322,6 +309,8 @@ class Evaluations:
         out = [Candidate(arch, self.cache[arch], self.budget(arch), generation) for arch in archs]
         self.seen.update(archs)
         self.done += out
+        if self.on_generation and self.done:
+            self.on_generation(ranked(self.done))
         return out
 
 
@@ -363,6 +352,17 @@ class MLMScore:
         return -loss / n
 
 
+class ParamsScore:
+    """score(arch) = non-embedding parameters in millions (latency.params): the training-free proxy. It needs no
+    SuperPLM and no data; under the latency budget the search then picks the largest encoder that fits."""
+
+    def __init__(self):
+        self.metrics = {}
+
+    def __call__(self, arch):
+        return float(params([arch])[0]) / 1e6
+
+
 class FinetuneScore:
     """The paper's evaluator (§3.5): extract the candidate, fine-tune it briefly on MNLI and on SQuAD v1.1 with
     finetune.py, and score it by the average of MNLI accuracy and SQuAD F1 (both in %)."""
@@ -397,6 +397,8 @@ def save_model(superplm, arch, tokenizer_path, folder):
 def make_score(cfg, model, tokenizer, ckpt, compute):
     """search.py's --evaluator for the SuperPLM `model` (its checkpoint's contents `ckpt`): the finetune one works
     in cfg.out, the mlm one scores the SuperPLM's own corpus unless --eval-corpus says otherwise."""
+    if cfg.evaluator == "params":
+        return ParamsScore()
     if cfg.evaluator == "finetune":
         return FinetuneScore(model, tokenizer, cfg.out, dataclasses.replace(cfg, device=str(compute.device)))
     if ckpt.get("objective") != "mlm":
@@ -434,8 +436,7 @@ class Shared:
             dist.broadcast_object_list(archs)
             if archs[0] is None:
                 return
-            for _ in self._rounds(archs[0]):
-                pass
+            list(self._rounds(archs[0]))  # this worker's share of each round
 
     def stop(self):  # worker 0, after the search
         if self.world > 1:
@@ -483,8 +484,8 @@ class SearchRecord:
 
     def rows(self, candidates):
         """The records of scored.json and top.json: a candidate with its speedup and its metrics."""
-        return [dict(c.to_dict(), speedup=self.base_ms / c.latency, **self.metrics.get(c.arch, {}))
-                for c in candidates]
+        return [dict(dataclasses.asdict(c), arch=str(c.arch), speedup=self.base_ms / c.latency,
+                     **self.metrics.get(c.arch, {})) for c in candidates]
 
     def scored(self, arch, score):
         append_jsonl(self.path, dict(arch=str(arch), score=score, latency=self.latency(arch),
@@ -548,7 +549,10 @@ class Config:
                                        choices=["evolve", "evolve-elite", "random", "fast"])
     evaluator: str = flag("mlm", "mlm: -(masked-LM loss) of the sub-model inside the SuperPLM (fast); finetune: the "
                                  "paper's average of MNLI accuracy and SQuAD F1 after a short fine-tuning "
-                                 "(finetune.py)", choices=["mlm", "finetune"])
+                                 "(finetune.py); params: non-embedding parameters, training-free (no SuperPLM "
+                                 "weights: only a space, see --space)", choices=["mlm", "finetune", "params"])
+    space: str = flag("", "params: the space to search, pretrain or kd (Table B.1) or a SuperPLM run folder, as for "
+                          "`latency.py measure`; empty: --superplm's")
     generations: int = flag(4, "T of Algorithm 2 (random search scores T x S archs)", **COUNT)
     population: int = flag(25, "S of Algorithm 2: architectures per generation", **COUNT)
     p_mutate: Optional[float] = flag(None, "pm of Algorithm 2 (random and fast have none); the default follows "
@@ -625,9 +629,19 @@ def main(argv=None):
         if world > 1:
             dist.broadcast_object_list(opened)
         cfg, records = opened[0]
-        checkpoint = check_inputs(cfg)
-        ckpt = torch_load(checkpoint)  # read once: the SuperPLM, and the corpus settings of the mlm evaluator
-        model, space, tokenizer = load_superplm(checkpoint, ckpt)
+        if cfg.evaluator == "params":  # training-free: a space (--space, else the SuperPLM's), no weights
+            if cfg.extract:
+                raise UserError("--extract copies a SuperPLM's weights, which --evaluator params does not use: drop "
+                                "--extract and train the pick from scratch with `python superplm.py --arch ARCH`")
+            model = tokenizer = ckpt = None
+            space = space_from(cfg.space or str(check_inputs(cfg)))
+        else:
+            if cfg.space:
+                raise UserError(f"--space is for --evaluator params: --evaluator {cfg.evaluator} searches the "
+                                "space of --superplm")
+            checkpoint = check_inputs(cfg)
+            ckpt = torch_load(checkpoint)  # read once: the SuperPLM, and the corpus settings of the mlm evaluator
+            model, space, tokenizer = load_superplm(checkpoint, ckpt)
         predictor = LatencyPredictor.load(cfg.latency)
         budget = Budget(space, predictor, parse_target(cfg.target, predictor.base_ms))
         seed_everything(cfg.seed)
@@ -639,8 +653,8 @@ def main(argv=None):
             Shared(score, rank, world, record=None).serve()
             end_distributed(world)
             return None
-        print(f"searching {space.size():,} architectures of {model.arch} ({cfg.method}, {cfg.evaluator} evaluator) "
-              f"for {cfg.target}: latency <= {budget.budget_ms:.4g} ms on {predictor.backend} (BERT-base "
+        print(f"searching {space.size():,} architectures of {space.largest()} ({cfg.method}, {cfg.evaluator} "
+              f"evaluator) for {cfg.target}: latency <= {budget.budget_ms:.4g} ms on {predictor.backend} (BERT-base "
               f"{predictor.base_ms:.4g} ms) on {world} worker(s), {compute}"
               + (f"; {len(records)} scored before, replayed" if records else ""))
         n_evals = len(space.layers) if cfg.method == "fast" else cfg.generations * cfg.population
@@ -667,9 +681,10 @@ def finish(cfg, results, rows, budget, predictor, model, tokenizer):
     scored, best = rows(results), rows(top)
     save_json(scored, out / "scored.json")
     save_json(dict(target=cfg.target, budget_ms=budget.budget_ms, base_ms=predictor.base_ms, backend=predictor.backend,
-                   method=cfg.method, evaluator=cfg.evaluator, superplm=str(cfg.superplm), best=str(top[0].arch),
-                   top=best), out / "top.json")
-    ylabel = {"mlm": "score = -(masked-LM loss)", "finetune": "score = (MNLI acc + SQuAD F1) / 2"}[cfg.evaluator]
+                   method=cfg.method, evaluator=cfg.evaluator, superplm=str(cfg.superplm) if model else None,
+                   best=str(top[0].arch), top=best), out / "top.json")
+    ylabel = {"mlm": "score = -(masked-LM loss)", "finetune": "score = (MNLI acc + SQuAD F1) / 2",
+              "params": "score = non-embedding parameters (M)"}[cfg.evaluator]
     made = [out / "top.json", out / "scored.json", out / "candidates.jsonl",
             search_figure(scored, best, predictor.base_ms / budget.budget_ms, out / "search.png",
                           f"{cfg.method} search for {cfg.target}", ylabel)]
@@ -685,8 +700,11 @@ def finish(cfg, results, rows, budget, predictor, model, tokenizer):
     if cfg.extract:
         made += [save_model(model, c.arch, tokenizer, out / "top" / f"{i}-{c.arch}") for i, c in enumerate(top, 1)]
     print("\nwrote " + ", ".join(str(p) for p in made))
-    print(f"next (§3.6, further training): python superplm.py --init {cfg.superplm} --arch {top[0].arch} "
-          f"--out runs/further")
+    if model is None:  # the params evaluator's pick has no weights yet
+        print(f"next (pre-training from scratch): python superplm.py --arch {top[0].arch} --out runs/scratch")
+    else:
+        print(f"next (§3.6, further training): python superplm.py --init {cfg.superplm} --arch {top[0].arch} "
+              f"--out runs/further")
     return top
 
 

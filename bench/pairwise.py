@@ -7,12 +7,16 @@ trained alone. Here both are measured on the same held-out sequences (data.split
 Agreement is Appendix E's pairwise accuracy (Eq. 5) and Kendall's τ, over all pairs and over the pairs of similar
 latency (the comparisons a latency-constrained search makes); the plot is Figure 4's one-shot against stand-alone.
 
-The evaluated architectures span the space from small to large in levels of equal estimated cost (FLOPs of one
+The evaluated architectures span the space from small to large in levels of equal estimated cost (multiply-adds of one
 128-token input, or a latency.py predictor), `--group` different shapes per level. The ablation of Table 3 at this
 scale: batch-wise training (M sub-models per batch, Algorithm 1) against one sub-model per batch with M times the
 steps (equal compute: as many sub-model forward/backward passes, M times the tokens), for both attention slicings
 of Figure 3 ("heads" (b) and "dims" (c)). A "dims" SuperPLM keeps every head, so its architectures are the same
 ones with their attention width split over all heads, and have stand-alone models of their own.
+
+Beside the SuperPLMs, the same agreement for training-free proxies, from the same stand-alone runs: non-embedding
+parameters (the proxy of LiteTransformerSearch), multiply-adds of one 128-token input (Eq. 1-3) and, with
+--latency, the predictor's estimate. Each ranks a larger value as a lower loss; none trains anything.
 
     python bench/pairwise.py                         # tiny preset, stdlib corpus: 30-55 min on 2 CPU cores
     python bench/pairwise.py --resume                # continue a stopped study: finished runs are skipped
@@ -72,7 +76,7 @@ class Config(Study):
     group: int = field(default=3, metadata={"help": "architectures per latency level: different shapes, similar "
                                                     "estimated latency"})
     latency: str = field(default="", metadata={"help": "a latency.py predictor to level architectures by; empty: "
-                                                       "by FLOPs of one 128-token input (Eq. 1-3)"})
+                                                       "by multiply-adds of one 128-token input (Eq. 1-3)"})
     pool: int = field(default=20000, metadata={"help": "architectures sampled to pick the evaluated ones from"})
     eval_batch: int = field(default=32, metadata={"help": "held-out sequences per forward pass when scoring"})
     seed: int = field(default=0, metadata={"help": "seeds the choice of architectures, weights, data order, masks"})
@@ -109,12 +113,6 @@ def n_pairs(groups=None, n=None):
 
 
 # ----------------------------------------------------------------------------- the evaluated architectures
-
-
-def flops(archs):
-    """Multiply-adds of one 128-token input through the encoder (Eq. 1-3), from latency.py's features."""
-    f = latency.features(archs, seq_len=128, batch=1)
-    return f["ffn_macs"] + f["proj_macs"] + f["attn_macs"]
 
 
 def shape_coords(archs, space):
@@ -203,9 +201,19 @@ def run(name, out, done, base, archs, tok_path, rows, cfg, **changes):
 
 # ----------------------------------------------------------------------------- results
 
+# The training-free proxies beside the one-shot SuperPLM (info["proxies"]): larger predicts a lower loss.
+PROXIES = {"params": "non-embedding parameters", "macs": "multiply-adds, 128 tokens", "latency": "predicted latency"}
 
-def summarize(picked, sets, done, cfg, steps):
-    """Table 3 at this scale: for each variant trained so far, its agreement with the stand-alone models."""
+
+def agreement(f, s, levels):
+    """Eq. 5 over all pairs and within each latency level, and Kendall's tau, of scores f against s."""
+    return dict(pairwise=pairwise_accuracy(f, s), pairs=n_pairs(n=len(f)), tau=latency.kendall_tau(f, s),
+                pairwise_same_latency=pairwise_accuracy(f, s, levels), pairs_same_latency=n_pairs(levels))
+
+
+def summarize(picked, sets, done, cfg, steps, info):
+    """Table 3 at this scale: for each variant trained so far, its agreement with the stand-alone models; then the
+    same for each training-free proxy, on every slicing whose stand-alone models are all trained."""
     levels = [lv for _, lv in picked]
     rows = []
     for name, mha, M, n_steps, label in variants(cfg, steps):
@@ -215,30 +223,43 @@ def summarize(picked, sets, done, cfg, steps):
         one_shot = [sup["scores"][str(a)]["mlm_loss"] for a in sets[mha]]
         alone = [r["scores"][str(a)]["mlm_loss"] for r, a in zip(stand, sets[mha])]
         f, s = -np.asarray(one_shot), -np.asarray(alone)  # scores: higher is better
-        rows.append(dict(variant=name, label=label, mha=mha, samples=M, steps=n_steps,
-                         tokens=sup["tokens"], pairwise=pairwise_accuracy(f, s), pairs=n_pairs(n=len(f)),
-                         pairwise_same_latency=pairwise_accuracy(f, s, levels),
-                         pairs_same_latency=n_pairs(levels), tau=latency.kendall_tau(f, s),
+        rows.append(dict(variant=name, label=label, mha=mha, samples=M, steps=n_steps, tokens=sup["tokens"],
+                         **agreement(f, s, levels),
                          archs=[dict(arch=str(a), level=lv, one_shot=o, stand_alone=al)
                                 for a, lv, o, al in zip(sets[mha], levels, one_shot, alone)]))
+    for mha in cfg.mha:
+        stand = [done.get(f"standalone-{a}") for a in sets[mha]]
+        if None in stand:
+            continue
+        alone = [r["scores"][str(a)]["mlm_loss"] for r, a in zip(stand, sets[mha])]
+        for name in (p for p in PROXIES if p in info["proxies"]):
+            proxy = [info["proxies"][name][str(a)] for a in sets[mha]]
+            rows.append(dict(variant=f"{mha}-{name}", label=f"{mha} archs: {PROXIES[name]}", mha=mha, samples=0,
+                             steps=0, tokens=0, **agreement(proxy, -np.asarray(alone), levels),
+                             archs=[dict(arch=str(a), level=lv, proxy=v, stand_alone=al)
+                                    for a, lv, v, al in zip(sets[mha], levels, proxy, alone)]))
     return rows
 
 
 def print_table(rows, picked, sets, done, info):
     print(f"\nper architecture: held-out masked-LM loss (lower is better), level = similar {info['cost']}")
-    names = [r["variant"] for r in rows]
+    names = [r["variant"] for r in rows if r["steps"]]
     for mha, archs in sets.items():
-        print(f"{'level':>5} {'arch (' + mha + ')':22} {info['cost']:>10} {'ms':>7} {'stand-alone':>11}"
+        print(f"{'level':>5} {'arch (' + mha + ')':22} {info['cost']:>10} {'ms':>7} {'params M':>8} "
+              f"{'stand-alone':>11}"
               + "".join(f" {n:>10}" for n in names if n.startswith(mha)))
         for (_, lv), a in zip(picked, archs):
             alone = done.get(f"standalone-{a}", {}).get("scores", {}).get(str(a), {}).get("mlm_loss", float("nan"))
             print(f"{lv:>5} {str(a):22} {info['arch_cost'][str(a)]:10.3g} {info['arch_ms'][str(a)]:7.2f} "
-                  f"{alone:11.3f}" + "".join(f" {done['superplm-' + n]['scores'][str(a)]['mlm_loss']:10.3f}"
-                                            for n in names if n.startswith(mha)))
-    print(f"\npairwise accuracy (Eq. 5) and Kendall tau of one-shot against stand-alone, {info['n_archs']} archs")
-    print(f"{'SuperPLM training':44} {'steps':>6} {'tokens':>9} {'pairwise':>15} {'same latency':>15} {'tau':>6}")
+                  f"{info['proxies']['params'][str(a)] / 1e6:8.3f} {alone:11.3f}"
+                  + "".join(f" {done['superplm-' + n]['scores'][str(a)]['mlm_loss']:10.3f}"
+                            for n in names if n.startswith(mha)))
+    print(f"\npairwise accuracy (Eq. 5) and Kendall tau against stand-alone training, {info['n_archs']} archs: the "
+          "one-shot SuperPLMs, then the proxies counted without training (larger predicts better)")
+    print(f"{'proxy':44} {'steps':>6} {'tokens':>9} {'pairwise':>15} {'same latency':>15} {'tau':>6}")
     for r in rows:
-        print(f"{r['label']:44} {r['steps']:6d} {r['tokens']:9,d} {r['pairwise']:7.1%} ({r['pairs']:3d} pairs) "
+        cost = f"{r['steps']:6d} {r['tokens']:9,d}" if r["steps"] else f"{'-':>6} {'-':>9}"
+        print(f"{r['label']:44} {cost} {r['pairwise']:7.1%} ({r['pairs']:3d} pairs) "
               f"{r['pairwise_same_latency']:7.1%} ({r['pairs_same_latency']:2d} p.) {r['tau']:6.3f}")
     print("paper (Table 3, 16 BERT sizes, SQuAD/MNLI after fine-tuning): "
           + ", ".join(f"{k} {v}%" for k, v in PAPER.items()))
@@ -267,12 +288,13 @@ def figure(rows, path):
 
 
 def report(out, picked, sets, done, cfg, steps, info, t0):
-    rows = summarize(picked, sets, done, cfg, steps)
+    rows = summarize(picked, sets, done, cfg, steps, info)
     print_table(rows, picked, sets, done, info)
     train_s = sum(r["train_s"] for r in done.values())
     save_json(dict(config=dataclasses.asdict(cfg), info=info, variants=rows, runs=list(done.values()),
                    train_s=train_s, session_s=time.time() - t0, paper_table3=PAPER), out / "results.json")
-    made = [out / "results.json"] + ([figure(rows, out / "pairwise.png")] if rows else [])
+    one_shot = [r for r in rows if r["steps"]]
+    made = [out / "results.json"] + ([figure(one_shot, out / "pairwise.png")] if one_shot else [])
     print(f"training time of all runs {train_s / 60:.1f} min; this session {(time.time() - t0) / 60:.1f} min; "
           f"wrote {', '.join(str(p) for p in made if p)}", flush=True)
     return rows
@@ -347,17 +369,19 @@ def main(argv=None):
     steps = max(1, round(cfg.tokens / (base.batch_size * base.seq_len)))
     big = Arch.parse(base.superplm_arch)
     spaces = {mha: superplm.space_for(big, mha) for mha in ("heads", "dims")}
-    cost_name, cost = ("FLOPs", flops) if not cfg.latency else \
+    cost_name, cost = ("MACs", latency.macs) if not cfg.latency else \
         ("pred. ms", latency.LatencyPredictor.load(cfg.latency).predict)
     keep = (lambda a: a.qkv in spaces["dims"].qkv) if "dims" in cfg.mha else None  # archs both slicings hold
     picked = pick_archs(spaces["heads"], cfg.archs, cfg.group, cost, cfg.seed, cfg.pool, keep)
     sets = {mha: [a if mha == "heads" else as_dims(a, spaces["dims"]) for a, _ in picked] for mha in cfg.mha}
     every = [a for archs in sets.values() for a in archs]
+    proxies = dict(params=latency.params, macs=latency.macs, **({"latency": cost} if cfg.latency else {}))
     info = dict(machine(), superplm=str(big), steps=steps,
                 tokens=steps * base.batch_size * base.seq_len, heldout_rows=rows, seq_len=base.seq_len,
                 batch_size=base.batch_size, cost=cost_name, n_archs=len(picked),
                 arch_cost={str(a): float(c) for a, c in zip(every, cost(every))},
-                arch_ms={str(a): latency.measure(a) for a in every})  # 1 thread, 128 tokens: as latency.py times
+                arch_ms={str(a): latency.measure(a) for a in every},  # 1 thread, 128 tokens: as latency.py times
+                proxies={name: {str(a): float(v) for a, v in zip(every, f(every))} for name, f in proxies.items()})
     print(f"pairwise study: SuperPLM {big}, {len(picked)} archs per slicing, {steps} steps x {base.batch_size} x "
           f"{base.seq_len} = {info['tokens']:,} tokens per run, scored on {rows} held-out sequences\n"
           + "\n".join(f"  level {lv}: {a}  {info['arch_cost'][str(a)]:.3g} {cost_name}, {info['arch_ms'][str(a)]:.2f} "

@@ -11,6 +11,10 @@ the SuperPLM to need about half the training of the same model from scratch. For
   4. superplm.py  further training of the winner from its SuperPLM weights (§3.6)           -> AutoTinyBERT
   5. superplm.py  BERT-S from scratch for the one-shot + further steps (as many tokens)       -> BERT-S
   6. superplm.py  the winner from scratch for as many steps (Figure 5's curve from scratch)   -> searched, scratch
+  7. search.py    --evaluator params: the most non-embedding parameters within the same budget, a training-free
+     superplm.py  pick (no SuperPLM scored), from scratch for as many steps                   -> params pick, scratch
+The table then sets side by side the searched shape against BERT-S's (both from scratch), the params pick against
+both (is the SuperPLM worth it?), and the inherited weights against scratch (the same shape).
 Every trained model is scored by held-out masked-LM loss (data.split's tail, fixed masks) along its training, and by
 dev accuracy on a sentence-pair task built from the corpus (coherence_task) after fine-tuning with finetune.py.
 
@@ -22,6 +26,8 @@ default rule's next shape down is then about half as fast: no comparison at equa
 
     python bench/table1_mini.py                   # defaults: about 90 min on 2 idle CPU cores (see README)
     python bench/table1_mini.py --resume          # continue a stopped study: finished stages are skipped
+    python bench/table1_mini.py --oneshot-epochs 5 --further-epochs 5 --targets 4-192-768-3-192 \\
+        --out bench/out/table1_5x5      # the paper's ratio of epochs on the tiny preset: ~4 CPU-hours, resumable
     python bench/table1_mini.py --oneshot-epochs 5 --further-epochs 5 --targets 4-256-1024-4-256 4-192-768-3-192 \\
         --train-args "--superplm-arch 6-384-1536-6-384 --corpus wiki.txt --seq-len 128"   # GPU: the paper's epochs
 """
@@ -245,6 +251,7 @@ def summarize(done, cfg, steps, ms):
         kinds = {"AutoTinyBERT": "auto", "BERT-S (scratch)": "bert"}
         if cfg.scratch_searched:
             kinds["searched (scratch)"] = "alone"
+        kinds["params pick (scratch)"] = "proxy"
         models = []
         for label, key in kinds.items():
             runs = [done[p[key]] for p in pairs]
@@ -261,6 +268,9 @@ def summarize(done, cfg, steps, ms):
                    majority=pairs[0].get("majority"),
                    loss_gain=[b - a for a, b in zip(auto["loss"], bert["loss"])],
                    acc_gain=[None if a is None else a - b for a, b in zip(auto["acc"], bert["acc"])])
+        loss = {m["model"]: m["loss"] for m in models}  # below: how much lower the first's loss is, seed by seed
+        row["vs"] = {f"{a} vs {b}": [y - x for x, y in zip(loss[a], loss[b])] for a, b in VERSUS
+                     if a in loss and b in loss}
         if cfg.scratch_searched:
             reach = [steps_to_reach(done[p["alone"]]["curve"], done[p["auto"]]["loss"]) for p in pairs]
             row.update(reach=reach, further_steps=steps["further"],
@@ -268,6 +278,11 @@ def summarize(done, cfg, steps, ms):
                                          for p in pairs])
         rows.append(row)
     return rows
+
+
+# the comparisons the table answers: shape against shape (from scratch), the proxy's pick, inherited against scratch
+VERSUS = [("searched (scratch)", "BERT-S (scratch)"), ("params pick (scratch)", "BERT-S (scratch)"),
+          ("params pick (scratch)", "searched (scratch)"), ("AutoTinyBERT", "searched (scratch)")]
 
 
 def print_table(rows, info):
@@ -289,6 +304,8 @@ def print_table(rows, info):
         print(f"{'':16} BERT-S minus AutoTinyBERT loss {fmt(g)} (AutoTinyBERT lower in {wins}/{len(r['seeds'])} "
               f"seeds); accuracy AutoTinyBERT minus BERT-S {fmt(a, 1)} points; majority class "
               f"{r['majority'] if r['majority'] is None else format(r['majority'], '.1f')}%")
+        for name, d in r["vs"].items():
+            print(f"{'':16} {name}: loss lower by {fmt(mean_sd(d))} (lower in {sum(x > 0 for x in d)}/{len(d)} seeds)")
     if rows and "reach" in rows[0]:
         print("\nFigure 5 in miniature: steps the searched arch from scratch needs to reach the held-out loss the "
               "inherited one ends with")
@@ -318,7 +335,8 @@ def figures(rows, done, cfg, out):
             for c in done[f"search-s{s}-{t}"]["candidates"] if c["arch"] in ms]
     if cand:
         ax.scatter(*zip(*cand), s=8, c="lightgrey", label="scored candidates (one-shot, inside the SuperPLM)")
-    styles = {"AutoTinyBERT": ("o", "C3"), "BERT-S (scratch)": ("s", "C0"), "searched (scratch)": ("^", "C2")}
+    styles = {"AutoTinyBERT": ("o", "C3"), "BERT-S (scratch)": ("s", "C0"), "searched (scratch)": ("^", "C2"),
+              "params pick (scratch)": ("D", "C1")}
     for r in rows:
         for m in r["models"]:
             marker, color = styles[m["model"]]
@@ -356,7 +374,7 @@ def figures(rows, done, cfg, out):
 
 def stage_minutes(done):
     """CPU minutes of each kind of stage, summed over the study."""
-    kinds = dict(superplm="one-shot SuperPLMs", latency="latency predictor", search="searches",
+    kinds = dict(superplm="one-shot SuperPLMs", latency="latency predictor", search="searches", proxy="params searches",
                  further="further training", scratch="training from scratch", task="fine-tuning")
     return {label: sum(r.get("cpu_s", 0) for name, r in done.items() if name.split("-")[0] == kind) / 60
             for kind, label in kinds.items()}
@@ -380,7 +398,7 @@ def report(out, done, cfg, steps, info, t0):
 
 MADE = ("config.json", "runs.jsonl", "results.json", "figure1.png", "figure5.png", "latency", "predictor",
         "latency_measured.json", "task")
-PREFIXES = ("superplm-", "search-", "further-", "scratch-")
+PREFIXES = ("superplm-", "search-", "proxy-", "further-", "scratch-")
 
 
 def main(argv=None):
@@ -438,6 +456,11 @@ def main(argv=None):
                             candidates=[dict(arch=c["arch"], loss=-c["score"], pred_ms=c["latency"]) for c in scored])
 
             found = stage(out, done, name, searched)
+            pick = f"proxy-s{seed}-{target}"  # the training-free pick under the same budget
+            proxy = stage(out, done, pick, lambda: dict(best=str(search.main([
+                "--target", f"{budget:.4f}ms", "--superplm", str(out / splm), "--evaluator", "params", "--latency",
+                str(out / "predictor"), "--generations", str(cfg.generations), "--population", str(cfg.population),
+                "--seed", str(seed), "--out", str(out / pick), *resuming(out / pick, "candidates.jsonl")])[0].arch)))
             best = Arch.parse(found["best"])
             bert = bert_s(found["budget_ms"], predictor, cfg.bert_layers)  # the same constraint as the search
             pair = dict(budget_ms=found["budget_ms"], auto=f"further-s{seed}-{best}", bert=f"scratch-s{seed}-{bert}",
@@ -446,6 +469,7 @@ def main(argv=None):
                 out, pair["auto"], ["--init", str(out / splm), "--arch", str(best), "--steps",
                                     str(steps["further"]), "--seed", str(seed)], heldout, cfg.curve_points))
             scratch = [("bert", bert)] + ([("alone", best)] if cfg.scratch_searched else [])
+            scratch += [("proxy", Arch.parse(proxy["best"]))]  # a run of the same name is trained once
             for key, arch in scratch:
                 pair[key], pair[key + "_pred_ms"] = f"scratch-s{seed}-{arch}", predictor(arch)
                 stage(out, done, pair[key], lambda: trained(
@@ -455,7 +479,7 @@ def main(argv=None):
                 pair[key + "_acc"] = task_acc(pair[key], seed)
             done[f"pair-s{seed}-{target}"] = dict(pair, run=f"pair-s{seed}-{target}")  # not in runs.jsonl
             candidates = [c["arch"] for c in found["candidates"]]
-            measured_ms(out, [best, bert, *([best] if cfg.scratch_searched else []), *candidates])
+            measured_ms(out, [best, bert, proxy["best"], *candidates])
         report(out, done, cfg, steps, info, t0)
 
 

@@ -269,3 +269,32 @@ def test_onnx_runtime_backends(tmp_path, monkeypatch):
     pred.save(tmp_path / "lat.pt")
     with pytest.raises(UserError, match="--backend torch"):
         latency.run_table(latency.TableConfig(backend="onnxruntime", predictor=str(tmp_path / "lat.pt")))
+
+
+def test_training_free_proxies_count_each_layers_weights_and_eq_1_3s_multiply_adds():
+    """latency.params and latency.macs on hand-computed shapes, then against the modules they count."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import BertConfig, BertModel
+    dm, df, dqkv = 64, 128, 64  # 1-64-128-1-64, term by term
+    per_layer = (3 * (dm * dqkv + dqkv)  # Q, K, V: weight and bias
+                 + dqkv * dm + dm  # output projection
+                 + dm * df + df + df * dm + dm  # the feed-forward network's two linears
+                 + 2 * (dm + dm))  # two LayerNorms
+    assert per_layer == 12480 + 4160 + 8320 + 8256 + 256 == 33472
+    archs = [Arch.parse(a) for a in ("1-64-128-1-64", "3-64-128-1-64", "2-96-200-3-96", "1-128-300-2-192")]
+    assert latency.params(archs).tolist()[:2] == [33472, 3 * 33472]
+    T = 128  # one 128-token input: 4 projections, 2 FFN matmuls, QK^T and attention x V, each a multiply-add per
+    assert latency.macs(archs[:1]).tolist() == [T * 4 * dm * dqkv + T * 2 * dm * df + 2 * T * T * dqkv]
+    assert latency.macs(archs[:1]).tolist() == [6_291_456]
+    ids = torch.zeros(1, T, dtype=torch.long)
+    for a in archs:
+        bert = Bert(a, vocab_size=100)  # without the embeddings and the masked-LM head: the layers
+        assert latency.params([a])[0] == sum(p.numel() for p in bert.layers.parameters())
+        if a.qkv == a.hidden:  # transformers' BERT has qkv = hidden
+            encoder = BertModel(BertConfig(vocab_size=100, hidden_size=a.hidden, num_hidden_layers=a.layers,
+                                           num_attention_heads=a.heads, intermediate_size=a.ffn)).encoder
+            assert latency.params([a])[0] == sum(p.numel() for p in encoder.parameters())
+        if a.layers == 1:  # one layer: its attention through explicit matmuls (return_scores), which are counted
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                bert.eval()(ids, return_scores=True)
+            assert latency.macs([a])[0] == counter.get_total_flops() / 2  # a multiply-add is two FLOPs

@@ -12,7 +12,7 @@ import scipy.stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import pairwise  # noqa: E402
 from conftest import pixels, png  # noqa: E402
-from latency import kendall_tau  # noqa: E402
+from latency import kendall_tau, macs, params  # noqa: E402
 from model import Arch  # noqa: E402
 from search import MLMScore  # noqa: E402
 from superplm import load_superplm, space_for  # noqa: E402
@@ -61,19 +61,36 @@ def test_pairwise_accuracy_within_groups():
 
 def test_pick_archs_spreads_sizes_and_shapes():
     space = space_for(Arch.parse("4-256-1024-4-256"), "heads")
-    picked = pairwise.pick_archs(space, 12, 3, pairwise.flops, seed=0, pool=3000)
+    picked = pairwise.pick_archs(space, 12, 3, macs, seed=0, pool=3000)
     archs, levels = [a for a, _ in picked], [lv for _, lv in picked]
     assert len(set(archs)) == 12 and all(a in space for a in archs)
     assert levels == sorted(levels) and sorted(set(levels)) == [0, 1, 2, 3]
-    cost = np.log(pairwise.flops(archs))
+    cost = np.log(macs(archs))
     for lv in range(4):  # one level: within 10% of its target, so within ~20% of each other, but unlike shapes
         c = cost[np.array(levels) == lv]
         assert c.max() - c.min() <= 2 * np.log(1.1) + 1e-9
         assert len({(a.layers, a.hidden, a.ffn, a.heads) for a, l_ in picked if l_ == lv}) == 3
     assert cost[:3].max() < cost[-3:].min()  # small to large
-    assert picked == pairwise.pick_archs(space, 12, 3, pairwise.flops, seed=0, pool=3000)  # deterministic
+    assert picked == pairwise.pick_archs(space, 12, 3, macs, seed=0, pool=3000)  # deterministic
     dims = space_for(Arch.parse("4-256-1024-4-256"), "dims")
     assert all(pairwise.as_dims(a, dims) in dims and pairwise.as_dims(a, dims).qkv == a.qkv for a in archs)
+
+
+def test_proxy_rows_score_larger_as_better_with_luos_loop():
+    """summarize's rows of the training-free proxies, the predictor's among them, on made-up stand-alone losses."""
+    archs = [Arch.parse(a) for a in ("2-64-128-1-64", "2-64-256-1-64", "2-128-128-2-128", "2-128-512-2-128")]
+    picked, loss = [(a, i // 2) for i, a in enumerate(archs)], [6.3, 6.4, 6.0, 5.9]  # (arch, level); 6.3: 1 swap
+    done = {f"standalone-{a}": dict(scores={str(a): dict(mlm_loss=x)}) for a, x in zip(archs, loss)}
+    ms = [1.0, 1.5, 2.0, 3.0]
+    info = dict(proxies=dict(params=dict(zip(map(str, archs), params(archs).tolist())),
+                             latency=dict(zip(map(str, archs), ms))))
+    rows = pairwise.summarize(picked, {"heads": archs}, done, pairwise.Config(mha=["heads"]), 10, info)
+    assert [r["variant"] for r in rows] == ["heads-params", "heads-latency"]  # no SuperPLM trained yet: no row
+    s, same = [-x for x in loss], [(0, 1), (2, 3)]
+    for r, f in zip(rows, (params(archs).tolist(), ms)):
+        assert r["pairwise"] == luo(f, s) == 5 / 6 and r["pairwise_same_latency"] == luo(f, s, same) == 0.5
+        assert r["tau"] == pytest.approx(scipy.stats.kendalltau(f, s).statistic, abs=1e-12)
+        assert r["steps"] == r["tokens"] == 0 and [a["proxy"] for a in r["archs"]] == f
 
 
 @pytest.mark.slow
@@ -90,9 +107,11 @@ def test_whole_study_runs_and_resumes(tmp_path, small_corpus):
     # each panel's y = x line in black, the dots coloured by latency level (viridis: 0 purple, 1 yellow)
     assert pixels(image, "black") > 200 and pixels(image, "#440154") > 20 and pixels(image, "#fde725") > 20
     rows = results["variants"]
-    assert [r["variant"] for r in rows] == ["heads-m3", "heads-m1", "dims-m3", "dims-m1"]
+    assert [r["variant"] for r in rows] == ["heads-m3", "heads-m1", "dims-m3", "dims-m1", "heads-params",
+                                            "heads-macs", "dims-params", "dims-macs"]  # no --latency: no predictor
     for r in rows:  # Eq. 5 and tau of the scores it lists, as Luo et al.'s loop and scipy compute them (no ties)
-        f, s = [-a["one_shot"] for a in r["archs"]], [-a["stand_alone"] for a in r["archs"]]
+        f = [-a["one_shot"] if r["steps"] else a["proxy"] for a in r["archs"]]  # higher predicts better
+        s = [-a["stand_alone"] for a in r["archs"]]
         assert len(set(f)) == len(set(s)) == 4 and all(np.isfinite(f + s))
         levels = [a["level"] for a in r["archs"]]
         same = [(i, j) for i, j in itertools.combinations(range(4), 2) if levels[i] == levels[j]]
@@ -100,7 +119,12 @@ def test_whole_study_runs_and_resumes(tmp_path, small_corpus):
         assert r["pairwise"] == pytest.approx(luo(f, s), abs=1e-12)
         assert r["pairwise_same_latency"] == pytest.approx(luo(f, s, same), abs=1e-12)
         assert r["tau"] == pytest.approx(scipy.stats.kendalltau(f, s).statistic, abs=1e-12)
-    assert {r["steps"] for r in rows} == {6, 18}  # M=1 takes M times the steps (equal compute)
+    assert {r["steps"] for r in rows} == {6, 18, 0}  # M=1 takes M times the steps (equal compute); proxies none
+    for r in rows[4:]:  # the proxies: counted for the archs of the study, each against that slicing's stand-alone
+        one_shot = next(o for o in rows if o["mha"] == r["mha"])
+        assert [a["stand_alone"] for a in r["archs"]] == [a["stand_alone"] for a in one_shot["archs"]]
+        count = params if r["variant"].endswith("params") else macs
+        assert [a["proxy"] for a in r["archs"]] == count([Arch.parse(a["arch"]) for a in r["archs"]]).tolist()
     heads = [Arch.parse(a["arch"]) for a in rows[0]["archs"]]
     dims = [Arch.parse(a["arch"]) for a in rows[2]["archs"]]
     assert [a.qkv for a in heads] == [a.qkv for a in dims] and {a.heads for a in dims} == {2}

@@ -346,6 +346,27 @@ def test_cli_searches_writes_extracts_and_resumes(trained, tmp_path, capsys):
     assert read_jsonl(tmp_path / "b" / "candidates.jsonl") == read_jsonl(tmp_path / "a" / "candidates.jsonl")
 
 
+def test_params_evaluator_maximises_non_embedding_parameters_without_a_superplm(trained, tmp_path, capsys):
+    root, model, space, _ = trained
+    args = ["--latency", root / "latency.pt", "--target", "2ms", "--evaluator", "params", "--generations", 2,
+            "--population", 4, "--top", 2]
+    top = run_cli(*args, "--superplm", root / "superplm", "--out", tmp_path / "a")  # the SuperPLM's space
+    scored = json.loads((tmp_path / "a" / "scored.json").read_text())
+    assert len(scored) == 8 and all(Arch.parse(r["arch"]) in space and r["latency"] <= 2.0 for r in scored)
+    assert [r["score"] for r in scored] == [latency.params([Arch.parse(r["arch"])])[0] / 1e6 for r in scored]
+    assert scored[0]["score"] == max(r["score"] for r in scored) and str(top[0].arch) == scored[0]["arch"]
+    printed = capsys.readouterr().out
+    assert f"next (pre-training from scratch): python superplm.py --arch {top[0].arch}" in printed
+    assert json.loads((tmp_path / "a" / "top.json").read_text())["superplm"] is None  # no weights were used
+    # --space names the space: no SuperPLM at all, and the same search
+    again = run_cli(*args, "--superplm", tmp_path / "nothing", "--space", root / "superplm", "--out", tmp_path / "b")
+    assert again == top and json.loads((tmp_path / "b" / "scored.json").read_text()) == scored
+    for extra, message in ((["--extract"], "--extract copies a SuperPLM's weights"),
+                           (["--evaluator", "mlm", "--space", "pretrain"], "--space is for --evaluator params")):
+        with pytest.raises(UserError, match=message):
+            run_cli(*args, "--superplm", root / "superplm", "--out", tmp_path / "c", *extra)
+
+
 @pytest.mark.parametrize("missing, command", [("superplm", "python superplm.py"),
                                               ("latency", "python latency.py measure")])
 def test_cli_names_the_command_that_makes_a_missing_input(trained, tmp_path, capsys, missing, command):

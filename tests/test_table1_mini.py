@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import search  # noqa: E402
 import table1_mini as t1  # noqa: E402
 from conftest import pixels, png  # noqa: E402
+from latency import params  # noqa: E402
 from model import Arch  # noqa: E402
 from superplm import load_superplm  # noqa: E402
 
@@ -92,22 +93,31 @@ def test_whole_study_runs_and_resumes(tmp_path, small_corpus):
     assert steps == dict(oneshot=round(0.06 * spe), further=round(0.06 * spe), total=2 * round(0.06 * spe))
     (row,) = results["targets"]
     assert row["seeds"] == [0, 1] and row["majority"] == 50.0
-    auto, bert, alone = row["models"]
-    assert [m["model"] for m in row["models"]] == ["AutoTinyBERT", "BERT-S (scratch)", "searched (scratch)"]
+    auto, bert, alone, proxy = row["models"]
+    assert [m["model"] for m in row["models"]] == ["AutoTinyBERT", "BERT-S (scratch)", "searched (scratch)",
+                                                   "params pick (scratch)"]
     assert bert["archs"] == ["2-64-256-1-64"] * 2  # the target's shape meets its own budget (slack 1.1)
     assert alone["archs"] == auto["archs"]  # Figure 5: the same arch, inherited or from scratch
-    assert auto["steps"] == steps["further"] and bert["steps"] == alone["steps"] == steps["total"]
-    for s, a, b, pa, pb in zip(row["seeds"], auto["archs"], bert["archs"], auto["pred_ms"], bert["pred_ms"]):
+    assert auto["steps"] == steps["further"] and bert["steps"] == alone["steps"] == proxy["steps"] == steps["total"]
+    for s, a, b, pa, pb, c, pc in zip(row["seeds"], auto["archs"], bert["archs"], auto["pred_ms"], bert["pred_ms"],
+                                      proxy["archs"], proxy["pred_ms"]):
         found = next(r for r in results["runs"] if r["run"] == f"search-s{s}-2-64-256-1-64")
         assert found["best"] == a and pa <= found["budget_ms"]  # the winner meets the budget
         assert b == "2-64-256-1-64" and pb <= found["budget_ms"]  # BERT-S: the target's shape, within the budget
+        # the params pick: search.py --evaluator params under the same budget, the most parameters it scored
+        scored = json.loads((out / f"proxy-s{s}-2-64-256-1-64" / "scored.json").read_text())
+        assert c == scored[0]["arch"] and pc <= found["budget_ms"] and len(scored) == 8
+        assert scored[0]["score"] == max(params([Arch.parse(r["arch"]) for r in scored])) / 1e6
+    loss = {m["model"]: m["loss"] for m in row["models"]}
+    for (a, b), d in zip(t1.VERSUS, row["vs"].values()):  # how much lower the first's loss is, seed by seed
+        assert d == [y - x for x, y in zip(loss[a], loss[b])]
     assert row["loss_gain"] == pytest.approx([b - a for a, b in zip(auto["loss"], bert["loss"])])
     runs = {r["run"]: r for r in results["runs"]}
-    for m, kind in zip(row["models"], ("further", "scratch", "scratch")):  # dev accuracy of 20 pairs, in %
+    for m, kind in zip(row["models"], ("further", "scratch", "scratch", "scratch")):  # dev accuracy of 20 pairs, in %
         assert m["acc"] == [runs[f"task-{kind}-s{s}-{a}"]["acc"] for s, a in zip(row["seeds"], m["archs"])]
         assert all(x * 20 / 100 == pytest.approx(round(x * 20 / 100), abs=1e-9) for x in m["acc"])
     assert row["acc_gain"] == pytest.approx([a - b for a, b in zip(auto["acc"], bert["acc"])])
-    assert {"superplm-s0", "superplm-s1", "latency"} <= set(runs)
+    assert {"superplm-s0", "superplm-s1", "latency", "proxy-s0-2-64-256-1-64"} <= set(runs)
 
     # the reported loss is the further-trained model's held-out loss, and the curve ends there
     further = out / f"further-s0-{auto['archs'][0]}"
