@@ -47,7 +47,7 @@ GLUE = {
     "mnli": GlueTask("MNLI", ("sentence1", "sentence2"), ("premise", "hypothesis"), "gold_label",
                      ("entailment", "neutral", "contradiction"),
                      dev=(("dev_matched", ""), ("dev_mismatched", "_mm")),
-                     test=(("test_matched", "MNLI-m"), ("test_mismatched", "MNLI-mm"))),
+                     test=(("test_matched", "MNLI-m"), ("test_mismatched", "MNLI-mm"), ("diagnostic", "AX"))),
     "qnli": GlueTask("QNLI", ("question", "sentence"), ("question", "sentence"), "label", NLI),
     "rte": GlueTask("RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", NLI),
     "wnli": GlueTask("WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", BINARY),
@@ -152,6 +152,8 @@ def read_tsv(path, header=None, skip_malformed=False):
 def glue_file(t, stem, data_dir):
     """The TSV file of split `stem` in data_dir: the task's folder, or glue_data/ holding it."""
     folder = Path(data_dir) / t.folder if (Path(data_dir) / t.folder).is_dir() else Path(data_dir)
+    if stem == "diagnostic":  # GLUE's diagnostic set (AX, predicted by the MNLI model) lies beside the tasks
+        folder = folder.parent / "diagnostic"
     return folder / f"{stem}.tsv"
 
 
@@ -159,10 +161,11 @@ def read_glue(task, stem, data_dir=None):
     """One split of a GLUE task: `stem` names the TSV file (train, dev, dev_matched, test, ...) in data_dir (the
     task's folder or glue_data/ holding it); without data_dir, the same split of `datasets`' copy (online)."""
     name = task_name(task)
-    t, labelled = GLUE[name], not stem.startswith("test")
+    t, labelled = GLUE[name], not stem.startswith(("test", "diagnostic"))
     if not data_dir:
+        hub, split = ("ax", "test") if stem == "diagnostic" else (name, stem.replace("dev", "validation"))
         ds = load_hub_dataset(f"GLUE {t.folder} (nyu-mll/glue)", f"pass --data with GLUE's {t.folder} folder "
-                              "(its TSV files)", "nyu-mll/glue", name, split=stem.replace("dev", "validation"))
+                              "(its TSV files)", "nyu-mll/glue", hub, split=split)
         labels = [None if y < 0 else (float(y) if not t.labels else int(y)) for y in ds["label"]]
         return Split(ds[t.hub_text[0]], ds[t.hub_text[1]] if len(t.hub_text) > 1 else None, labels, ds["idx"])
     path = glue_file(t, stem, data_dir)
@@ -246,7 +249,7 @@ def write_test_predictions(task, data_dir, tokenizer, max_len, out, predict):
     t = GLUE[task]
     for stem, submission in t.test or (("test", t.folder),):
         if data_dir and not glue_file(t, stem, data_dir).exists():
-            print(f"{task}: no {stem}.tsv, no test predictions")
+            print(f"{task}: no {glue_file(t, stem, data_dir)}, so no {submission}.tsv")
             continue
         split = read_glue(task, stem, data_dir)
         predictions = labels_of(predict(encode_glue(tokenizer, split, max_len))).tolist()
