@@ -56,7 +56,8 @@ class Arch:
     def parse(cls, text):
         parts = str(text).strip().split("-")
         if len(parts) != 5 or not all(p.isdigit() for p in parts):
-            raise UserError(f"arch {text!r} must be 5 positive integers layers-hidden-ffn-heads-qkv, e.g. 5-564-1054-8-512")
+            raise UserError(f"arch {text!r} must be 5 positive integers layers-hidden-ffn-heads-qkv, e.g. "
+                            "5-564-1054-8-512")
         return cls(*map(int, parts))
 
     def __str__(self):
@@ -386,20 +387,18 @@ HF_AUTO_MAP = {f"AutoModel{task}": f"modeling_autotinybert.AutoTinyBert{task or 
 # The paper's released models (AutoTinyBERT-S1..S4, KD-S1..S4) are BERT folders whose config.json has no model_type
 # but BERT's fields with qkv_size (Appendix A), and these keys of the authors' code, which a BERT does not use.
 AUTHORS_KEYS = {"emb_size", "cell", "structure", "pre_trained", "training"}
-BERT_KEYS = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "qkv_size",
-             "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
-             "type_vocab_size", "initializer_range", "layer_norm_eps"}
+BERT_KEYS = set("vocab_size hidden_size num_hidden_layers num_attention_heads intermediate_size qkv_size hidden_act "
+                "hidden_dropout_prob attention_probs_dropout_prob max_position_embeddings type_vocab_size "
+                "initializer_range layer_norm_eps".split())
 
 
 def read_pretrained(folder):
     """(config dict, state dict) of a Hugging Face BERT/ELECTRA folder, whole or sharded, or of one of the authors'
     released models; never unpickles code."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"model folder {folder} does not exist: expected a folder with config.json and "
-                        "model.safetensors or pytorch_model.bin")
     if not (folder / "config.json").exists():
-        raise UserError(f"{folder} has no config.json: expected a Hugging Face BERT/ELECTRA folder")
+        raise UserError(f"model folder {folder} {'has no config.json' if folder.is_dir() else 'does not exist'}: "
+                        "expected a Hugging Face BERT/ELECTRA folder (config.json, model.safetensors or .bin)")
     try:
         config = json.loads((folder / "config.json").read_text())
     except ValueError as e:
@@ -429,10 +428,8 @@ def read_pretrained(folder):
 
 def _hf_names(layers, emb_proj):
     """(our parameter name, Hugging Face name without the 'bert.'/'electra.' prefix)."""
-    pairs = [("word.weight", "embeddings.word_embeddings.weight"),
-             ("position.weight", "embeddings.position_embeddings.weight"),
-             ("token_type.weight", "embeddings.token_type_embeddings.weight"),
-             ("emb_ln.weight", "embeddings.LayerNorm.weight"), ("emb_ln.bias", "embeddings.LayerNorm.bias")]
+    pairs = [(f"{a}.weight", f"embeddings.{a}_embeddings.weight") for a in ("word", "position", "token_type")]
+    pairs += [(f"emb_ln.{p}", f"embeddings.LayerNorm.{p}") for p in ("weight", "bias")]
     if emb_proj:
         pairs += [(f"emb_proj.{p}", f"embeddings_project.{p}") for p in ("weight", "bias")]
     parts = [("q", "attention.self.query"), ("k", "attention.self.key"), ("v", "attention.self.value"),
@@ -440,10 +437,9 @@ def _hf_names(layers, emb_proj):
              ("fc1", "intermediate.dense"), ("fc2", "output.dense"), ("ln2", "output.LayerNorm")]
     for i in range(layers):
         pairs += [(f"layers.{i}.{a}.{p}", f"encoder.layer.{i}.{b}.{p}") for a, b in parts for p in ("weight", "bias")]
-    pairs += [("mlm_dense.weight", "cls.predictions.transform.dense.weight"),
-              ("mlm_dense.bias", "cls.predictions.transform.dense.bias"),
-              ("mlm_ln.weight", "cls.predictions.transform.LayerNorm.weight"),
-              ("mlm_ln.bias", "cls.predictions.transform.LayerNorm.bias"), ("mlm_bias", "cls.predictions.bias")]
+    pairs += [(f"mlm_{a}.{p}", f"cls.predictions.transform.{b}.{p}")
+              for a, b in (("dense", "dense"), ("ln", "LayerNorm")) for p in ("weight", "bias")]
+    pairs += [("mlm_bias", "cls.predictions.bias")]
     return pairs
 
 

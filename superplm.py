@@ -236,16 +236,12 @@ def from_bert(cfg):
     """--init with a Hugging Face BERT/ELECTRA folder, as the authors' pre_training.py starts without --scratch:
     (SuperPLM, its space, the folder's vocabulary). The SuperPLM at --superplm-arch is the model's leading layers and
     blocks, as `extract` takes a sub-model; at the model's own shape it is the model."""
-    mha = cfg.mha or ("dims" if cfg.objective == "kd" else "heads")
+    mha, arch = cfg.mha or ("dims" if cfg.objective == "kd" else "heads"), Arch.parse(cfg.superplm_arch)
     bert, vocab = load_teacher(cfg.init, "--init", mha)
-    arch = Arch.parse(cfg.superplm_arch)
     try:
-        model = extract(bert, arch)
+        return extract(bert, arch), space_for(arch, mha), vocab
     except UserError as e:
         raise UserError(f"--init {cfg.init}: {e}; pass a --superplm-arch that fits in {bert.arch}") from None
-    if cfg.seq_len > model.position.num_embeddings:
-        raise UserError(f"--init {cfg.init} has {model.position.num_embeddings} positions: lower --seq-len")
-    return model, space_for(arch, mha), vocab
 
 
 def build_model(cfg, vocab_size, init=None):
@@ -469,17 +465,14 @@ def read_init(path):
     """--init's checkpoint (a run folder or its checkpoint.pt): its settings and its weights, read once; for a
     Hugging Face BERT/ELECTRA folder {"pretrained": path} (from_bert reads it)."""
     given = Path(path)
-    neither = UserError(f"--init {path} is neither a SuperPLM run folder (or its checkpoint.pt) nor a Hugging Face "
+    if (given / "config.json").exists() and not (given / "checkpoint.pt").exists():
+        return {"pretrained": str(given)}
+    run = given / "checkpoint.pt" if given.is_dir() else given
+    ours = not given.exists() or (run.exists() and run.suffix == ".pt")  # missing: checkpoint_path says so
+    ckpt = torch_load(checkpoint_path(path, "--init")) if ours else {}
+    if "model_config" not in ckpt:
+        raise UserError(f"--init {path} is neither a SuperPLM run folder (or its checkpoint.pt) nor a Hugging Face "
                         "BERT/ELECTRA folder (config.json and its weights): --init takes one of those")
-    if given.is_dir() and not (given / "checkpoint.pt").exists():
-        if (given / "config.json").exists():
-            return {"pretrained": str(given)}
-        raise neither
-    if given.is_file() and given.suffix != ".pt":
-        raise neither
-    ckpt = torch_load(checkpoint_path(path, "--init"))
-    if not isinstance(ckpt, dict) or "model_config" not in ckpt:
-        raise neither
     return ckpt
 
 

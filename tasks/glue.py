@@ -1,12 +1,8 @@
-"""GLUE for finetune.py: the tasks' original files and the dev metrics of §4.1 (tasks/squad.py is SQuAD's sibling).
-
-  - GLUE: where each task's texts and label live in the original TSV files and in the `datasets` copy,
-  - read_glue: one split (train, dev, dev_matched, test, ...) from glue_data/ as download_glue_data writes it,
-    with its quirks (a byte-order mark, headerless files, malformed lines), or from `datasets`,
-  - encode_glue: [CLS] a [SEP] (b [SEP]) features of 128 tokens,
-  - compute_metrics: the paper's score per task (Matthews for CoLA, Pearson-Spearman for STS-B, accuracy else),
-  - glue_task: a task as fine-tuning needs it (train features and labels, the dev evaluation),
-  - hf_labels, write_test_predictions: the labels' names in a saved model, and in GLUE's submission files.
+"""GLUE for finetune.py: the tasks' original files and the dev metrics of §4.1 (tasks/squad.py is SQuAD's sibling):
+where each task's texts and label live (GLUE), one split from glue_data/ with its quirks or from `datasets`
+(read_glue), [CLS] a [SEP] (b [SEP]) features of 128 tokens (encode_glue), the paper's score per task
+(compute_metrics), a task as fine-tuning needs it (glue_task), the labels' names in a saved model (hf_labels) and
+in GLUE's submission files (write_test_predictions).
 """
 
 import sys
@@ -79,16 +75,6 @@ def _rank(x):
     return (np.bincount(tie, weights=ranks) / count)[tie]
 
 
-def _matthews(p, y):
-    """Matthews correlation from the confusion matrix (the multi-class form; CoLA is binary)."""
-    classes = np.union1d(p, y)
-    cm = np.zeros((len(classes), len(classes)))
-    np.add.at(cm, (np.searchsorted(classes, y), np.searchsorted(classes, p)), 1)
-    t, q, n = cm.sum(1), cm.sum(0), cm.sum()
-    cov_yp, cov_yy, cov_pp = np.trace(cm) * n - t @ q, n * n - t @ t, n * n - q @ q
-    return float(cov_yp / np.sqrt(cov_yy * cov_pp)) if cov_yy * cov_pp > 0 else 0.0
-
-
 def compute_metrics(task, predictions, labels):
     """GLUE dev metrics in percent; "score" is the paper's number for the task (§4.1) and selects the model."""
     name, p, y = task_name(task), np.asarray(predictions), np.asarray(labels)
@@ -99,8 +85,8 @@ def compute_metrics(task, predictions, labels):
     if name in ("mrpc", "qqp"):  # the paper reports accuracy on dev, F1 on test
         tp, fp, fn = ((p == 1) & (y == 1)).sum(), ((p == 1) & (y == 0)).sum(), ((p == 0) & (y == 1)).sum()
         m["f1"] = 100 * float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
-    if name == "cola":
-        m["matthews"] = 100 * _matthews(p, y)
+    if name == "cola":  # Matthews' correlation of two binary labelings is their Pearson correlation
+        m["matthews"] = 100 * _pearson(p.astype(float), y.astype(float))
     m["score"] = m.get("matthews", m["accuracy"])
     return m
 
