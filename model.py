@@ -55,10 +55,14 @@ class Arch:
     @classmethod
     def parse(cls, text):
         parts = str(text).strip().split("-")
-        if len(parts) != 5 or not all(p.isdigit() for p in parts):
-            raise UserError(f"arch {text!r} must be 5 positive integers layers-hidden-ffn-heads-qkv, e.g. "
-                            "5-564-1054-8-512")
-        return cls(*map(int, parts))
+        if len(parts) != 5:
+            raise UserError(f"arch {text!r} must have 5 fields layers-hidden-ffn-heads-qkv, e.g. 5-564-1054-8-512")
+        values = []
+        for name, p in zip(("layers", "hidden", "ffn", "heads", "qkv"), parts):
+            if not p.isdigit():
+                raise UserError(f"arch {text!r}: {name} must be a positive integer, got {p!r}")
+            values.append(int(p))
+        return cls(*values)
 
     def __str__(self):
         return f"{self.layers}-{self.hidden}-{self.ffn}-{self.heads}-{self.qkv}"
@@ -474,9 +478,8 @@ def save_pretrained(model, folder, head=None, **config_fields):
 def from_pretrained(folder, mha="heads", dropout=None):
     """Load a BERT or ELECTRA(-discriminator) folder written by transformers, or by save_pretrained."""
     config, state = read_pretrained(folder)
-    qkv = config.get("qkv_size") or config["hidden_size"]
     arch = Arch(config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"],
-                config["num_attention_heads"], qkv)
+                config["num_attention_heads"], config.get("qkv_size") or config["hidden_size"])
     emb = config.get("embedding_size")
     model = Bert(arch, vocab_size=config["vocab_size"], mha=mha, act=config.get("hidden_act", "gelu"),
                  max_position=config.get("max_position_embeddings", 512),

@@ -189,10 +189,10 @@ def test_export_names_what_it_leaves_out(tmp_path, capsys):
 # ----------------------------------------------------------------------------- superplm.py --init BERT
 
 def bert_folder(folder, hidden=64, heads=4, layers=3):
-    tok = train_tokenizer(sentences(), 400, folder)
+    tokenizer = train_tokenizer(sentences(), 400, folder)
     torch.manual_seed(0)
     hf = transformers.BertForMaskedLM(transformers.BertConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=2 * hidden, max_position_embeddings=64)).eval()
     with torch.no_grad():
         for p in hf.parameters():
