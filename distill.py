@@ -93,31 +93,32 @@ class KDObjective(nn.Module):
 TINY_TEACHER = Arch(2, 256, 1024, 4, 256)  # the demo teacher: BERT-S3's shape (Table 4) in two layers
 
 
-def load_teacher(folder):
-    """(frozen teacher Bert, path of its vocabulary) from a BERT/ELECTRA(-discriminator) folder (§4.1).
+def load_teacher(folder, flag="--teacher", mha="heads"):
+    """(frozen teacher Bert, path of its vocabulary) from a BERT/ELECTRA(-discriminator) folder (§4.1); also what
+    superplm.py --init starts from (flag names the option in messages).
 
     Every problem is reported before training starts: a folder that is not a BERT-shaped model, one without a
     vocabulary (the student must read the corpus with the teacher's token ids), a vocabulary the teacher cannot
     embed."""
     folder = Path(folder)
     try:
-        teacher = from_pretrained(folder)
+        teacher = from_pretrained(folder, mha)
     except UserError as e:
-        raise UserError(f"--teacher: {e}") from None
+        raise UserError(f"{flag}: {e}") from None
     except KeyError as e:
-        raise UserError(f"--teacher: {folder}/config.json has no {e}: expected a BERT/ELECTRA config") from None
+        raise UserError(f"{flag}: {folder}/config.json has no {e}: expected a BERT/ELECTRA config") from None
     except (SafetensorError, pickle.UnpicklingError, RuntimeError) as e:
-        raise UserError(f"--teacher: the weights in {folder} do not load ({str(e).splitlines()[0]}): "
+        raise UserError(f"{flag}: the weights in {folder} do not load ({str(e).splitlines()[0]}): "
                         "download or save the model again") from None
     # the vocabulary in a Hugging Face folder: tokenizer.json first, as it also records the casing
     vocab = next((folder / name for name in ("tokenizer.json", "vocab.txt") if (folder / name).exists()), None)
     if vocab is None:
-        raise UserError(f"--teacher: {folder} has no vocab.txt or tokenizer.json: copy the teacher's vocabulary "
-                        "there (the student reads the corpus with the teacher's token ids)")
+        raise UserError(f"{flag}: {folder} has no vocab.txt or tokenizer.json: use a copy of the model that "
+                        "has its vocabulary (the corpus is read with the model's token ids)")
     n = load_tokenizer(vocab).get_vocab_size()
     if n > teacher.word.num_embeddings:
-        raise UserError(f"--teacher: {vocab} has {n} tokens but the teacher embeds only "
-                        f"{teacher.word.num_embeddings}: use the vocabulary the teacher was trained with")
+        raise UserError(f"{flag}: {vocab} has {n} tokens but the model embeds only "
+                        f"{teacher.word.num_embeddings}: use the vocabulary the model was trained with")
     teacher.requires_grad_(False)  # frozen: no gradient is ever computed for it (the authors' code did)
     return teacher.eval(), str(vocab)
 

@@ -1,29 +1,34 @@
 """The last stage: a model folder to ONNX, checked on ONNX Runtime, optionally int8-quantized.
 
 The searched model is a BERT of an unusual shape (qkv != hidden); its ONNX graph runs wherever ONNX Runtime does.
-`export.py` takes any folder this project writes (save_pretrained, search.py --extract, further training: the
-bare encoder; finetune.py's best/: the encoder with its GLUE classifier or SQuAD span head), exports it with
-torch's dynamo exporter (latency.to_onnx) with dynamic batch and sequence axes, and runs the graph on ONNX
-Runtime against our PyTorch model on a few padded batches of other shapes than the example it was traced with:
-the largest absolute difference is printed, and above 1e-4 nothing is written. With --int8 it also writes
-ONNX Runtime's dynamic int8 quantization of the graph and reports what that costs on the same inputs.
+`export.py` takes any BERT folder (this project's, transformers', the authors' released models): the encoder, with
+BERT's classifier or span head where the folder holds one (as finetune.py's best/ does). It exports with torch's
+dynamo exporter (latency.to_onnx) with dynamic batch and sequence axes, and runs the graph on ONNX Runtime against
+our PyTorch model on padded batches of other shapes than the traced example: the largest absolute difference is
+printed, and above 1e-4 nothing is written. --int8 adds ONNX Runtime's dynamic int8 quantization and its cost on
+the same inputs. An --out without .onnx is a folder, for deployment loaders and transformers alike: model.onnx
+(model.int8.onnx) beside the Hugging Face folder (config.json, weights, tokenizer files); --format hf writes only
+the latter, e.g. to make one of the authors' released models load with transformers' Auto classes.
 
     python export.py --model runs/further --out runs/export/model.onnx
-    python export.py --model runs/finetune/mnli/best --out runs/export/mnli.onnx --int8     # + mnli.int8.onnx
+    python export.py --model runs/finetune/mnli/best --out runs/export/mnli --int8   # a folder, + model.int8.onnx
 
 Inputs: input_ids, attention_mask, token_type_ids, each (batch, sequence) int64. Outputs: last_hidden_state
 (batch, sequence, hidden), or logits (batch, labels), or start_logits and end_logits (batch, sequence).
 """
 
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common import UserError, atomic_write, flag, parse_flags, run_main, torch_load
-from finetune import load_model
+from common import UserError, atomic_write, flag, parse_flags, run_main
+from data import tokenizer_files
+from finetune import Finetuner
 from latency import OrtModel, onnx_modules, quantize_int8, to_onnx
-from model import from_pretrained
+from model import from_pretrained, read_pretrained, save_pretrained
 
 
 TOLERANCE = 1e-4  # largest |ONNX Runtime - PyTorch| accepted for the fp32 graph
@@ -32,18 +37,29 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def load(folder):
-    """(module, output names, what it is) of a model folder: the bare encoder, or with its fine-tuned head."""
-    path = Path(folder)
-    if path.is_dir() and not (path / "config.json").exists() and (path / "checkpoint.pt").exists():
+    """(module, output names, what it is, config, head tensors under transformers' names) of a model folder: the
+    encoder, with BERT's span head (qa_outputs) or classifier (pooler + classifier) where the folder has one."""
+    if not (Path(folder) / "config.json").exists() and (Path(folder) / "checkpoint.pt").exists():
         raise UserError(f"{folder} is a SuperPLM run folder: export one of its sub-models, written by "
                         "`search.py --extract` or by further training (superplm.py --init ... --arch ...)")
-    if (path / "head.pt").exists():  # finetune.py's checkpoint
-        task = torch_load(path / "head.pt").get("task")
-        model = load_model(folder, task)[0]
-        outputs = ["start_logits", "end_logits"] if model.span else ["logits"]
-        return model.eval(), outputs, f"{model.bert.arch} with its {task} head"
-    model = from_pretrained(folder)
-    return model.eval(), ["last_hidden_state"], f"{model.arch}, bare encoder"
+    bert = from_pretrained(folder).eval()
+    config, state = read_pretrained(folder)
+    state = {k.split(".", 1)[1] if k.startswith(("bert.", "electra.")) else k: v for k, v in state.items()}
+    span = "qa_outputs.weight" in state
+    classifier = {"pooler.dense.weight", "classifier.weight"} <= state.keys()
+    heads = ("qa_outputs.",) if span else ("pooler.", "classifier.") if classifier else ()  # transformers' BERT heads
+    model, outputs, what = bert, ["last_hidden_state"], "bare encoder"
+    if heads:
+        model = Finetuner(bert, 2 if span else len(state["classifier.weight"]), span=span)
+        model.load_state_dict({k.replace("qa_outputs", "qa").replace("pooler.dense", "pooler"): v
+                               for k, v in state.items() if k.startswith(heads)}, strict=False)
+        outputs, what = (["start_logits", "end_logits"], "span head") if span else (["logits"], "classifier")
+    left = sorted({k.split(".")[0] for k in state if not k.startswith(("embeddings", "encoder.") + heads)})
+    if left:
+        print(f"note: {folder}: exporting the {what}; left out {', '.join(p + '.*' for p in left)}: export.py takes "
+              "the encoder and BERT's classifier or span head, not pre-training or other heads", file=sys.stderr)
+    head = {("bert." if k.startswith("pooler.") else "") + k: v for k, v in state.items() if k.startswith(heads)}
+    return model.eval(), outputs, f"{bert.arch}, {what}", config, head
 
 
 def check_inputs(vocab, max_len):
@@ -51,12 +67,11 @@ def check_inputs(vocab, max_len):
     g = torch.Generator().manual_seed(0)
     out = []
     for B, T in ((1, 7), (3, 40), (4, min(128, max_len))):
-        ids = torch.randint(1, vocab, (B, T), generator=g)
         mask = torch.ones(B, T, dtype=torch.long)
         mask[-1, T // 2:] = 0  # the last sequence is padded
-        types = torch.zeros(B, T, dtype=torch.long)
-        types[:, T // 3:] = 1
-        out.append(dict(input_ids=ids, attention_mask=mask, token_type_ids=types))
+        types = (torch.arange(T) >= T // 3).long().expand(B, T)
+        out.append(dict(input_ids=torch.randint(1, vocab, (B, T), generator=g), attention_mask=mask,
+                        token_type_ids=types))
     return out
 
 
@@ -85,42 +100,51 @@ def write(proto, path):
 
 @dataclass
 class Config:
-    model: str = flag("", "model folder written by this project (save_pretrained, search.py --extract, further "
-                          "training, finetune.py's best/)")
-    out: str = flag("model.onnx", "the ONNX file to write")
+    model: str = flag("", "model folder: this project's (save_pretrained, search.py --extract, further training, "
+                          "finetune.py's best/), transformers' BERT/ELECTRA, or the authors' released models")
+    out: str = flag("model.onnx", "an .onnx file, or a folder: model.onnx beside the Hugging Face folder")
     int8: bool = flag(False, "also write a dynamically int8-quantized copy beside --out (<name>.int8.onnx) and report "
                              "its accuracy cost")
+    format: str = flag("onnx", "hf: only the Hugging Face folder in --out, which stock transformers loads with its "
+                               "Auto classes", choices=["onnx", "hf"])
 
 
 def run(cfg):
     if not cfg.model:
-        raise UserError("no model: pass --model FOLDER (a folder written by save_pretrained, search.py --extract, "
-                        "further training or finetune.py)")
-    onnx_modules()  # fail early, before loading, if the extra is not installed
-    model, outputs, what = load(cfg.model)
-    bert = model.bert if hasattr(model, "bert") else model
-    batches = check_inputs(bert.cfg["vocab_size"], bert.cfg["max_position"])
-    proto = to_onnx(model, {k: v[:2, :16] for k, v in batches[2].items()}, outputs)
-    worst, _, _ = compare(model, OrtModel(proto), batches)
-    result = dict(max_abs_diff=worst)
-    shapes = ", ".join("x".join(map(str, b["input_ids"].shape)) for b in batches)
-    print(f"ONNX Runtime against PyTorch on batches {shapes} (padded): max abs difference {worst:.2e} "
-          f"(limit {TOLERANCE:.0e})")
-    if not worst <= TOLERANCE:
-        raise UserError(f"the ONNX graph of {cfg.model} differs from the model by {worst:.2e} > {TOLERANCE:.0e}; "
-                        "nothing written (please report it with the folder's config.json)")
-    size = write(proto, cfg.out)
-    print(f"exported {cfg.model} ({what}) -> {cfg.out} ({size:.1f} MB); inputs {', '.join(INPUTS)} "
-          f"(batch, sequence); outputs {', '.join(outputs)}")
-    if cfg.int8:
-        int8 = quantize_int8(proto)
-        path = Path(cfg.out).with_suffix(".int8.onnx")
+        raise UserError("no model: pass --model FOLDER (written by save_pretrained, search.py --extract, further "
+                        "training or finetune.py, or a Hugging Face BERT folder)")
+    if cfg.format == "onnx":
+        onnx_modules()  # fail early, before loading, if the extra is not installed
+    model, outputs, what, config, head = load(cfg.model)
+    bert, result = getattr(model, "bert", model), {}
+    folder = cfg.format == "hf" or not cfg.out.endswith(".onnx")
+    out = Path(cfg.out) / "model.onnx" if folder else Path(cfg.out)
+    if cfg.format == "onnx":
+        batches = check_inputs(bert.cfg["vocab_size"], bert.cfg["max_position"])
+        proto = to_onnx(model, {k: v[:2, :16] for k, v in batches[2].items()}, outputs)
+        worst, _, _ = compare(model, OrtModel(proto), batches)
+        shapes = ", ".join("x".join(map(str, b["input_ids"].shape)) for b in batches)
+        print(f"ONNX Runtime against PyTorch on batches {shapes} (padded): max abs difference {worst:.2e} "
+              f"(limit {TOLERANCE:.0e})")
+        if not worst <= TOLERANCE:
+            raise UserError(f"the ONNX graph of {cfg.model} differs from the model by {worst:.2e} > "
+                            f"{TOLERANCE:.0e}; nothing written (please report it with the folder's config.json)")
+        print(f"exported {cfg.model} ({what}) -> {out} ({write(proto, out):.1f} MB); inputs {', '.join(INPUTS)} "
+              f"(batch, sequence); outputs {', '.join(outputs)}")
+        result = dict(max_abs_diff=worst)
+    if cfg.int8 and cfg.format == "onnx":
+        int8, path = quantize_int8(proto), out.with_suffix(".int8.onnx")
         worst, mean, same = compare(model, OrtModel(int8), batches)
-        size = write(int8, path)
         labels = f"; same argmax on {same:.1%} of predictions" if same is not None else ""
-        print(f"int8 (dynamic quantization) -> {path} ({size:.1f} MB): against PyTorch fp32, max abs difference "
-              f"{worst:.3g}, mean {mean:.3g}{labels}")
+        print(f"int8 (dynamic quantization) -> {path} ({write(int8, path):.1f} MB): against PyTorch fp32, max abs "
+              f"difference {worst:.3g}, mean {mean:.3g}{labels}")
         result.update(int8_max_abs_diff=worst, int8_mean_abs_diff=mean, int8_same_argmax=same)
+    if folder:  # a folder: save_pretrained's (stock transformers loads it), the tokenizer's files
+        labels = {k: config[k] for k in ("architectures", "id2label", "label2id", "problem_type") if k in config}
+        save_pretrained(bert, out.parent, head, **(labels if head else {}))
+        for f in tokenizer_files(cfg.model):
+            shutil.copyfile(f, out.parent / f.name)
+        print(f"wrote {cfg.model} ({what}) to {out.parent} as a Hugging Face folder with its tokenizer files")
     return result
 
 

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import random
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -404,36 +405,52 @@ HF_AUTO_MAP = {f"AutoModel{task}": f"modeling_autotinybert.AutoTinyBert{task or 
                for task in ("", "ForMaskedLM", "ForSequenceClassification", "ForQuestionAnswering")}
 
 
+# The paper's released models (AutoTinyBERT-S1..S4, KD-S1..S4) are BERT folders whose config.json has no model_type
+# but BERT's fields with qkv_size (Appendix A), and these keys of the authors' code, which a BERT does not use.
+AUTHORS_KEYS = {"emb_size", "cell", "structure", "pre_trained", "training"}
+BERT_KEYS = set("vocab_size hidden_size num_hidden_layers num_attention_heads intermediate_size qkv_size hidden_act "
+                "hidden_dropout_prob attention_probs_dropout_prob max_position_embeddings type_vocab_size "
+                "initializer_range layer_norm_eps".split())
+
+
 def read_pretrained(folder):
-    """(config dict, state dict) of a Hugging Face BERT/ELECTRA folder; never unpickles code."""
+    """(config dict, state dict) of a Hugging Face BERT/ELECTRA folder, whole or sharded, or of one of the authors'
+    released models; never unpickles code."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"model folder {folder} does not exist: expected a folder with config.json and "
-                        "model.safetensors or pytorch_model.bin")
     if not (folder / "config.json").exists():
-        raise UserError(f"{folder} has no config.json: expected a Hugging Face BERT/ELECTRA folder")
+        raise UserError(f"model folder {folder} {'has no config.json' if folder.is_dir() else 'does not exist'}: "
+                        "expected a Hugging Face BERT/ELECTRA folder (config.json, model.safetensors or .bin)")
     try:
         config = json.loads((folder / "config.json").read_text())
     except ValueError as e:
         raise UserError(f"{folder}/config.json is not JSON ({e}): save or download the model again") from None
+    if "model_type" not in config and {"hidden_size", "num_hidden_layers", "intermediate_size"} <= config.keys():
+        unknown = sorted(config.keys() - BERT_KEYS - AUTHORS_KEYS)  # the authors' own keys are ignored by name
+        if unknown:
+            print(f"note: {folder}/config.json: ignored {', '.join(unknown)} (neither BERT's nor AutoTinyBERT's)",
+                  file=sys.stderr)
+        config["model_type"] = "bert"
     if config.get("model_type") not in ("bert", "electra"):
         raise UserError(f"{folder} holds a {config.get('model_type')!r} model: expected model_type 'bert' "
                         "or 'electra'")
-    if (folder / "model.safetensors").exists():
-        state = load_file(folder / "model.safetensors")
-    elif (folder / "pytorch_model.bin").exists():
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise UserError(f"{folder} has no model.safetensors or pytorch_model.bin")
-    return config, state
+    load = lambda f: load_file(f) if f.suffix == ".safetensors" else torch.load(f, "cpu", weights_only=True)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).exists():
+            return config, load(folder / name)
+        index = folder / f"{name}.index.json"
+        if index.exists():  # a sharded checkpoint: the index maps each tensor to its shard
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (folder / s).exists()]
+            if missing:
+                raise UserError(f"{folder} lacks {missing[0]} of {index.name}'s {len(shards)} shards: download it")
+            return config, {k: v for s in shards for k, v in load(folder / s).items()}
+    raise UserError(f"{folder} has no model.safetensors or pytorch_model.bin (nor their sharded .index.json)")
 
 
 def _hf_names(layers, emb_proj):
     """(our parameter name, Hugging Face name without the 'bert.'/'electra.' prefix)."""
-    pairs = [("word.weight", "embeddings.word_embeddings.weight"),
-             ("position.weight", "embeddings.position_embeddings.weight"),
-             ("token_type.weight", "embeddings.token_type_embeddings.weight"),
-             ("emb_ln.weight", "embeddings.LayerNorm.weight"), ("emb_ln.bias", "embeddings.LayerNorm.bias")]
+    pairs = [(f"{a}.weight", f"embeddings.{a}_embeddings.weight") for a in ("word", "position", "token_type")]
+    pairs += [(f"emb_ln.{p}", f"embeddings.LayerNorm.{p}") for p in ("weight", "bias")]
     if emb_proj:
         pairs += [(f"emb_proj.{p}", f"embeddings_project.{p}") for p in ("weight", "bias")]
     parts = [("q", "attention.self.query"), ("k", "attention.self.key"), ("v", "attention.self.value"),
@@ -441,10 +458,9 @@ def _hf_names(layers, emb_proj):
              ("fc1", "intermediate.dense"), ("fc2", "output.dense"), ("ln2", "output.LayerNorm")]
     for i in range(layers):
         pairs += [(f"layers.{i}.{a}.{p}", f"encoder.layer.{i}.{b}.{p}") for a, b in parts for p in ("weight", "bias")]
-    pairs += [("mlm_dense.weight", "cls.predictions.transform.dense.weight"),
-              ("mlm_dense.bias", "cls.predictions.transform.dense.bias"),
-              ("mlm_ln.weight", "cls.predictions.transform.LayerNorm.weight"),
-              ("mlm_ln.bias", "cls.predictions.transform.LayerNorm.bias"), ("mlm_bias", "cls.predictions.bias")]
+    pairs += [(f"mlm_{a}.{p}", f"cls.predictions.transform.{b}.{p}")
+              for a, b in (("dense", "dense"), ("ln", "LayerNorm")) for p in ("weight", "bias")]
+    pairs += [("mlm_bias", "cls.predictions.bias")]
     return pairs
 
 
@@ -479,9 +495,8 @@ def save_pretrained(model, folder, head=None, **config_fields):
 def from_pretrained(folder, mha="heads", dropout=None):
     """Load a BERT or ELECTRA(-discriminator) folder written by transformers, or by save_pretrained."""
     config, state = read_pretrained(folder)
-    qkv = config.get("qkv_size") or config["hidden_size"]
     arch = Arch(config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"],
-                config["num_attention_heads"], qkv)
+                config["num_attention_heads"], config.get("qkv_size") or config["hidden_size"])
     emb = config.get("embedding_size")
     model = Bert(arch, vocab_size=config["vocab_size"], mha=mha, act=config.get("hidden_act", "gelu"),
                  max_position=config.get("max_position_embeddings", 512),
@@ -490,10 +505,14 @@ def from_pretrained(folder, mha="heads", dropout=None):
                  embedding_size=emb if emb and emb != arch.hidden else None)
     ours = {}
     for name, hf in _hf_names(arch.layers, model.emb_proj is not None):
-        for key in (hf, "bert." + hf, "electra." + hf, hf.replace("weight", "gamma").replace("bias", "beta")):
-            if key in state:
-                ours[name] = state[key]
-                break
+        old = hf.replace("weight", "gamma").replace("bias", "beta")  # LayerNorm's names in TensorFlow-era files
+        key = next((p + n for n in (hf, old) for p in ("", "bert.", "electra.") if p + n in state), None)
+        if key:
+            ours[name] = state[key]
+    fit = next((k for k in state if k.endswith(("dense_fit.weight", "fit_dense.weight"))), None)
+    if fit:  # a KD model of the authors' code: its projection to the teacher's width
+        print(f"note: {folder}: skipped {fit[:-7]} {tuple(state[fit].shape[::-1])}, the projection to the "
+              "teacher's width: only distillation used it", file=sys.stderr)
     missing = [n for n in model.state_dict() if n not in ours and not n.startswith("mlm")]
     if missing:
         raise UserError(f"{folder} is not a complete BERT/ELECTRA checkpoint: missing weights for {missing[:3]}")

@@ -8,6 +8,7 @@ averaged over the workers and one optimizer step updates the whole SuperPLM. A w
     torchrun --nproc_per_node 16 superplm.py                   # the paper's N = 16 (nccl on GPUs, gloo on CPUs)
     python superplm.py --objective kd --teacher runs/teacher   # task-agnostic distillation (distill.py)
     python superplm.py --arch 5-564-1054-8-512 --init runs/superplm --out runs/s1   # stage 3: further training
+    python superplm.py --init bert-base-uncased/ --out runs/superplm   # start from BERT's weights, not from scratch
 
 The run folder (--out) holds checkpoint.pt (what search.py, latency.py and finetune.py read, see load_superplm),
 metrics.jsonl, log.txt, config.json (settings, command line, versions, start and end) and the vocabulary
@@ -188,9 +189,10 @@ def setup(cfg, rank, world, device, ckpt=None, init=None):
         teacher, vocab = load_teacher(cfg.teacher)
         if not cfg.init:  # fail before the corpus is tokenised
             check_compatible(teacher, Arch.parse(cfg.arch or cfg.superplm_arch))
+    start = load_superplm(cfg.out, ckpt) if ckpt else None
     if cfg.init and not ckpt:
         init = init or read_init(cfg.init)
-    start = load_superplm(cfg.out, ckpt) if ckpt else load_superplm(cfg.init, init) if cfg.init else None
+        start = from_bert(cfg) if "pretrained" in init else load_superplm(cfg.init, init)
     vocab = start[2] if start else vocab
     _, tok, dataset = rank0_first(rank, world, lambda: prepare(dataclasses.replace(cfg, tokenizer=str(vocab or ""))))
     dataset = split(dataset)[0]  # the held-out tail is for scoring sub-models (search.py), never trained on
@@ -209,6 +211,18 @@ def setup(cfg, rank, world, device, ckpt=None, init=None):
     model.to(device).train()
     objective.to(device).train()
     return model, space, objective, dataset
+
+
+def from_bert(cfg):
+    """--init with a Hugging Face BERT/ELECTRA folder, as the authors' pre_training.py starts without --scratch:
+    (SuperPLM, its space, the folder's vocabulary). The SuperPLM at --superplm-arch is the model's leading layers and
+    blocks, as `extract` takes a sub-model; at the model's own shape it is the model."""
+    mha, arch = cfg.mha or ("dims" if cfg.objective == "kd" else "heads"), Arch.parse(cfg.superplm_arch)
+    bert, vocab = load_teacher(cfg.init, "--init", mha)
+    try:
+        return extract(bert, arch), space_for(arch, mha), vocab
+    except UserError as e:
+        raise UserError(f"--init {cfg.init}: {e}; pass a --superplm-arch that fits in {bert.arch}") from None
 
 
 def build_model(cfg, vocab_size, init=None):
@@ -398,7 +412,8 @@ class Config(DataConfig):  # the corpus flags (--corpus, --tokenizer, --vocab-si
                         "for mlm, dims for kd (§3.4)", choices=["", "heads", "dims"])
     arch: str = flag("", "train only this architecture, e.g. 5-564-1054-8-512: with --init, the stage-3 further "
                          "training of §3.6 (no warm-up)")
-    init: str = flag("", "start from this SuperPLM (run folder or checkpoint.pt)")
+    init: str = flag("", "start from this SuperPLM (run folder or checkpoint.pt), or from a Hugging Face BERT/ELECTRA "
+                         "folder: the SuperPLM takes its leading layers and blocks")
     batch_size: int = flag(256, "global batch, split over the ranks (§4.1)", **COUNT)
     lr: float = flag(1e-5, "peak learning rate of AdamW (§4.1)", **POSITIVE)
     warmup: float = flag(0.1, "share of the steps with linear warm-up, then linear decay to 0 (§4.1)", **SHARE)
@@ -428,8 +443,18 @@ INHERITED = ("superplm_arch", "objective", "teacher", "corpus", "tokenizer", "vo
 
 
 def read_init(path):
-    """--init's checkpoint (a run folder or its checkpoint.pt): its settings and its weights, read once."""
-    return torch_load(checkpoint_path(path, "--init"))
+    """--init's checkpoint (a run folder or its checkpoint.pt): its settings and its weights, read once; for a
+    Hugging Face BERT/ELECTRA folder {"pretrained": path} (from_bert reads it)."""
+    given = Path(path)
+    if (given / "config.json").exists() and not (given / "checkpoint.pt").exists():
+        return {"pretrained": str(given)}
+    run = given / "checkpoint.pt" if given.is_dir() else given
+    ours = not given.exists() or (run.exists() and run.suffix == ".pt")  # missing: checkpoint_path says so
+    ckpt = torch_load(checkpoint_path(path, "--init")) if ours else {}
+    if "model_config" not in ckpt:
+        raise UserError(f"--init {path} is neither a SuperPLM run folder (or its checkpoint.pt) nor a Hugging Face "
+                        "BERT/ELECTRA folder (config.json and its weights): --init takes one of those")
+    return ckpt
 
 
 def defaults(first, init=None):

@@ -1,12 +1,8 @@
-"""GLUE for finetune.py: the tasks' original files and the dev metrics of §4.1 (tasks/squad.py is SQuAD's sibling).
-
-  - GLUE: where each task's texts and label live in the original TSV files and in the `datasets` copy,
-  - read_glue: one split (train, dev, dev_matched, test, ...) from glue_data/ as download_glue_data writes it,
-    with its quirks (a byte-order mark, headerless files, malformed lines), or from `datasets`,
-  - encode_glue: [CLS] a [SEP] (b [SEP]) features of 128 tokens,
-  - compute_metrics: the paper's score per task (Matthews for CoLA, Pearson-Spearman for STS-B, accuracy else),
-  - glue_task: a task as fine-tuning needs it (train features and labels, the dev evaluation),
-  - hf_labels, write_test_predictions: the labels' names in a saved model, and in GLUE's submission files.
+"""GLUE for finetune.py: the tasks' original files and the dev metrics of §4.1 (tasks/squad.py is SQuAD's sibling):
+where each task's texts and label live (GLUE), one split from glue_data/ with its quirks or from `datasets`
+(read_glue), [CLS] a [SEP] (b [SEP]) features of 128 tokens (encode_glue), the paper's score per task
+(compute_metrics), a task as fine-tuning needs it (glue_task), the labels' names in a saved model (hf_labels) and
+in GLUE's submission files (write_test_predictions).
 """
 
 import sys
@@ -47,7 +43,7 @@ GLUE = {
     "mnli": GlueTask("MNLI", ("sentence1", "sentence2"), ("premise", "hypothesis"), "gold_label",
                      ("entailment", "neutral", "contradiction"),
                      dev=(("dev_matched", ""), ("dev_mismatched", "_mm")),
-                     test=(("test_matched", "MNLI-m"), ("test_mismatched", "MNLI-mm"))),
+                     test=(("test_matched", "MNLI-m"), ("test_mismatched", "MNLI-mm"), ("diagnostic", "AX"))),
     "qnli": GlueTask("QNLI", ("question", "sentence"), ("question", "sentence"), "label", NLI),
     "rte": GlueTask("RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", NLI),
     "wnli": GlueTask("WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", BINARY),
@@ -79,16 +75,6 @@ def _rank(x):
     return (np.bincount(tie, weights=ranks) / count)[tie]
 
 
-def _matthews(p, y):
-    """Matthews correlation from the confusion matrix (the multi-class form; CoLA is binary)."""
-    classes = np.union1d(p, y)
-    cm = np.zeros((len(classes), len(classes)))
-    np.add.at(cm, (np.searchsorted(classes, y), np.searchsorted(classes, p)), 1)
-    t, q, n = cm.sum(1), cm.sum(0), cm.sum()
-    cov_yp, cov_yy, cov_pp = np.trace(cm) * n - t @ q, n * n - t @ t, n * n - q @ q
-    return float(cov_yp / np.sqrt(cov_yy * cov_pp)) if cov_yy * cov_pp > 0 else 0.0
-
-
 def compute_metrics(task, predictions, labels):
     """GLUE dev metrics in percent; "score" is the paper's number for the task (§4.1) and selects the model."""
     name, p, y = task_name(task), np.asarray(predictions), np.asarray(labels)
@@ -99,8 +85,8 @@ def compute_metrics(task, predictions, labels):
     if name in ("mrpc", "qqp"):  # the paper reports accuracy on dev, F1 on test
         tp, fp, fn = ((p == 1) & (y == 1)).sum(), ((p == 1) & (y == 0)).sum(), ((p == 0) & (y == 1)).sum()
         m["f1"] = 100 * float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
-    if name == "cola":
-        m["matthews"] = 100 * _matthews(p, y)
+    if name == "cola":  # Matthews' correlation of two binary labelings is their Pearson correlation
+        m["matthews"] = 100 * _pearson(p.astype(float), y.astype(float))
     m["score"] = m.get("matthews", m["accuracy"])
     return m
 
@@ -152,6 +138,8 @@ def read_tsv(path, header=None, skip_malformed=False):
 def glue_file(t, stem, data_dir):
     """The TSV file of split `stem` in data_dir: the task's folder, or glue_data/ holding it."""
     folder = Path(data_dir) / t.folder if (Path(data_dir) / t.folder).is_dir() else Path(data_dir)
+    if stem == "diagnostic":  # GLUE's diagnostic set (AX, predicted by the MNLI model) lies beside the tasks
+        folder = folder.parent / "diagnostic"
     return folder / f"{stem}.tsv"
 
 
@@ -159,10 +147,11 @@ def read_glue(task, stem, data_dir=None):
     """One split of a GLUE task: `stem` names the TSV file (train, dev, dev_matched, test, ...) in data_dir (the
     task's folder or glue_data/ holding it); without data_dir, the same split of `datasets`' copy (online)."""
     name = task_name(task)
-    t, labelled = GLUE[name], not stem.startswith("test")
+    t, labelled = GLUE[name], not stem.startswith(("test", "diagnostic"))
     if not data_dir:
+        hub, split = ("ax", "test") if stem == "diagnostic" else (name, stem.replace("dev", "validation"))
         ds = load_hub_dataset(f"GLUE {t.folder} (nyu-mll/glue)", f"pass --data with GLUE's {t.folder} folder "
-                              "(its TSV files)", "nyu-mll/glue", name, split=stem.replace("dev", "validation"))
+                              "(its TSV files)", "nyu-mll/glue", hub, split=split)
         labels = [None if y < 0 else (float(y) if not t.labels else int(y)) for y in ds["label"]]
         return Split(ds[t.hub_text[0]], ds[t.hub_text[1]] if len(t.hub_text) > 1 else None, labels, ds["idx"])
     path = glue_file(t, stem, data_dir)
@@ -246,7 +235,7 @@ def write_test_predictions(task, data_dir, tokenizer, max_len, out, predict):
     t = GLUE[task]
     for stem, submission in t.test or (("test", t.folder),):
         if data_dir and not glue_file(t, stem, data_dir).exists():
-            print(f"{task}: no {stem}.tsv, no test predictions")
+            print(f"{task}: no {glue_file(t, stem, data_dir)}, so no {submission}.tsv")
             continue
         split = read_glue(task, stem, data_dir)
         predictions = labels_of(predict(encode_glue(tokenizer, split, max_len))).tolist()

@@ -1,12 +1,10 @@
 """SQuAD v1.1 for finetune.py: the paper scores it by F1 on dev (§4.1; Table D.1's settings live in finetune.py).
 
-BERT's run_squad recipe, on a fast tokenizer's character offsets:
-  - read_squad: the official JSON (train-v1.1.json, dev-v1.1.json) or the `datasets` copy,
-  - squad_windows: [CLS] question [SEP] context window [SEP] features, 384-token windows with a document stride
-    of 128, labelled with the tokens of the first gold answer where a window holds it,
-  - decode: n-best decoding of the start/end logits back to answer text, answers of at most 30 tokens,
-  - squad_scores: the official v1.1 evaluation (exact match and F1, the max over a question's gold answers),
-  - squad_task: SQuAD as fine-tuning needs it (train features and answer spans, the dev evaluation).
+BERT's run_squad recipe, on a fast tokenizer's character offsets: the official JSON or the `datasets` copy
+(read_squad), 384-token windows of [CLS] question [SEP] context [SEP] with a document stride of 128, labelled with
+the first gold answer's tokens where a window holds it (squad_windows), n-best decoding of the start/end logits into
+answers of at most 30 tokens (decode), the official v1.1 exact match and F1 (squad_scores), and SQuAD as fine-tuning
+needs it (squad_task).
 """
 
 import json
