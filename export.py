@@ -87,7 +87,7 @@ def write(proto, path):
 class Config:
     model: str = flag("", "model folder written by this project (save_pretrained, search.py --extract, further "
                           "training, finetune.py's best/)")
-    out: str = flag("model.onnx", "the ONNX file to write")
+    out: str = flag("model.onnx", "the ONNX file to write (a bare name goes into runs/export/)")
     int8: bool = flag(False, "also write a dynamically int8-quantized copy beside --out (<name>.int8.onnx) and report "
                              "its accuracy cost")
 
@@ -109,12 +109,13 @@ def run(cfg):
     if not worst <= TOLERANCE:
         raise UserError(f"the ONNX graph of {cfg.model} differs from the model by {worst:.2e} > {TOLERANCE:.0e}; "
                         "nothing written (please report it with the folder's config.json)")
-    size = write(proto, cfg.out)
-    print(f"exported {cfg.model} ({what}) -> {cfg.out} ({size:.1f} MB); inputs {', '.join(INPUTS)} "
+    out = Path(cfg.out) if Path(cfg.out).parent != Path(".") else Path("runs/export") / cfg.out  # not the repository
+    size = write(proto, out)
+    print(f"exported {cfg.model} ({what}) -> {out} ({size:.1f} MB); inputs {', '.join(INPUTS)} "
           f"(batch, sequence); outputs {', '.join(outputs)}")
     if cfg.int8:
         int8 = quantize_int8(proto)
-        path = Path(cfg.out).with_suffix(".int8.onnx")
+        path = out.with_suffix(".int8.onnx")
         worst, mean, same = compare(model, OrtModel(int8), batches)
         size = write(int8, path)
         labels = f"; same argmax on {same:.1%} of predictions" if same is not None else ""

@@ -450,7 +450,7 @@ def test_sigterm_keeps_the_scored_candidates_and_resume_ends_as_an_uninterrupted
         return score(self, arch)
 
     monkeypatch.setattr(search.MLMScore, "__call__", preempted)
-    with pytest.raises(KeyboardInterrupt, match="the 3 candidates scored so far are kept") as e:
+    with pytest.raises(KeyboardInterrupt, match="3 scored candidates kept") as e:
         run_cli(*args, "--out", tmp_path / "cut")
     assert str(e.value).endswith(f"resume with: python search.py --out {tmp_path / 'cut'} --resume")
     assert len(read_jsonl(tmp_path / "cut" / "candidates.jsonl")) == 3 == len(calls)
