@@ -1,11 +1,7 @@
-"""Plumbing shared by every stage, below all of them: one-line errors, interrupts, atomic files and JSONL logs, the
-Hugging Face hub offline, seeds, devices and compute dtypes, torchrun's workers, the run folder, and the one way a
-script is configured (a dataclass becomes its flags).
-
-What every script must do the same way lives here once: fail with one clear line (`UserError`, `run_main`), stop
-cleanly on SIGINT/SIGTERM (`stop_after_step`), write files atomically, never overwrite a run silently (`RunFolder`),
-and take its settings from a dataclass (`parse_flags`). What belongs to one stage (its checkpoint, its tables) lives
-in that stage's file.
+"""What every stage must do the same way, once: fail with one clear line (`UserError`, `run_main`), stop cleanly on
+SIGINT/SIGTERM (`stop_after_step`), write files and JSONL logs atomically, never overwrite a run silently
+(`RunFolder`), take its settings from a dataclass (`parse_flags`); also the Hugging Face hub offline, seeds, devices
+and compute dtypes, torchrun's workers. What belongs to one stage (its checkpoint, its tables) lives in its file.
 """
 
 import argparse
@@ -199,11 +195,7 @@ class RunFolder:
     the script has it) or --overwrite. It holds config.json: the resolved settings, the command line, the versions
     and the start and end times. Until `done_first()` (the run's first result is written), a failure or an
     interrupt puts the folder back as it was found: what the run created is removed, what --overwrite set aside
-    is restored.
-
-        with RunFolder(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, marker="checkpoint.pt") as run:
-            ...; run.done_first(); ...
-    """
+    is restored (`with RunFolder(...) as run: ...; run.done_first(); ...`)."""
 
     def __init__(self, out, cfg, resume=None, overwrite=False, marker=None, argv=None):
         path = self.path = Path(out)
@@ -296,7 +288,7 @@ def no_such(flag, path, make=""):
     make one; never into the path typed, which is an input)."""
     names = [str(p) for p in Path("runs").glob("*")] + [str(p) for p in Path("runs").glob("*/*") if p.is_dir()]
     near = difflib.get_close_matches(str(Path(path)), names, n=3, cutoff=0.6)
-    fix = f"nearest under runs/: {', '.join(near)}" if near else make or "check the path"
+    fix = "; ".join([f"nearest under runs/: {', '.join(near)}"] * bool(near) + [make] * bool(make)) or "check it"
     return UserError(f"{flag} {path}: no such {'file' if Path(path).suffix else 'folder'}; {fix}")
 
 

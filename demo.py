@@ -59,8 +59,7 @@ def held_out_loss(run_dir, arch=None):
 def summary(cfg, out, found, t, bert):
     splm_log, further_log, bert_log = ([r for r in read_jsonl(out / name / "metrics.jsonl") if "loss" in r]
                                        for name in ("superplm", "further", "bert-s"))
-    fit = json.loads((out / "predictor" / "metrics.json").read_text())
-    held = fit.get("heldout", {})
+    held = json.loads((out / "predictor" / "metrics.json").read_text()).get("heldout", {})
     best = Arch.parse(found["best"])
     print("\n" + "=" * 100)
     print(f"AutoTinyBERT demo: a tiny SuperPLM searched for {cfg.target} (latency <= {found['budget_ms']:.2f} ms; "
@@ -110,11 +109,6 @@ class Config:
     overwrite: bool = flag(False, "replace an earlier demo in --out")
 
 
-def finished(run):
-    """Whether a stage's run folder holds a finished run (its config.json says so)."""
-    return (run / "config.json").exists() and json.loads((run / "config.json").read_text())["status"] == "finished"
-
-
 def main(argv=None):
     cfg = parse_flags(Config, argv, __doc__.split("\n")[0])
     if cfg.threads:
@@ -129,7 +123,7 @@ def main(argv=None):
             """A command of stage `name`: skipped if it finished before, continued (`again`) if it began."""
             nonlocal now
             now, run, started = name, Path(args[args.index("--out") + 1]), time.time()
-            if finished(run):
+            if (run / "config.json").exists() and json.loads((run / "config.json").read_text())["status"] == "finished":
                 return
             threads = ["--threads", cfg.threads] if cfg.threads and args[0] != "latency.py" else []  # timing: 1
             try:

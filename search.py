@@ -637,8 +637,8 @@ def load_predictor(cfg, space, speedup):
                       f"{cfg.superplm} --samples 200 --out {timings} && python latency.py fit --timings {timings} "
                       f"--out {free_folder(Config.latency)}")
     predictor = LatencyPredictor.load(cfg.latency)
-    check_reach(cfg, speedup, space.largest(), predictor.speedup(space.largest()),
-                predictor.speedup(space.smallest()))
+    check_reach(cfg, predictor.base_ms / parse_target(cfg.target, predictor.base_ms), space.largest(),
+                predictor.speedup(space.largest()), predictor.speedup(space.smallest()))
     return predictor
 
 
@@ -656,6 +656,7 @@ def run_method(cfg, space, score, budget, cache, on_generation):
 
 def main(argv=None):
     cfg = parse_config(argv)
+    speedup, checkpoint = check_inputs(cfg)
     rank, world, device = init_distributed(cfg.device)  # a candidate may take hours: 24 h timeout
     folder = RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="candidates.jsonl", argv=argv) if rank == 0 \
         else nullcontext()  # worker 0 owns the run folder
@@ -664,7 +665,6 @@ def main(argv=None):
         if world > 1:
             dist.broadcast_object_list(opened)
         cfg, records = opened[0]
-        speedup, checkpoint = check_inputs(cfg)
         ckpt = torch_load(checkpoint)  # read once: the SuperPLM, and the corpus settings of the mlm evaluator
         model, space, tokenizer = load_superplm(checkpoint, ckpt)
         predictor = load_predictor(cfg, space, speedup)
