@@ -39,7 +39,7 @@ def test_ctrl_c_in_the_demo_keeps_the_work_and_resume_ends_as_an_uninterrupted_r
                                     f"continue with: python demo.py --out {out} --resume")
     assert 20 <= torch_load(out / "superplm" / "checkpoint.pt")["step"] < 40  # the stage saved as it does alone
 
-    resumed = python("demo.py", "--out", out, "--resume")  # the saved settings: SMALL's
+    resumed = python("demo.py", "--out", out, "--resume", "--threads", 1)  # the saved settings (SMALL's); threads anew
     assert resumed.returncode == 0, resumed.stderr
     assert f"$ python superplm.py --preset tiny --out {out / 'superplm'} --steps 40 --seed 0 --resume --threads 1" \
         in resumed.stdout and resumed.stdout.splitlines()[-1].startswith(f"files: {out}/superplm/checkpoint.pt")

@@ -269,3 +269,12 @@ def test_onnx_runtime_backends(tmp_path, monkeypatch):
     pred.save(tmp_path / "lat.pt")
     with pytest.raises(UserError, match="--backend torch"):
         latency.run_table(latency.TableConfig(backend="onnxruntime", predictor=str(tmp_path / "lat.pt")))
+
+
+def test_a_predictor_names_every_shape_it_extrapolates_to_in_one_warning(capsys):
+    pred = LatencyPredictor.fit([Arch(2, 64, 128, 2, 64), Arch(4, 128, 256, 2, 128)], np.array([0.1, 0.4]), ref_ms=10.0,
+                                base_ms=100.0, device=DEVICE, width=8, steps=5, seed=0)
+    pred.predict([Arch(3, 96, 200, 2, 64), Arch(8, 768, 3072, 12, 768), Arch(1, 32, 64, 1, 32)])
+    pred.predict([Arch(9, 768, 3072, 12, 768)])  # said once
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2 of 3 shapes are outside (8-768-3072-12-768, 1-32-64-1-32)" in err
