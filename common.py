@@ -611,6 +611,6 @@ def parse_flags(cls, argv=None, description=None, parser=None, defaults=None):
     for k, v in saved.items():  # a flag given on --resume that the run cannot honour
         if getattr(cfg, k) != v:
             raise UserError(f"--resume continues {out} with the settings it began with, and {_flag(k)} "
-                            f"{getattr(cfg, k)} is not one of them (it has {v}): drop {_flag(k)}, or start a new run "
-                            "in another --out" + getattr(cls, "RESUMED", "").format(out=out))
+                            f"{getattr(cfg, k)} is not one of them (it has {v}): drop {_flag(k)}, or start a run with "
+                            "other settings in another --out" + getattr(cls, "RESUMED", "").format(out=out))
     return cfg

@@ -189,7 +189,7 @@ class PackedDataset:
 def _chunks(docs, bar, size=1000):
     """Lists of texts from a list or a `datasets` Dataset, ticking the progress bar."""
     for s in range(0, len(docs), size):
-        texts = docs[s:s + size] if isinstance(docs, tuple) else docs[s:s + size]["text"]
+        texts = docs[s:s + size] if isinstance(docs, list) else docs[s:s + size]["text"]
         bar.update(len(texts))
         yield texts
 
@@ -244,10 +244,13 @@ def _docstrings(node):
         yield from _docstrings(child)
 
 
-@functools.lru_cache(maxsize=1)
 def stdlib_corpus():
-    """The default corpus: every docstring of the standard library (tests excluded), files in sorted order (a tuple:
-    parsing ~700 files takes seconds, once per process)."""
+    """The default corpus: every docstring of the standard library (tests excluded), files in sorted order."""
+    return list(_stdlib_docs())
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_docs():  # parsing ~700 files takes seconds: once per process
     root = Path(sysconfig.get_paths()["stdlib"])
     docs = []
     for path in sorted(root.rglob("*.py")):
@@ -317,7 +320,7 @@ def _local(one, cache_dir):
 
 
 def load_corpus(spec, cache_dir=None):
-    """The documents of a corpus spec (see the module docstring): a tuple, or a `datasets` Dataset of 'text'."""
+    """The documents of a corpus spec (see the module docstring): a list, or a `datasets` Dataset of 'text'."""
     if spec == "stdlib":
         return stdlib_corpus()
     parts = []
@@ -348,7 +351,7 @@ def cached_tokenizer(spec, vocab_size, cache_dir):
     folder = Path(cache_dir) / f"tokenizer-{corpus_key(spec)}-{vocab_size}"
     if not (folder / "tokenizer.json").exists():
         docs = load_corpus(spec, cache_dir)
-        texts = docs if isinstance(docs, tuple) else (row["text"] for row in docs)
+        texts = docs if isinstance(docs, list) else (row["text"] for row in docs)
         print(f"training a {vocab_size}-token WordPiece vocabulary on {spec}", file=sys.stderr)
         train_tokenizer(texts, vocab_size, folder)
     return folder / "tokenizer.json"

@@ -96,13 +96,14 @@ class LatencyPredictor:
         """Say once (one line on stderr) when asked about shapes outside those it was fitted on: an MLP
         extrapolates badly (a tiny space's predictor on Table 4's models is off by 20%)."""
         ranges = self.state.get("ranges") or {}
-        outside = [str(a) for a in archs if any(not lo <= getattr(a, d) <= hi for d, (lo, hi) in ranges.items())]
+        outside = list(dict.fromkeys(str(a) for a in archs if any(not lo <= getattr(a, d) <= hi
+                                                                  for d, (lo, hi) in ranges.items())))
         if outside and not self.warned:
             self.warned = True
             tqdm.write(f"warning: {self.name} was fitted on shapes with " + ", ".join(
-                f"{d} {lo}-{hi}" for d, (lo, hi) in ranges.items()) + f"; {len(outside)} of {len(archs)} shapes are "
-                f"outside ({', '.join(outside)}): its predictions there are extrapolations, fit one on timings that "
-                "cover these shapes", file=sys.stderr)  # above a progress bar, never inside its line
+                f"{d} {lo}-{hi}" for d, (lo, hi) in ranges.items()) + f"; {len(outside)} of {len(set(archs))} shapes "
+                f"are outside ({', '.join(outside)}): its predictions there are extrapolations, fit one on timings "
+                "that cover these shapes", file=sys.stderr)  # above a progress bar, never inside its line
 
     def speedup(self, arch):
         return self.base_ms / self(arch)
@@ -484,6 +485,7 @@ class MeasureConfig(TimingConfig):
     seed: int = flag(0, "seed of the sampled architectures", **NONNEGATIVE)
     resume: bool = flag(False, "continue (or extend to more --samples) the timings")
     overwrite: bool = flag(False, "replace the timings in --out")
+    RESUMABLE = ("samples",)  # --resume may time more
 
 
 PRESETS = {"paper": {}, "tiny": dict(samples=150, warmup_passes=1, repeats=3)}
