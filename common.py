@@ -1,21 +1,19 @@
-"""Plumbing shared by every stage, below all of them: one-line errors, interrupts, atomic files and JSONL logs, the
-Hugging Face hub offline, seeds, devices and compute dtypes, torchrun's workers, the run folder, and the one way a
-script is configured (a dataclass becomes its flags).
-
-What every script must do the same way lives here once: fail with one clear line (`UserError`, `run_main`), stop
-cleanly on SIGINT/SIGTERM (`stop_after_step`), write files atomically, never overwrite a run silently (`RunFolder`),
-and take its settings from a dataclass (`parse_flags`). What belongs to one stage (its checkpoint, its tables) lives
-in that stage's file.
+"""What every stage must do the same way, once: fail with one clear line (`UserError`, `run_main`), stop cleanly on
+SIGINT/SIGTERM (`stop_after_step`), write files and JSONL logs atomically, never overwrite a run silently
+(`RunFolder`), take its settings from a dataclass (`parse_flags`); also the Hugging Face hub offline, seeds, devices
+and compute dtypes, torchrun's workers. What belongs to one stage (its checkpoint, its tables) lives in its file.
 """
 
 import argparse
 import contextlib
 import dataclasses
 import datetime
+import difflib
 import json
 import os
 import platform
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -54,26 +52,20 @@ def run_main(main):
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt, as Ctrl-C does
     try:
         return main()
-    except UserError as e:
-        _close_bars()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt as e:
-        _close_bars()
+    except (UserError, KeyboardInterrupt) as e:
+        for bar in list(getattr(tqdm, "_instances", ())):  # end every progress bar's line: the message gets its own
+            bar.close()
+        if isinstance(e, UserError):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         print(f"interrupted: {e}" if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
         sys.exit(130)
 
 
-def _close_bars():
-    """End every progress bar's line, so that the message after it starts a line of its own."""
-    for bar in list(getattr(tqdm, "_instances", ())):
-        bar.close()
-
-
 @contextlib.contextmanager
-def stop_after_step():
-    """Inside: the first SIGINT/SIGTERM only sets `stop.signal` (the loop finishes its step, saves, and stops);
-    a second one interrupts at once."""
+def stop_after_step(what="step"):
+    """Inside: the first SIGINT/SIGTERM only sets `stop.signal` (the loop finishes its step, or `what` it does,
+    saves, and stops); a second one interrupts at once."""
     stop = types.SimpleNamespace(signal=None)
 
     def handler(signum, frame):
@@ -81,7 +73,7 @@ def stop_after_step():
             raise KeyboardInterrupt
         stop.signal = signal.Signals(signum).name
         if os.environ.get("RANK", "0") == "0":  # one line for a torchrun job, not one per worker
-            print(f"\n{stop.signal}: finishing the step in progress, then saving and stopping (send it again to "
+            print(f"\n{stop.signal}: finishing the {what} in progress, then saving and stopping (send it again to "
                   "stop at once)", file=sys.stderr, flush=True)
 
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
@@ -203,11 +195,7 @@ class RunFolder:
     the script has it) or --overwrite. It holds config.json: the resolved settings, the command line, the versions
     and the start and end times. Until `done_first()` (the run's first result is written), a failure or an
     interrupt puts the folder back as it was found: what the run created is removed, what --overwrite set aside
-    is restored.
-
-        with RunFolder(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, marker="checkpoint.pt") as run:
-            ...; run.done_first(); ...
-    """
+    is restored (`with RunFolder(...) as run: ...; run.done_first(); ...`)."""
 
     def __init__(self, out, cfg, resume=None, overwrite=False, marker=None, argv=None):
         path = self.path = Path(out)
@@ -216,7 +204,9 @@ class RunFolder:
         self.command = command_line(argv, module + ".py" if argv is not None and module != "__main__" else None)
         if path.exists() and not path.is_dir():
             raise UserError(f"--out {path} is a file: --out names a folder")
-        self.existed = path.exists()
+        self.existed, self.created = path.exists(), path
+        while not self.created.parent.exists():  # the topmost folder this run makes (runs/ in a fresh clone)
+            self.created = self.created.parent
         self.before = set(os.listdir(path)) - {".replaced"} if self.existed else set()
         taken = (path / marker).exists() if marker else bool(self.before)
         if resume and not taken:
@@ -276,7 +266,7 @@ class RunFolder:
         if self.old_record is not None:
             (self.path / "config.json").write_bytes(self.old_record)
         if not self.existed:
-            shutil.rmtree(self.path, ignore_errors=True)
+            shutil.rmtree(self.created, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -291,6 +281,20 @@ class RunFolder:
         if self.aside:
             shutil.rmtree(self.aside, ignore_errors=True)
         return False
+
+
+def no_such(flag, path, make=""):
+    """A missing input path: one line with the nearest names under runs/ (a typo is likely), else `make` (how to
+    make one; never into the path typed, which is an input)."""
+    names = [str(p) for p in Path("runs").glob("*")] + [str(p) for p in Path("runs").glob("*/*") if p.is_dir()]
+    near = difflib.get_close_matches(str(Path(path)), names, n=3, cutoff=0.6)
+    fix = "; ".join([f"nearest under runs/: {', '.join(near)}"] * bool(near) + [make] * bool(make)) or "check it"
+    return UserError(f"{flag} {path}: no such {'file' if Path(path).suffix else 'folder'}; {fix}")
+
+
+def free_folder(base):
+    """`base`, else the first of base-2, base-3, ... that does not exist: a folder a suggested command may write."""
+    return next(p for p in [str(base), *(f"{base}-{i}" for i in range(2, 1000))] if not Path(p).exists())
 
 
 # --------------------------------------------------------------------------------------- the Hugging Face hub, offline
@@ -360,6 +364,8 @@ DEVICE_HELP = "auto: cuda if torch sees a GPU (under torchrun cuda:LOCAL_RANK), 
 DTYPE_HELP = ("compute dtype of matmuls and attention (torch.autocast); weights, gradients and AdamW's state stay "
               "fp32. auto: bf16 on a GPU that has it (A100, H100, ...), else fp32")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+THREADS_HELP = ("CPU threads of torch's kernels; unset: torch's default (one per core). Set it when other jobs share "
+                "the CPU (more threads than free cores slow every step down): 1 there, as the tests do")
 
 
 @dataclass(frozen=True)
@@ -400,8 +406,11 @@ def resolve_device(spec="auto"):
     return device
 
 
-def resolve_compute(device="auto", dtype="auto"):
-    """Compute for --device and --dtype (the one place where the defaults are decided)."""
+def resolve_compute(device="auto", dtype="auto", threads=None):
+    """Compute for --device and --dtype (the one place where the defaults are decided); --threads, if given, sets
+    torch's CPU threads."""
+    if threads:
+        torch.set_num_threads(threads)
     device = resolve_device(device)
     native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)  # Ampere on
     if dtype == "auto":
@@ -487,11 +496,31 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose every error is one line (a UserError, `error: --task RTEE: choose one of cola, ...`), never
+    the usage block."""
+
+    def error(self, message):
+        head, _, what = message.partition(": ")
+        name = what if head.startswith("the following") else head.removeprefix("argument ").split("/")[0]
+        action = next((a for a in self._actions if name in (*a.option_strings, a.dest)), None)
+        value = re.search(r"(choice|(\w+) value): '([^']*)'", what)
+        if "expected" in what:
+            raise UserError(f"{name} needs a value (one that starts with '-' is written {name}=VALUE)")
+        if action is not None and action.choices:
+            given = f" {value.group(3)}" if value else ""
+            raise UserError(f"{name}{given}: choose one of {', '.join(map(str, action.choices))}")
+        if value:
+            kind = dict(int="a whole number", float="a number").get(value.group(2), "valid")
+            raise UserError(f"{name} {value.group(3)}: not {kind}")
+        raise UserError(f"{message} ({self.prog} --help lists the flags)")
+
+
 def config_parser(cls, description=None, parser=None):
     """Add one flag per dataclass field (the field's metadata['help'] is its help, the default is shown), and
     --config FILE: start from the settings of a run's config.json (flags given still win). No flag is abbreviated:
     an old spelling such as --batch is refused, not read as --batch-size."""
-    parser = parser or argparse.ArgumentParser(description=description, formatter_class=_Defaults, allow_abbrev=False)
+    parser = parser or _Parser(description=description, formatter_class=_Defaults, allow_abbrev=False)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind, default = hints[f.name], f.default
@@ -552,7 +581,7 @@ def parse_flags(cls, argv=None, description=None, parser=None, defaults=None):
     result (command, config): `script.py COMMAND --flag ...`, each command with its own flags."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if isinstance(cls, dict):
-        top = argparse.ArgumentParser(description=description, allow_abbrev=False)
+        top = _Parser(description=description, allow_abbrev=False)
         commands = top.add_subparsers(dest="command", required=True)
         parsers = {name: config_parser(c, parser=commands.add_parser(
             name, help=help_, description=help_, formatter_class=_Defaults, allow_abbrev=False))
@@ -571,5 +600,17 @@ def parse_flags(cls, argv=None, description=None, parser=None, defaults=None):
         except json.JSONDecodeError as e:
             raise UserError(f"--config {path} is not JSON ({e}): pass a config.json from a run folder") from None
         preset.update({k: v for k, v in saved.items() if k not in ("resume", "overwrite")})
+    saved, out = {}, Path(getattr(first, "out", "") or ".")
+    if getattr(first, "resume", False) and (out / "config.json").exists():  # the settings the run began with
+        free = ("out", "resume", "overwrite", "device", "dtype", "threads", *getattr(cls, "RESUMABLE", ()))
+        saved = {k: v for k, v in config_values(cls, json.loads((out / "config.json").read_text())).items()
+                 if k not in free}
+        preset.update(saved)
     parser.set_defaults(**preset)
-    return config_from_args(cls, parser.parse_args(argv))
+    cfg = config_from_args(cls, parser.parse_args(argv))
+    for k, v in saved.items():  # a flag given on --resume that the run cannot honour
+        if getattr(cfg, k) != v:
+            raise UserError(f"--resume continues {out} with the settings it began with, and {_flag(k)} "
+                            f"{getattr(cfg, k)} is not one of them (it has {v}): drop {_flag(k)}, or start a run with "
+                            "other settings in another --out" + getattr(cls, "RESUMED", "").format(out=out))
+    return cfg

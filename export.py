@@ -102,7 +102,8 @@ def write(proto, path):
 class Config:
     model: str = flag("", "model folder: this project's (save_pretrained, search.py --extract, further training, "
                           "finetune.py's best/), transformers' BERT/ELECTRA, or the authors' released models")
-    out: str = flag("model.onnx", "an .onnx file, or a folder: model.onnx beside the Hugging Face folder")
+    out: str = flag("runs/export", "a folder: model.onnx beside the Hugging Face folder; or an .onnx file (a bare "
+                                  "name goes into runs/export/)")
     int8: bool = flag(False, "also write a dynamically int8-quantized copy beside --out (<name>.int8.onnx) and report "
                              "its accuracy cost")
     format: str = flag("onnx", "hf: only the Hugging Face folder in --out, which stock transformers loads with its "
@@ -119,6 +120,7 @@ def run(cfg):
     bert, result = getattr(model, "bert", model), {}
     folder = cfg.format == "hf" or not cfg.out.endswith(".onnx")
     out = Path(cfg.out) / "model.onnx" if folder else Path(cfg.out)
+    out = Path("runs/export") / out if not folder and out.parent == Path(".") else out  # not the repository root
     if cfg.format == "onnx":
         batches = check_inputs(bert.cfg["vocab_size"], bert.cfg["max_position"])
         proto = to_onnx(model, {k: v[:2, :16] for k, v in batches[2].items()}, outputs)

@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (COUNT, DEVICE_HELP, DTYPES, DTYPE_HELP, Interrupted, NONNEGATIVE, POSITIVE, RunFolder, SHARE,
-                    UserError, append_jsonl, check_config, config_parser, flag, parse_flags, resolve_compute, run_main,
-                    save_json, seed_everything, stop_after_step, to_device, torch_load, torch_save)
+                    THREADS_HELP, UserError, append_jsonl, check_config, config_parser, flag, parse_flags,
+                    resolve_compute, run_main, save_json, seed_everything, stop_after_step, to_device, torch_load,
+                    torch_save)
 from data import load_tokenizer, tokenizer_files
 from model import Arch, Bert, extract, from_pretrained, learning_rate, make_optimizer, read_pretrained, save_pretrained
 from superplm import load_superplm
@@ -159,8 +160,6 @@ def best_of_sweep(cfg, compute, folder, stop):
         if out and record["epoch"] == record["epochs"]:
             append_jsonl(out / "metrics.jsonl", dict(kind="run", **runs[-1]))
     result = dict(best, runs=runs)
-    print(f"{best['task']} best: lr {best['lr']:g} epochs {best['epochs']} epoch {best['epoch']} "
-          f"score {best['score']:.2f}")
     if out:
         append_jsonl(out / "metrics.jsonl", dict(kind="best", **best))
         save_json(result, out / "results.json")
@@ -168,6 +167,8 @@ def best_of_sweep(cfg, compute, folder, stop):
             best_model = load_model(out / "best", cfg.task)[0].to(compute.device)
             write_test_predictions(cfg.task, data, tok, cfg.max_len, out, lambda f: predict(
                 best_model, f, 2 * cfg.batch_size, pad, compute.device, compute.autocast))
+    print(f"{best['task']} best: lr {best['lr']:g} epochs {best['epochs']} epoch {best['epoch']} score "
+          f"{best['score']:.2f}" + (f" -> {out}/ (best/, results.json, metrics.jsonl, log.txt)" if out else ""))
     return result
 
 
@@ -330,6 +331,7 @@ class Config:
     overwrite: bool = flag(False, "replace an existing run folder")
     device: str = flag("auto", DEVICE_HELP)
     dtype: str = flag("auto", DTYPE_HELP, choices=["auto", *DTYPES])
+    threads: Optional[int] = flag(None, THREADS_HELP, **COUNT)
 
 
 PRESETS = {"paper": {}, "tiny": dict(epochs=[1], max_train_examples=2000, max_eval_examples=1000)}
@@ -346,7 +348,7 @@ def run(cfg, argv=None):
                         "run folder with --arch)")
     cfg = dataclasses.replace(cfg, task=name, **{k: v for k, v in paper_settings(name).items()
                                                  if getattr(cfg, k) is None})
-    compute = resolve_compute(cfg.device, cfg.dtype)
+    compute = resolve_compute(cfg.device, cfg.dtype, cfg.threads)
     folder = RunFolder(cfg.out, cfg, overwrite=cfg.overwrite, argv=argv) if cfg.out else None
     # a run with a folder stops after the step in progress; one without (search.py's evaluator) leaves the
     # signals to its caller

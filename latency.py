@@ -35,8 +35,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from common import (COUNT, Interrupted, NONNEGATIVE, RunFolder, UserError, append_jsonl, command_line, flag,
-                    parse_flags, read_appended, read_jsonl, run_main, save_json, seed_everything, torch_load,
-                    torch_save)
+                    free_folder, no_such, parse_flags, read_appended, read_jsonl, run_main, save_json, seed_everything,
+                    torch_load, torch_save)
 from model import Arch, Bert, BERT_BASE, KD_SPACE, PRETRAIN_SPACE
 from superplm import saved_space
 
@@ -114,16 +114,14 @@ class LatencyPredictor:
         """Say once (one line on stderr) when asked about shapes outside those it was fitted on: an MLP
         extrapolates badly (a tiny space's predictor on Table 4's models is off by 20%)."""
         ranges = self.state.get("ranges") or {}
-        for a in [] if self.warned else archs:
-            out = [f"{d} {getattr(a, d)} not in {lo}-{hi}" for d, (lo, hi) in ranges.items()
-                   if not lo <= getattr(a, d) <= hi]
-            if out:
-                self.warned = True
-                tqdm.write(f"warning: {self.name} was fitted on shapes with " + ", ".join(
-                    f"{d} {lo}-{hi}" for d, (lo, hi) in ranges.items()) + f"; {a} is outside ({', '.join(out)}): its "
-                    "predictions there are extrapolations, fit one on timings that cover these shapes",
-                    file=sys.stderr)  # above a progress bar, never inside its line
-                return
+        outside = list(dict.fromkeys(str(a) for a in archs if any(not lo <= getattr(a, d) <= hi
+                                                                  for d, (lo, hi) in ranges.items())))
+        if outside and not self.warned:
+            self.warned = True
+            tqdm.write(f"warning: {self.name} was fitted on shapes with " + ", ".join(
+                f"{d} {lo}-{hi}" for d, (lo, hi) in ranges.items()) + f"; {len(outside)} of {len(set(archs))} shapes "
+                f"are outside ({', '.join(outside)}): its predictions there are extrapolations, fit one on timings "
+                "that cover these shapes", file=sys.stderr)  # above a progress bar, never inside its line
 
     def speedup(self, arch):
         return self.base_ms / self(arch)
@@ -165,8 +163,11 @@ class LatencyPredictor:
     @classmethod
     def load(cls, path):
         folder, path = path, in_folder(path, "predictor.pt")
+        if not Path(folder).exists():
+            raise no_such("--latency", folder, "fit one with python latency.py fit --timings TIMINGS --out "
+                          + free_folder("runs/predictor"))
         if not Path(path).exists():
-            raise UserError(f"{path} does not exist: fit one with `python latency.py fit --out {folder}`")
+            raise UserError(f"{folder} holds no predictor.pt: pass the --out of `latency.py fit`")
         predictor = cls(torch_load(path), str(folder))
         if predictor.device["cpu"] != cpu_model():
             warnings.warn(f"{path} was measured on {predictor.device['cpu']!r}, not this {cpu_model()!r}: its "
@@ -267,8 +268,11 @@ def load_data(path):
     archs and BERT-base), as arrays: archs, drift-free ratios (ms / the reference's ms timed alongside), raw ms, and
     the reference's and BERT-base's ms (medians over the file)."""
     folder, path = path, in_folder(path, "timings.jsonl")
+    if not Path(folder).exists():
+        raise no_such("--timings", folder, "time some with python latency.py measure --space SUPERPLM --samples 200 "
+                      f"--out {free_folder('runs/latency')}")
     if not Path(path).exists():
-        raise UserError(f"{path} does not exist: collect it with `python latency.py measure --out {folder}`")
+        raise UserError(f"--timings {folder} holds no timings.jsonl: pass the --out of `latency.py measure`")
     records = read_jsonl(path)
     if not records or records[0].get("kind") != "meta":
         raise UserError(f"{path} was not written by `latency.py measure`: pass a file that `measure` wrote")
@@ -433,6 +437,8 @@ def space_from(name):
         return SPACES[name]
     if (Path(name) / "checkpoint.pt").is_file():
         name = str(Path(name) / "checkpoint.pt")
+    if not Path(name).exists():
+        raise no_such("--space", name, f"--space also takes {' or '.join(SPACES)} (Table B.1)")
     if not Path(name).is_file():
         raise UserError(f"--space {name!r} is neither {' nor '.join(SPACES)} nor a SuperPLM checkpoint file")
     space = torch_load(name).get("space")
@@ -492,6 +498,7 @@ class MeasureConfig(TimingConfig):
     seed: int = flag(0, "seed of the sampled architectures", **NONNEGATIVE)
     resume: bool = flag(False, "continue (or extend to more --samples) the timings")
     overwrite: bool = flag(False, "replace the timings in --out")
+    RESUMABLE = ("samples",)  # --resume may time more
 
 
 PRESETS = {"paper": {}, "tiny": dict(samples=150, warmup_passes=1, repeats=3)}
@@ -546,6 +553,7 @@ def run_measure(cfg, argv=None):
                     run.done_first()
                     bar.update(r["kind"] == "arch")
                     bar.set_postfix_str(f"{r['kind']} {r['arch']} {r['ms']:.1f}ms")
+            print(f"timed {cfg.samples} archs -> {cfg.out}/timings.jsonl")
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say what is kept and the command that continues
             kept = sum(r["kind"] == "arch" for r in read_jsonl(path))
             argv = sys.argv[1:] if argv is None else [str(a) for a in argv]

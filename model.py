@@ -483,7 +483,9 @@ def save_pretrained(model, folder, head=None, **config_fields):
     ours = model.state_dict()  # under BertForMaskedLM's names, but for the decoder's weight: the embedding (tied)
     tensors = {(hf if hf.startswith("cls.") else "bert." + hf): ours[name]
                for name, hf in _hf_names(a.layers, model.emb_proj is not None)}
-    tensors.update({"cls.predictions.decoder.bias": ours["mlm_bias"], **(head or {})})
+    tensors["cls.predictions.decoder.bias"] = ours["mlm_bias"]
+    if head:  # a fine-tuned model: its task head instead of the masked-LM head
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("cls.")} | head
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     Path(folder).mkdir(parents=True, exist_ok=True)
     atomic_write(Path(folder) / "model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))

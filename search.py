@@ -39,10 +39,10 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import finetune
-from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, Interrupted, NONNEGATIVE, RunFolder, SHARE, UserError,
-                    append_jsonl, command_line, config_values, end_distributed, flag, init_distributed, parse_flags,
-                    rank0_first, read_appended, read_jsonl, resolve_compute, run_main, save_json, seed_everything,
-                    stop_after_step, to_device, torch_load)
+from common import (COUNT, DEVICE_HELP, DTYPES, DTYPE_HELP, Interrupted, NONNEGATIVE, RunFolder, SHARE, THREADS_HELP,
+                    UserError, append_jsonl, command_line, config_values, end_distributed, flag, free_folder,
+                    init_distributed, no_such, parse_flags, rank0_first, read_appended, read_jsonl, resolve_compute,
+                    run_main, save_json, seed_everything, stop_after_step, to_device, torch_load)
 from data import build_dataset, load_tokenizer, mask_tokens, masked_positions, split, tokenizer_files
 from latency import LatencyPredictor, params, parse_target, space_from
 from model import Arch, MLM, SearchSpace, extract, save_pretrained
@@ -465,7 +465,7 @@ def open_search(cfg, folder):
     saved config (only RESUMABLE's flags may change), so that it ends as an uninterrupted search would."""
     if cfg.resume and folder.old_record:  # the saved search wins, so that the replay is exact
         saved = config_values(type(cfg), json.loads(folder.old_record))
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in RESUMABLE})
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in cfg.RESUMABLE})
         folder.update(cfg)
     records = read_appended(folder.path / "candidates.jsonl")  # a torn last line (a killed run) is cut first
     return cfg, {Arch.parse(r["arch"]): r for r in records}
@@ -494,8 +494,9 @@ class SearchRecord:
         self.bar.update()
         if self.stop.signal:
             self.bar.close()
-            raise Interrupted(f"{self.stop.signal}: the {len(read_jsonl(self.path))} candidates scored so far are "
-                              f"kept in {self.path}; resume with: {self.command}")
+            n = len(read_jsonl(self.path))
+            raise Interrupted(f"{self.stop.signal}: {n} scored candidate{'s' * (n != 1)} kept in {self.path}; resume "
+                              f"with: {self.command}")
 
     def generation(self, best_first):
         save_json(self.rows(best_first), self.folder.path / "scored.json")
@@ -576,12 +577,13 @@ class Config:
     ft_epochs: int = flag(1, "finetune: epochs per task", **COUNT)
     ft_train_examples: int = flag(2000, "finetune: training examples per task (0: all)", **NONNEGATIVE)
     ft_eval_examples: int = flag(1000, "finetune: dev examples per task (0: all)", **NONNEGATIVE)
+    threads: Optional[int] = flag(None, THREADS_HELP, **COUNT)
+    # the flags a resumed search may change (the others are the saved search's)
+    RESUMABLE = ("resume", "overwrite", "out", "device", "dtype", "threads", "extract", "top")
 
 
 PROBABILITIES = {"evolve": dict(p_mutate=0.5, p_explore=0.5),  # pm and pe of each method, as --help shows them
                  "evolve-elite": dict(p_mutate=ELITE["p_mutate"], p_explore=ELITE["p_explore"])}
-
-RESUMABLE = ("resume", "overwrite", "out", "device", "dtype", "extract", "top")  # flags a resumed search may change
 
 
 def defaults(first, argv=None):
@@ -596,15 +598,54 @@ def parse_config(argv=None):
     return parse_flags(Config, argv, __doc__.split("\n")[0], defaults=partial(defaults, argv=argv))
 
 
+# SuperPLM shapes and the speedup of each over BERT-base on this project's CPU (latency.measure, one thread): a search
+# for a speedup T needs a SuperPLM whose largest architecture is slower than T asks, with room (at most 0.8 T).
+SUPERPLMS = {"4-256-1024-4-256": 25.5, "4-384-1536-6-384": 11.9, "4-512-2048-8-512": 6.7, "6-512-2048-8-512": 5.2,
+             "8-768-3072-12-768": 1.6}
+
+
+def train_superplm_for(speedup):
+    """The command that trains, in minutes, the smallest SuperPLM of SUPERPLMS whose space can meet `speedup`."""
+    arch = next((a for a, s in SUPERPLMS.items() if s <= 0.8 * speedup), "8-768-3072-12-768") if speedup else ""
+    steps = "" if arch in ("", "4-256-1024-4-256") else " --steps 100 --batch-size 16"  # larger: fewer, smaller steps
+    return (f"python superplm.py --preset tiny{f' --superplm-arch {arch}' if arch else ''}{steps} --out "
+            f"{free_folder(Config.superplm)}")
+
+
 def check_inputs(cfg):
-    """The SuperPLM's checkpoint.pt; before any work, the command that makes whatever input is missing."""
-    superplm, predictor = Path(cfg.superplm), Path(cfg.latency)
-    checkpoint = checkpoint_path(superplm, "--superplm")
-    if not (predictor / "predictor.pt" if predictor.is_dir() else predictor).exists():
-        raise UserError(f"no latency predictor at {cfg.latency}: make one with `python latency.py measure --space "
-                        f"{superplm} --out runs/latency && python latency.py fit --timings runs/latency --out "
-                        f"{cfg.latency}`")
-    return checkpoint
+    """Before any work, cheap first: (the speedup asked, or None for a budget in ms; the SuperPLM's checkpoint.pt),
+    with the command that makes a missing SuperPLM."""
+    speedup = None if cfg.target.strip().lower().endswith("ms") else 1 / parse_target(cfg.target, 1.0)
+    if cfg.evaluator == "params" and cfg.space:
+        return speedup, None  # training-free: no SuperPLM needed
+    if not Path(cfg.superplm).exists():
+        raise no_such("--superplm", cfg.superplm, f"train one (minutes): {train_superplm_for(speedup)}")
+    return speedup, checkpoint_path(cfg.superplm, "--superplm")
+
+
+def check_reach(cfg, speedup, arch, largest, smallest=None):
+    """Refuse, before any work, a target that every architecture of the SuperPLM `arch` beats (its largest runs
+    `largest` x faster than BERT-base): the search would return a model many times faster than asked."""
+    low = ELITE["window"] * largest  # the lowest target whose latency window the space still reaches
+    if speedup and speedup < low:
+        high = f" to {smallest:.3g}x" if smallest else " and up"
+        raise UserError(f"--target {cfg.target}: every architecture of the {arch} SuperPLM is faster (the largest "
+                        f"{largest:.3g}x); it supports targets of {low:.3g}x{high}; for {cfg.target}, train a larger "
+                        f"one: {train_superplm_for(speedup)}")
+
+
+def load_predictor(cfg, space, speedup):
+    """The latency predictor; if there is none, and the SuperPLM can meet the target, the commands that make one."""
+    if not Path(cfg.latency).exists():
+        check_reach(cfg, speedup, space.largest(), SUPERPLMS.get(str(space.largest()), 0))
+        timings = free_folder("runs/latency")
+        raise no_such("--latency", cfg.latency, f"measure and fit one (minutes): python latency.py measure --space "
+                      f"{cfg.superplm} --samples 200 --out {timings} && python latency.py fit --timings {timings} "
+                      f"--out {free_folder(Config.latency)}")
+    predictor = LatencyPredictor.load(cfg.latency)
+    check_reach(cfg, predictor.base_ms / parse_target(cfg.target, predictor.base_ms), space.largest(),
+                predictor.speedup(space.largest()), predictor.speedup(space.smallest()))
+    return predictor
 
 
 def run_method(cfg, space, score, budget, cache, on_generation):
@@ -621,6 +662,7 @@ def run_method(cfg, space, score, budget, cache, on_generation):
 
 def main(argv=None):
     cfg = parse_config(argv)
+    speedup, checkpoint = check_inputs(cfg)
     rank, world, device = init_distributed(cfg.device)  # a candidate may take hours: 24 h timeout
     folder = RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="candidates.jsonl", argv=argv) if rank == 0 \
         else nullcontext()  # worker 0 owns the run folder
@@ -634,18 +676,17 @@ def main(argv=None):
                 raise UserError("--extract copies a SuperPLM's weights, which --evaluator params does not use: drop "
                                 "--extract and train the pick from scratch with `python superplm.py --arch ARCH`")
             model = tokenizer = ckpt = None
-            space = space_from(cfg.space or str(check_inputs(cfg)))
+            space = space_from(cfg.space or str(checkpoint))
         else:
             if cfg.space:
                 raise UserError(f"--space is for --evaluator params: --evaluator {cfg.evaluator} searches the "
                                 "space of --superplm")
-            checkpoint = check_inputs(cfg)
             ckpt = torch_load(checkpoint)  # read once: the SuperPLM, and the corpus settings of the mlm evaluator
             model, space, tokenizer = load_superplm(checkpoint, ckpt)
-        predictor = LatencyPredictor.load(cfg.latency)
+        predictor = load_predictor(cfg, space, speedup)
         budget = Budget(space, predictor, parse_target(cfg.target, predictor.base_ms))
         seed_everything(cfg.seed)
-        compute = resolve_compute(str(device), cfg.dtype)
+        compute = resolve_compute(str(device), cfg.dtype, cfg.threads)
         # Worker 0 first: it builds the mlm evaluator's cache, which the others then read.
         score = rank0_first(rank, world, partial(make_score, cfg, model, tokenizer, ckpt, compute))
         score.metrics.update({a: r.get("metrics", {}) for a, r in records.items()})
@@ -659,7 +700,7 @@ def main(argv=None):
               + (f"; {len(records)} scored before, replayed" if records else ""))
         n_evals = len(space.layers) if cfg.method == "fast" else cfg.generations * cfg.population
         bar = tqdm(total=n_evals, initial=len(records), desc="scoring", unit="arch")
-        with warnings.catch_warnings(), stop_after_step() as stop:
+        with warnings.catch_warnings(), stop_after_step("candidate") as stop:
             warnings.simplefilter("always")  # a search's warnings (a dropped window, a short generation): one line each
             warnings.showwarning = lambda message, *_, **__: bar.write(f"warning: {message}")
             record = SearchRecord(folder, command_line(["--out", cfg.out, "--resume"], "search.py"), budget,
@@ -672,10 +713,10 @@ def main(argv=None):
                 shared.stop()
         bar.close()
         end_distributed(world)
-        return finish(cfg, results, record.rows, budget, predictor, model, tokenizer)
+        return finish(cfg, results, record.rows, budget, predictor, model, tokenizer, ckpt["config"] if ckpt else {})
 
 
-def finish(cfg, results, rows, budget, predictor, model, tokenizer):
+def finish(cfg, results, rows, budget, predictor, model, tokenizer, trained):
     """Worker 0 after the search: scored.json, top.json, the figure, the printed top and (--extract) the models."""
     out, top = Path(cfg.out), results[:cfg.top]
     scored, best = rows(results), rows(top)
@@ -693,18 +734,20 @@ def finish(cfg, results, rows, budget, predictor, model, tokenizer):
     print(f"\ntop {len(top)} of {len(results)} scored architectures (layers-hidden-ffn-heads-qkv) for {cfg.target} = "
           f"{budget.budget_ms:.4g} ms, by {cfg.method} with the {cfg.evaluator} evaluator:")
     print(f"{'rank':>4}  {'architecture':20s} {'latency ms':>10} {'speedup':>8} {'score':>9}"
-          + "".join(f" {k:>9}" for k in extra))
+          + "".join(f" {k + ' %' * k.endswith(('acc', 'f1')):>9}" for k in extra))  # mlm_acc %, squad_f1 %
     for i, r in enumerate(best, 1):
         print(f"{i:>4}  {r['arch']:20s} {r['latency']:10.4g} {r['speedup']:7.2f}x {r['score']:9.4f}"
               + "".join(f" {r.get(k, float('nan')):9.4f}" for k in extra))
     if cfg.extract:
         made += [save_model(model, c.arch, tokenizer, out / "top" / f"{i}-{c.arch}") for i, c in enumerate(top, 1)]
-    print("\nwrote " + ", ".join(str(p) for p in made))
     if model is None:  # the params evaluator's pick has no weights yet
-        print(f"next (pre-training from scratch): python superplm.py --arch {top[0].arch} --out runs/scratch")
-    else:
-        print(f"next (§3.6, further training): python superplm.py --init {cfg.superplm} --arch {top[0].arch} "
-              f"--out runs/further")
+        print(f"\nnext (pre-training from scratch): python superplm.py --arch {top[0].arch} --out "
+              f"{free_folder('runs/scratch')}")
+    else:  # §3.6 further training with the one-shot run's preset, for a third of its steps (as the demo)
+        steps = f" --steps {max(1, trained['steps'] // 3)}" if trained.get("steps") else ""
+        print(f"\nnext (§3.6, further training): python superplm.py --init {cfg.superplm} --arch {top[0].arch} "
+              f"--preset {trained.get('preset', 'paper')}{steps} --out {free_folder('runs/further')}")
+    print(f"wrote {out}/: " + ", ".join(str(Path(p).relative_to(out)) for p in made))
     return top
 
 

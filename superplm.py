@@ -32,9 +32,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, Interrupted, NONNEGATIVE, POSITIVE, RunFolder, SHARE,
-                    UserError, append_jsonl, barrier, command_line, config_parser, config_values, end_distributed, flag,
-                    init_distributed, keep_jsonl, parse_flags, rank0_first, resolve_compute, run_main, seed_everything,
-                    stop_after_step, torch_load, torch_save)
+                    THREADS_HELP, UserError, append_jsonl, barrier, command_line, config_parser, config_values,
+                    end_distributed, flag, free_folder, init_distributed, keep_jsonl, no_such, parse_flags, rank0_first,
+                    resolve_compute, run_main, seed_everything, stop_after_step, torch_load, torch_save)
 from data import DataConfig, batches, derive_seed, prefetch, prepare, save_tokenizer, split, steps_per_epoch
 from distill import KDObjective, check_compatible, load_teacher
 from model import (Arch, Bert, MLM, SearchSpace, SUPERPLM, extract, grid, in_place_grads, learning_rate, make_optimizer,
@@ -104,7 +104,7 @@ def run(cfg, argv=None, on_save=None, init=None):
         barrier()
     with folder:
         ckpt, cfg = resume_superplm(cfg, folder, rank)  # --resume: the run's checkpoint, and its settings
-        compute = resolve_compute(str(device), cfg.dtype)
+        compute = resolve_compute(str(device), cfg.dtype, cfg.threads)
         model, space, objective, dataset = setup(cfg, rank, world, device, ckpt, init)
         params = list(model.parameters()) + [p for p in objective.parameters() if p.requires_grad]
         if world > 1:  # every worker starts from rank 0's weights
@@ -151,6 +151,9 @@ def run(cfg, argv=None, on_save=None, init=None):
         log.bar.close()
         if rank == 0 and cfg.arch:  # a stand-alone model: the run folder is also a Hugging Face BERT folder
             save_pretrained(model, Path(cfg.out))
+        if rank == 0:
+            print(f"trained {model.arch} for {total} steps -> {cfg.out}/ (checkpoint.pt, metrics.jsonl, log.txt"
+                  f"{', model.safetensors' if cfg.arch else ''})")
     end_distributed(world)
     return model
 
@@ -263,10 +266,11 @@ def checkpoint_path(path, flag=""):
     looked for (given by `flag`, e.g. --init) and the command that makes one."""
     given = Path(path)
     path = given / "checkpoint.pt" if given.is_dir() else given
+    if not given.exists():
+        raise no_such(flag or "SuperPLM", given, "train one with python superplm.py --preset tiny --out "
+                      + free_folder("runs/superplm"))
     if not path.exists():
-        folder = given if given.suffix != ".pt" else given.parent
-        raise UserError(f"{flag + ' ' if flag else ''}{path} does not exist: train a SuperPLM first (python "
-                        f"superplm.py --preset tiny --out {folder})")
+        raise UserError(f"{flag + ' ' if flag else ''}{given} holds no checkpoint.pt: pass a superplm.py run folder")
     return path
 
 
@@ -427,9 +431,11 @@ class Config(DataConfig):  # the corpus flags (--corpus, --tokenizer, --vocab-si
     save_every: int = flag(1000, "write the checkpoint every K steps (and at the end)", **COUNT)
     device: str = flag("auto", DEVICE_HELP)
     dtype: str = flag("auto", DTYPE_HELP, choices=["auto", *DTYPES])
+    threads: Optional[int] = flag(None, THREADS_HELP, **COUNT)
     log_every: int = flag(50, "one log line every N steps", **COUNT)
     resume: bool = flag(False, "continue the run in --out from its checkpoint, with its saved settings")
     overwrite: bool = flag(False, "replace the run in --out")
+    RESUMED = "; to train on from its weights under a new schedule: python superplm.py --init {out} --steps N --out NEW"
 
 
 # Small runs: a SuperPLM of BERT-S3's shape (Table 4) on the stdlib corpus, with a learning rate that shows

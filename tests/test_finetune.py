@@ -9,7 +9,7 @@ from sklearn.metrics import accuracy_score
 
 import finetune as ft
 from common import UserError, read_jsonl, run_main, torch_save
-from model import Arch, Bert, SearchSpace, save_pretrained
+from model import Arch, Bert, SearchSpace, read_pretrained, save_pretrained
 from tasks import glue, squad
 from test_squad import WORDS, squad_examples, tok, vocab, write_squad  # noqa: F401 (tok, vocab: fixtures)
 
@@ -270,6 +270,9 @@ def test_finetune_learns_a_keyword_task(tmp_path, vocab):
     best = tmp_path / "run" / "best"
     assert {"config.json", "model.safetensors", "head.pt", "vocab.txt", "dev_metrics.json"} <= {
         f.name for f in best.iterdir()}
+    _, state = read_pretrained(best)  # only the weights its head uses: no masked-LM head (cls.predictions.*)
+    assert not [k for k in state if k.startswith("cls.")]
+    assert {"classifier.weight", "bert.pooler.dense.weight"} <= state.keys()
     # the checkpoint reloads to the same dev accuracy (scikit-learn's), and the submission file answers the rule
     assert 100 * accuracy_score(dev.labels, reloaded_predictions(best, dev)) == result["accuracy"]
     test = keyword_task(20, 2)[1:]
@@ -378,7 +381,7 @@ def test_table_d1_per_task_and_the_presets(monkeypatch):
                                ("rte", 32, [1e-4, 3e-4], [1], 128, 2000, 50, "runs/finetune-tiny/rte")]
 
 
-def test_cli_run_folder_records_its_settings_and_a_failed_start_leaves_nothing(tmp_path, vocab):
+def test_cli_run_folder_records_its_settings_and_a_failed_start_leaves_nothing(tmp_path, vocab, capsys):
     flags, out = rte(tmp_path, vocab), tmp_path / "run"
     wrong = [*flags, "--data", str(tmp_path / "nowhere"), "--out", str(out)]  # the last --data wins
     with pytest.raises(ft.UserError, match="pass the right --data"):
@@ -388,7 +391,9 @@ def test_cli_run_folder_records_its_settings_and_a_failed_start_leaves_nothing(t
     with pytest.raises(ft.UserError):
         ft.main(wrong)
     assert list(out.iterdir()) == []  # as it was found: the next attempt needs no --overwrite
-    result = ft.main([*flags, "--epochs", "2", "--out", str(out), "--log-every", "2"])
+    result = ft.main([*flags, "--epochs", "2", "--out", str(out), "--log-every", "2", "--threads", "1"])
+    last = capsys.readouterr().out.splitlines()[-1]  # it names the run folder
+    assert last.endswith(f" -> {out}/ (best/, results.json, metrics.jsonl, log.txt)")
     record = json.loads((out / "config.json").read_text())
     assert record["config"]["task"] == "rte" and record["config"]["lr"] == [2e-5]  # resolved: Table D.1's
     assert record["command"].startswith("python ") and "--task RTE" in record["command"]

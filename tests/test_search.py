@@ -296,16 +296,49 @@ def test_cli_a_target_every_architecture_meets_and_one_none_meets(trained, tmp_p
     corpus = small_corpus(tmp_path / "small.txt", 640)
     args = ["--superplm", root / "superplm", "--latency", root / "latency.pt", "--generations", 1, "--population", 3,
             "--eval-corpus", corpus, "--device", "cpu"]
-    top = run_cli(*args, "--target", "1000ms", "--out", tmp_path / "all")  # the default method, its window
-    out = capsys.readouterr().out
-    warned = [line for line in out.splitlines() if line.startswith("warning:")]
-    assert len(warned) == 1 and "the latency window 0.85-1x is dropped and the whole space searched" in warned[0]
-    assert len(json.loads((tmp_path / "all" / "scored.json").read_text())) == 3 and len(top) == 3
+    for target in ("1000ms", "7x"):  # every architecture is faster: refused before any work, not searched whole
+        with pytest.raises(SystemExit):
+            search.run_main(lambda: run_cli(*args, "--target", target, "--out", tmp_path / "all"))
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --target {target}: every architecture of the 2-64-128-2-64 SuperPLM is "
+                              "faster") and "it supports targets of " in err and err.count("\n") == 1
+        assert "train a larger one: python superplm.py --preset tiny --superplm-arch " in err
+        assert not (tmp_path / "all").exists()
     with pytest.raises(SystemExit) as e:
         search.run_main(lambda: run_cli(*args, "--target", "0.001ms", "--out", tmp_path / "none"))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: no architecture of the search space meets the budget of "
                                                 "0.001 ms") and err.count("\n") == 1 and "x\n" in err
+
+def test_cli_hints_lead_to_a_searchable_target_and_never_into_a_typed_path(trained, tmp_path, capsys, monkeypatch):
+    """From a fresh clone, `search.py --target 7x` names a SuperPLM that can meet 7x; a SuperPLM known to be too
+    fast for it is refused before a latency predictor is made for it; a typo'd path gets the names nearest to it;
+    the target is checked first."""
+    root = trained[0]
+    monkeypatch.chdir(tmp_path)
+
+    def error(*argv):
+        with pytest.raises(SystemExit) as e:
+            search.run_main(lambda: run_cli(*argv))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1
+        return err
+
+    assert error("--target", "7x") == ("error: --superplm runs/superplm: no such folder; train one (minutes): python "
+                                       "superplm.py --preset tiny --superplm-arch 6-512-2048-8-512 --steps 100 "
+                                       "--batch-size 16 --out runs/superplm\n")
+    assert error("--target", "abc", "--superplm", "runs/none").startswith("error: latency target 'abc'")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "superplm").symlink_to(root / "superplm")
+    typo = error("--superplm", "runs/superpml")
+    assert "--superplm runs/superpml: no such folder; nearest under runs/: runs/superplm" in typo
+    assert "--out runs/superpml" not in typo and "--out runs/superplm-2" in typo  # a free folder
+    monkeypatch.setitem(search.SUPERPLMS, "2-64-128-2-64", 25.5)  # as if it were the tiny preset's SuperPLM
+    assert "train a larger one: python superplm.py --preset tiny --superplm-arch 6-512-2048-8-512" in error()
+    assert error("--target", "40x").startswith("error: --latency runs/predictor: no such folder; measure and fit one "
+                                               "(minutes): python latency.py measure --space runs/superplm --samples "
+                                               "200 --out runs/latency && python latency.py fit")
+
 
 def run_cli(*argv):
     with warnings.catch_warnings():
@@ -324,6 +357,9 @@ def test_cli_searches_writes_extracts_and_resumes(trained, tmp_path, capsys):
     assert [r["arch"] for r in saved["top"]] == [str(c.arch) for c in top] == [r["arch"] for r in scored[:2]]
     assert len(scored) == 8 and all(r["latency"] <= 2.0 and r["score"] == -r["mlm_loss"] for r in scored)
     assert saved["budget_ms"] == 2.0 and str(top[0].arch) in printed and "speedup" in printed
+    # next: the one-shot run's preset, a third of its 300 steps, a free folder; the last line names the run folder
+    assert f"--arch {top[0].arch} --preset paper --steps 100 --out runs/further" in printed
+    assert printed.splitlines()[-1].startswith(f"wrote {tmp_path / 'a'}/: top.json, scored.json")
     image = png(tmp_path / "a" / "search.png")  # Figure 1 of this search: 6 x 4 inches at 120 dpi
     assert image.shape == (480, 720, 4) and pixels(image, "white") > image.shape[0] * image.shape[1] // 2
     assert pixels(image, "red") > 50 and pixels(image, "grey") > 50  # the top ones circled; the target's line
@@ -471,7 +507,7 @@ def test_sigterm_keeps_the_scored_candidates_and_resume_ends_as_an_uninterrupted
         return score(self, arch)
 
     monkeypatch.setattr(search.MLMScore, "__call__", preempted)
-    with pytest.raises(KeyboardInterrupt, match="the 3 candidates scored so far are kept") as e:
+    with pytest.raises(KeyboardInterrupt, match="3 scored candidates kept") as e:
         run_cli(*args, "--out", tmp_path / "cut")
     assert str(e.value).endswith(f"resume with: python search.py --out {tmp_path / 'cut'} --resume")
     assert len(read_jsonl(tmp_path / "cut" / "candidates.jsonl")) == 3 == len(calls)

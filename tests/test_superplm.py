@@ -256,8 +256,20 @@ def test_sigterm_saves_that_step_and_the_printed_command_resumes_to_the_same_run
         superplm.Config(**saved["config"])
 
 
+def test_resume_refuses_a_setting_the_run_cannot_honour(tmp_path, corpus, capsys):
+    """--steps on --resume would lay a new schedule over the saved one: refused, naming --init, which trains on
+    from the weights under a new schedule. The saved settings need not be repeated."""
+    superplm.main(flags(corpus, tmp_path / "a", "--steps", "3"))
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"trained {TINY} for 3 steps -> {tmp_path / 'a'}/")
+    with pytest.raises(UserError, match=r"--resume continues .*a with the settings it began with, and --steps 6 is "
+                                        r"not one of them \(it has 3\): .* python superplm.py --init .*a --steps N"):
+        superplm.main(["--out", str(tmp_path / "a"), "--resume", "--steps", "6"])
+    superplm.main(["--out", str(tmp_path / "a"), "--resume", "--device", "cpu"])  # finished: nothing to do
+    assert [r["step"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_a_failed_start_leaves_the_folder_as_it_found_it(tmp_path, corpus):
-    empty, new, old = tmp_path / "empty", tmp_path / "new", tmp_path / "old"
+    empty, new, old = tmp_path / "empty", tmp_path / "new" / "deeper", tmp_path / "old"  # new: two folders made
     empty.mkdir()
     with pytest.raises(UserError, match="no run to resume"):  # never silently a fresh run
         superplm.main(flags(corpus, empty, "--resume"))
@@ -266,7 +278,7 @@ def test_a_failed_start_leaves_the_folder_as_it_found_it(tmp_path, corpus):
             superplm.main(flags(corpus, out, "--objective", "kd", "--teacher", str(tmp_path / "nowhere")))
         with pytest.raises(ValueError, match="divisible"):  # an arch that does not fit
             superplm.main(flags(corpus, out, "--superplm-arch", "2-64-128-3-64"))
-    assert list(empty.iterdir()) == [] and not new.exists()
+    assert list(empty.iterdir()) == [] and not (tmp_path / "new").exists()
     old.mkdir()  # an earlier run: --overwrite sets it aside, and a failed start puts it back
     (old / "checkpoint.pt").write_bytes(b"the old run")
     (old / "config.json").write_text("{}")
@@ -315,5 +327,5 @@ def test_further_training_of_one_arch_and_the_distillation_seam(tmp_path, corpus
 def test_user_errors_are_one_line(tmp_path, corpus):
     with pytest.raises(UserError, match="--teacher"):
         superplm.main(flags(corpus, tmp_path / "a", "--objective", "kd"))
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="--init .*none: no such folder"):
         superplm.main(flags(corpus, tmp_path / "b", "--arch", "1-64-128-2-64", "--init", str(tmp_path / "none")))
