@@ -37,8 +37,7 @@ from tqdm import tqdm
 
 
 class UserError(ValueError):
-    """Bad input from the user: printed as one line, exit status 2, no traceback. Raised where input is validated
-    (a ValueError, so library callers that catch ValueError keep working)."""
+    """Bad input from the user: one line, exit status 2, no traceback (a ValueError, for library callers)."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -46,9 +45,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 def run_main(main):
-    """Call main(); a UserError becomes `error: ...` on stderr and exit status 2. Anything else is a bug and keeps
-    its traceback (a ValueError deep inside the code is not the user's fault). SIGTERM (how a cluster preempts) is
-    treated as Ctrl-C; a loop inside `stop_after_step` finishes its step and saves first."""
+    """Call main(): a UserError becomes `error: ...` and exit 2, a bug keeps its traceback; SIGTERM acts as Ctrl-C."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt, as Ctrl-C does
     try:
         return main()
@@ -64,8 +61,7 @@ def run_main(main):
 
 @contextlib.contextmanager
 def stop_after_step(what="step"):
-    """Inside: the first SIGINT/SIGTERM only sets `stop.signal` (the loop finishes its step, or `what` it does,
-    saves, and stops); a second one interrupts at once."""
+    """Inside, a first SIGINT/SIGTERM sets `stop.signal` (the loop ends its `what`, saves, stops); a second exits."""
     stop = types.SimpleNamespace(signal=None)
 
     def handler(signum, frame):
@@ -76,10 +72,8 @@ def stop_after_step(what="step"):
             print(f"\n{stop.signal}: finishing the {what} in progress, then saving and stopping (send it again to "
                   "stop at once)", file=sys.stderr, flush=True)
 
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield stop
-        return
-    before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         yield stop
     finally:
@@ -108,11 +102,7 @@ def atomic_write(path, write):
 
 
 def save_json(obj, path):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    return atomic_write(path, write)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def torch_save(obj, path):
@@ -128,36 +118,29 @@ def append_jsonl(path, record):
     """One JSON object per line, flushed at once so that an interrupted run keeps what it measured."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
-        f.flush()
 
 
 def read_jsonl(path):
     """Read the complete lines of a JSONL file (a torn last line from a killed run is ignored)."""
     out = []
-    with open(path) as f:
+    with open(path) as f, contextlib.suppress(json.JSONDecodeError):
         for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+            out.append(json.loads(line))
     return out
 
 
 def read_appended(path):
-    """The records of a JSONL file that a run appends to (none if it is not there), a half-written last line
-    (a killed run) cut first so that the lines appended next stay readable."""
+    """The records of a JSONL file a run appends to ([] if absent), a torn last line cut so later appends parse."""
     if not Path(path).exists():
         return []
     raw = Path(path).read_bytes()
     if raw and not raw.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(raw.rfind(b"\n") + 1)
+        os.truncate(path, raw.rfind(b"\n") + 1)
     return read_jsonl(path)
 
 
 def keep_jsonl(path, keep):
-    """Rewrite a JSONL file with only the records where keep(record): a resumed run drops the lines its
-    checkpoint does not cover (and a torn last line), so that no step is logged twice."""
+    """Keep only the records where keep(record): a resumed run drops what its checkpoint does not cover."""
     path = Path(path)
     if path.exists():
         records = [r for r in read_jsonl(path) if keep(r)]
@@ -182,8 +165,7 @@ def versions():
                                                capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
-    return dict(torch=str(torch.__version__), python=platform.python_version(), git_commit=commit,
-                git_dirty=dirty)
+    return dict(torch=str(torch.__version__), python=platform.python_version(), git_commit=commit, git_dirty=dirty)
 
 
 def _now():
@@ -191,11 +173,8 @@ def _now():
 
 
 class RunFolder:
-    """A run's output folder (--out). It is never silently overwritten: a run already there needs --resume (where
-    the script has it) or --overwrite. It holds config.json: the resolved settings, the command line, the versions
-    and the start and end times. Until `done_first()` (the run's first result is written), a failure or an
-    interrupt puts the folder back as it was found: what the run created is removed, what --overwrite set aside
-    is restored (`with RunFolder(...) as run: ...; run.done_first(); ...`)."""
+    """A run's folder (--out): never silently overwritten (needs --resume or --overwrite); config.json records settings,
+    command, versions, times. Until `done_first()` a failure puts the folder back as it was found."""
 
     def __init__(self, out, cfg, resume=None, overwrite=False, marker=None, argv=None):
         path = self.path = Path(out)
@@ -235,10 +214,8 @@ class RunFolder:
         """config.json; in a folder that is also a Hugging Face model (save_pretrained) its keys stay beside ours."""
         path, model = self.path / "config.json", {}
         if path.exists():
-            try:
+            with contextlib.suppress(json.JSONDecodeError):
                 model = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                pass
             model = {k: v for k, v in model.items() if k not in self.RECORD} if "model_type" in model else {}
         save_json(dict(model, config=dataclasses.asdict(self.cfg), command=self.command, versions=versions(),
                        started=self.started, ended=ended, status=self.status), path)
@@ -284,8 +261,7 @@ class RunFolder:
 
 
 def no_such(flag, path, make=""):
-    """A missing input path: one line with the nearest names under runs/ (a typo is likely), else `make` (how to
-    make one; never into the path typed, which is an input)."""
+    """A missing input path: the nearest names under runs/ (a typo), and `make` (how to make one elsewhere)."""
     names = [str(p) for p in Path("runs").glob("*")] + [str(p) for p in Path("runs").glob("*/*") if p.is_dir()]
     near = difflib.get_close_matches(str(Path(path)), names, n=3, cutoff=0.6)
     fix = "; ".join([f"nearest under runs/: {', '.join(near)}"] * bool(near) + [make] * bool(make)) or "check it"
@@ -311,12 +287,10 @@ def hub_reachable(timeout=3.0):
     answered = []
 
     def probe():  # in a thread: a name lookup can hang past any socket timeout
-        try:
+        with contextlib.suppress(OSError):
             socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
                                      timeout).close()
             answered.append(True)
-        except OSError:
-            pass
 
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
@@ -375,11 +349,8 @@ class Compute:
     dtype: torch.dtype
 
     def autocast(self):
-        """Mixed precision: matmuls in bf16, softmax/LayerNorm/losses in fp32 (autocast's lists), master weights
-        untouched. A fresh context each call, so it can wrap any number of forward passes."""
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        """Mixed precision: matmuls in bf16, softmax/LayerNorm/losses in fp32; a fresh context each call."""
+        return nullcontext() if self.dtype == torch.float32 else torch.autocast(self.device.type, dtype=self.dtype)
 
     def __str__(self):
         return f"{self.device} {next(k for k, v in DTYPES.items() if v == self.dtype)}"
@@ -390,10 +361,9 @@ def resolve_device(spec="auto"):
     local = int(os.environ.get("LOCAL_RANK", 0))
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
+    device = None
+    with contextlib.suppress(RuntimeError):
         device = torch.device(spec)
-    except RuntimeError:
-        device = None
     if device is None or device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {spec!r} is not a device: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
@@ -407,8 +377,7 @@ def resolve_device(spec="auto"):
 
 
 def resolve_compute(device="auto", dtype="auto", threads=None):
-    """Compute for --device and --dtype (the one place where the defaults are decided); --threads, if given, sets
-    torch's CPU threads."""
+    """Compute for --device and --dtype (where the defaults are decided); --threads sets torch's CPU threads."""
     if threads:
         torch.set_num_threads(threads)
     device = resolve_device(device)
@@ -424,8 +393,7 @@ def resolve_compute(device="auto", dtype="auto", threads=None):
 
 
 def to_device(batch, device):
-    """A dict of CPU tensors on `device`. On a GPU through page-locked memory, so the copy does not block the host
-    (a copy from ordinary memory waits for the GPU to finish what it is doing)."""
+    """A dict of CPU tensors on `device`, on a GPU through page-locked memory so the copy does not block the host."""
     device = torch.device(device)
     if device.type == "cuda":
         batch = {k: v.pin_memory() for k, v in batch.items()}
@@ -433,10 +401,8 @@ def to_device(batch, device):
 
 
 def init_distributed(device="auto", timeout_h=24):
-    """(rank, world, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain run is one worker. Workers
-    on GPUs talk over NCCL, workers on CPUs (--device cpu, or no GPU) over gloo. timeout_h: how long a collective
-    may wait for a slower worker. Long, because rank 0 prepares the corpus alone while the others wait in a
-    barrier (rank0_first): hours for Wikipedia + BooksCorpus, where NCCL's default of 10 minutes would abort."""
+    """(rank, world, device) from torchrun's environment (a plain run: one worker); NCCL on GPUs, gloo on CPUs.
+    timeout_h is long: the others wait while rank 0 packs a corpus (rank0_first), hours past NCCL's 10 minutes."""
     device = resolve_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # kernels and NCCL's buffers on this worker's GPU
@@ -453,8 +419,7 @@ def barrier():
 
 
 def end_distributed(world):
-    """Leave the process group together: a worker that left while another still waited on its last message would
-    take that worker down (gloo aborts on a closed connection)."""
+    """Leave the process group together: gloo aborts a worker still waiting on one that has left."""
     if world > 1:
         barrier()
         dist.destroy_process_group()
@@ -479,8 +444,7 @@ SHARE = dict(min=0, max=1)  # a probability, a share of the steps
 
 
 def flag(default, text, **meta):
-    """A settings field: its default, its --help text, and its range (COUNT, ...), choices or type, all read by
-    config_parser and check_config."""
+    """A settings field: its default, --help text, and range (COUNT, ...), choices or type (for config_parser)."""
     return dataclasses.field(default=default, metadata=dict(help=text, **meta))
 
 
@@ -489,16 +453,14 @@ def _flag(name):
 
 
 class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each flag's default; a default of None is one that the run works out (a task's Table D.1 value,
-    a method's pm, the steps of --epochs): its help says which, instead of "(default: None)"."""
+    """--help shows each flag's default, except None (worked out by the run: its help says how)."""
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose every error is one line (a UserError, `error: --task RTEE: choose one of cola, ...`), never
-    the usage block."""
+    """argparse whose every error is one UserError line (`error: --task RTEE: choose one of cola, ...`)."""
 
     def error(self, message):
         head, _, what = message.partition(": ")
@@ -517,27 +479,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def config_parser(cls, description=None, parser=None):
-    """Add one flag per dataclass field (the field's metadata['help'] is its help, the default is shown), and
-    --config FILE: start from the settings of a run's config.json (flags given still win). No flag is abbreviated:
-    an old spelling such as --batch is refused, not read as --batch-size."""
+    """One flag per dataclass field, and --config FILE; none abbreviated (--batch is refused, not --batch-size)."""
     parser = parser or _Parser(description=description, formatter_class=_Defaults, allow_abbrev=False)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind, default = hints[f.name], f.default
         if default is dataclasses.MISSING:
             default = f.default_factory()
-        help_ = f.metadata.get("help", " ")
         origin, args = typing.get_origin(kind), typing.get_args(kind)
         if origin is typing.Union:  # Optional[X] -> X with default None
             kind = next(a for a in args if a is not type(None))
             origin, args = typing.get_origin(kind), typing.get_args(kind)
-        flag = _flag(f.name)
-        if kind is bool:
-            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
-            continue
-        spec = dict(nargs="+", type=args[0]) if origin is list else \
+        spec = dict(action=argparse.BooleanOptionalAction) if kind is bool else \
+            dict(nargs="+", type=args[0]) if origin is list else \
             dict(type=f.metadata.get("type", kind), choices=f.metadata.get("choices"))
-        parser.add_argument(flag, default=default, help=help_, **spec)
+        parser.add_argument(_flag(f.name), default=default, help=f.metadata.get("help", " "), **spec)
     if not any(a.dest == "config" for a in parser._actions):
         parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",  # no default to show
                             help="start from the settings in a run's config.json (flags given still win)")
@@ -547,29 +503,24 @@ def config_parser(cls, description=None, parser=None):
 def check_config(cfg):
     """Every number within its field's range (metadata min / max / gt), else one line naming the flag."""
     for f in dataclasses.fields(cfg):
-        m, value = f.metadata, getattr(cfg, f.name)
+        value, low, high, gt = getattr(cfg, f.name), f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("gt")
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if v is None or isinstance(v, (bool, str)):
                 continue
-            low, high, gt = m.get("min"), m.get("max"), m.get("gt")
-            bad = (low is not None and v < low) or (high is not None and v > high) or (gt is not None and v <= gt)
-            if bad:
-                need = " and ".join(s for s in (f">= {low}" if low is not None else "", f"> {gt}" if gt is not None
-                                                else "", f"<= {high}" if high is not None else "") if s)
+            if (low is not None and v < low) or (high is not None and v > high) or (gt is not None and v <= gt):
+                need = " and ".join(f"{op} {b}" for op, b in ((">=", low), (">", gt), ("<=", high)) if b is not None)
                 raise UserError(f"{_flag(f.name)} {v} is out of range: it must be {need}")
     return cfg
 
 
 def config_from_args(cls, args):
-    """Build the dataclass from a parsed namespace (fields that the namespace lacks keep their defaults) and
-    check every number."""
+    """The dataclass from a parsed namespace (missing fields keep their defaults), every number checked."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     return check_config(cls(**values))
 
 
 def config_values(cls, saved):
-    """The settings of a saved config (a run's config.json, or the "config" of a checkpoint) as field values of
-    `cls`: keys `cls` lacks are left out."""
+    """A run's config.json or a checkpoint's "config" as field values of `cls` (other keys left out)."""
     saved = saved["config"] if isinstance(saved.get("config"), dict) else saved
     fields = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in saved.items() if k in fields}

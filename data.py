@@ -1,12 +1,8 @@
 """Data for the SuperPLM (§3.4, §4.1): a corpus packed into sequences, masked LM, each rank's share of a batch.
 
-The corpus is tokenised with a BERT WordPiece vocabulary (trained on the corpus unless given; below),
-packed into rows of seq_len tokens cached on disk, its tail held out for one-shot scores; every batch is split
-into the ranks' sub-batches (Algorithm 1) and corrupted by BERT's masked LM.
-
-The paper pre-trains on BooksCorpus + English Wikipedia. Those need a download, so the default corpus is one that
-every Python install carries: the docstrings of the standard library (~1.8 MB of English, harvested with `ast`).
-A corpus is named by a spec:
+The corpus is tokenised with a BERT WordPiece vocabulary (trained on it unless given), packed into rows of seq_len
+tokens cached on disk, its tail held out for one-shot scores. The paper pre-trains on BooksCorpus + Wikipedia; the
+default corpus needs no download: the standard library's docstrings (~1.8 MB of English). A corpus spec is:
     stdlib                          the default
     path/to/file.txt | .json | .jsonl | .parquet, or a folder of such files (read with `datasets`)
     wikimedia/wikipedia:20231101.en,bookcorpus/bookcorpus   hub datasets name[:config], comma-separated (online)
@@ -17,9 +13,11 @@ A corpus is named by a spec:
 
 import ast
 import codecs
+import contextlib
 import copy
 import functools
 import hashlib
+import itertools
 import json
 import queue
 import re
@@ -38,10 +36,8 @@ from common import UserError, atomic_write, flag, load_hub_dataset, parse_flags,
 
 
 def pack(chunks, tok, seq_len, sp):
-    """Yield rows `[CLS] tokens [SEP]` of exactly seq_len ids from the token stream of chunks of documents.
-
-    Documents follow each other, split where a row ends, with a [SEP] between two documents inside a row (one
-    segment per row, no next-sentence task, as the authors'). The last row is padded with [PAD]."""
+    """Yield rows `[CLS] tokens [SEP]` of exactly seq_len ids from chunks of documents, split where a row ends, a
+    [SEP] between documents (one segment per row, no next-sentence task, as the authors'); the last row padded."""
     body, buf = seq_len - 2, []
     for texts in chunks:
         for enc in tok.encode_batch(texts, add_special_tokens=False):
@@ -58,31 +54,26 @@ def pack(chunks, tok, seq_len, sp):
         yield [sp.cls] + buf + [sp.sep] + [sp.pad] * (body - len(buf))
 
 
-HELDOUT = 256  # sequences at the end of a corpus that training never sees: one-shot scores are measured on them
-
-
 def split(dataset):
-    """(training rows, held-out rows): the last min(256, N // 10) packed sequences are held out."""
-    n = min(HELDOUT, len(dataset) // 10)
+    """(training rows, held-out rows): the last min(256, N // 10) sequences, never trained on, score sub-models."""
+    n = min(256, len(dataset) // 10)
     return dataset.rows(0, len(dataset) - n), dataset.rows(len(dataset) - n, len(dataset))
 
 
 def mask_tokens(ids, specials, generator, prob=0.15):
-    """BERT's masked LM (Devlin et al. 2019): choose `prob` of the tokens, never special tokens or padding; of
-    those, 80% become [MASK], 10% a random token and 10% stay. Returns (input_ids, labels), labels -100 elsewhere.
-    `generator`: one for all of ids (B, T), or a list of B, one per row (each row then draws exactly what it would
-    alone; only the draws are made row by row, the rest at once for the batch)."""
-    sp = specials if isinstance(specials, Specials) else Specials.of(specials)
+    """BERT's masked LM: choose `prob` of the tokens (never specials or padding); 80% become [MASK], 10% a random
+    token, 10% stay. Returns (input_ids, labels), labels -100 elsewhere. `generator`: one for all of ids (B, T), or
+    a list of B, one per row (each row then draws exactly what it would alone)."""
     gens = generator if isinstance(generator, (list, tuple)) else [generator]
     blocks = ids.split(len(ids) // len(gens))  # the rows each generator draws for
     draw = lambda: torch.cat([torch.rand(b.shape, generator=g) for b, g in zip(blocks, gens)])  # noqa: E731
-    chosen = (draw() < prob) & ~torch.isin(ids, sp.ids())  # (B, T)
+    chosen = (draw() < prob) & ~torch.isin(ids, specials.ids())  # (B, T)
     labels = torch.where(chosen, ids, -100)
     r = draw()
-    inputs = ids.masked_fill(chosen & (r < 0.8), sp.mask)
+    inputs = ids.masked_fill(chosen & (r < 0.8), specials.mask)
     rand = chosen & (r >= 0.8) & (r < 0.9)
     counts = rand.view(len(gens), -1).sum(1).tolist()  # random tokens each generator draws
-    inputs[rand] = torch.cat([torch.randint(sp.vocab_size, (n,), generator=g) for n, g in zip(counts, gens)])
+    inputs[rand] = torch.cat([torch.randint(specials.vocab_size, (n,), generator=g) for n, g in zip(counts, gens)])
     return inputs, labels
 
 
@@ -100,11 +91,9 @@ def steps_per_epoch(dataset, batch_size):
 
 
 def batches(dataset, batch_size, epoch, seed, rank=0, world=1, start=0):
-    """This rank's sub-batches of one epoch, from batch number `start` on (Algorithm 1, lines 2-4).
-
-    Every rank draws the same shuffle of the rows (seeded by seed and epoch), splits each batch of `batch_size`
-    rows into `world` equal sub-batches and keeps sub-batch `rank`. A row's mask depends only on (seed, epoch, row),
-    so masks are redrawn every epoch and do not depend on the number of ranks."""
+    """This rank's sub-batches of one epoch, from batch `start` on (Algorithm 1, lines 2-4): every rank draws the
+    same shuffle (seed, epoch) and keeps sub-batch `rank` of each batch. A row's mask depends only on (seed, epoch,
+    row): redrawn every epoch, the same for any number of ranks."""
     if batch_size % world:
         raise UserError(f"--batch-size {batch_size} does not split into {world} equal sub-batches: "
                         f"use a multiple of {world}")
@@ -125,9 +114,7 @@ def derive_seed(*parts):
 
 
 def prefetch(batches, device, depth=2):
-    """The data path overlapped with the step (bench/gpu_step.py measures both): a background thread prepares
-    (masks, and on a GPU pins) the next `depth` batches while the current step computes; each batch is then copied
-    without blocking the host. The batches and their order are exactly those of `batches`."""
+    """The same batches, masked (and pinned) `depth` ahead by a thread while the step computes (bench/gpu_step.py)."""
     ready, stop, end = queue.Queue(depth), threading.Event(), object()
 
     def work():
@@ -195,9 +182,7 @@ def _chunks(docs, bar, size=1000):
 
 
 def build_dataset(corpus_spec, tokenizer, seq_len, cache_dir):
-    """Tokenise and pack the corpus once into cache_dir (a progress bar while it runs); later calls map the cache.
-
-    The cache is keyed by the corpus, the tokenizer and seq_len, and written atomically (a killed run leaves none)."""
+    """Tokenise and pack the corpus once into cache_dir (keyed by corpus, tokenizer, seq_len); later calls map it."""
     if seq_len < 3:
         raise UserError(f"--seq-len {seq_len} is too short: a packed row needs [CLS], a token and [SEP]")
     sp = Specials.of(tokenizer)
@@ -213,15 +198,11 @@ def build_dataset(corpus_spec, tokenizer, seq_len, cache_dir):
 
     def write(tmp):
         nonlocal rows
+        packed = pack(_chunks(docs, bar), tokenizer, seq_len, sp)
         with open(tmp, "wb") as f:
-            chunk = []
-            for row in pack(_chunks(docs, bar), tokenizer, seq_len, sp):
-                chunk.append(row)
-                if len(chunk) == 8192:
-                    np.asarray(chunk, dtype=dtype).tofile(f)
-                    rows, chunk = rows + len(chunk), []
-            np.asarray(chunk, dtype=dtype).reshape(-1, seq_len).tofile(f)
-            rows += len(chunk)
+            while chunk := list(itertools.islice(packed, 8192)):
+                np.asarray(chunk, dtype=dtype).tofile(f)
+                rows += len(chunk)
 
     atomic_write(path, write)
     bar.close()
@@ -236,10 +217,9 @@ def build_dataset(corpus_spec, tokenizer, seq_len, cache_dir):
 
 def _docstrings(node):
     """Docstrings of a module, its classes and functions, in source order."""
-    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-        doc = ast.get_docstring(node)
-        if doc:
-            yield doc
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    if isinstance(node, kinds) and (doc := ast.get_docstring(node)):
+        yield doc
     for child in ast.iter_child_nodes(node):
         yield from _docstrings(child)
 
@@ -257,10 +237,8 @@ def _stdlib_docs():  # parsing ~700 files takes seconds: once per process
         parts = path.relative_to(root).parts
         if parts[0] in ("site-packages", "dist-packages") or {"test", "tests", "idle_test"} & set(parts):
             continue
-        try:
+        with contextlib.suppress(SyntaxError, UnicodeDecodeError, ValueError):  # a few files are deliberately broken
             docs.extend(_docstrings(ast.parse(path.read_text(encoding="utf-8"))))
-        except (SyntaxError, UnicodeDecodeError, ValueError):  # a few files are deliberately broken
-            continue
     return tuple(docs)
 
 
@@ -301,8 +279,7 @@ def _say_once(line):  # the corpus is read twice on a first run (vocabulary, pac
 
 
 def _local(one, cache_dir):
-    """A local corpus through `datasets`. Text files that are not UTF-8 are read with U+FFFD in place of each bad
-    byte, and one line says how many files and bytes; JSON that is not UTF-8 is refused, naming the file."""
+    """A local corpus through `datasets`; text not UTF-8 is read with U+FFFD (said once), such JSON refused."""
     import datasets
     files, builder = _files(one)
     extra = {"sample_by": "paragraph"} if builder == "text" else {}
@@ -406,11 +383,9 @@ def load_tokenizer(path):
 def train_tokenizer(texts, vocab_size, out_folder):
     """Train an uncased WordPiece vocabulary on `texts`; save tokenizer.json and vocab.txt in out_folder."""
     tok = _bert_text(Tokenizer(models.WordPiece(unk_token="[UNK]")))
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                        show_progress=False)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    tok = _with_templates(tok)
-    save_tokenizer(tok, out_folder)
+    save_tokenizer(_with_templates(tok), out_folder)
     return tok
 
 

@@ -1,14 +1,13 @@
 """The whole AutoTinyBERT pipeline at demo scale on a CPU, in about 10 minutes (the README's first command).
 
-Each stage is run as its own command, printed before it runs, so that the demo doubles as a recipe:
+Each stage runs as its own command, printed first, so that the demo doubles as a recipe:
     1. superplm.py  train a tiny SuperPLM on the stdlib corpus with Algorithm 1 (§3.4)
     2. latency.py   time sampled architectures on this CPU and fit the latency predictor (§3.5)
     3. search.py    evolutionary search for the latency target, sub-models scored inside the SuperPLM (§3.5)
     4. superplm.py  further-train the winner alone, initialised from its SuperPLM weights (§3.6)
     5. superplm.py  BERT-S, BERT's default-rule shape at the same latency, from scratch for the steps of 1 + 4 (Table 1)
-and ends with a summary table, the two models side by side, and the files it made. Ctrl-C stops the stage in
-progress as it stops alone (saving what it has); `python demo.py --resume` then skips the finished stages and
-resumes that one.
+then a summary table, the two models side by side, and the files it made. Ctrl-C stops the stage in progress as
+it stops alone (saving); `python demo.py --resume` then skips the finished stages and resumes that one.
 """
 
 import json
@@ -32,8 +31,7 @@ from superplm import load_superplm
 
 
 def run_stage(*args):
-    """Run one stage as a user would type it, in a session of its own: Ctrl-C reaches the demo alone, which passes
-    it on once, so the stage stops as it does alone (finishing its step and saving)."""
+    """Run one stage as a user would type it, in a session of its own: the demo passes Ctrl-C on to it once."""
     cmd = ["python", *map(str, args)]
     print(f"\n$ {shlex.join(cmd)}", flush=True)
     stage = subprocess.Popen([sys.executable, *cmd[1:]], cwd=Path(__file__).parent, start_new_session=True)
@@ -49,11 +47,11 @@ def run_stage(*args):
         raise UserError(f"the stage `{shlex.join(cmd)}` failed (its message is above)")
 
 
-def held_out_loss(run_dir, arch=None):
-    """Masked-LM loss of a model (a sub-model of a SuperPLM) on the held-out sequences, as search.py scores it."""
+def held_out_loss(run_dir):
+    """Masked-LM loss of a trained model on the held-out sequences, as search.py scores it."""
     model, _, tok = load_superplm(Path(run_dir) / "checkpoint.pt")
     cfg = torch_load(Path(run_dir) / "checkpoint.pt")["config"]
-    return -MLMScore(model, tok, cfg["corpus"], cfg["seq_len"], cfg["cache_dir"])(arch or model.arch)
+    return -MLMScore(model, tok, cfg["corpus"], cfg["seq_len"], cfg["cache_dir"])(model.arch)
 
 
 def summary(cfg, out, found, t, bert):

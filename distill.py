@@ -1,17 +1,16 @@
 """Task-agnostic distillation (paper §4.1, Table 2): TinyBERT's general stage restricted to the last layer.
 
 In the paper's second setting the SuperPLM and the searched models learn from a teacher (ELECTRA-base) instead of
-masked LM. The loss is the first (general) stage of TinyBERT (Jiao et al. 2020) with only the last layer's terms:
+masked LM, with the loss of TinyBERT's general stage (Jiao et al. 2020) on the last layer only:
 
     L = MSE(A_student, A_teacher) + MSE(H_student W, H_teacher)
 
-A are the last layer's attention scores before the softmax (every head), H the last hidden states and W one learned
-linear projection from the student's width to the teacher's. Comparing attention head by head needs as many student
-heads as teacher heads, which is why the distillation SuperPLM keeps every head and slices inside them (mha="dims",
-Figure 3(c), KD_SPACE). With an elastic student width the projection is elastic too: a sub-model of width dm uses
-the first dm input columns of the one shared W, so W trains along with the SuperPLM (§3.4).
+A are the last layer's pre-softmax attention scores (every head), H its hidden states, W a learned projection from
+the student's width to the teacher's. Comparing head by head needs as many student heads as teacher heads: the
+distillation SuperPLM keeps every head and slices inside them (mha="dims", Figure 3(c), KD_SPACE). A sub-model of
+width dm uses the first dm input columns of the one shared W, which trains along with the SuperPLM (§3.4).
 
-This file holds the teacher and the loss; superplm.py runs Algorithm 1 with them (`--objective kd --teacher DIR`).
+superplm.py runs Algorithm 1 with this teacher and loss (`--objective kd --teacher DIR`).
     python distill.py make-teacher --out runs/teacher      # a tiny random teacher for demos and tests
     python distill.py check --teacher path/to/electra-base-discriminator
 """
@@ -38,12 +37,9 @@ def masked_mse(a, b, keep):
 
 
 class KDObjective(nn.Module):
-    """TinyBERT's general-distillation loss on the last layer (§4.1), with the superplm.py objective signature
-    objective(model, batch, arch) -> (loss, stats).
-
-    Its only parameters are the projection W (student width -> teacher width). The teacher is held outside the
-    module tree: it is not a parameter, not in state_dict() (so checkpoints keep only W), and objective.train()
-    never switches on its dropout; objective.to(device) still moves it (see _apply)."""
+    """TinyBERT's general-distillation loss on the last layer (§4.1): objective(model, batch, arch) -> (loss, stats).
+    Its only parameters are W; the teacher is held outside the module tree (not in state_dict(), never switched to
+    train()), though .to(device) still moves it (_apply)."""
 
     def __init__(self, teacher: Bert, student_hidden_max: int):
         super().__init__()
@@ -58,9 +54,7 @@ class KDObjective(nn.Module):
 
     def forward(self, model, batch, arch=None):
         arch = model.check(arch)
-        if arch.heads != self.teacher.arch.heads:
-            raise UserError(f"student {arch} has {arch.heads} heads but the teacher has {self.teacher.arch.heads}: "
-                            "attention distillation needs equal head counts")
+        check_compatible(self.teacher, arch)
         ids = batch["input_ids"]  # (B, T)
         if "labels" in batch:  # a masked-LM batch: distil on the original text, the labels hold what was masked
             ids = torch.where(batch["labels"] != -100, batch["labels"], ids)  # (TinyBERT v2: no [MASK] corpus)
@@ -76,11 +70,8 @@ class KDObjective(nn.Module):
             t_hidden, t_scores = self.teacher(ids, attention_mask=mask, token_type_ids=types, return_scores=True)
         s_hidden, s_scores = model(ids, attention_mask=mask, token_type_ids=types, arch=arch, return_scores=True)
         keep = mask.bool()  # (B, T) real tokens
-        # Attention loss on the pre-softmax scores (B, heads, T, T), averaged over real (query, key) pairs only.
-        # TinyBERT adds the -10000 padding mask, then zeroes the entries at the mask value in both models: padded
-        # keys still count in the mean's denominator, and padded queries (rows) still count with real values, so
-        # its loss changes with the amount of padding. We exclude padded keys AND queries exactly instead: the
-        # same sentences give the same loss however they are padded.
+        # Attention loss on the pre-softmax scores (B, heads, T, T) over real (query, key) pairs only. TinyBERT's
+        # counts padded keys (in the denominator) and padded queries, so it changes with the padding; ours does not.
         pairs = keep[:, None, :, None] & keep[:, None, None, :]  # (B, 1, T, T)
         att = masked_mse(s_scores, t_scores, pairs)
         # Hidden loss through the projection W, sliced on its input for a sub-model of width dm (§3.4):
@@ -95,11 +86,8 @@ TINY_TEACHER = Arch(2, 256, 1024, 4, 256)  # the demo teacher: BERT-S3's shape (
 
 def load_teacher(folder, flag="--teacher", mha="heads"):
     """(frozen teacher Bert, path of its vocabulary) from a BERT/ELECTRA(-discriminator) folder (§4.1); also what
-    superplm.py --init starts from (flag names the option in messages).
-
-    Every problem is reported before training starts: a folder that is not a BERT-shaped model, one without a
-    vocabulary (the student must read the corpus with the teacher's token ids), a vocabulary the teacher cannot
-    embed."""
+    superplm.py --init starts from (`flag` names the option). Every problem is reported before training: not a
+    BERT-shaped model, no vocabulary (the corpus is read with its token ids), one it cannot embed."""
     folder = Path(folder)
     try:
         teacher = from_pretrained(folder, mha)
@@ -119,13 +107,11 @@ def load_teacher(folder, flag="--teacher", mha="heads"):
     if n > teacher.word.num_embeddings:
         raise UserError(f"{flag}: {vocab} has {n} tokens but the model embeds only "
                         f"{teacher.word.num_embeddings}: use the vocabulary the model was trained with")
-    teacher.requires_grad_(False)  # frozen: no gradient is ever computed for it (the authors' code did)
-    return teacher.eval(), str(vocab)
+    return teacher.requires_grad_(False).eval(), str(vocab)  # frozen: no gradient (the authors' code computed them)
 
 
 def check_compatible(teacher, student, space=None):
-    """Raise UserError unless every sub-model of `student` (a Bert or an Arch, or a SuperPLM with sampling `space`)
-    can be distilled from `teacher`: attention distillation compares head by head, so head counts must match (§3.4)."""
+    """UserError unless every sub-model of `student` (Bert, Arch, SuperPLM sampling `space`) has the teacher's heads."""
     H, a = teacher.arch.heads, getattr(student, "arch", student)
     if a.heads != H:
         like = f", e.g. {Arch(a.layers, a.hidden, a.ffn, H, a.qkv)}" if a.qkv % H == 0 else ""
