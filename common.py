@@ -1,7 +1,6 @@
-"""What every stage must do the same way, once: fail with one clear line (`UserError`, `run_main`), stop cleanly on
-SIGINT/SIGTERM (`stop_after_step`), write files and JSONL logs atomically, never overwrite a run silently
-(`RunFolder`), take its settings from a dataclass (`parse_flags`); also the Hugging Face hub offline, seeds, devices
-and compute dtypes, torchrun's workers. What belongs to one stage (its checkpoint, its tables) lives in its file.
+"""What every stage does the same way: fail with one line (`UserError`, `run_main`), stop cleanly on SIGINT/SIGTERM
+(`stop_after_step`), write files and JSONL logs atomically, never overwrite a run silently (`RunFolder`), take its
+settings from a dataclass (`parse_flags`); also the Hugging Face hub offline, seeds, devices, compute dtypes, workers.
 """
 
 import argparse
@@ -81,8 +80,6 @@ def stop_after_step(what="step"):
             signal.signal(s, h)
 
 
-# ----------------------------------------------------------------------------------------------------- files and JSONL
-
 def atomic_write(path, write):
     """write(tmp_path) then rename over `path`: a crash never leaves a half-written file behind."""
     path = Path(path)
@@ -146,8 +143,6 @@ def keep_jsonl(path, keep):
         records = [r for r in read_jsonl(path) if keep(r)]
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
 
-
-# ---------------------------------------------------------------------------------------------- the run folder (--out)
 
 def command_line(argv=None, script=None):
     """The command that ran (or would run) `script` (default: this process's) with `argv`, quoted for a shell."""
@@ -273,11 +268,8 @@ def free_folder(base):
     return next(p for p in [str(base), *(f"{base}-{i}" for i in range(2, 1000))] if not Path(p).exists())
 
 
-# --------------------------------------------------------------------------------------- the Hugging Face hub, offline
-
 def hub_reachable(timeout=3.0):
-    """Whether the hub (HF_ENDPOINT, else huggingface.co) takes a connection within `timeout` seconds. False in
-    offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); behind a proxy, assumed true (the proxy decides)."""
+    """Whether the hub (HF_ENDPOINT) answers within `timeout` s: False offline (HF_HUB_OFFLINE), True via a proxy."""
     offline = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
     if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in offline):
         return False
@@ -318,8 +310,6 @@ def load_hub_dataset(what, instead, *args, **kwargs):
     finally:
         datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = offline
 
-
-# --------------------------------------------------------------------------------------------- seeds, devices, workers
 
 def seed_everything(seed):
     random.seed(seed)
@@ -434,8 +424,6 @@ def rank0_first(rank, world, make):
     return make() if rank else result
 
 
-# ----------------------------------------------------------------------------- settings: a dataclass becomes the flags
-
 # A field's allowed range, in its metadata: check_config refuses a number outside it in one line naming the flag.
 COUNT = dict(min=1)  # a number of things or steps
 NONNEGATIVE = dict(min=0)
@@ -527,9 +515,8 @@ def config_values(cls, saved):
 
 
 def parse_flags(cls, argv=None, description=None, parser=None, defaults=None):
-    """The config from the command line: field defaults < `defaults(first parse)` (presets, inherited values) <
-    --config FILE < flags given. For a script of several commands, `cls` is {command: (dataclass, help)} and the
-    result (command, config): `script.py COMMAND --flag ...`, each command with its own flags."""
+    """The config from the command line: field defaults < `defaults(first parse)` (presets) < --config FILE < flags
+    given. With `cls` {command: (dataclass, help)}: (command, config) of `script.py COMMAND --flag ...`."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if isinstance(cls, dict):
         top = _Parser(description=description, allow_abbrev=False)

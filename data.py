@@ -123,11 +123,9 @@ def prefetch(batches, device, depth=2):
                 if device.type == "cuda":  # page-locked: the copy below is then asynchronous
                     batch = {k: v.pin_memory() for k, v in batch.items()}
                 while not stop.is_set():
-                    try:
+                    with contextlib.suppress(queue.Full):
                         ready.put(batch, timeout=0.1)
                         break
-                    except queue.Full:
-                        pass
                 if stop.is_set():  # the consumer left early (the run reached its last step)
                     return
             ready.put(end)
@@ -145,8 +143,6 @@ def prefetch(batches, device, depth=2):
         stop.set()
         worker.join()  # it ends after the batch in hand: never a thread still in torch when the process exits
 
-
-# ------------------------------------------------------------------------------------- the packed corpus and its cache
 
 FORMAT = 1  # bump when the packed layout changes: old caches are then rebuilt
 
@@ -174,7 +170,6 @@ class PackedDataset:
 
 
 def _chunks(docs, bar, size=1000):
-    """Lists of texts from a list or a `datasets` Dataset, ticking the progress bar."""
     for s in range(0, len(docs), size):
         texts = docs[s:s + size] if isinstance(docs, list) else docs[s:s + size]["text"]
         bar.update(len(texts))
@@ -216,7 +211,6 @@ def build_dataset(corpus_spec, tokenizer, seq_len, cache_dir):
 
 
 def _docstrings(node):
-    """Docstrings of a module, its classes and functions, in source order."""
     kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
     if isinstance(node, kinds) and (doc := ast.get_docstring(node)):
         yield doc
@@ -323,19 +317,6 @@ def load_corpus(spec, cache_dir=None):
     return datasets.concatenate_datasets(parts)
 
 
-def cached_tokenizer(spec, vocab_size, cache_dir):
-    """Path of a WordPiece vocabulary trained on the corpus, trained once and kept in cache_dir."""
-    folder = Path(cache_dir) / f"tokenizer-{corpus_key(spec)}-{vocab_size}"
-    if not (folder / "tokenizer.json").exists():
-        docs = load_corpus(spec, cache_dir)
-        texts = docs if isinstance(docs, list) else (row["text"] for row in docs)
-        print(f"training a {vocab_size}-token WordPiece vocabulary on {spec}", file=sys.stderr)
-        train_tokenizer(texts, vocab_size, folder)
-    return folder / "tokenizer.json"
-
-
-# -------------------------------------------------------------------------------------------- the WordPiece vocabulary
-
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT's, in the ids a trained vocabulary gets
 
 
@@ -428,8 +409,6 @@ class Specials:
         return torch.tensor([self.pad, self.unk, self.cls, self.sep, self.mask])
 
 
-# ---------------------------------------------------------------------------------------------------- the command line
-
 @dataclass
 class DataConfig:
     corpus: str = flag("stdlib", "stdlib, a .txt/.json/.jsonl/.parquet file or folder, or hub dataset names "
@@ -438,19 +417,25 @@ class DataConfig:
     vocab_size: int = flag(30522, "size of a vocabulary trained on the corpus", min=len(SPECIAL_TOKENS) + 1)
     seq_len: int = flag(128, "tokens per packed sequence (§4.1)", min=3)
     cache_dir: str = flag("data_cache", "where packed corpora and vocabularies go")
-    preset: str = flag("paper", "paper: BERT's vocabulary size and §4.1's 128 tokens; tiny: the corpus of superplm.py "
-                                "--preset tiny. A preset changes the defaults (--preset tiny --help shows them); flags "
-                                "given still win", choices=["paper", "tiny"])
+    preset: str = flag("paper", "paper: BERT's vocabulary size, §4.1's 128 tokens; tiny: superplm.py --preset tiny's. "
+                                "It sets defaults (--preset tiny --help shows them)", choices=["paper", "tiny"])
 
 
 PRESETS = {"paper": {}, "tiny": dict(vocab_size=4096, seq_len=64)}  # tiny: as superplm.py's tiny preset
 
 
 def prepare(cfg):
-    """(tokenizer path, tokenizer, PackedDataset) for a DataConfig-like object; everything cached."""
-    tok_path = cfg.tokenizer or cached_tokenizer(cfg.corpus, cfg.vocab_size, cfg.cache_dir)
+    """(tokenizer path, tokenizer, PackedDataset) for a DataConfig-like object, all cached in cfg.cache_dir: without
+    cfg.tokenizer, a WordPiece vocabulary is trained on the corpus once."""
+    tok_path = Path(cfg.tokenizer or Path(cfg.cache_dir) / f"tokenizer-{corpus_key(cfg.corpus)}-{cfg.vocab_size}"
+                    / "tokenizer.json")
+    if not cfg.tokenizer and not tok_path.exists():
+        docs = load_corpus(cfg.corpus, cfg.cache_dir)
+        texts = docs if isinstance(docs, list) else (row["text"] for row in docs)
+        print(f"training a {cfg.vocab_size}-token WordPiece vocabulary on {cfg.corpus}", file=sys.stderr)
+        train_tokenizer(texts, cfg.vocab_size, tok_path.parent)
     tok = load_tokenizer(tok_path)
-    return Path(tok_path), tok, build_dataset(cfg.corpus, tok, cfg.seq_len, cfg.cache_dir)
+    return tok_path, tok, build_dataset(cfg.corpus, tok, cfg.seq_len, cfg.cache_dir)
 
 
 def main(argv=None):

@@ -102,8 +102,7 @@ class Config:
     further_steps: int = flag(100, "optimizer steps of further training (stage 3)", **COUNT)
     seed: int = flag(0, "seed of every stage", **NONNEGATIVE)
     threads: Optional[int] = flag(None, THREADS_HELP + " (passed to the training and search stages)", **COUNT)
-    resume: bool = flag(False, "continue an interrupted demo in --out: finished stages are skipped, the interrupted "
-                               "one resumes")
+    resume: bool = flag(False, "continue an interrupted demo in --out (finished stages are skipped)")
     overwrite: bool = flag(False, "replace an earlier demo in --out")
 
 

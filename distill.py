@@ -6,11 +6,10 @@ masked LM, with the loss of TinyBERT's general stage (Jiao et al. 2020) on the l
     L = MSE(A_student, A_teacher) + MSE(H_student W, H_teacher)
 
 A are the last layer's pre-softmax attention scores (every head), H its hidden states, W a learned projection from
-the student's width to the teacher's. Comparing head by head needs as many student heads as teacher heads: the
-distillation SuperPLM keeps every head and slices inside them (mha="dims", Figure 3(c), KD_SPACE). A sub-model of
-width dm uses the first dm input columns of the one shared W, which trains along with the SuperPLM (§3.4).
-
-superplm.py runs Algorithm 1 with this teacher and loss (`--objective kd --teacher DIR`).
+the student's width to the teacher's. Comparing head by head needs the teacher's head count: the distillation
+SuperPLM keeps every head and slices inside them (mha="dims", Figure 3(c), KD_SPACE); a sub-model of width dm uses
+the first dm input columns of the one shared W, which trains along with it (§3.4). superplm.py runs Algorithm 1
+with this loss (`--objective kd --teacher DIR`):
     python distill.py make-teacher --out runs/teacher      # a tiny random teacher for demos and tests
     python distill.py check --teacher path/to/electra-base-discriminator
 """
@@ -38,8 +37,7 @@ def masked_mse(a, b, keep):
 
 class KDObjective(nn.Module):
     """TinyBERT's general-distillation loss on the last layer (§4.1): objective(model, batch, arch) -> (loss, stats).
-    Its only parameters are W; the teacher is held outside the module tree (not in state_dict(), never switched to
-    train()), though .to(device) still moves it (_apply)."""
+    Its only parameters are W: the teacher is outside the module tree (not in state_dict(), never in train mode)."""
 
     def __init__(self, teacher: Bert, student_hidden_max: int):
         super().__init__()
@@ -85,9 +83,8 @@ TINY_TEACHER = Arch(2, 256, 1024, 4, 256)  # the demo teacher: BERT-S3's shape (
 
 
 def load_teacher(folder, flag="--teacher", mha="heads"):
-    """(frozen teacher Bert, path of its vocabulary) from a BERT/ELECTRA(-discriminator) folder (§4.1); also what
-    superplm.py --init starts from (`flag` names the option). Every problem is reported before training: not a
-    BERT-shaped model, no vocabulary (the corpus is read with its token ids), one it cannot embed."""
+    """(frozen teacher Bert, path of its vocabulary) from a BERT/ELECTRA folder (§4.1), also superplm.py --init's
+    (`flag` names the option); every problem (not BERT-shaped, no vocabulary, one it cannot embed) before training."""
     folder = Path(folder)
     try:
         teacher = from_pretrained(folder, mha)
