@@ -417,8 +417,8 @@ class DataConfig:
     vocab_size: int = flag(30522, "size of a vocabulary trained on the corpus", min=len(SPECIAL_TOKENS) + 1)
     seq_len: int = flag(128, "tokens per packed sequence (§4.1)", min=3)
     cache_dir: str = flag("data_cache", "where packed corpora and vocabularies go")
-    preset: str = flag("paper", "paper: BERT's vocabulary size, §4.1's 128 tokens; tiny: superplm.py --preset tiny's. "
-                                "It sets defaults (--preset tiny --help shows them)", choices=["paper", "tiny"])
+    preset: str = flag("paper", "paper: BERT's vocabulary size, §4.1's 128 tokens; tiny: the corpus of superplm.py "
+                                "--preset tiny (--preset tiny --help shows its defaults)", choices=["paper", "tiny"])
 
 
 PRESETS = {"paper": {}, "tiny": dict(vocab_size=4096, seq_len=64)}  # tiny: as superplm.py's tiny preset
