@@ -1,14 +1,10 @@
 """The last stage: a model folder to ONNX, checked on ONNX Runtime, optionally int8-quantized.
 
-The searched model is a BERT of an unusual shape (qkv != hidden); its ONNX graph runs wherever ONNX Runtime does.
-`export.py` takes any BERT folder (this project's, transformers', the authors' released models): the encoder, with
-BERT's classifier or span head where the folder holds one (as finetune.py's best/ does). It exports with torch's
-dynamo exporter (latency.to_onnx) with dynamic batch and sequence axes, and runs the graph on ONNX Runtime against
-our PyTorch model on padded batches of other shapes than the traced example: the largest absolute difference is
-printed, and above 1e-4 nothing is written. --int8 adds ONNX Runtime's dynamic int8 quantization and its cost on
-the same inputs. An --out without .onnx is a folder, for deployment loaders and transformers alike: model.onnx
-(model.int8.onnx) beside the Hugging Face folder (config.json, weights, tokenizer files); --format hf writes only
-the latter, e.g. to make one of the authors' released models load with transformers' Auto classes.
+Any BERT folder (this project's of any qkv, transformers', the authors' released models) exports with torch's dynamo
+exporter (latency.to_onnx), dynamic in batch and sequence, with its classifier or span head if any. ONNX Runtime must
+match PyTorch within 1e-4 on padded batches of other shapes, or nothing is written; --int8 adds dynamic int8
+quantization and its cost. An --out without .onnx is a folder: model.onnx (model.int8.onnx) beside the Hugging Face
+folder and tokenizer files; --format hf writes only the latter (e.g. to load the authors' models in transformers).
 
     python export.py --model runs/further --out runs/export/model.onnx
     python export.py --model runs/finetune/mnli/best --out runs/export/mnli --int8   # a folder, + model.int8.onnx
@@ -37,8 +33,7 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def load(folder):
-    """(module, output names, what it is, config, head tensors under transformers' names) of a model folder: the
-    encoder, with BERT's span head (qa_outputs) or classifier (pooler + classifier) where the folder has one."""
+    """(module, output names, what it is, config, head tensors): the encoder, with the folder's BERT head if any."""
     if not (Path(folder) / "config.json").exists() and (Path(folder) / "checkpoint.pt").exists():
         raise UserError(f"{folder} is a SuperPLM run folder: export one of its sub-models, written by "
                         "`search.py --extract` or by further training (superplm.py --init ... --arch ...)")
@@ -69,9 +64,8 @@ def check_inputs(vocab, max_len):
     for B, T in ((1, 7), (3, 40), (4, min(128, max_len))):
         mask = torch.ones(B, T, dtype=torch.long)
         mask[-1, T // 2:] = 0  # the last sequence is padded
-        types = (torch.arange(T) >= T // 3).long().expand(B, T)
         out.append(dict(input_ids=torch.randint(1, vocab, (B, T), generator=g), attention_mask=mask,
-                        token_type_ids=types))
+                        token_type_ids=(torch.arange(T) >= T // 3).long().expand(B, T)))
     return out
 
 
@@ -100,12 +94,10 @@ def write(proto, path):
 
 @dataclass
 class Config:
-    model: str = flag("", "model folder: this project's (save_pretrained, search.py --extract, further training, "
-                          "finetune.py's best/), transformers' BERT/ELECTRA, or the authors' released models")
+    model: str = flag("", "model folder: this project's, transformers' BERT/ELECTRA, or the authors' released models")
     out: str = flag("runs/export", "a folder: model.onnx beside the Hugging Face folder; or an .onnx file (a bare "
-                                  "name goes into runs/export/)")
-    int8: bool = flag(False, "also write a dynamically int8-quantized copy beside --out (<name>.int8.onnx) and report "
-                             "its accuracy cost")
+                                   "name goes into runs/export/)")
+    int8: bool = flag(False, "also write a dynamic int8-quantized copy (<name>.int8.onnx) and report its accuracy cost")
     format: str = flag("onnx", "hf: only the Hugging Face folder in --out, which stock transformers loads with its "
                                "Auto classes", choices=["onnx", "hf"])
 

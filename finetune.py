@@ -1,17 +1,14 @@
 """Task fine-tuning on GLUE and SQuAD v1.1 (paper §4.1, Appendix D, Table D.1).
 
-Every score in the paper's Tables 1, 2 and F.1 is a dev score after fine-tuning on each task as BERT and TinyBERT
-do: BERT's pooler + a classifier (SQuAD: a start/end span head) on the model, AdamW with 10% linear warm-up then
-linear decay, dev evaluated after every epoch, for every (learning rate, epochs) of the §4.1 grid from the same
-start; the best dev score counts. Table D.1 is each task's cell of that grid (the default). tasks/glue.py and
-tasks/squad.py read the tasks' files and score them.
+Every score of the paper's Tables 1, 2 and F.1 is a dev score after fine-tuning as BERT and TinyBERT do: BERT's
+pooler + a classifier (SQuAD: a span head), AdamW with 10% linear warm-up then linear decay, dev after every epoch,
+for every (lr, epochs) of the §4.1 grid; the best counts. Table D.1 (the default) is each task's cell of it.
 
     python finetune.py --task rte --model runs/further --data glue_data/RTE --preset tiny   # minutes on 2 CPU cores
     python finetune.py --task mnli --model runs/further --data glue_data/MNLI --lr 1e-5 2e-5 3e-5 --epochs 4 5 10
 
 --out holds config.json, metrics.jsonl (every epoch), log.txt, best/ (the best model: a Hugging Face folder with its
-head), results.json, and GLUE's test predictions (MNLI-m.tsv, ...) or SQuAD's dev predictions.json. search.py's
-evaluator calls `finetune(model_folder, "mnli", ...)` and reads result["score"].
+head), results.json, and GLUE's test predictions (MNLI-m.tsv, ...) or SQuAD's dev predictions.json.
 """
 
 import copy
@@ -58,9 +55,7 @@ def paper_settings(task):
 
 
 def sweep(cfg, base, feats, targets, evaluate, pad, compute, log, stop=None):
-    """The §4.1 grid: for every (lr, epochs), fine-tune a copy of `base` (model + head, seeded alike) with AdamW,
-    linear warm-up and decay over the run's steps, and evaluate on dev after every epoch. Yields (record, model,
-    dev predictions) after each epoch: the caller keeps the best dev score."""
+    """The §4.1 grid, each (lr, epochs) on a copy of `base` seeded alike: yields (record, model, dev predictions)."""
     steps_per_epoch = -(-len(feats) // cfg.batch_size)
     for lr in cfg.lr:
         for epochs in cfg.epochs:
@@ -82,17 +77,15 @@ def sweep(cfg, base, feats, targets, evaluate, pad, compute, log, stop=None):
 
 
 def optimizer_and_schedule(model, lr, steps, warmup, weight_decay=0.01):
-    """AdamW (BERT's: weight decay 0.01, none on biases and LayerNorm) with linear warm-up over `warmup` of the
-    steps, then linear decay to 0 (§4.1)."""
+    """model.make_optimizer's AdamW with model.learning_rate's schedule (§4.1) over `steps`."""
     opt = make_optimizer(model.parameters(), lr, weight_decay)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: learning_rate(step, steps, 1.0, warmup))
 
 
 def train_epoch(model, feats, targets, batch_size, opt, sched, generator, pad, device, desc, autocast=nullcontext,
                 log=None, log_every=50, stop=None):
-    """One pass in a seeded random order; returns the mean training loss. The loss stays on the device (reading it
-    every step would make the host wait for the GPU): it is read every log_every steps, for the bar and log(line).
-    A SIGINT/SIGTERM (stop.signal) ends the pass after the step in progress."""
+    """One pass in a seeded random order; returns the mean loss, read from the device (a wait for the GPU) only every
+    log_every steps, for the bar and log(line). A SIGINT/SIGTERM (stop.signal) ends it after the step in progress."""
     model.train()
     order, total = torch.randperm(len(feats), generator=generator), 0.0
     bar = tqdm(range(0, len(feats), batch_size), desc=desc, leave=False, disable=None)  # no bar off a terminal
@@ -172,8 +165,6 @@ def best_of_sweep(cfg, compute, folder, stop):
     return result
 
 
-# ----------------------------------------------------------------------------------- the model: a BERT and a task head
-
 class Finetuner(nn.Module):
     """A BERT with BERT's pooler (dense + tanh on [CLS]) and a classifier, or a start/end span head (SQuAD)."""
 
@@ -187,24 +178,18 @@ class Finetuner(nn.Module):
             self.pooler = nn.Linear(C, C)
             self.drop = nn.Dropout(bert.dropout)
             self.classifier = nn.Linear(C, outputs)
-        for name, m in self.named_children():
-            if name != "bert":
-                m.apply(Bert._init)
+        for m in [self.qa] if span else [self.pooler, self.classifier]:
+            Bert._init(m)
 
     def forward(self, input_ids, attention_mask, token_type_ids):
         h = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, C)
         if self.span:
-            start, end = self.qa(h).unbind(-1)  # (B, T) each
-            return start, end
+            return self.qa(h).unbind(-1)  # start, end: (B, T) each
         pooled = torch.tanh(self.pooler(h[:, 0]))  # (B, C)
         return self.classifier(self.drop(pooled))  # (B, outputs)
 
-    def head_state(self):
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("bert.")}
-
     def hf_head(self, task):
-        """The head under transformers' names and the config.json fields that make the folder load as
-        BertForSequenceClassification / BertForQuestionAnswering (through Auto* classes) with this head."""
+        """The head under transformers' names, and config.json's fields for BertFor{SequenceClassification,...}."""
         if self.span:
             return {f"qa_outputs.{k}": v for k, v in self.qa.state_dict().items()}, dict(
                 architectures=["BertForQuestionAnswering"])
@@ -214,10 +199,8 @@ class Finetuner(nn.Module):
 
 
 def load_model(folder, task, arch=""):
-    """(model, tokenizer path or None). The BERT of a save_pretrained / Hugging Face folder, or the sub-model
-    `arch` extracted (§3.4) from a SuperPLM run folder or checkpoint.pt, as the evaluator of §3.5 fine-tunes them.
-    The head: the folder's own head.pt for this task (a checkpoint of this script), else fresh, with the pooler
-    taken from 'bert.pooler.dense.*' where the checkpoint has one."""
+    """(model, tokenizer path or None): a Hugging Face folder's BERT, or the sub-model `arch` of a SuperPLM (§3.4),
+    with the folder's head.pt for this task, else a fresh head (with the checkpoint's pooler, if any)."""
     path, outputs = Path(folder), 2 if task == "squad" else len(GLUE[task].labels) or 1
     try:  # a Hugging Face model folder (config.json with a model_type), not only a run folder with its config.json
         model_folder = "model_type" in json.loads((path / "config.json").read_text())
@@ -248,7 +231,8 @@ def save_checkpoint(model, folder, task, tokenizer_path, record):
     shutil.rmtree(tmp, ignore_errors=True)
     head, config = model.hf_head(task)
     save_pretrained(model.bert, tmp, head, **config)
-    torch_save({"task": task, "head": model.head_state()}, tmp / "head.pt")
+    torch_save({"task": task, "head": {k: v for k, v in model.state_dict().items() if not k.startswith("bert.")}},
+               tmp / "head.pt")
     for f in tokenizer_files(tokenizer_path):
         shutil.copyfile(f, tmp / f.name)
     save_json(record, tmp / "dev_metrics.json")
@@ -276,8 +260,8 @@ def loss_fn(model, out, y):
 
 @torch.no_grad()
 def predict(model, feats, batch_size, pad, device, autocast=nullcontext):
-    """GLUE: logits (N, outputs). SQuAD: per window, (start, end) logits over its own tokens. The logits stay on
-    the device and are copied to the host once (a copy per batch would make the host wait for every batch)."""
+    """GLUE: logits (N, outputs). SQuAD: per window, (start, end) logits over its tokens. One copy to the host (one
+    per batch would make the host wait for every batch)."""
     model.eval()
     if not feats:
         return [] if model.span else np.zeros((0, 1))
@@ -294,28 +278,22 @@ def predict(model, feats, batch_size, pad, device, autocast=nullcontext):
     return out
 
 
-# --------------------------------------------------------------------------------------- settings and the command line
-
 @dataclass
 class Config:
     """lr, epochs, batch_size and max_len: None means the task's value (paper_settings); --help shows MNLI's."""
     task: str = flag("mnli", "GLUE task or squad (SQuAD v1.1); any case, RTE = rte", choices=TASKS, type=task_name)
-    preset: str = flag("paper", "paper: Table D.1's settings for the task, the whole data; tiny: one epoch on 2000 "
-                                "training and 1000 dev examples (search.py's evaluator budget), minutes on 2 CPU cores "
-                                "for a small model. A preset changes the defaults; flags given still win",
-                                choices=["paper", "tiny"])
-    model: str = flag("", "model folder: written by save_pretrained (any qkv), a Hugging Face BERT/ELECTRA folder, or "
-                          "a SuperPLM run folder")
-    arch: str = flag("", "with a SuperPLM run folder (checkpoint.pt) as --model: the sub-model to extract and "
-                         "fine-tune, e.g. 5-564-1054-8-512")
+    preset: str = flag("paper", "paper: Table D.1's settings, all the data; tiny: one epoch on 2000 training and 1000 "
+                                "dev examples (search.py's evaluator budget), minutes on 2 CPU cores. Flags given win "
+                                "over a preset's defaults", choices=["paper", "tiny"])
+    model: str = flag("", "model folder: save_pretrained's (any qkv), a BERT/ELECTRA one, or a SuperPLM run folder")
+    arch: str = flag("", "with a SuperPLM run folder as --model: the sub-model to fine-tune, e.g. 5-564-1054-8-512")
     tokenizer: str = flag("", "vocab.txt / tokenizer.json or a folder with one; empty: the model's")
     data: str = flag("", "GLUE: the task's folder in the original layout (or glue_data/ holding it); SQuAD: the folder "
                          "of train-v1.1.json and dev-v1.1.json; empty: load with datasets (online)")
     lr: Optional[list[float]] = flag(None, "peak learning rates; several, with several --epochs, run the §4.1 grid "
                                            f"(1e-5 2e-5 3e-5 x 4 5 10). Default: Table D.1's for the task ({D1_LR}); "
                                            "shown: MNLI's", **POSITIVE)
-    epochs: Optional[list[int]] = flag(None, f"epoch counts. Default: Table D.1's for the task ({D1_EPOCHS}); shown: "
-                                             "MNLI's", **COUNT)
+    epochs: Optional[list[int]] = flag(None, f"epoch counts: Table D.1's ({D1_EPOCHS}); shown: MNLI's", **COUNT)
     batch_size: Optional[int] = flag(None, "Table D.1's: 32, SQuAD 16", **COUNT)
     max_len: Optional[int] = flag(None, "tokens per input: 128, SQuAD 384", min=3, max=512)
     doc_stride: int = flag(128, "SQuAD: tokens between the starts of two windows", **COUNT)
@@ -338,9 +316,7 @@ PRESETS = {"paper": {}, "tiny": dict(epochs=[1], max_train_examples=2000, max_ev
 
 
 def run(cfg, argv=None):
-    """Fine-tune cfg.model on cfg.task for every (lr, epochs) of the grid; returns the best run's dev metrics
-    (with "score") plus lr, epochs, epoch, and "runs": the best epoch of each run. Writes files only with cfg.out
-    (and its config.json records argv, the command line). cfg itself is left as it was."""
+    """Fine-tune over the grid; returns the best dev metrics (+ lr, epochs, epoch, runs). Files only with cfg.out."""
     check_config(cfg)
     name = task_name(cfg.task)
     if not cfg.model:
@@ -350,8 +326,7 @@ def run(cfg, argv=None):
                                                  if getattr(cfg, k) is None})
     compute = resolve_compute(cfg.device, cfg.dtype, cfg.threads)
     folder = RunFolder(cfg.out, cfg, overwrite=cfg.overwrite, argv=argv) if cfg.out else None
-    # a run with a folder stops after the step in progress; one without (search.py's evaluator) leaves the
-    # signals to its caller
+    # with a folder, stop after the step in progress; without (search.py's evaluator), signals are the caller's
     stopper = stop_after_step() if folder else nullcontext(types.SimpleNamespace(signal=None))
     with folder or nullcontext(), stopper as stop:
         try:

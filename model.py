@@ -1,15 +1,13 @@
 """An elastic BERT: one nn.Module that is both the SuperPLM and a stand-alone BERT (paper §2, §3.3-3.4).
 
 A sub-model is run by *slicing* the SuperPLM's parameters (§3.4): the first `layers` layers and the top-left
-("bottom-left" in the paper's figure) block of every weight, bias, LayerNorm and embedding. Attention is sliced
-by one of the two strategies of Figure 3:
+("bottom-left" in the paper's figure) block of every tensor, attention sliced by one of Figure 3's strategies:
     mha="heads"  (b) keep the head width and take the first h heads: qkv = head_dim * h   (pre-training)
     mha="dims"   (c) keep every head and take the first qkv/H dims inside each head         (distillation)
 `extract` copies those slices into a stand-alone Bert whose outputs equal the SuperPLM run at that arch.
 
-Below the model: AdamW with §4.1's schedule, and Hugging Face BERT folders (`save_pretrained`, `from_pretrained`,
-as nanoGPT keeps its `from_pretrained` with its model): a folder this project writes loads in transformers, and a
-stock BERT or ELECTRA folder loads here.
+Below the model: AdamW with §4.1's schedule, and Hugging Face BERT folders (save_pretrained, from_pretrained, kept
+with the model as nanoGPT does): ours load in transformers, and stock BERT or ELECTRA folders load here.
 """
 
 import contextlib
@@ -32,9 +30,8 @@ from data import masked_positions
 
 @dataclass(frozen=True, order=True)
 class Arch:
-    """The paper's α = {Lt, dm, dq, dk, dv, df, do} with dq = dk = dv = qkv and do = hidden (§2, §3.3).
-
-    Written as in Table 4: layers-hidden-ffn-heads-qkv, e.g. 5-564-1054-8-512."""
+    """The paper's α = {Lt, dm, dq, dk, dv, df, do} with dq = dk = dv = qkv and do = hidden (§2, §3.3), written as
+    in Table 4: layers-hidden-ffn-heads-qkv, e.g. 5-564-1054-8-512."""
     layers: int
     hidden: int
     ffn: int
@@ -58,12 +55,10 @@ class Arch:
         parts = str(text).strip().split("-")
         if len(parts) != 5:
             raise UserError(f"arch {text!r} must have 5 fields layers-hidden-ffn-heads-qkv, e.g. 5-564-1054-8-512")
-        values = []
         for name, p in zip(("layers", "hidden", "ffn", "heads", "qkv"), parts):
             if not p.isdigit():
                 raise UserError(f"arch {text!r}: {name} must be a positive integer, got {p!r}")
-            values.append(int(p))
-        return cls(*values)
+        return cls(*map(int, parts))
 
     def __str__(self):
         return f"{self.layers}-{self.hidden}-{self.ffn}-{self.heads}-{self.qkv}"
@@ -116,10 +111,10 @@ class SearchSpace:
 
     def largest(self) -> Arch:
         """The SuperPLM that holds every architecture of this space."""
-        return Arch(max(self.layers), max(self.hidden), max(self.ffn), max(self.heads), max(self.choices("qkv")))
+        return Arch(*(max(self.choices(d)) for d in self.DIMS))
 
     def smallest(self) -> Arch:
-        return Arch(min(self.layers), min(self.hidden), min(self.ffn), min(self.heads), min(self.choices("qkv")))
+        return Arch(*(min(self.choices(d)) for d in self.DIMS))
 
 
 # Table B.1. The paper says "about 46M and 10M"; the ranges give 11.4M (pre-training) and 47.5M (distillation).
@@ -133,38 +128,28 @@ KD_SPACE = SearchSpace(layers=grid(1, 8, 1), hidden=grid(128, 768, 4), ffn=grid(
 # --------------------------------------------------------------------------------------------- the elastic BERT (§3.4)
 
 def sub(p, *sizes, shape=None):
-    """The leading block p.view(shape)[:a, :b, ...]. All of §3.4's sub-matrix extraction goes through here.
-
-    Plain slicing: autograd gives the slice a full-size gradient, zero outside the block, and adds all of it to
-    p.grad. Inside `in_place_grads()` (one-shot training) the block's gradient is added into p.grad's block instead."""
+    """The leading block p.view(shape)[:a, :b, ...]: all of §3.4's sub-matrix extraction. Autograd gives a plain
+    slice a full-size gradient, zero outside the block; inside `in_place_grads()` it goes into p.grad's block."""
     if shape is None and tuple(sizes) == tuple(p.shape):
         return p  # the whole tensor (a stand-alone model): no view, so exported graphs hold plain weights
     shape = p.shape if shape is None else shape
     index = tuple(slice(0, s) for s in sizes)
     block = p.view(shape)[index]
-    if _in_place.on and p.grad is not None and p.requires_grad and torch.is_grad_enabled() \
+    if getattr(_in_place, "on", False) and p.grad is not None and p.requires_grad and torch.is_grad_enabled() \
             and block.numel() < p.numel():
         return _AddToGrad.apply(p, shape, index)  # the same block, its gradient added in place
     return block
 
 
-class _InPlace(threading.local):
-    on = False  # inside in_place_grads(), on this thread
-
-
-_in_place = _InPlace()
+_in_place = threading.local()  # .on: inside in_place_grads(), on this thread
 
 
 @contextlib.contextmanager
 def in_place_grads():
-    """An optimisation of one-shot training (§3.4), switched on by superplm.accumulate: inside, `sub` adds a block's
-    gradient straight into the same block of p.grad, for every parameter that already holds a .grad (superplm.py
-    keeps them in one flat buffer), instead of autograd's full-size zero-padded gradient. The sums are the same
-    (tests/test_superplm.py, tests/test_precision.py); the time is not: a sub-model trains through the SuperPLM
-    about as fast as alone (bench/superplm_speed.py). Such gradients bypass autograd's accumulation, so
-    torch.autograd.grad and DDP's hooks do not see them. Under autocast the block is cast to bf16 only after it
-    leaves `sub`, so the gradient that arrives is fp32 and is added unrounded."""
-    before, _in_place.on = _in_place.on, True
+    """Inside (superplm.accumulate), `sub` adds a block's gradient into p.grad's block where p has a .grad, not a
+    full-size zero-padded one: the same sums, but as fast as a lone sub-model (bench/superplm_speed.py). Hidden from
+    torch.autograd.grad and DDP's hooks. Under autocast the block is cast after `sub`: fp32 gradients, unrounded."""
+    before, _in_place.on = getattr(_in_place, "on", False), True
     try:
         yield
     finally:
@@ -223,10 +208,8 @@ class Layer(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                dropout_p=dropout if self.training else 0.0)  # (B, h, T, d)
         y = y.transpose(1, 2).reshape(B, T, h * d)
-        if (C, h, d) == (self.o.out_features, H, D):
-            wo = self.o.weight  # all of it (a stand-alone model)
-        else:
-            wo = sub(self.o.weight, C, h, d, shape=(-1, H, D)).reshape(C, h * d)  # columns matching the kept rows
+        whole = (C, h, d) == (self.o.out_features, H, D)  # a stand-alone model; else the columns of the kept rows
+        wo = self.o.weight if whole else sub(self.o.weight, C, h, d, shape=(-1, H, D)).reshape(C, h * d)
         y = F.linear(y, wo, sub(self.o.bias, C))
         x = F.layer_norm(x + F.dropout(y, dropout, self.training), (C,), sub(self.ln1.weight, C),
                          sub(self.ln1.bias, C), self.ln1.eps)
@@ -280,8 +263,6 @@ class Bert(nn.Module):
     def from_config(cls, cfg):
         cfg = dict(cfg)
         return cls(Arch.parse(cfg.pop("arch")), **cfg)
-
-    # -- elastic shapes
 
     def check(self, arch):
         """Raise UserError unless `arch` is a sub-model of this one under its MHA strategy (Figure 3)."""
@@ -341,9 +322,7 @@ class Bert(nn.Module):
 def extract(superplm: Bert, arch: Arch) -> Bert:
     """A stand-alone Bert holding copies of exactly the slices that superplm(arch=arch) uses."""
     arch = superplm.check(arch)
-    cfg = superplm.config()
-    cfg["arch"] = str(arch)
-    model = Bert.from_config(cfg)
+    model = Bert.from_config(dict(superplm.config(), arch=str(arch)))
     H, D, C, d = superplm.arch.heads, superplm.arch.head_dim, arch.hidden, arch.head_dim
     src = dict(superplm.named_parameters())
     for name, p in model.named_parameters():
@@ -359,10 +338,8 @@ def extract(superplm: Bert, arch: Arch) -> Bert:
 
 
 class MLM(nn.Module):
-    """BERT's masked-LM loss (pre-training, §4.1). Logits are computed only at the masked positions.
-
-    The positions come with the batch ("masked", found on the host by data.batches): selecting them on a GPU with
-    a boolean mask would make the host wait for the GPU at every step to learn how many there are."""
+    """BERT's masked-LM loss (pre-training, §4.1), with logits only at the masked positions. These come with the
+    batch ("masked", from data.batches): a boolean mask on a GPU would make the host wait at every step."""
 
     def forward(self, model, batch, arch=None):
         hidden = model(batch["input_ids"], batch["attention_mask"], arch=arch)  # (B, T, C)
@@ -387,9 +364,8 @@ def learning_rate(step, total, peak, warmup):
 def make_optimizer(params, lr, weight_decay=0.01, eps=1e-6):
     """AdamW with BERT's weight decay and epsilon (the paper does not tune them); no decay on biases and LayerNorm."""
     params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
-    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     try:  # optimisation: fused kernels (one kernel over all parameters) where torch has them, CUDA and CPU >= 2.4
         return torch.optim.AdamW(groups, lr=lr, eps=eps, fused=True)
     except RuntimeError:
@@ -398,15 +374,13 @@ def make_optimizer(params, lr, weight_decay=0.01, eps=1e-6):
 
 # ------------------------------------------------------------------------------------------- Hugging Face BERT folders
 
-# transformers' classes for any qkv: modeling_autotinybert.py, written into every saved folder
-HF_MODELING = Path(__file__).parent / "hf" / "modeling_autotinybert.py"
+HF_MODELING = Path(__file__).parent / "hf" / "modeling_autotinybert.py"  # transformers' classes for any qkv
 
 HF_AUTO_MAP = {f"AutoModel{task}": f"modeling_autotinybert.AutoTinyBert{task or 'Model'}"
                for task in ("", "ForMaskedLM", "ForSequenceClassification", "ForQuestionAnswering")}
 
 
-# The paper's released models (AutoTinyBERT-S1..S4, KD-S1..S4) are BERT folders whose config.json has no model_type
-# but BERT's fields with qkv_size (Appendix A), and these keys of the authors' code, which a BERT does not use.
+# Keys of the paper's released models' config.json (no model_type; BERT's fields + qkv_size) that BERT does not use
 AUTHORS_KEYS = {"emb_size", "cell", "structure", "pre_trained", "training"}
 BERT_KEYS = set("vocab_size hidden_size num_hidden_layers num_attention_heads intermediate_size qkv_size hidden_act "
                 "hidden_dropout_prob attention_probs_dropout_prob max_position_embeddings type_vocab_size "
@@ -414,8 +388,7 @@ BERT_KEYS = set("vocab_size hidden_size num_hidden_layers num_attention_heads in
 
 
 def read_pretrained(folder):
-    """(config dict, state dict) of a Hugging Face BERT/ELECTRA folder, whole or sharded, or of one of the authors'
-    released models; never unpickles code."""
+    """(config, state dict) of a BERT/ELECTRA folder, whole or sharded, or an authors' model; never unpickles code."""
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise UserError(f"model folder {folder} {'has no config.json' if folder.is_dir() else 'does not exist'}: "
@@ -460,21 +433,18 @@ def _hf_names(layers, emb_proj):
         pairs += [(f"layers.{i}.{a}.{p}", f"encoder.layer.{i}.{b}.{p}") for a, b in parts for p in ("weight", "bias")]
     pairs += [(f"mlm_{a}.{p}", f"cls.predictions.transform.{b}.{p}")
               for a, b in (("dense", "dense"), ("ln", "LayerNorm")) for p in ("weight", "bias")]
-    pairs += [("mlm_bias", "cls.predictions.bias")]
-    return pairs
+    return pairs + [("mlm_bias", "cls.predictions.bias")]
 
 
 def save_pretrained(model, folder, head=None, **config_fields):
-    """Write config.json + model.safetensors as transformers' BertForMaskedLM does, plus the modeling file
-    that lets stock transformers load any qkv (trust_remote_code=True; a plain BERT loads without it).
-    `head`: more tensors under transformers' names (a fine-tuned head); `config_fields` go into config.json."""
+    """Write config.json + model.safetensors as transformers' BertForMaskedLM does, and HF_MODELING for any qkv
+    (trust_remote_code). `head`: a task head's tensors under transformers' names; `config_fields`: for config.json."""
     a, c = model.arch, model.cfg
-    config = dict(architectures=["BertForMaskedLM"], auto_map=HF_AUTO_MAP, model_type="bert",
-                  vocab_size=c["vocab_size"], hidden_size=a.hidden, num_hidden_layers=a.layers,
-                  num_attention_heads=a.heads, intermediate_size=a.ffn, hidden_act=c["act"],
+    config = dict(architectures=["BertForMaskedLM"], auto_map=HF_AUTO_MAP, model_type="bert", pad_token_id=0,
+                  vocab_size=c["vocab_size"], hidden_size=a.hidden, num_hidden_layers=a.layers, intermediate_size=a.ffn,
+                  num_attention_heads=a.heads, hidden_act=c["act"], layer_norm_eps=c["eps"], initializer_range=0.02,
                   hidden_dropout_prob=c["dropout"], attention_probs_dropout_prob=c["dropout"],
-                  max_position_embeddings=c["max_position"], type_vocab_size=c["type_vocab"], layer_norm_eps=c["eps"],
-                  initializer_range=0.02, pad_token_id=0)
+                  max_position_embeddings=c["max_position"], type_vocab_size=c["type_vocab"])
     if a.qkv != a.hidden:
         config["qkv_size"] = a.qkv
     if c["embedding_size"]:
@@ -501,10 +471,9 @@ def from_pretrained(folder, mha="heads", dropout=None):
                 config["num_attention_heads"], config.get("qkv_size") or config["hidden_size"])
     emb = config.get("embedding_size")
     model = Bert(arch, vocab_size=config["vocab_size"], mha=mha, act=config.get("hidden_act", "gelu"),
-                 max_position=config.get("max_position_embeddings", 512),
-                 type_vocab=config.get("type_vocab_size", 2), eps=config.get("layer_norm_eps", 1e-12),
-                 dropout=config.get("hidden_dropout_prob", 0.1) if dropout is None else dropout,
-                 embedding_size=emb if emb and emb != arch.hidden else None)
+                 max_position=config.get("max_position_embeddings", 512), type_vocab=config.get("type_vocab_size", 2),
+                 eps=config.get("layer_norm_eps", 1e-12), embedding_size=emb if emb and emb != arch.hidden else None,
+                 dropout=config.get("hidden_dropout_prob", 0.1) if dropout is None else dropout)
     ours = {}
     for name, hf in _hf_names(arch.layers, model.emb_proj is not None):
         old = hf.replace("weight", "gamma").replace("bias", "beta")  # LayerNorm's names in TensorFlow-era files

@@ -1,8 +1,6 @@
-"""GLUE for finetune.py: the tasks' original files and the dev metrics of §4.1 (tasks/squad.py is SQuAD's sibling):
-where each task's texts and label live (GLUE), one split from glue_data/ with its quirks or from `datasets`
-(read_glue), [CLS] a [SEP] (b [SEP]) features of 128 tokens (encode_glue), the paper's score per task
-(compute_metrics), a task as fine-tuning needs it (glue_task), the labels' names in a saved model (hf_labels) and
-in GLUE's submission files (write_test_predictions).
+"""GLUE for finetune.py (tasks/squad.py is SQuAD's sibling): where each task's fields live (GLUE), one split from
+glue_data/ with its quirks or from `datasets` (read_glue), [CLS] a [SEP] (b [SEP]) features (encode_glue), the §4.1
+dev metrics (compute_metrics), the task as fine-tuning needs it (glue_task), and GLUE's submission files.
 """
 
 import sys
@@ -14,8 +12,6 @@ import numpy as np
 
 from common import UserError, atomic_write, load_hub_dataset, subset_indices
 
-
-# ----------------------------------------------------------------------------- tasks
 
 @dataclass(frozen=True)
 class GlueTask:
@@ -41,8 +37,7 @@ GLUE = {
     "qqp": GlueTask("QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate", BINARY,
                     skip_malformed=True),
     "mnli": GlueTask("MNLI", ("sentence1", "sentence2"), ("premise", "hypothesis"), "gold_label",
-                     ("entailment", "neutral", "contradiction"),
-                     dev=(("dev_matched", ""), ("dev_mismatched", "_mm")),
+                     ("entailment", "neutral", "contradiction"), dev=(("dev_matched", ""), ("dev_mismatched", "_mm")),
                      test=(("test_matched", "MNLI-m"), ("test_mismatched", "MNLI-mm"), ("diagnostic", "AX"))),
     "qnli": GlueTask("QNLI", ("question", "sentence"), ("question", "sentence"), "label", NLI),
     "rte": GlueTask("RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", NLI),
@@ -58,8 +53,6 @@ def task_name(task):
         raise UserError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     return name
 
-
-# ----------------------------------------------------------------------------- metrics (§4.1), in percent
 
 def _pearson(x, y):
     x, y = x - x.mean(), y - y.mean()
@@ -91,8 +84,6 @@ def compute_metrics(task, predictions, labels):
     return m
 
 
-# ----------------------------------------------------------------------------- GLUE data
-
 @dataclass
 class Split:
     """One GLUE file: first texts, second texts (None for single-sentence tasks), labels (None on test), ids."""
@@ -107,11 +98,8 @@ class Split:
 
 
 def read_tsv(path, header=None, skip_malformed=False):
-    """(column names, [(line number, cells)], numbers of the lines skipped) of a GLUE TSV, as GLUE's files are:
-    `header` names the columns of a file without one (CoLA), a UTF-8 byte-order mark is dropped (MRPC), the last
-    line may lack its newline. No quoting (quotes are text in GLUE) and lines split on \\n only (some sentences hold
-    a stray \\r). A line with another column count than the header is an error, or with skip_malformed skipped (QQP's
-    train.tsv has a few, which the reference processors skip too)."""
+    """(column names, [(line number, cells)], skipped line numbers) of a GLUE TSV: `header` for a headerless file
+    (CoLA), no BOM (MRPC), no quoting, split on \\n only (a \\r is text); other column counts fail (QQP: skipped)."""
     rows, skipped = [], []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -144,8 +132,7 @@ def glue_file(t, stem, data_dir):
 
 
 def read_glue(task, stem, data_dir=None):
-    """One split of a GLUE task: `stem` names the TSV file (train, dev, dev_matched, test, ...) in data_dir (the
-    task's folder or glue_data/ holding it); without data_dir, the same split of `datasets`' copy (online)."""
+    """One split (stem: train, dev, dev_matched, test, ...) from its TSV file in data_dir, else from `datasets`."""
     name = task_name(task)
     t, labelled = GLUE[name], not stem.startswith(("test", "diagnostic"))
     if not data_dir:
@@ -192,22 +179,18 @@ def encode_glue(tokenizer, split, max_len=128):
     return [(e.ids, e.type_ids) for e in tokenizer.encode_batch(batch)]
 
 
-# ----------------------------------------------------------------------------- a task as finetune.py needs it
-
 def labels_of(logits):
     """A classifier's logits (N, classes) -> classes; STS-B's regression output (N, 1) -> scores."""
     return logits[:, 0] if logits.shape[1] == 1 else logits.argmax(1)
 
 
 def glue_task(task, data_dir, tokenizer, max_len=128, max_train=None, max_eval=None, seed=0):
-    """A GLUE task as fine-tuning needs it: (train features, train labels, evaluate). evaluate(predict) -> (dev
-    metrics, None), where predict(features) -> logits is the model's (MNLI: matched, then mismatched as "_mm"
-    metrics). max_train / max_eval: a seeded random choice of that many examples."""
-    t = GLUE[task]
+    """(train features, train labels, evaluate): evaluate(predict) -> (dev metrics, None) with predict(features) ->
+    logits (MNLI: mismatched as "_mm"). max_train / max_eval: a seeded random choice of that many examples."""
     train = read_glue(task, "train", data_dir)
     train = train.subset(subset_indices(len(train.a), max_train, seed))
     devs = []
-    for stem, suffix in t.dev:
+    for stem, suffix in GLUE[task].dev:
         split = read_glue(task, stem, data_dir)
         split = split.subset(subset_indices(len(split.a), max_eval, seed))
         devs.append((suffix, split, encode_glue(tokenizer, split, max_len)))
@@ -230,8 +213,7 @@ def hf_labels(task):
 
 
 def write_test_predictions(task, data_dir, tokenizer, max_len, out, predict):
-    """GLUE's submission files in `out` for the task's test splits (MNLI: matched and mismatched) that data_dir
-    has: `index<TAB>prediction`, label names (STS-B: a score in [0, 5]). predict(features) -> logits."""
+    """GLUE's submission files (`index<TAB>label name`, STS-B a score in [0, 5]) for the test splits data_dir has."""
     t = GLUE[task]
     for stem, submission in t.test or (("test", t.folder),):
         if data_dir and not glue_file(t, stem, data_dir).exists():

@@ -1,10 +1,6 @@
-"""SQuAD v1.1 for finetune.py: the paper scores it by F1 on dev (§4.1; Table D.1's settings live in finetune.py).
-
-BERT's run_squad recipe, on a fast tokenizer's character offsets: the official JSON or the `datasets` copy
-(read_squad), 384-token windows of [CLS] question [SEP] context [SEP] with a document stride of 128, labelled with
-the first gold answer's tokens where a window holds it (squad_windows), n-best decoding of the start/end logits into
-answers of at most 30 tokens (decode), the official v1.1 exact match and F1 (squad_scores), and SQuAD as fine-tuning
-needs it (squad_task).
+"""SQuAD v1.1 for finetune.py, scored by dev F1 (§4.1), as BERT's run_squad on a fast tokenizer's character offsets:
+the official JSON or `datasets`' copy (read_squad), windows of [CLS] question [SEP] context [SEP] labelled with the
+first gold answer (squad_windows), n-best decoding (decode), the official exact match and F1 (squad_scores).
 """
 
 import json
@@ -19,8 +15,6 @@ import numpy as np
 from common import UserError, load_hub_dataset, subset_indices
 
 
-# ----------------------------------------------------------------------------- the official evaluation, in percent
-
 def normalize_answer(text):
     """The official SQuAD v1.1 normalisation: lower case, no punctuation, no articles, single spaces."""
     text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
@@ -34,8 +28,7 @@ def token_f1(prediction, gold):
 
 
 def squad_scores(predictions, answers):
-    """The official v1.1 exact match and F1 in percent, each the max over a question's gold answers.
-    predictions {id: text}, answers {id: [texts]}; a question without a prediction scores 0."""
+    """The official v1.1 exact match and F1 in percent, each the max over a question's gold answers {id: [texts]}."""
     em = f1 = 0.0
     for qid, golds in answers.items():
         pred = predictions.get(qid, "")
@@ -44,8 +37,6 @@ def squad_scores(predictions, answers):
     n = max(len(answers), 1)
     return {"exact_match": 100 * em / n, "f1": 100 * f1 / n}
 
-
-# ----------------------------------------------------------------------------- SQuAD v1.1 data
 
 def read_squad(which, data_dir=None):
     """SQuAD v1.1 examples (which: train | dev) as dicts: id, question, context, answers (texts), starts (chars)."""
@@ -83,8 +74,7 @@ class Window:
 
 
 def answer_span(offsets, char_start, char_end):
-    """(first, last) index into `offsets` of the tokens covering characters [char_start, char_end); None unless
-    the window holds the whole answer."""
+    """(first, last) index in `offsets` of the tokens covering chars [char_start, char_end); None if not all held."""
     if not offsets or offsets[0][0] > char_start or offsets[-1][1] < char_end:
         return None
     first = next(k for k, (_, e) in enumerate(offsets) if e > char_start)
@@ -93,8 +83,7 @@ def answer_span(offsets, char_start, char_end):
 
 
 def squad_windows(tokenizer, examples, max_len=384, doc_stride=128, max_query_len=64, labelled=False):
-    """Features of BERT's run_squad: the context cut into windows of max_len tokens in all, each starting
-    doc_stride tokens after the previous one; char offsets from the fast tokenizer map tokens back to text."""
+    """BERT's run_squad features: windows of max_len tokens in all, doc_stride context tokens apart, with offsets."""
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.no_padding()
     tokenizer.no_truncation()
@@ -120,9 +109,8 @@ def squad_windows(tokenizer, examples, max_len=384, doc_stride=128, max_query_le
 
 
 def decode(examples, windows, logits, n_best=20, max_answer_len=30):
-    """{id: text}: per example, the span of context tokens with the highest start + end logit among the n_best
-    starts and n_best ends of each window, end >= start, at most max_answer_len tokens (BERT's n-best decoding).
-    logits: per window, (start logits, end logits) over its tokens."""
+    """{id: text}: per example, the context span of highest start + end logit among each window's n_best starts and
+    ends (end >= start, at most max_answer_len tokens). logits: per window, (start, end) logits over its tokens."""
     best = {}
     for w, (start, end) in zip(windows, logits):
         s, e = start[w.ctx:w.ctx + len(w.offsets)], end[w.ctx:w.ctx + len(w.offsets)]
@@ -133,12 +121,9 @@ def decode(examples, windows, logits, n_best=20, max_answer_len=30):
     return {ex["id"]: ex["context"][best[k][1]:best[k][2]] if k in best else "" for k, ex in enumerate(examples)}
 
 
-# ----------------------------------------------------------------------------- SQuAD as fine-tuning needs it
-
 def squad_task(tokenizer, data_dir=None, max_len=384, doc_stride=128, max_train=None, max_eval=None, seed=0):
-    """(train features, train targets [start, end], evaluate). evaluate(predict) -> (dev metrics with "score" =
-    F1, the official {id: text} predictions), where predict(features) -> the (start, end) logits of each window.
-    max_train / max_eval: a seeded random choice of that many questions."""
+    """(train features, targets [start, end], evaluate): evaluate(predict) -> (dev metrics, "score" = F1, {id: text}),
+    predict(features) -> each window's (start, end) logits. max_train / max_eval: a seeded choice of questions."""
     train = read_squad("train", data_dir)
     train = [train[i] for i in subset_indices(len(train), max_train, seed)]
     dev = read_squad("dev", data_dir)
