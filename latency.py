@@ -1,13 +1,10 @@
 """The latency evaluator lat(·) of §3.5: time sampled architectures on this CPU, fit a small MLP (HAT style).
 
-As in HAT (Wang et al. 2020), sampled architectures are timed as stand-alone BERTs on the target device ("a single
-CPU with a single input of 128 tokens", Table 1) and a feed-forward network is fit from their features (Eq. 1-3) to
-latency. A target "7x" means lat(α) <= lat(BERT-base) / 7, BERT-base timed in the same file on the same device.
-
-On a shared machine drift, not the predictor, limits accuracy. So archs are timed in random order, each one pass
-by pass beside a fixed reference model, and the predictor learns the drift-free ratio of the two (times the
-reference's median ms). One thread is timed by its CPU time, not wall-clock. --backend: PyTorch eager, or the
-ONNX export on ONNX Runtime, fp32 or int8 (the same graph export.py writes); the reference runs on the same backend.
+As in HAT (Wang et al. 2020), archs are timed as stand-alone BERTs on the target device ("a single CPU with a single
+input of 128 tokens", Table 1) and an MLP maps their features (Eq. 1-3) to latency. A target "7x" means lat(α) <=
+lat(BERT-base) / 7, BERT-base timed in the same file. On a shared machine drift limits accuracy, so archs are timed in
+random order, pass by pass beside a fixed reference model, and the predictor learns the drift-free ratio of the two.
+--backend: PyTorch eager, or export.py's ONNX graph on ONNX Runtime, fp32 or int8 (the reference runs there too).
 
     python latency.py measure --space pretrain --samples 2000 --out runs/latency   # hours; --resume continues
     python latency.py measure --preset tiny --out runs/latency   # a quick look: 150 archs, 1-3 minutes
@@ -55,15 +52,13 @@ def features(archs, seq_len, batch):
 
 
 def macs(archs, seq_len=128):
-    """Multiply-adds of one input of seq_len tokens through the encoder: the matmuls of Eq. 1-3, as features counts
-    them (embedding lookups, LayerNorms and softmax are not multiply-adds). A training-free proxy of size."""
+    """Multiply-adds of one input of seq_len tokens through the encoder (Eq. 1-3's matmuls): a training-free proxy."""
     f = features(archs, seq_len, batch=1)
     return f["ffn_macs"] + f["proj_macs"] + f["attn_macs"]
 
 
 def params(archs):
-    """Non-embedding parameters: the weights and biases of the encoder's layers, without the embeddings and the
-    masked-LM head. The training-free proxy of LiteTransformerSearch (Javaheripi et al. 2022)."""
+    """Non-embedding parameters: the training-free proxy of LiteTransformerSearch (Javaheripi et al. 2022)."""
     L, dm, df, dqkv = np.array([[a.layers, a.hidden, a.ffn, a.qkv] for a in archs], dtype=np.int64).T  # exact
     return L * (3 * (dm * dqkv + dqkv)  # Eq. 1: W_Q, W_K, W_V (dm x dqkv) and their biases
                 + dqkv * dm + dm  # Eq. 2: W_O (dqkv x dm) and its bias
@@ -90,9 +85,8 @@ class LatencyPredictor:
 
     def __init__(self, state, name="the latency predictor"):
         self.state, self.name, self.warned = state, name, False  # state: plain data, what save() writes
-        self.net = mlp(len(state["features"]), state["width"])
+        self.net = mlp(len(state["features"]), state["width"]).eval()
         self.net.load_state_dict(state["net"])
-        self.net.eval()
 
     base_ms = property(lambda self: self.state["base_ms"])  # BERT-base's latency on the device measured on
     device = property(lambda self: self.state["device"])  # what its latencies depend on besides the arch
@@ -111,8 +105,7 @@ class LatencyPredictor:
         return float(self.predict([arch])[0])
 
     def check_ranges(self, archs):
-        """Say once (one line on stderr) when asked about shapes outside those it was fitted on: an MLP
-        extrapolates badly (a tiny space's predictor on Table 4's models is off by 20%)."""
+        """Warn once about shapes outside those it was fitted on: an MLP extrapolates badly (20% off on Table 4)."""
         ranges = self.state.get("ranges") or {}
         outside = list(dict.fromkeys(str(a) for a in archs if any(not lo <= getattr(a, d) <= hi
                                                                   for d, (lo, hi) in ranges.items())))
@@ -129,17 +122,14 @@ class LatencyPredictor:
     @classmethod
     def fit(cls, archs, ratio, ref_ms, base_ms, device, names=FEATURES, width=128, steps=2000, lr=1e-3, seed=0,
             space=None):
-        """Fit log(ratio) with full-batch Adam; ratio = latency / reference latency, ref_ms the reference's ms.
-        The shapes it answers for without a warning: those of `archs`, and of the `space` they were sampled from.
-        HAT's predictor: 3 hidden layers of `width` units, Adam at `lr` with cosine decay."""
-        bounds = list(archs) + ([space.smallest(), space.largest()] if space else [])
+        """HAT's predictor (3 hidden layers, full-batch Adam, cosine decay) fit to log(latency / the reference's)."""
+        bounds = list(archs) + ([space.smallest(), space.largest()] if space else [])  # shapes it knows: no warning
         seed_everything(seed)
         x = log_features(archs, device, names)  # (N, F)
         mean, std = x.mean(0), x.std(0) + 1e-8
         y = np.log(ratio)
-        state = dict(features=list(names), width=width, mean=mean.tolist(), std=std.tolist(),
-                     y_mean=float(y.mean()), y_std=float(y.std() + 1e-8), ref_ms=float(ref_ms),
-                     base_ms=float(base_ms), device=dict(device),
+        state = dict(features=list(names), width=width, mean=mean.tolist(), std=std.tolist(), device=dict(device),
+                     y_mean=float(y.mean()), y_std=float(y.std() + 1e-8), ref_ms=float(ref_ms), base_ms=float(base_ms),
                      ranges={d: [min(getattr(a, d) for a in bounds), max(getattr(a, d) for a in bounds)]
                              for d in ("layers", "hidden", "ffn", "heads", "qkv")})
         net = mlp(len(names), width)
@@ -162,15 +152,11 @@ class LatencyPredictor:
 
     @classmethod
     def load(cls, path):
-        folder, path = path, in_folder(path, "predictor.pt")
-        if not Path(folder).exists():
-            raise no_such("--latency", folder, "fit one with python latency.py fit --timings TIMINGS --out "
-                          + free_folder("runs/predictor"))
-        if not Path(path).exists():
-            raise UserError(f"{folder} holds no predictor.pt: pass the --out of `latency.py fit`")
-        predictor = cls(torch_load(path), str(folder))
+        file = in_folder(path, "predictor.pt", "--latency", "fit one with python latency.py fit --timings TIMINGS "
+                         f"--out {free_folder('runs/predictor')}", "latency.py fit")
+        predictor = cls(torch_load(file), str(path))
         if predictor.device["cpu"] != cpu_model():
-            warnings.warn(f"{path} was measured on {predictor.device['cpu']!r}, not this {cpu_model()!r}: its "
+            warnings.warn(f"{file} was measured on {predictor.device['cpu']!r}, not this {cpu_model()!r}: its "
                           "latencies describe that device; re-measure here with `latency.py measure`")
         return predictor
 
@@ -190,8 +176,7 @@ def accuracy(pred_ms, true_ms):
 
 
 def fit_data(data, cfg, names=FEATURES):
-    """Fit on a random (1 - holdout) share; score the rest against the drift-free latency (ratio x reference ms)
-    and against the raw timings."""
+    """Fit on a random (1 - holdout) share; score the rest against the drift-free latency and the raw timings."""
     n = len(data["archs"])
     order = np.random.default_rng(cfg.seed).permutation(n)
     test, train = order[:max(1, int(n * cfg.holdout))], order[max(1, int(n * cfg.holdout)):]
@@ -214,7 +199,6 @@ def fit_data(data, cfg, names=FEATURES):
 # ------------------------------------------------------------------------------------------------ timing architectures
 
 REFERENCE = Arch(4, 512, 2048, 8, 512)  # timed alongside every arch: BERT-S1 of Table 4, ~1/7 of BERT-base
-
 BASE_EVERY = 200  # BERT-base is timed at the start of a session and every 200 archs
 
 
@@ -229,8 +213,7 @@ def measure(arch, threads=1, seq_len=128, batch=1, warmup=3, repeats=10, backend
 
 
 def reference_for(space):
-    """The fixed model timed alongside every arch: BERT-S1, shrunk to fit a smaller space (a tiny SuperPLM's) so
-    that it costs about as much as the archs it accompanies."""
+    """The reference: BERT-S1, shrunk to fit a smaller space so that it costs about as much as the archs."""
     big, R = space.largest(), REFERENCE
     heads = min(big.heads, R.heads)
     return Arch(min(big.layers, R.layers), min(big.hidden, R.hidden), min(big.ffn, R.ffn), heads,
@@ -238,9 +221,7 @@ def reference_for(space):
 
 
 def collect(archs, cfg, start=0, reference=REFERENCE):
-    """Time `archs` in the given order, each interleaved pass by pass with the reference model (drift and the
-    machine's load then act on both alike); BERT-base likewise first and every BASE_EVERY archs. Yields one record
-    per timed model: its median ms and the reference's, each with its spread (relative interquartile range)."""
+    """Time `archs` pass by pass beside the reference (drift hits both alike), BERT-base every BASE_EVERY archs."""
     ref = build(reference, cfg.backend, cfg.threads)
 
     def timed(kind, arch, **extra):
@@ -264,15 +245,9 @@ def relative(record):
 
 
 def load_data(path):
-    """`latency.py measure`'s timings.jsonl (a run folder or the file), checked (a meta line first, then >= 10 timed
-    archs and BERT-base), as arrays: archs, drift-free ratios (ms / the reference's ms timed alongside), raw ms, and
-    the reference's and BERT-base's ms (medians over the file)."""
-    folder, path = path, in_folder(path, "timings.jsonl")
-    if not Path(folder).exists():
-        raise no_such("--timings", folder, "time some with python latency.py measure --space SUPERPLM --samples 200 "
-                      f"--out {free_folder('runs/latency')}")
-    if not Path(path).exists():
-        raise UserError(f"--timings {folder} holds no timings.jsonl: pass the --out of `latency.py measure`")
+    """measure's timings.jsonl (run folder or file), checked: archs, drift-free ratios, ms, reference and base ms."""
+    path = in_folder(path, "timings.jsonl", "--timings", "time some with python latency.py measure --space SUPERPLM "
+                     f"--samples 200 --out {free_folder('runs/latency')}", "latency.py measure")
     records = read_jsonl(path)
     if not records or records[0].get("kind") != "meta":
         raise UserError(f"{path} was not written by `latency.py measure`: pass a file that `measure` wrote")
@@ -325,10 +300,8 @@ def quiet():
 
 
 def to_onnx(module, inputs, outputs):
-    """The ONNX graph (a ModelProto) of module(**inputs), exported by torch's dynamo exporter with dynamic batch
-    and sequence axes. `inputs`: name -> (B, T) example tensor, B and T > 1 (a size of 1 would be specialised);
-    `outputs`: names of the returned tensors. (torch's legacy TorchScript exporter cannot export our sliced
-    views with dynamic axes.)"""
+    """The ONNX ModelProto of module(**inputs) by the dynamo exporter (TorchScript's cannot export our sliced views)
+    with dynamic batch and sequence. inputs: name -> (B, T), B, T > 1 (1 would be specialised); outputs: names."""
     onnx_modules()
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     with quiet():
@@ -369,8 +342,7 @@ class OrtModel:
 
 
 def on_backends(model, backends, threads=1):
-    """The same Bert on each of `backends` (BACKENDS): itself, or its ONNX graph on ONNX Runtime, exported once
-    and quantized once."""
+    """The same Bert on each of `backends`: itself, or its ONNX graph on ONNX Runtime (exported, quantized once)."""
     out = {"torch": model}
     if set(backends) - {"torch"}:
         ids = torch.zeros(2, 16, dtype=torch.long)  # an example input; the graph takes any (B, T)
@@ -394,10 +366,8 @@ def num_threads(n):
 
 @torch.inference_mode()
 def timings(models, threads=1, seq_len=128, batch=1, warmup=3, repeats=10):
-    """ms of `repeats` forward passes of each model after `warmup` untimed ones, on `threads` threads. Models take
-    turns pass by pass, so that all of them see the same state of a shared machine. With one thread we read that
-    thread's CPU time: on an idle core it equals wall-clock, and on a busy machine it leaves out the time other
-    processes hold the core (wall-clock there varies 2x from one second to the next)."""
+    """ms of `repeats` forward passes of each model after `warmup` untimed ones, models taking turns pass by pass.
+    One thread is timed by its CPU time: on a busy machine it leaves out other processes (wall-clock varies 2x)."""
     clock = time.thread_time if threads == 1 else time.perf_counter
     out = [[] for _ in models]
     with num_threads(threads):
@@ -425,10 +395,15 @@ def cpu_model():
 SPACES = {"pretrain": PRETRAIN_SPACE, "kd": KD_SPACE}  # Table B.1, by name
 
 
-def in_folder(path, name):
-    """A run folder's `name` (an input may also be given as the file itself)."""
-    path = Path(path)
-    return path / name if path.is_dir() or path.suffix == "" else path
+def in_folder(path, name, flag, make, maker):
+    """A run folder's `name` (an input may also be given as the file itself); if missing, one line with `make`."""
+    given = Path(path)
+    file = given / name if given.is_dir() or given.suffix == "" else given
+    if not given.exists():
+        raise no_such(flag, path, make)
+    if not file.exists():
+        raise UserError(f"{flag} {path} holds no {name}: pass the --out of `{maker}`")
+    return file
 
 
 def space_from(name):
@@ -478,8 +453,7 @@ def parse_target(text, base_ms):
 class TimingConfig:
     backend: str = flag("torch", "runtime to time on: PyTorch eager, or the ONNX export on ONNX Runtime, fp32 or int8 "
                                  "(requirements-onnx.txt)", choices=BACKENDS)
-    threads: int = flag(1, "CPU threads while timing (the paper: a single CPU); one thread is timed by its CPU time, "
-                           "more by wall-clock", **COUNT)
+    threads: int = flag(1, "CPU threads while timing (the paper: one; one is timed by its CPU time)", **COUNT)
     seq_len: int = flag(128, "tokens per input (the paper: 128)", min=1, max=512)
     batch_size: int = flag(1, "inputs per forward pass (the paper: 1)", **COUNT)
     warmup_passes: int = flag(3, "untimed forward passes before timing", **NONNEGATIVE)
@@ -488,11 +462,9 @@ class TimingConfig:
 
 @dataclass
 class MeasureConfig(TimingConfig):
-    preset: str = flag("paper", "paper: the settings shown here; tiny: 150 archs, 1 + 3 passes each, a quick look in "
-                                "minutes. A preset changes the defaults; flags given still win",
-                                choices=["paper", "tiny"])
-    space: str = flag("pretrain", "pretrain or kd (Table B.1), or a SuperPLM run folder or checkpoint whose search "
-                                  "space to sample")
+    preset: str = flag("paper", "paper: the settings shown here; tiny: 150 archs, 1 + 3 passes each, in minutes. "
+                                "A preset changes the defaults; flags given still win", choices=["paper", "tiny"])
+    space: str = flag("pretrain", "pretrain or kd (Table B.1), or a SuperPLM run folder or checkpoint to sample")
     samples: int = flag(2000, "distinct architectures to time", **COUNT)
     out: str = flag("runs/latency", "run folder: timings.jsonl, config.json")
     seed: int = flag(0, "seed of the sampled architectures", **NONNEGATIVE)
@@ -516,8 +488,7 @@ class FitConfig:
 
 @dataclass
 class TableConfig(TimingConfig):
-    predictor: str = flag("", "a predictor (fit's run folder or its predictor.pt) to add predicted speedups; empty: "
-                              "measured ones only")
+    predictor: str = flag("", "a predictor (fit's run folder or its predictor.pt) to add predicted speedups")
 
 
 def run_measure(cfg, argv=None):
@@ -579,8 +550,7 @@ def run_table(cfg, argv=None):
     archs = list(dict.fromkeys(Arch.parse(a) for _, _, a, _ in TABLE4))
     if pred:
         described = dict(pred.device, backend=pred.backend)
-        for key, name in (("threads", "threads"), ("seq_len", "seq_len"), ("batch", "batch_size"),
-                          ("backend", "backend")):
+        for key, name in dict(threads="threads", seq_len="seq_len", batch="batch_size", backend="backend").items():
             if described[key] != getattr(cfg, name):
                 raise UserError(f"{cfg.predictor} describes {key}={described[key]}: pass "
                                 f"--{name.replace('_', '-')} {described[key]}")

@@ -3,20 +3,17 @@
     evolve        Algorithm 2 with the paper's settings: roulette-wheel parents, mutate (pm) or sample afresh (pe),
                   T x S candidates (the mutation's step sizes and the roulette's shift for negative scores are ours)
     evolve-elite  the same loop with pm/pe 0.8/0.2, parents by rank among the best so far, a wider mutation and a
-                  latency window of 0.85-1x the budget (the default: it beats random search far more often,
-                  bench/search_quality.py)
+                  latency window of 0.85-1x the budget (the default: beats random search, bench/search_quality.py)
     random        the baseline: as many random candidates within the budget
     fast          AutoTinyBERT-Fast (§4.4): one candidate per layer count following the paper's shape rule
 
 Every method takes a plain callable `score(arch) -> float` (higher is better) and a Budget over any
-`latency(arch) -> ms`, so it can be studied on synthetic objectives; the command line builds them from a SuperPLM
-checkpoint (the evaluators below) and a fitted latency predictor (latency.py):
+`latency(arch) -> ms`; the command line builds them from a SuperPLM checkpoint and a latency predictor (latency.py):
 
     python search.py --target 7x --superplm runs/superplm --latency runs/predictor [--method evolve] [--extract]
 
 Each scored candidate is appended to OUT/candidates.jsonl at once; --resume replays the same seeded search over
-those scores, so an interrupted search ends as an uninterrupted one would (SIGINT/SIGTERM let the candidate being
-scored finish first). On N GPUs (the paper's evaluator fine-tunes every candidate), each worker scores its share:
+those scores (SIGINT/SIGTERM let the candidate being scored finish first). On N GPUs each worker scores its share:
 
     torchrun --nproc_per_node 8 search.py --evaluator finetune --mnli-data glue_data/MNLI --squad-data squad ...
 """
@@ -54,14 +51,10 @@ from superplm import checkpoint_path, load_superplm
 def evolve(space, score, budget, generations=4, population=25, p_mutate=0.5, p_explore=0.5, seed=0, parents=None,
            scale=None, window=0.0, cache=None, on_generation=None, max_draws=None):
     """Algorithm 2: T = `generations` generations of S = `population` architectures of `space` within the latency
-    `budget` (a Budget); returns every scored Candidate, best first. We read pm and pe as exclusive (Algorithm 2
-    lists both without saying how they combine): the parent is mutated with probability pm, replaced by a fresh
-    sample with probability pe, and kept otherwise (a repeat, which is not scored again and so does not enter).
-    on_generation(scored so far, best first) runs after each generation; cache: see Evaluations.
-
-    The defaults are the paper's. evolve_elite changes three things, all off here: parents=k takes parents by rank
-    among the k best scored so far instead of the roulette wheel on the previous generation; scale widens the
-    mutation; window=w admits only candidates of at least w x the budget (the authors' code keeps 0.85-1.1x)."""
+    `budget` (a Budget); returns every scored Candidate, best first. pm and pe are exclusive (Algorithm 2 does not
+    say how they combine): mutate with probability pm, sample afresh with pe, else keep the parent (not rescored).
+    The defaults are the paper's; evolve_elite sets parents=k (by rank among the k best so far, not the roulette on
+    the previous generation), scale (a wider mutation) and window=w (only candidates >= w x the budget)."""
     if not (0 <= p_mutate <= 1 and 0 <= p_explore <= 1 and p_mutate + p_explore <= 1):
         raise UserError(f"p_mutate={p_mutate} and p_explore={p_explore} must be probabilities summing to <= 1")
     evals, low, rng = Evaluations(score, budget, cache, on_generation), budget.window(window), random.Random(seed)
@@ -89,11 +82,8 @@ def evolve(space, score, budget, generations=4, population=25, p_mutate=0.5, p_e
     return ranked(evals.done)  # line 13: the best first
 
 
-# Our default (bench/search_quality.py): elitist rank-based parents, wider mutation, a latency window of 0.85-1x the
-# budget (the authors' code keeps 0.85-1.1x, which lets a candidate exceed the target).
+# Our default (bench/search_quality.py); the authors' code keeps a 0.85-1.1x window, which can exceed the target.
 ELITE = dict(p_mutate=0.8, p_explore=0.2, parents=5, scale=0.1, window=0.85)
-
-
 evolve_elite = partial(evolve, **ELITE)  # Algorithm 2's loop with ELITE's settings (any of them can be overridden)
 
 
@@ -106,17 +96,14 @@ def roulette(candidates, rng):
 
 
 def by_rank(candidates, rng, k):
-    """evolve-elite's parent: one of the k best so far, P proportional to k, k-1, ..., 1 (linear rank selection:
-    unlike the roulette wheel it does not care how the scores are scaled or shifted)."""
+    """evolve-elite's parent: one of the k best so far, P proportional to k, k-1, ..., 1 (blind to score scale)."""
     best = ranked(candidates)[:k]
     return rng.choices(best, weights=range(len(best), 0, -1))[0]
 
 
 def mutate(arch, space, rng, scale=None):
-    """mut(·) of Algorithm 2: each free dimension moves with probability 1/2 (at least one moves) along its grid,
-    clipped to the space. scale=None: by one or two grid steps, as the authors' code does; scale=s: by a Gaussian
-    number of steps with standard deviation s x the grid's length, so that the 161 hidden sizes are explored as
-    readily as the 8 layer counts (evolve-elite)."""
+    """mut(·) of Algorithm 2: each free dimension moves with probability 1/2 (at least one) by one or two grid steps
+    (the authors' code), or with scale=s by a Gaussian number of steps of std s x the grid's length (evolve-elite)."""
     if arch not in space:
         raise ValueError(f"cannot mutate {arch}: it is not in the search space")
     dims = free_dims(space)
@@ -148,16 +135,13 @@ def with_values(space, values):
 # --------------------------------------------------------------------------------------- the latency constraint (§3.5)
 
 class Budget:
-    """The latency constraint of §3.5, lat(arch) <= budget_ms, with a cache: `latency` is asked once per arch. A
-    budget that no architecture of `space` meets is one line here, before any work."""
+    """The latency constraint of §3.5, lat(arch) <= budget_ms, cached; a budget no arch of `space` meets fails here."""
 
     def __init__(self, space, latency, budget_ms):
         self.space, self.latency, self.budget_ms, self.ms = space, latency, float(budget_ms), {}
-        smallest = space.smallest()
-        base_ms = getattr(latency, "base_ms", None)  # a LatencyPredictor knows BERT-base's time
+        smallest, base = space.smallest(), getattr(latency, "base_ms", None)  # a LatencyPredictor's: BERT-base ms
         if self(smallest) > self.budget_ms:  # every arch is at least as slow as the smallest one
-            fix = (f"a speedup target of at most {base_ms / self(smallest):.3g}x" if base_ms
-                   else "a lower speedup target")
+            fix = f"a speedup target of at most {base / self(smallest):.3g}x" if base else "a lower speedup target"
             raise UserError(f"no architecture of the search space meets the budget of {self.budget_ms:.4g} ms: "
                             f"even the smallest, {smallest}, takes {self(smallest):.4g} ms; choose {fix}")
 
@@ -170,28 +154,24 @@ class Budget:
         return self(arch) <= self.budget_ms
 
     def window(self, w):
-        """The low end of the latency window w-1x (evolve-elite: lat(arch) >= w x budget_ms too), unless every
-        architecture is faster than that: a budget that the whole space meets is then searched whole (0, a warning)."""
+        """The window's low end, w x budget_ms (evolve-elite), or 0 and a warning if even the largest arch is faster."""
         largest = self.space.largest()
         if self(largest) < w * self.budget_ms:  # every arch is at most as slow as the largest one
             warnings.warn(f"every architecture meets {self.budget_ms:.4g} ms (the largest, {largest}, takes "
-                          f"{self(largest):.4g} ms): the latency window {w:g}-1x is dropped and the whole space "
-                          "searched")
+                          f"{self(largest):.4g} ms): the latency window {w:g}-1x is dropped and the whole "
+                          "space searched")
             return 0.0
         return w * self.budget_ms
 
     def advice(self, low):
         """Which way to move the target when (almost) no architecture is admitted."""
         if low and self(self.space.largest()) <= self.budget_ms:  # few archs reach the window: a smaller budget helps
-            return (f"choose a higher speedup target (the window asks >= {low:.4g} ms), or --method evolve "
-                    "(no window)")
+            return f"choose a higher speedup target (the window asks >= {low:.4g} ms), or --method evolve (no window)"
         return "choose a lower speedup target"
 
 
 def fill(propose, size, budget, low, evals, max_draws):
-    """Draw from `propose()` until `size` new architectures within low-budget ms (Algorithm 2, lines 4-9, with the
-    latency filter of §3.5); never one already scored. Stops after `max_draws` draws, so that a budget which only a
-    sliver of the space meets gives a short generation and a warning instead of an endless loop."""
+    """Algorithm 2, lines 4-9 (with §3.5's latency filter): up to `size` new archs in low-budget ms from `propose()`."""
     chosen = []
     for _ in range(max_draws):
         if len(chosen) == size:
@@ -222,10 +202,8 @@ FFN_RULE, QKV_RULE = (1.6, 1.9), (0.7, 1.0)  # §4.4: 1.6 dm <= df <= 1.9 dm and
 
 
 def fast_candidates(space, budget):
-    """For each layer count, the architecture of the rule nearest the budget from below (§4.4: "we only need to test
-    one architecture at each layer number"). Latency grows with every dimension, so for each (layers, hidden,
-    heads, qkv) the largest ffn within budget is found by bisection, scanning hidden from the top down and stopping
-    once a hidden's largest rule shape fits (no smaller hidden can come nearer)."""
+    """For each layer count, the rule's architecture nearest the budget from below (§4.4: "we only need to test one
+    architecture at each layer number"): per (hidden, heads, qkv) the largest ffn within budget, by bisection."""
     attention = sorted(((q, h) for h in space.heads for q in (space.qkv or (space.head_dim * h,)) if q % h == 0))
     out = []
     for layers in space.layers:
@@ -260,9 +238,7 @@ def fast_search(space, score, budget, seed=0, cache=None, on_generation=None):
 
 
 def bert_s(ms, latency, layers=4):
-    """BERT-S at a latency (Table 1's baseline): the default-rule shape of `layers` layers, hidden 64 to 768, whose
-    latency predicted by `latency` (a latency.LatencyPredictor) is closest to `ms` from below; the smallest when
-    none is below."""
+    """BERT-S (Table 1): the default-rule shape of `layers` layers, predicted latency nearest `ms` from below."""
     shapes = [Arch.default_rule(layers, 64 * k) for k in range(1, 13)]
     pred = latency.predict(shapes)
     below = [k for k in range(len(shapes)) if pred[k] <= ms]
@@ -289,10 +265,7 @@ def ranked(candidates):
 
 
 class Evaluations:
-    """The evaluator of Algorithm 2 behind a cache: no architecture is scored twice. `cache` (arch -> score) holds
-    the scores of an interrupted run: re-running the same seeded search over it replays the same decisions and
-    scores only what is missing, so a resumed search equals an uninterrupted one. on_generation(scored so far,
-    best first) runs after each generation."""
+    """The evaluator of Algorithm 2 behind a cache (arch -> score, a resumed run's first): no arch is scored twice."""
 
     def __init__(self, score, budget, cache=None, on_generation=None):
         self.score, self.budget, self.cache, self.on_generation = score, budget, dict(cache or {}), on_generation
@@ -315,10 +288,8 @@ class Evaluations:
 
 
 class MLMScore:
-    """score(arch) = -(masked-LM loss) of the sub-model, run inside the SuperPLM (equal to extracting it, §3.4), on
-    the corpus's held-out sequences (data.split: one-shot training never sees them) with fixed masks. Loss rather
-    than accuracy: it moves with every masked token instead of in steps of 1/n, so close candidates are told apart.
-    The roulette wheel of Algorithm 2 shifts these negative scores (see search.roulette)."""
+    """score(arch) = -(masked-LM loss) of the sub-model inside the SuperPLM (§3.4) on held-out rows with fixed masks.
+    Loss, not accuracy: it moves with every masked token, not in steps of 1/n, so close candidates are told apart."""
 
     def __init__(self, model, tokenizer_path, corpus, seq_len, cache_dir, rows=256, batch_size=32, seed=0,
                  compute=None):
@@ -331,11 +302,9 @@ class MLMScore:
             raise UserError(f"corpus {corpus} gives {len(data) + len(heldout)} packed sequences, which leaves "
                             f"{rows} held-out ones{' with no masked token' if rows else ''} to score sub-models on "
                             "(data.split): use a larger corpus, or another one with --eval-corpus")
-        mask = (ids != heldout.specials.pad).long()
-        self.batches = [to_device(dict(input_ids=inputs[i:i + batch_size], labels=labels[i:i + batch_size],
-                                       attention_mask=mask[i:i + batch_size],
-                                       masked=masked_positions(labels[i:i + batch_size])), compute.device)
-                        for i in range(0, rows, batch_size)]
+        parts = zip(*(t.split(batch_size) for t in (inputs, labels, (ids != heldout.specials.pad).long())))
+        self.batches = [to_device(dict(input_ids=x, labels=y, attention_mask=m, masked=masked_positions(y)),
+                                  compute.device) for x, y, m in parts]  # (batch_size, T) each
         self.model, self.objective, self.metrics = model.to(compute.device).eval(), MLM(), {}
         self.autocast = compute.autocast
 
@@ -353,8 +322,7 @@ class MLMScore:
 
 
 class ParamsScore:
-    """score(arch) = non-embedding parameters in millions (latency.params): the training-free proxy. It needs no
-    SuperPLM and no data; under the latency budget the search then picks the largest encoder that fits."""
+    """score(arch) = non-embedding parameters in millions (latency.params): training-free, no SuperPLM, no data."""
 
     def __init__(self):
         self.metrics = {}
@@ -364,8 +332,7 @@ class ParamsScore:
 
 
 class FinetuneScore:
-    """The paper's evaluator (§3.5): extract the candidate, fine-tune it briefly on MNLI and on SQuAD v1.1 with
-    finetune.py, and score it by the average of MNLI accuracy and SQuAD F1 (both in %)."""
+    """The paper's evaluator (§3.5): (MNLI accuracy + SQuAD v1.1 F1) / 2 after a brief fine-tuning (finetune.py)."""
 
     def __init__(self, model, tokenizer_path, work, cfg):
         self.model, self.tokenizer, self.work, self.cfg, self.metrics = model.eval(), tokenizer_path, work, cfg, {}
@@ -386,8 +353,7 @@ class FinetuneScore:
 
 
 def save_model(superplm, arch, tokenizer_path, folder):
-    """The sub-model as a stand-alone Hugging Face BERT folder with its vocabulary, ready for superplm.py --init
-    or finetune.py (§3.6)."""
+    """The sub-model as a stand-alone Hugging Face BERT folder with its vocabulary (§3.6: superplm.py --init)."""
     save_pretrained(extract(superplm, arch), folder)
     for f in tokenizer_files(Path(tokenizer_path).parent):
         shutil.copyfile(f, Path(folder) / f.name)
@@ -395,8 +361,7 @@ def save_model(superplm, arch, tokenizer_path, folder):
 
 
 def make_score(cfg, model, tokenizer, ckpt, compute):
-    """search.py's --evaluator for the SuperPLM `model` (its checkpoint's contents `ckpt`): the finetune one works
-    in cfg.out, the mlm one scores the SuperPLM's own corpus unless --eval-corpus says otherwise."""
+    """--evaluator's score of SuperPLM `model` (ckpt: its checkpoint); mlm: its own corpus unless --eval-corpus."""
     if cfg.evaluator == "params":
         return ParamsScore()
     if cfg.evaluator == "finetune":
@@ -410,12 +375,8 @@ def make_score(cfg, model, tokenizer, ckpt, compute):
 
 
 class Shared:
-    """An evaluator shared out over torch.distributed workers (torchrun). Worker 0 runs the search; each time it
-    needs scores (a generation's new candidates) it sends the list to every worker, each scores its share on its
-    own device, one candidate per worker per round, and worker 0 gathers the round's scores and metrics and
-    records them (record(arch, score), in generation order) before the next round. The other workers only serve().
-    With one worker this is a plain loop, so the search and its files are the same whatever the number of workers;
-    an interrupted search loses at most the round in progress."""
+    """An evaluator shared out over torch.distributed workers: worker 0 runs the search, each worker scores one
+    candidate per round, worker 0 records them in order (same files for any number of workers); the others serve()."""
 
     def __init__(self, score, rank, world, record):
         self.score, self.rank, self.world, self.record = score, rank, world, record
@@ -450,9 +411,8 @@ class Shared:
             if self.rank < len(this_round):
                 arch = this_round[self.rank]
                 mine = (float(self.score(arch)), self.score.metrics.get(arch, {}))
-            got = [mine]
+            got = [mine] if self.world == 1 else [None] * self.world
             if self.world > 1:
-                got = [None] * self.world
                 dist.all_gather_object(got, mine)
             yield from got[:len(this_round)]
 
@@ -460,9 +420,7 @@ class Shared:
 # ------------------------------------------------- the run folder: candidates.jsonl, scored.json, top.json, search.png
 
 def open_search(cfg, folder):
-    """(config, records of the candidates scored before) of a search in `folder` (a RunFolder). OUT/candidates.jsonl
-    holds one line per scored architecture: --resume replays the same seeded search over those scores, with the
-    saved config (only RESUMABLE's flags may change), so that it ends as an uninterrupted search would."""
+    """(config, earlier candidates' records) of a search in `folder`: --resume replays it with its saved config."""
     if cfg.resume and folder.old_record:  # the saved search wins, so that the replay is exact
         saved = config_values(type(cfg), json.loads(folder.old_record))
         cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in cfg.RESUMABLE})
@@ -472,10 +430,7 @@ def open_search(cfg, folder):
 
 
 class SearchRecord:
-    """What worker 0 of a search writes as it goes: every scored candidate at once as a line of candidates.jsonl
-    (an interrupted search loses at most the round in progress), and after each generation scored.json, best
-    first. A SIGINT/SIGTERM (`stop`, common.stop_after_step) ends the search once the candidate in progress is
-    written. `metrics` (arch -> the evaluator's own numbers) and `latency` (arch -> ms) fill in the records."""
+    """What worker 0 writes: each candidate at once, scored.json per generation; `stop` ends it after a candidate."""
 
     def __init__(self, folder, command, latency, base_ms, metrics, bar, stop):
         self.folder, self.command, self.latency, self.base_ms = folder, command, latency, base_ms
@@ -505,8 +460,7 @@ class SearchRecord:
 
 
 def search_figure(rows, top, target_speedup, path, title, ylabel):
-    """Speedup against score of every scored architecture (rows of scored.json), the top ones circled: the paper's
-    Figure 1 for one search."""
+    """Speedup against score of every scored architecture, the top ones circled: the paper's Figure 1 for one search."""
     fig = Figure(figsize=(6, 4))  # matplotlib's object API: no pyplot state, no display backend
     ax = fig.subplots()
     gens = sorted({r["generation"] for r in rows})
@@ -538,22 +492,18 @@ PRESETS = {"default": {},
 class Config:
     preset: str = flag("default", "default: the settings shown; tiny: 100 candidates of `superplm.py --preset tiny`'s "
                                   "SuperPLM, about 2 minutes on 2 CPU cores; paper: Algorithm 2 as in App. C (evolve, "
-                                  "T = 4, S = 25, pm = pe = 1/2) with the paper's evaluator, one epoch of the whole "
-                                  "MNLI and SQuAD per candidate (the paper does not say how long). A preset changes "
-                                  "the defaults; flags given still win", choices=list(PRESETS))
+                                  "T = 4, S = 25, pm = pe = 1/2), the paper's evaluator on all of MNLI and SQuAD. A "
+                                  "preset changes the defaults; flags given still win", choices=list(PRESETS))
     target: str = flag("7x", "latency target: a speedup over BERT-base ('7x', Table 4) or a budget in ms ('40ms')")
     superplm: str = flag("runs/superplm", "SuperPLM run folder or checkpoint.pt (superplm.py)")
     latency: str = flag("runs/predictor", "latency predictor: `latency.py fit`'s run folder or its predictor.pt")
     method: str = flag("evolve-elite", "evolve: Algorithm 2 with the paper's settings; evolve-elite: pm/pe 0.8/0.2, "
-                                       "elitist rank parents, wider mutation, latency window 0.85-1x (beats random "
-                                       "search more often, bench/search_quality.py); random; fast: §4.4's rule",
-                                       choices=["evolve", "evolve-elite", "random", "fast"])
+                                       "elitist rank parents, wider mutation, latency window 0.85-1x; random; fast: "
+                                       "§4.4's rule", choices=["evolve", "evolve-elite", "random", "fast"])
     evaluator: str = flag("mlm", "mlm: -(masked-LM loss) of the sub-model inside the SuperPLM (fast); finetune: the "
-                                 "paper's average of MNLI accuracy and SQuAD F1 after a short fine-tuning "
-                                 "(finetune.py); params: non-embedding parameters, training-free (no SuperPLM "
-                                 "weights: only a space, see --space)", choices=["mlm", "finetune", "params"])
-    space: str = flag("", "params: the space to search, pretrain or kd (Table B.1) or a SuperPLM run folder, as for "
-                          "`latency.py measure`; empty: --superplm's")
+                                 "paper's (MNLI accuracy + SQuAD F1) / 2 after a short fine-tuning; params: non-"
+                                 "embedding parameters, training-free (--space)", choices=["mlm", "finetune", "params"])
+    space: str = flag("", "params: pretrain or kd (Table B.1) or a SuperPLM run folder to search; empty: --superplm's")
     generations: int = flag(4, "T of Algorithm 2 (random search scores T x S archs)", **COUNT)
     population: int = flag(25, "S of Algorithm 2: architectures per generation", **COUNT)
     p_mutate: Optional[float] = flag(None, "pm of Algorithm 2 (random and fast have none); the default follows "
@@ -561,8 +511,7 @@ class Config:
     p_explore: Optional[float] = flag(None, "pe of Algorithm 2 (random and fast have none); the default follows "
                                             "--method: evolve 0.5 (the paper's), evolve-elite 0.2", **SHARE)
     top: int = flag(3, "architectures reported and extracted (§3.6: the top three)", **COUNT)
-    extract: bool = flag(False, "save the top architectures as Hugging Face BERT folders (with the vocabulary) in "
-                                "OUT/top/")
+    extract: bool = flag(False, "save the top architectures as Hugging Face BERT folders in OUT/top/")
     out: str = flag("runs/search", "run folder: results, state, figure")
     resume: bool = flag(False, "continue an interrupted search in --out")
     overwrite: bool = flag(False, "replace the search in --out")
@@ -570,16 +519,14 @@ class Config:
     device: str = flag("auto", "the evaluator's device. " + DEVICE_HELP)
     dtype: str = flag("auto", DTYPE_HELP, choices=["auto", *DTYPES])
     eval_corpus: str = flag("", "mlm: corpus spec of the scored text (data.py); empty: the SuperPLM's own")
-    eval_rows: int = flag(256, "mlm: held-out sequences scored (at most the corpus's held-out tail, data.split)",
-                               **COUNT)
+    eval_rows: int = flag(256, "mlm: held-out sequences scored (at most the held-out tail, data.split)", **COUNT)
     mnli_data: str = flag("", "finetune: MNLI folder (GLUE layout); empty: datasets")
     squad_data: str = flag("", "finetune: folder of SQuAD v1.1 JSON; empty: datasets")
     ft_epochs: int = flag(1, "finetune: epochs per task", **COUNT)
     ft_train_examples: int = flag(2000, "finetune: training examples per task (0: all)", **NONNEGATIVE)
     ft_eval_examples: int = flag(1000, "finetune: dev examples per task (0: all)", **NONNEGATIVE)
     threads: Optional[int] = flag(None, THREADS_HELP, **COUNT)
-    # the flags a resumed search may change (the others are the saved search's)
-    RESUMABLE = ("resume", "overwrite", "out", "device", "dtype", "threads", "extract", "top")
+    RESUMABLE = ("resume", "overwrite", "out", "device", "dtype", "threads", "extract", "top")  # --resume may change
 
 
 PROBABILITIES = {"evolve": dict(p_mutate=0.5, p_explore=0.5),  # pm and pe of each method, as --help shows them
@@ -598,8 +545,7 @@ def parse_config(argv=None):
     return parse_flags(Config, argv, __doc__.split("\n")[0], defaults=partial(defaults, argv=argv))
 
 
-# SuperPLM shapes and the speedup of each over BERT-base on this project's CPU (latency.measure, one thread): a search
-# for a speedup T needs a SuperPLM whose largest architecture is slower than T asks, with room (at most 0.8 T).
+# Each SuperPLM's speedup over BERT-base here (latency.measure, one thread): a target T needs one of at most 0.8 T.
 SUPERPLMS = {"4-256-1024-4-256": 25.5, "4-384-1536-6-384": 11.9, "4-512-2048-8-512": 6.7, "6-512-2048-8-512": 5.2,
              "8-768-3072-12-768": 1.6}
 
@@ -613,8 +559,7 @@ def train_superplm_for(speedup):
 
 
 def check_inputs(cfg):
-    """Before any work, cheap first: (the speedup asked, or None for a budget in ms; the SuperPLM's checkpoint.pt),
-    with the command that makes a missing SuperPLM."""
+    """Before any work: (the speedup asked, None for a budget in ms; the SuperPLM's checkpoint.pt) or how to make it."""
     speedup = None if cfg.target.strip().lower().endswith("ms") else 1 / parse_target(cfg.target, 1.0)
     if cfg.evaluator == "params" and cfg.space:
         return speedup, None  # training-free: no SuperPLM needed
@@ -624,8 +569,7 @@ def check_inputs(cfg):
 
 
 def check_reach(cfg, speedup, arch, largest, smallest=None):
-    """Refuse, before any work, a target that every architecture of the SuperPLM `arch` beats (its largest runs
-    `largest` x faster than BERT-base): the search would return a model many times faster than asked."""
+    """Refuse a target that every arch of the SuperPLM `arch` beats (its largest `largest` x faster than BERT-base)."""
     low = ELITE["window"] * largest  # the lowest target whose latency window the space still reaches
     if speedup and speedup < low:
         high = f" to {smallest:.3g}x" if smallest else " and up"
@@ -729,7 +673,6 @@ def finish(cfg, results, rows, budget, predictor, model, tokenizer, trained):
     made = [out / "top.json", out / "scored.json", out / "candidates.jsonl",
             search_figure(scored, best, predictor.base_ms / budget.budget_ms, out / "search.png",
                           f"{cfg.method} search for {cfg.target}", ylabel)]
-    # the top rows, with the evaluator's own numbers (masked-LM loss, MNLI accuracy, ...) beside
     extra = sorted({k for r in best for k in r} - {"arch", "score", "latency", "generation", "speedup"})
     print(f"\ntop {len(top)} of {len(results)} scored architectures (layers-hidden-ffn-heads-qkv) for {cfg.target} = "
           f"{budget.budget_ms:.4g} ms, by {cfg.method} with the {cfg.evaluator} evaluator:")

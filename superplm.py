@@ -10,10 +10,9 @@ averaged over the workers and one optimizer step updates the whole SuperPLM. A w
     python superplm.py --arch 5-564-1054-8-512 --init runs/superplm --out runs/s1   # stage 3: further training
     python superplm.py --init bert-base-uncased/ --out runs/superplm   # start from BERT's weights, not from scratch
 
-The run folder (--out) holds checkpoint.pt (what search.py, latency.py and finetune.py read, see load_superplm),
-metrics.jsonl, log.txt, config.json (settings, command line, versions, start and end) and the vocabulary
-(tokenizer.json, vocab.txt); a stage-3 run also leaves a Hugging Face BERT there (model.safetensors, its keys in
-config.json). SIGINT or SIGTERM finishes the step, writes the checkpoint and prints the command that resumes.
+The run folder (--out) holds checkpoint.pt (what later stages read, see load_superplm), metrics.jsonl, log.txt,
+config.json and the vocabulary; a stage-3 run also a Hugging Face BERT (model.safetensors). SIGINT or SIGTERM
+finishes the step, writes the checkpoint and prints the command that resumes.
 """
 
 import dataclasses
@@ -64,9 +63,7 @@ def accumulate(model, objective, batch, space, M, seed, step, rank, autocast=nul
     """Algorithm 1, lines 6-10 on one worker: M times sample a sub-model and add its gradients on this sub-batch.
     Each loss is divided by M, so the update uses the average gradient of all N*M sampled sub-models."""
     archs, stats = [], defaultdict(float)
-    # Each slice's gradient goes straight into its block of the flat buffer rather than through a full-size
-    # zero-padded copy: the same sums, a sub-model at about the cost of training it alone (model.in_place_grads).
-    with in_place_grads():
+    with in_place_grads():  # each slice's gradient straight into the flat buffer, not via a zero-padded full copy
         for m in range(M):  # line 6
             arch = sample_arch(space, seed, step, rank, m)  # lines 7-8: this worker's own sub-model
             torch.manual_seed(derive_seed(seed, step, rank, m, 1))  # its dropout: replayable, resumable
@@ -79,11 +76,8 @@ def accumulate(model, objective, batch, space, M, seed, step, rank, autocast=nul
     return archs, stats
 
 
-CLIP = 1.0  # BERT's: the global gradient norm is clipped to 1 (the paper does not tune it)
-
-
-def update(flat, world, optimizer, lr, clip=CLIP):
-    """Algorithm 1, line 11: average the gradients over the workers, clip them, one AdamW step."""
+def update(flat, world, optimizer, lr, clip=1.0):
+    """Algorithm 1, line 11: average the gradients over the workers, clip to BERT's global norm 1, one AdamW step."""
     if world > 1:
         dist.all_reduce(flat)  # sum of every worker's gradients, parameters a sample missed count as zero
         flat.div_(world)
@@ -94,9 +88,8 @@ def update(flat, world, optimizer, lr, clip=CLIP):
 
 
 def run(cfg, argv=None, on_save=None, init=None):
-    """Algorithm 1 in cfg.out (one architecture with --arch); returns the model. argv (the command line, sys.argv's
-    by default) goes into config.json; init: --init's checkpoint if the caller has read it (configure does);
-    on_save(step, model), if given, runs on rank 0 after each checkpoint is written (bench/table1_mini.py)."""
+    """Algorithm 1 in cfg.out (one architecture with --arch); returns the model. argv goes into config.json; init:
+    --init's checkpoint if already read; on_save(step, model) runs on rank 0 after each checkpoint is written."""
     rank, world, device = init_distributed(cfg.device)
     folder = RunFolder(cfg.out, cfg, cfg.resume, cfg.overwrite, marker="checkpoint.pt", argv=argv) if rank == 0 \
         else nullcontext()
@@ -161,9 +154,8 @@ def run(cfg, argv=None, on_save=None, init=None):
 # ------------------------------------------------------------------------------------------- search space and sampling
 
 def space_for(superplm: Arch, mha="heads") -> SearchSpace:
-    """Table B.1's ranges scaled to a SuperPLM: for 8-768-3072-12-768 exactly PRETRAIN_SPACE ("heads") or
-    KD_SPACE ("dims"). Hidden from 1/6 and ffn from 1/24 of the maximum in steps of 4; "dims" keeps every head
-    and takes from 15/64 of the head width up in steps of one dimension per head."""
+    """Table B.1's ranges scaled to a SuperPLM (8-768-3072-12-768: PRETRAIN_SPACE "heads", KD_SPACE "dims"): hidden
+    from 1/6, ffn from 1/24 of the maximum in steps of 4; "dims" keeps every head, qkv from 15/64 of it up."""
     L, H, F_, h, D = superplm.layers, superplm.hidden, superplm.ffn, superplm.heads, superplm.head_dim
     common = dict(layers=grid(1, L, 1), hidden=grid(-(-H // 24) * 4, H, 4), ffn=grid(-(-F_ // 96) * 4, F_, 4))
     if mha == "heads":
@@ -176,22 +168,19 @@ def single(arch: Arch) -> SearchSpace:
     return SearchSpace((arch.layers,), (arch.hidden,), (arch.ffn,), (arch.heads,), (arch.qkv,), arch.head_dim)
 
 
-# ---------------------------------------------------------------------------------------------------------- objectives
-
 # -------------------------------------------------------------------------------------------- what the run starts from
 
 def setup(cfg, rank, world, device, ckpt=None, init=None):
-    """(model, space, objective, training rows) of a run: its weights and KD projection are the run's own checkpoint
-    (ckpt, --resume), --init's SuperPLM (init: its checkpoint, read here if the caller has not) or new ones; its
-    vocabulary the run's own, the teacher's, --init's, or trained on the corpus."""
-    Arch.parse(cfg.arch or cfg.superplm_arch)  # a shape that does not parse fails before the corpus is read
+    """(model, space, objective, training rows) of a run, from its checkpoint (ckpt, --resume), --init's (init: read
+    here if not yet) or new; its vocabulary the run's own, the teacher's, --init's or trained on the corpus."""
+    arch = Arch.parse(cfg.arch or cfg.superplm_arch)  # a shape that does not parse fails before the corpus is read
     teacher, vocab = None, cfg.tokenizer
     if cfg.objective == "kd":
         if not cfg.teacher:
             raise UserError("--objective kd needs --teacher DIR (python distill.py make-teacher writes a tiny one)")
         teacher, vocab = load_teacher(cfg.teacher)
         if not cfg.init:  # fail before the corpus is tokenised
-            check_compatible(teacher, Arch.parse(cfg.arch or cfg.superplm_arch))
+            check_compatible(teacher, arch)
     start = load_superplm(cfg.out, ckpt) if ckpt else None
     if cfg.init and not ckpt:
         init = init or read_init(cfg.init)
@@ -217,9 +206,7 @@ def setup(cfg, rank, world, device, ckpt=None, init=None):
 
 
 def from_bert(cfg):
-    """--init with a Hugging Face BERT/ELECTRA folder, as the authors' pre_training.py starts without --scratch:
-    (SuperPLM, its space, the folder's vocabulary). The SuperPLM at --superplm-arch is the model's leading layers and
-    blocks, as `extract` takes a sub-model; at the model's own shape it is the model."""
+    """--init from a Hugging Face BERT/ELECTRA folder: (its leading layers and blocks as the SuperPLM, space, vocab)."""
     mha, arch = cfg.mha or ("dims" if cfg.objective == "kd" else "heads"), Arch.parse(cfg.superplm_arch)
     bert, vocab = load_teacher(cfg.init, "--init", mha)
     try:
@@ -234,8 +221,7 @@ def build_model(cfg, vocab_size, init=None):
         model, space, _ = init
         if cfg.arch:
             model = extract(model, Arch.parse(cfg.arch))
-            space = single(model.arch)
-        return model, space
+        return model, single(model.arch) if cfg.arch else space
     mha = cfg.mha or ("dims" if cfg.objective == "kd" else "heads")  # Figure 3: (c) distillation, (b) pre-training
     arch = Arch.parse(cfg.arch or cfg.superplm_arch)
     model = Bert(arch, vocab_size=vocab_size, mha=mha, max_position=max(512, cfg.seq_len), dropout=cfg.dropout)
@@ -243,27 +229,19 @@ def build_model(cfg, vocab_size, init=None):
 
 
 # ------------------------------------------------------------ the checkpoint (what every later stage reads) and resume
-# checkpoint.pt holds, for `load_superplm` and --resume:
-#     model_config, model          the SuperPLM (Bert.config() and its state_dict)
-#     space                        its SearchSpace (Table B.1 scaled to it)
-#     tokenizer                    the vocabulary's path (tokenizer.json beside the checkpoint)
-#     objective, objective_state   mlm or kd, and the KD projection's weights
-#     optimizer, schedule, step, data, rng, config   what --resume needs to continue exactly
 
 def save_superplm(out, model, space, objective, optimizer, cfg, step, total, spe, rows):
-    """Write out/checkpoint.pt (the keys above) at `step` of `total` (spe steps per epoch over `rows` sequences)."""
+    """Write out/checkpoint.pt: the SuperPLM, its space, vocabulary path, objective and what --resume needs."""
     torch_save(dict(model_config=model.config(), model=model.state_dict(), space=dataclasses.asdict(space),
                     objective=cfg.objective, objective_state=objective.state_dict(),
                     tokenizer=str((Path(out) / "tokenizer.json").resolve()), optimizer=optimizer.state_dict(),
                     schedule=dict(total=total, warmup=cfg.warmup, peak=cfg.lr), step=step,
-                    data=dict(epoch=step // spe, batch=step % spe, rows=rows),
-                    rng=rng_states(),
+                    data=dict(epoch=step // spe, batch=step % spe, rows=rows), rng=rng_states(),
                     config=dataclasses.asdict(cfg)), Path(out) / "checkpoint.pt")
 
 
 def checkpoint_path(path, flag=""):
-    """checkpoint.pt of a SuperPLM run folder (or the file itself); if there is none, one line saying where it was
-    looked for (given by `flag`, e.g. --init) and the command that makes one."""
+    """checkpoint.pt of a SuperPLM run folder (or the file itself); if none, one line with the command making one."""
     given = Path(path)
     path = given / "checkpoint.pt" if given.is_dir() else given
     if not given.exists():
@@ -280,8 +258,7 @@ def saved_space(fields):
 
 
 def load_superplm(path, ckpt=None):
-    """(SuperPLM as a Bert in eval mode, its SearchSpace, path of its tokenizer) from a run folder or checkpoint
-    (ckpt: the checkpoint's contents, when the caller has already read them)."""
+    """(SuperPLM as a Bert in eval mode, its SearchSpace, its tokenizer's path) from a run folder or checkpoint."""
     path = checkpoint_path(path)
     ckpt = ckpt or torch_load(path)
     model = Bert.from_config(ckpt["model_config"])
@@ -292,8 +269,7 @@ def load_superplm(path, ckpt=None):
 
 
 def resume_superplm(cfg, folder, rank):
-    """--resume: (the run's checkpoint, its saved settings with this command's --out, --device and --dtype), with
-    config.json and metrics.jsonl brought back to that checkpoint (no step logged twice); else (None, cfg)."""
+    """--resume: (the run's checkpoint, its saved settings), metrics.jsonl cut back to it; else (None, cfg)."""
     if not cfg.resume:
         return None, cfg
     out = Path(cfg.out)
@@ -307,12 +283,8 @@ def resume_superplm(cfg, folder, rank):
 
 
 def restore_superplm(ckpt, optimizer, rows):
-    """Continue from a checkpoint on a corpus of `rows` sequences: the optimizer's state and the random generators'
-    as they were; returns the step to go on from. Python's and torch's CPU generators are restored, and the GPU's on
-    this worker's GPU (rank 0's was saved: one state, not one per visible GPU, so that a checkpoint written on 8
-    GPUs resumes on 1). Nothing else needs restoring: each sub-model's dropout is reseeded from (seed, step, rank,
-    m) in accumulate and each batch's masks from (seed, epoch, row) in data.batches, so a resumed run equals an
-    uninterrupted one on any number of GPUs."""
+    """Restore the optimizer and the generators (rank 0's GPU one: 8 GPUs resume on 1); returns the step to go on
+    from. Dropout is reseeded from (seed, step, rank, m), masks from (seed, epoch, row): nothing else to restore."""
     if ckpt["data"]["rows"] != rows:
         raise UserError(f"the corpus now gives {rows} sequences, the checkpoint's {ckpt['data']['rows']}: "
                         "resume with the corpus and --seq-len the run started with")
@@ -336,9 +308,7 @@ def set_rng_states(s):
 
 
 def stopped(stop, world, device, due=True):
-    """Whether a SIGINT/SIGTERM arrived; with several workers, whether any of them got one (all stop together).
-    Several workers ask each other only at steps where `due` (the log and save steps, which read from the GPU
-    anyway): reading the answer makes the host wait for the step, which would stall the GPU's queue every step."""
+    """Whether any worker got SIGINT/SIGTERM, asked across workers only where `due` (a host sync stalls the GPU)."""
     if world == 1:
         return stop.signal is not None
     if not due:
@@ -349,8 +319,7 @@ def stopped(stop, world, device, due=True):
 
 
 def interrupt(cfg, stop, step, total, rank, world):
-    """superplm.py stops after a signal, its step saved: rank 0 says how to resume (as many workers again under
-    torchrun), the other workers leave."""
+    """Stop after a signal, the step saved: rank 0 says how to resume (same torchrun workers), the others leave."""
     if world > 1:
         barrier()
         if rank:
@@ -365,8 +334,7 @@ def interrupt(cfg, stop, step, total, rank, world):
 # ------------------------------------------------------------------------------------------------------------ progress
 
 class Log:
-    """Rank 0's progress bar, and every log_every steps one line (terminal and log.txt) and one metrics.jsonl
-    record: each statistic averaged over the steps since the last line and over the workers (one all-reduce)."""
+    """Rank 0's progress bar and, every log_every steps, a line and a metrics.jsonl record (means over steps, ranks)."""
 
     def __init__(self, cfg, rank, world, device, step, total):
         self.cfg, self.rank, self.world, self.device, self.total = cfg, rank, world, device, total
@@ -403,28 +371,22 @@ class Log:
 
 @dataclass
 class Config(DataConfig):  # the corpus flags (--corpus, --tokenizer, --vocab-size, --seq-len, --cache-dir) first
-    preset: str = flag("paper", "paper: the settings of §4.1 (shown here); tiny: a 4-256-1024-4-256 SuperPLM that "
-                                "learns on two CPU cores in minutes. A preset changes the defaults; flags given still "
-                                "win", choices=["paper", "tiny"])
+    preset: str = flag("paper", "paper: §4.1's settings (shown); tiny: a 4-256-1024-4-256 SuperPLM, minutes on 2 "
+                                "CPUs. A preset changes the defaults; flags given still win", choices=["paper", "tiny"])
     out: str = flag("runs/superplm", "run folder: checkpoint, metrics, vocabulary")
-    superplm_arch: str = flag(str(SUPERPLM), "the SuperPLM's layers-hidden-ffn-heads-qkv (§3.4); sampling uses Table "
-                                             "B.1's ranges scaled to it")
-    objective: str = flag("mlm", "mlm: BERT pre-training; kd: TinyBERT's last-layer distillation from --teacher "
-                                 "(§4.1)", choices=["mlm", "kd"])
+    superplm_arch: str = flag(str(SUPERPLM), "the SuperPLM's shape (§3.4); sampling scales Table B.1's ranges to it")
+    objective: str = flag("mlm", "mlm: BERT's pre-training; kd: TinyBERT's distillation (§4.1)", choices=["mlm", "kd"])
     teacher: str = flag("", "kd: the teacher's folder (the paper's: ELECTRA-base)")
     mha: str = flag("", "attention slicing (Figure 3): heads keeps the head width, dims keeps every head; empty: heads "
                         "for mlm, dims for kd (§3.4)", choices=["", "heads", "dims"])
-    arch: str = flag("", "train only this architecture, e.g. 5-564-1054-8-512: with --init, the stage-3 further "
-                         "training of §3.6 (no warm-up)")
+    arch: str = flag("", "train only this architecture (with --init: §3.6's further training, no warm-up)")
     init: str = flag("", "start from this SuperPLM (run folder or checkpoint.pt), or from a Hugging Face BERT/ELECTRA "
                          "folder: the SuperPLM takes its leading layers and blocks")
     batch_size: int = flag(256, "global batch, split over the ranks (§4.1)", **COUNT)
     lr: float = flag(1e-5, "peak learning rate of AdamW (§4.1)", **POSITIVE)
     warmup: float = flag(0.1, "share of the steps with linear warm-up, then linear decay to 0 (§4.1)", **SHARE)
     epochs: int = flag(5, "passes over the corpus (§4.1), unless --steps", **COUNT)
-    steps: Optional[int] = flag(None, "the run's length in optimizer steps (the schedule is laid over it); unset: "
-                                      "--epochs passes over the corpus",
-                                      **COUNT)  # None: --epochs decides (configure keeps it off --help)
+    steps: Optional[int] = flag(None, "optimizer steps (the schedule is laid over them); unset: --epochs", **COUNT)
     sub_models: int = flag(3, "M of Algorithm 1: sub-models each worker samples per batch", **COUNT)
     dropout: float = flag(0.1, "dropout of a new model", min=0, max=0.99)
     seed: int = flag(0, "seeds the weights, the data order, masks, sub-models", **NONNEGATIVE)
@@ -438,19 +400,16 @@ class Config(DataConfig):  # the corpus flags (--corpus, --tokenizer, --vocab-si
     RESUMED = "; to train on from its weights under a new schedule: python superplm.py --init {out} --steps N --out NEW"
 
 
-# Small runs: a SuperPLM of BERT-S3's shape (Table 4) on the stdlib corpus, with a learning rate that shows
-# progress within minutes rather than the paper's 1e-5 over days.
+# Small runs: BERT-S3's shape (Table 4) on the stdlib corpus, a learning rate that shows progress in minutes.
 PRESETS = {"paper": {},
            "tiny": dict(superplm_arch="4-256-1024-4-256", vocab_size=4096, seq_len=64, batch_size=32, lr=1e-3,
                         steps=600, save_every=100, log_every=20, out="runs/superplm-tiny")}
-
 INHERITED = ("superplm_arch", "objective", "teacher", "corpus", "tokenizer", "vocab_size", "seq_len", "cache_dir",
              "batch_size", "lr", "sub_models", "dropout", "log_every", "save_every")  # what --init carries over
 
 
 def read_init(path):
-    """--init's checkpoint (a run folder or its checkpoint.pt): its settings and its weights, read once; for a
-    Hugging Face BERT/ELECTRA folder {"pretrained": path} (from_bert reads it)."""
+    """--init's checkpoint (run folder or checkpoint.pt), read once; {"pretrained": path} for a Hugging Face folder."""
     given = Path(path)
     if (given / "config.json").exists() and not (given / "checkpoint.pt").exists():
         return {"pretrained": str(given)}
@@ -477,9 +436,7 @@ def defaults(first, init=None):
 
 
 def configure(argv=None):
-    """(config, --init's checkpoint or None) of a command line: the flags are parsed, --init's checkpoint is read
-    once (train takes its weights from the same read), and the settings resolve as field defaults < --preset <
-    --init's settings < what --arch implies < --config FILE < flags given."""
+    """(config, --init's checkpoint or None); settings: defaults < --preset < --init's < --arch's < --config < flags."""
     parser = config_parser(Config, __doc__.split("\n")[0])
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     path = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0].init  # --help: after the read
