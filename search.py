@@ -171,7 +171,7 @@ class Budget:
 
 
 def fill(propose, size, budget, low, evals, max_draws):
-    """Algorithm 2, lines 4-9 (with §3.5's latency filter): up to `size` new archs in low-budget ms from `propose()`."""
+    """Algorithm 2, lines 4-9 (with §3.5's latency filter): up to `size` new archs in low-budget ms from propose()."""
     chosen = []
     for _ in range(max_draws):
         if len(chosen) == size:
