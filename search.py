@@ -20,7 +20,6 @@ those scores (SIGINT/SIGTERM let the candidate being scored finish first). On N 
 
 import argparse
 import dataclasses
-import json
 import random
 import shutil
 import warnings
@@ -36,10 +35,10 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import finetune
-from common import (COUNT, DEVICE_HELP, DTYPES, DTYPE_HELP, Interrupted, NONNEGATIVE, RunFolder, SHARE, THREADS_HELP,
-                    UserError, append_jsonl, command_line, config_values, end_distributed, flag, free_folder,
-                    init_distributed, no_such, parse_flags, rank0_first, read_appended, read_jsonl, resolve_compute,
-                    run_main, save_json, seed_everything, stop_after_step, to_device, torch_load)
+from common import (COUNT, DEVICE_HELP, DTYPE_HELP, DTYPES, Interrupted, NONNEGATIVE, RunFolder, SHARE, THREADS_HELP,
+                    UserError, append_jsonl, command_line, end_distributed, flag, free_folder, init_distributed,
+                    no_such, parse_flags, rank0_first, read_appended, read_jsonl, resolve_compute, run_main, save_json,
+                    seed_everything, stop_after_step, to_device, torch_load)
 from data import build_dataset, load_tokenizer, mask_tokens, masked_positions, split, tokenizer_files
 from latency import LatencyPredictor, params, parse_target, space_from
 from model import Arch, MLM, SearchSpace, extract, save_pretrained
@@ -420,11 +419,9 @@ class Shared:
 # ------------------------------------------------- the run folder: candidates.jsonl, scored.json, top.json, search.png
 
 def open_search(cfg, folder):
-    """(config, earlier candidates' records) of a search in `folder`: --resume replays it with its saved config."""
-    if cfg.resume and folder.old_record:  # the saved search wins, so that the replay is exact
-        saved = config_values(type(cfg), json.loads(folder.old_record))
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in cfg.RESUMABLE})
-        folder.update(cfg)
+    """(config, earlier candidates' records) of a search in `folder`. On --resume, parse_flags has already given cfg
+    the saved settings (only RESUMABLE ones may change), so replaying the same seeded search over these scores ends
+    as an uninterrupted search would."""
     records = read_appended(folder.path / "candidates.jsonl")  # a torn last line (a killed run) is cut first
     return cfg, {Arch.parse(r["arch"]): r for r in records}
 
@@ -526,7 +523,7 @@ class Config:
     ft_train_examples: int = flag(2000, "finetune: training examples per task (0: all)", **NONNEGATIVE)
     ft_eval_examples: int = flag(1000, "finetune: dev examples per task (0: all)", **NONNEGATIVE)
     threads: Optional[int] = flag(None, THREADS_HELP, **COUNT)
-    RESUMABLE = ("resume", "overwrite", "out", "device", "dtype", "threads", "extract", "top")  # --resume may change
+    RESUMABLE = ("extract", "top")  # --resume may change these too (besides where and how fast: parse_flags)
 
 
 PROBABILITIES = {"evolve": dict(p_mutate=0.5, p_explore=0.5),  # pm and pe of each method, as --help shows them
