@@ -275,7 +275,7 @@ def resume_superplm(cfg, folder, rank):
     out = Path(cfg.out)
     ckpt = torch_load(out / "checkpoint.pt")
     cfg = dataclasses.replace(type(cfg)(**config_values(type(cfg), ckpt["config"])), out=cfg.out, resume=True,
-                              device=cfg.device, dtype=cfg.dtype)  # the saved settings, where and how: this run's
+                              device=cfg.device, dtype=cfg.dtype, threads=cfg.threads)  # where and how: this run's
     if rank == 0:
         folder.update(cfg)
         keep_jsonl(out / "metrics.jsonl", lambda r: r["step"] <= ckpt["step"])
