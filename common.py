@@ -1,7 +1,6 @@
 """What every stage does the same way: fail with one line (`UserError`, `run_main`), stop cleanly on SIGINT/SIGTERM
 (`stop_after_step`), write files and JSONL logs atomically, never overwrite a run silently (`RunFolder`), take its
-settings from a dataclass (`parse_flags`); also the Hugging Face hub offline, seeds, devices, compute dtypes, workers.
-"""
+settings from a dataclass (`parse_flags`); and the Hugging Face hub offline, seeds, devices, compute dtypes, workers."""
 
 import argparse
 import contextlib
@@ -70,7 +69,6 @@ def stop_after_step(what="step"):
         if os.environ.get("RANK", "0") == "0":  # one line for a torchrun job, not one per worker
             print(f"\n{stop.signal}: finishing the {what} in progress, then saving and stopping (send it again to "
                   "stop at once)", file=sys.stderr, flush=True)
-
     main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
     before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
@@ -222,10 +220,9 @@ class RunFolder:
 
     def done_first(self):
         """The run has written its first result: from now on a failure keeps what is there."""
-        if not self.first:
-            self.first = True
-            if self.aside:
-                shutil.rmtree(self.aside, ignore_errors=True)
+        if not self.first and self.aside:
+            shutil.rmtree(self.aside, ignore_errors=True)
+        self.first = True
 
     def rollback(self):
         for name in set(os.listdir(self.path)) - self.before - {".replaced"}:
@@ -283,7 +280,6 @@ def hub_reachable(timeout=3.0):
             socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
                                      timeout).close()
             answered.append(True)
-
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
     thread.join(timeout)
@@ -328,8 +324,7 @@ DEVICE_HELP = "auto: cuda if torch sees a GPU (under torchrun cuda:LOCAL_RANK), 
 DTYPE_HELP = ("compute dtype of matmuls and attention (torch.autocast); weights, gradients and AdamW's state stay "
               "fp32. auto: bf16 on a GPU that has it (A100, H100, ...), else fp32")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-THREADS_HELP = ("CPU threads of torch's kernels; unset: torch's default (one per core). Set it when other jobs share "
-                "the CPU (more threads than free cores slow every step down): 1 there, as the tests do")
+THREADS_HELP = "CPU threads of torch's kernels; unset: torch's default (one per core); 1 where other jobs share the CPU"
 
 
 @dataclass(frozen=True)
@@ -348,7 +343,6 @@ class Compute:
 
 def resolve_device(spec="auto"):
     """--device of every stage. Under torchrun, auto and cuda mean this worker's GPU, cuda:LOCAL_RANK."""
-    local = int(os.environ.get("LOCAL_RANK", 0))
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     device = None
@@ -359,7 +353,7 @@ def resolve_device(spec="auto"):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {spec}: torch sees no GPU here (torch {torch.__version__}); use --device cpu")
-        device = torch.device("cuda", local if device.index is None else device.index)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if device.index is None else device.index)
         if device.index >= torch.cuda.device_count():
             raise UserError(f"--device {spec} is cuda:{device.index}, but there are only {torch.cuda.device_count()} "
                             "GPUs: start at most that many workers per machine, or pass --device cpu")
@@ -424,7 +418,6 @@ def rank0_first(rank, world, make):
     return make() if rank else result
 
 
-# A field's allowed range, in its metadata: check_config refuses a number outside it in one line naming the flag.
 COUNT = dict(min=1)  # a number of things or steps
 NONNEGATIVE = dict(min=0)
 POSITIVE = dict(gt=0)  # a rate, a size
@@ -471,9 +464,8 @@ def config_parser(cls, description=None, parser=None):
     parser = parser or _Parser(description=description, formatter_class=_Defaults, allow_abbrev=False)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        kind, default = hints[f.name], f.default
-        if default is dataclasses.MISSING:
-            default = f.default_factory()
+        kind = hints[f.name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         origin, args = typing.get_origin(kind), typing.get_args(kind)
         if origin is typing.Union:  # Optional[X] -> X with default None
             kind = next(a for a in args if a is not type(None))
@@ -482,9 +474,8 @@ def config_parser(cls, description=None, parser=None):
             dict(nargs="+", type=args[0]) if origin is list else \
             dict(type=f.metadata.get("type", kind), choices=f.metadata.get("choices"))
         parser.add_argument(_flag(f.name), default=default, help=f.metadata.get("help", " "), **spec)
-    if not any(a.dest == "config" for a in parser._actions):
-        parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",  # no default to show
-                            help="start from the settings in a run's config.json (flags given still win)")
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",  # no default to show
+                        help="start from the settings in a run's config.json (flags given still win)")
     return parser
 
 

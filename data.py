@@ -2,8 +2,7 @@
 
 The corpus is tokenised with a BERT WordPiece vocabulary (trained on it unless given), packed into rows of seq_len
 tokens cached on disk, its tail held out for one-shot scores. The paper pre-trains on BooksCorpus + Wikipedia; the
-default corpus needs no download: the standard library's docstrings (~1.8 MB of English). A corpus spec is:
-    stdlib                          the default
+default corpus, stdlib, needs no download: the standard library's docstrings (~1.8 MB of English). Other corpus specs:
     path/to/file.txt | .json | .jsonl | .parquet, or a folder of such files (read with `datasets`)
     wikimedia/wikipedia:20231101.en,bookcorpus/bookcorpus   hub datasets name[:config], comma-separated (online)
 
@@ -131,7 +130,6 @@ def prefetch(batches, device, depth=2):
             ready.put(end)
         except BaseException as e:  # reaches the consumer, traceback and all
             ready.put(e)
-
     worker = threading.Thread(target=work, daemon=True, name="prefetch")
     worker.start()
     try:
@@ -151,8 +149,7 @@ class PackedDataset:
     """N sequences of seq_len token ids, memory-mapped: `ids` is a read-only (N, seq_len) array on disk."""
 
     def __init__(self, path, meta):
-        self.path, self.meta = Path(path), meta
-        self.seq_len = meta["seq_len"]
+        self.path, self.meta, self.seq_len = Path(path), meta, meta["seq_len"]
         self.specials = Specials(**meta["specials"])
         self.ids = np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["rows"], self.seq_len))
 
@@ -198,7 +195,6 @@ def build_dataset(corpus_spec, tokenizer, seq_len, cache_dir):
             while chunk := list(itertools.islice(packed, 8192)):
                 np.asarray(chunk, dtype=dtype).tofile(f)
                 rows += len(chunk)
-
     atomic_write(path, write)
     bar.close()
     if rows == 0:
@@ -321,7 +317,6 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT's, in th
 
 
 def _bert_text(tok, lowercase=True):
-    """BERT's (uncased) normalisation and word splitting, and WordPiece decoding."""
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
@@ -411,8 +406,7 @@ class Specials:
 
 @dataclass
 class DataConfig:
-    corpus: str = flag("stdlib", "stdlib, a .txt/.json/.jsonl/.parquet file or folder, or hub dataset names "
-                                 "name[:config],...")
+    corpus: str = flag("stdlib", "stdlib, .txt/.json/.jsonl/.parquet file or folder, or hub datasets name[:config],...")
     tokenizer: str = flag("", "vocab.txt / tokenizer.json / folder; empty: train one")
     vocab_size: int = flag(30522, "size of a vocabulary trained on the corpus", min=len(SPECIAL_TOKENS) + 1)
     seq_len: int = flag(128, "tokens per packed sequence (§4.1)", min=3)
@@ -425,8 +419,7 @@ PRESETS = {"paper": {}, "tiny": dict(vocab_size=4096, seq_len=64)}  # tiny: as s
 
 
 def prepare(cfg):
-    """(tokenizer path, tokenizer, PackedDataset) for a DataConfig-like object, all cached in cfg.cache_dir: without
-    cfg.tokenizer, a WordPiece vocabulary is trained on the corpus once."""
+    """(tokenizer path, tokenizer, PackedDataset) of a DataConfig-like cfg, a vocabulary trained if none is given."""
     tok_path = Path(cfg.tokenizer or Path(cfg.cache_dir) / f"tokenizer-{corpus_key(cfg.corpus)}-{cfg.vocab_size}"
                     / "tokenizer.json")
     if not cfg.tokenizer and not tok_path.exists():
@@ -441,9 +434,8 @@ def prepare(cfg):
 def main(argv=None):
     cfg = parse_flags(DataConfig, argv, __doc__.split("\n")[0], defaults=lambda first: PRESETS[first.preset])
     tok_path, tok, ds = prepare(cfg)
-    n = int((ds.ids != ds.specials.pad).sum())
-    print(f"{ds.path}: {len(ds)} sequences x {ds.seq_len} = {n:,} tokens, vocabulary {tok_path} "
-          f"({tok.get_vocab_size()} tokens)")
+    print(f"{ds.path}: {len(ds)} sequences x {ds.seq_len} = {int((ds.ids != ds.specials.pad).sum()):,} tokens, "
+          f"vocabulary {tok_path} ({tok.get_vocab_size()} tokens)")
     print("first sequence:", tok.decode(ds[0].tolist(), skip_special_tokens=False)[:300])
 
 

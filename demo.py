@@ -7,8 +7,7 @@ Each stage runs as its own command, printed first, so that the demo doubles as a
     4. superplm.py  further-train the winner alone, initialised from its SuperPLM weights (§3.6)
     5. superplm.py  BERT-S, BERT's default-rule shape at the same latency, from scratch for the steps of 1 + 4 (Table 1)
 then a summary table, the two models side by side, and the files it made. Ctrl-C stops the stage in progress as
-it stops alone (saving); `python demo.py --resume` then skips the finished stages and resumes that one.
-"""
+it stops alone (saving); `python demo.py --resume` then skips the finished stages and resumes that one."""
 
 import json
 import shlex
@@ -130,7 +129,6 @@ def main(argv=None):
                     folder.done_first()
                 t[name] = t.get(name, 0) + time.time() - started
                 save_json(t, out / "times.json")
-
         try:
             stage("1 SuperPLM", "superplm.py", "--preset", "tiny", "--out", splm, "--steps", cfg.steps, "--seed",
                   cfg.seed)

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from common import UserError, flag, parse_flags, run_main, seed_everything
 from data import load_tokenizer, stdlib_corpus, train_tokenizer
-from model import Arch, Bert, from_pretrained, save_pretrained, sub
+from model import Arch, Bert, from_pretrained, linear, save_pretrained, sub
 
 
 def masked_mse(a, b, keep):
@@ -75,7 +74,7 @@ class KDObjective(nn.Module):
         # Hidden loss through the projection W, sliced on its input for a sub-model of width dm (§3.4):
         # (B, T, dm) @ W[:, :dm].T -> (B, T, teacher hidden). TinyBERT also averages over padded positions; we don't.
         W = sub(self.proj.weight, self.proj.out_features, arch.hidden)
-        hid = masked_mse(F.linear(s_hidden, W, self.proj.bias), t_hidden, keep[..., None])
+        hid = masked_mse(linear(s_hidden, W, sub(self.proj.bias, len(W))), t_hidden, keep[..., None])
         return att + hid, {"att": att.detach(), "hid": hid.detach()}
 
 

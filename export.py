@@ -10,8 +10,7 @@ folder and tokenizer files; --format hf writes only the latter (e.g. to load the
     python export.py --model runs/finetune/mnli/best --out runs/export/mnli --int8   # a folder, + model.int8.onnx
 
 Inputs: input_ids, attention_mask, token_type_ids, each (batch, sequence) int64. Outputs: last_hidden_state
-(batch, sequence, hidden), or logits (batch, labels), or start_logits and end_logits (batch, sequence).
-"""
+(batch, sequence, hidden), or logits (batch, labels), or start_logits and end_logits (batch, sequence)."""
 
 import shutil
 import sys
@@ -28,7 +27,6 @@ from model import from_pretrained, read_pretrained, save_pretrained
 
 
 TOLERANCE = 1e-4  # largest |ONNX Runtime - PyTorch| accepted for the fp32 graph
-
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 

@@ -8,8 +8,7 @@ for every (lr, epochs) of the §4.1 grid; the best counts. Table D.1 (the defaul
     python finetune.py --task mnli --model runs/further --data glue_data/MNLI --lr 1e-5 2e-5 3e-5 --epochs 4 5 10
 
 --out holds config.json, metrics.jsonl (every epoch), log.txt, best/ (the best model: a Hugging Face folder with its
-head), results.json, and GLUE's test predictions (MNLI-m.tsv, ...) or SQuAD's dev predictions.json.
-"""
+head), results.json, and GLUE's test predictions (MNLI-m.tsv, ...) or SQuAD's dev predictions.json."""
 
 import copy
 import dataclasses
@@ -44,7 +43,6 @@ from tasks.squad import squad_task
 TABLE_D1 = {"squad": (16, 3e-5, 4), "sst2": (32, 2e-5, 4), "mnli": (32, 3e-5, 4), "mrpc": (32, 2e-5, 10),
             "cola": (32, 1e-5, 10), "qnli": (32, 2e-5, 10), "qqp": (32, 2e-5, 5), "stsb": (32, 3e-5, 10),
             "rte": (32, 2e-5, 10), "wnli": (32, 2e-5, 5)}
-
 D1_LR, D1_EPOCHS = (", ".join(f"{t} {cell[i]:g}" for t, cell in TABLE_D1.items()) for i in (1, 2))  # for --help
 
 
@@ -77,7 +75,6 @@ def sweep(cfg, base, feats, targets, evaluate, pad, compute, log, stop=None):
 
 
 def optimizer_and_schedule(model, lr, steps, warmup, weight_decay=0.01):
-    """model.make_optimizer's AdamW with model.learning_rate's schedule (§4.1) over `steps`."""
     opt = make_optimizer(model.parameters(), lr, weight_decay)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: learning_rate(step, steps, 1.0, warmup))
 
@@ -217,8 +214,7 @@ def load_model(folder, task, arch=""):
     if head.get("task") == task:
         model.load_state_dict(head["head"], strict=False)
     elif not model.span:
-        _, state = read_pretrained(folder)
-        pooler = {k.rsplit(".", 1)[1]: v for k, v in state.items() if "pooler.dense." in k}
+        pooler = {k.rsplit(".", 1)[1]: v for k, v in read_pretrained(folder)[1].items() if "pooler.dense." in k}
         if len(pooler) == 2:
             model.pooler.load_state_dict(pooler)
     return model, None
@@ -260,8 +256,7 @@ def loss_fn(model, out, y):
 
 @torch.no_grad()
 def predict(model, feats, batch_size, pad, device, autocast=nullcontext):
-    """GLUE: logits (N, outputs). SQuAD: per window, (start, end) logits over its tokens. One copy to the host (one
-    per batch would make the host wait for every batch)."""
+    """GLUE: logits (N, outputs). SQuAD: per window, (start, end) logits over its tokens. One copy to the host."""
     model.eval()
     if not feats:
         return [] if model.span else np.zeros((0, 1))
@@ -272,10 +267,8 @@ def predict(model, feats, batch_size, pad, device, autocast=nullcontext):
             logits = model(**collate(feats[i:i + batch_size], pad, device))
         out.append(torch.stack([F.pad(x.float(), (0, T - x.shape[1])) for x in logits], -1) if model.span
                    else logits.float())  # SQuAD: (B, T, 2), GLUE: (B, outputs)
-    out = torch.cat(out).cpu().numpy()  # the one copy to the host
-    if model.span:
-        return [(out[k, :len(ids), 0], out[k, :len(ids), 1]) for k, (ids, _) in enumerate(feats)]
-    return out
+    out = torch.cat(out).cpu().numpy()  # one per batch would make the host wait for every batch
+    return [(out[k, :len(ids), 0], out[k, :len(ids), 1]) for k, (ids, _) in enumerate(feats)] if model.span else out
 
 
 @dataclass
@@ -304,8 +297,7 @@ class Config:
                                                   "default: all of them", **COUNT)
     seed: int = flag(0, "seed of the head, dropout, order and subsets", **NONNEGATIVE)
     log_every: int = flag(50, "one line in OUT/log.txt every N steps", **COUNT)
-    out: str = flag("", "run folder (config.json, metrics.jsonl, log.txt, best/, predictions); empty: "
-                        "runs/finetune/<task>, --preset tiny: runs/finetune-tiny/<task>")
+    out: str = flag("", "run folder; empty: runs/finetune/<task>, --preset tiny: runs/finetune-tiny/<task>")
     overwrite: bool = flag(False, "replace an existing run folder")
     device: str = flag("auto", DEVICE_HELP)
     dtype: str = flag("auto", DTYPE_HELP, choices=["auto", *DTYPES])

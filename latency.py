@@ -189,9 +189,8 @@ def fit_data(data, cfg, names=FEATURES):
     pred = LatencyPredictor.fit([data["archs"][i] for i in train], data["ratio"][train], data["ref_ms"],
                                 data["base_ms"], device, names, steps=cfg.steps, seed=cfg.seed, space=space)
     p = pred.predict([data["archs"][i] for i in test])
-    metrics = dict(heldout=accuracy(p, data["ratio"][test] * data["ref_ms"]),
-                   heldout_raw=accuracy(p, data["ms"][test]), train=len(train), ref_ms=data["ref_ms"],
-                   base_ms=data["base_ms"])
+    metrics = dict(heldout=accuracy(p, data["ratio"][test] * data["ref_ms"]), heldout_raw=accuracy(p, data["ms"][test]),
+                   train=len(train), ref_ms=data["ref_ms"], base_ms=data["base_ms"])
     pred.state["metrics"] = metrics
     return pred, metrics
 
@@ -232,7 +231,6 @@ def collect(archs, cfg, start=0, reference=REFERENCE):
         return dict(kind=kind, arch=str(arch), ms=float(ms[1]), spread=float((ms[2] - ms[0]) / ms[1]),
                     ref_ms=float(ref_ms[1]), ref_spread=float((ref_ms[2] - ref_ms[0]) / ref_ms[1]),
                     time=time.time(), seconds=time.time() - t0, **extra)
-
     for n, arch in enumerate(archs):
         if n % BASE_EVERY == 0:
             yield timed("base", BERT_BASE)
@@ -280,8 +278,7 @@ def onnx_modules():
     """(onnx, onnxruntime, onnxruntime.quantization): the optional extra, imported when first needed."""
     try:
         import onnx
-        import onnxruntime
-        import onnxruntime.quantization
+        import onnxruntime.quantization  # binds onnxruntime too
     except ImportError as e:
         raise UserError(f"{e.name} is not installed: pip install -r requirements-onnx.txt") from None
     return onnx, onnxruntime, onnxruntime.quantization
@@ -335,9 +332,8 @@ class OrtModel:
         self.cfg = cfg  # the exported Bert's config, as latency.timings reads it
 
     def __call__(self, *args, **kwargs):
-        feed = dict(zip(self.names, args), **kwargs)
-        outs = self.session.run(None, {k: v.cpu().numpy() for k, v in feed.items() if v is not None})
-        outs = [torch.from_numpy(o) for o in outs]
+        feed = {k: v.cpu().numpy() for k, v in dict(zip(self.names, args), **kwargs).items() if v is not None}
+        outs = [torch.from_numpy(o) for o in self.session.run(None, feed)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
@@ -355,7 +351,6 @@ def on_backends(model, backends, threads=1):
 
 @contextlib.contextmanager
 def num_threads(n):
-    """torch's intra-op thread count set to n inside the block, restored after."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -7,8 +7,7 @@ A sub-model is run by *slicing* the SuperPLM's parameters (§3.4): the first `la
 `extract` copies those slices into a stand-alone Bert whose outputs equal the SuperPLM run at that arch.
 
 Below the model: AdamW with §4.1's schedule, and Hugging Face BERT folders (save_pretrained, from_pretrained, kept
-with the model as nanoGPT does): ours load in transformers, and stock BERT or ELECTRA folders load here.
-"""
+with the model as nanoGPT does): ours load in transformers, and stock BERT or ELECTRA folders load here."""
 
 import contextlib
 import json
@@ -90,9 +89,7 @@ class SearchSpace:
     DIMS = ("layers", "hidden", "ffn", "heads", "qkv")
 
     def choices(self, dim):
-        if dim == "qkv" and self.qkv is None:
-            return tuple(self.head_dim * h for h in self.heads)
-        return getattr(self, dim)
+        return tuple(self.head_dim * h for h in self.heads) if dim == "qkv" and self.qkv is None else getattr(self, dim)
 
     def size(self):
         n = len(self.layers) * len(self.hidden) * len(self.ffn) * len(self.heads)
@@ -120,7 +117,6 @@ class SearchSpace:
 # Table B.1. The paper says "about 46M and 10M"; the ranges give 11.4M (pre-training) and 47.5M (distillation).
 PRETRAIN_SPACE = SearchSpace(layers=grid(1, 8, 1), hidden=grid(128, 768, 4), ffn=grid(128, 3072, 4),
                              heads=grid(1, 12, 1))
-
 KD_SPACE = SearchSpace(layers=grid(1, 8, 1), hidden=grid(128, 768, 4), ffn=grid(128, 3072, 4),
                        heads=(12,), qkv=grid(180, 768, 12))
 
@@ -130,15 +126,12 @@ KD_SPACE = SearchSpace(layers=grid(1, 8, 1), hidden=grid(128, 768, 4), ffn=grid(
 def sub(p, *sizes, shape=None):
     """The leading block p.view(shape)[:a, :b, ...]: all of §3.4's sub-matrix extraction. Autograd gives a plain
     slice a full-size gradient, zero outside the block; inside `in_place_grads()` it goes into p.grad's block."""
+    index = tuple(slice(0, s) for s in sizes)
+    if getattr(_in_place, "on", False) and p.grad is not None and p.requires_grad and torch.is_grad_enabled():
+        return _AddToGrad.apply(p, p.shape if shape is None else shape, index)  # its gradient added in place
     if shape is None and tuple(sizes) == tuple(p.shape):
         return p  # the whole tensor (a stand-alone model): no view, so exported graphs hold plain weights
-    shape = p.shape if shape is None else shape
-    index = tuple(slice(0, s) for s in sizes)
-    block = p.view(shape)[index]
-    if getattr(_in_place, "on", False) and p.grad is not None and p.requires_grad and torch.is_grad_enabled() \
-            and block.numel() < p.numel():
-        return _AddToGrad.apply(p, shape, index)  # the same block, its gradient added in place
-    return block
+    return p.view(p.shape if shape is None else shape)[index]
 
 
 _in_place = threading.local()  # .on: inside in_place_grads(), on this thread
@@ -146,9 +139,10 @@ _in_place = threading.local()  # .on: inside in_place_grads(), on this thread
 
 @contextlib.contextmanager
 def in_place_grads():
-    """Inside (superplm.accumulate), `sub` adds a block's gradient into p.grad's block where p has a .grad, not a
-    full-size zero-padded one: the same sums, but as fast as a lone sub-model (bench/superplm_speed.py). Hidden from
-    torch.autograd.grad and DDP's hooks. Under autocast the block is cast after `sub`: fp32 gradients, unrounded."""
+    """Inside (superplm.accumulate), a block from `sub` of a parameter with a .grad (superplm.flat_grads) gets its
+    gradient added into p.grad's block, not as a full-size zero-padded tensor; `linear` and `embedding` compute it
+    there. The same sums, as fast as a lone sub-model (bench/superplm_speed.py); hidden from torch.autograd.grad and
+    DDP's hooks. Under autocast the block is cast after `sub`, and its fp32 gradient is added: autograd's own."""
     before, _in_place.on = getattr(_in_place, "on", False), True
     try:
         yield
@@ -162,13 +156,86 @@ class _AddToGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p, shape, index):
         ctx.p, ctx.shape, ctx.index = p, shape, index
+        ctx.set_materialize_grads(False)  # linear and embedding add it themselves and pass None: no zeros made
         return p.view(shape)[index]
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.p.grad is None:  # cleared between forward and backward
-            ctx.p.grad = torch.zeros_like(ctx.p)
-        ctx.p.grad.view(ctx.shape)[ctx.index].add_(grad)
+        if grad is not None:
+            grad_block((ctx.p, ctx.shape, ctx.index)).add_(grad)
+        return None, None, None
+
+
+def block_of(t):
+    """(p, shape, index) of t, a block from `sub` inside in_place_grads(); None for any other tensor, or under
+    autocast (the matmul then runs on a bf16 copy of the block)."""
+    node = t.grad_fn
+    if isinstance(node, _AddToGrad._backward_cls) and not torch.is_autocast_enabled(t.device.type):
+        return node.p, node.shape, node.index
+    return None
+
+
+def grad_block(block):
+    p, shape, index = block
+    if p.grad is None:  # cleared between forward and backward
+        p.grad = torch.zeros_like(p)
+    return p.grad.view(shape)[index]
+
+
+def linear(x, w, b=None):
+    """F.linear(x, w, b). Where w and b are `sub`'s blocks inside in_place_grads(), the weight's gradient is
+    multiplied straight into p.grad's block (addmm_): no (out, in) gradient is allocated and then added, the
+    step that made a sub-model 1.15x slower through the SuperPLM than alone."""
+    blocks = [block_of(t) for t in (w, b) if t is not None]
+    if None in blocks:
+        return F.linear(x, w, b)
+    return _LinearInto.apply(x, w, b, blocks)
+
+
+class _LinearInto(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, blocks):
+        ctx.save_for_backward(x, w)
+        ctx.blocks = blocks
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        grad_block(ctx.blocks[0]).addmm_(g.T, x.reshape(-1, x.shape[-1]))  # += (out, N) @ (N, in)
+        if len(ctx.blocks) == 2:
+            grad_block(ctx.blocks[1]).add_(g.sum(0))  # the bias: += (out,)
+        gx = (g @ w).view(*grad.shape[:-1], w.shape[1]) if ctx.needs_input_grad[0] else None  # (..., in)
+        return gx, None, None, None  # None for w and b: _AddToGrad then does nothing
+
+
+def embedding(ids, w):
+    """F.embedding(ids, w). Where w is `sub`'s block inside in_place_grads(), the rows' gradients are added
+    straight into p.grad's block, each token's summed first as autograd sums them (so the same sums), without
+    autograd's (vocab, hidden) tensor of zeros, and with no host sync."""
+    block = block_of(w)
+    return F.embedding(ids, w) if block is None else _EmbeddingInto.apply(ids, w, block)
+
+
+class _EmbeddingInto(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids, w, block):
+        ctx.save_for_backward(ids)
+        ctx.block = block
+        return F.embedding(ids, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ids, = ctx.saved_tensors
+        ids, g = ids.flatten(), grad.reshape(-1, grad.shape[-1])  # (N,), (N, C)
+        order = ids.argsort(stable=True)  # positions grouped by token, each group in position order
+        tokens = ids[order]
+        first = torch.ones_like(tokens, dtype=torch.bool)
+        first[1:] = tokens[1:] != tokens[:-1]
+        group = first.cumsum(0) - 1  # (N,) each sorted position's group
+        sums = torch.zeros_like(g).index_add_(0, group, g[order])  # (N, C): a row per token, then zero rows
+        grad_block(ctx.block).index_add_(0, torch.zeros_like(ids).scatter_(0, group, tokens), sums)
         return None, None, None
 
 
@@ -187,16 +254,15 @@ class Layer(nn.Module):
 
     def qkv_weights(self, lin, H, D, h, d, hidden):
         """Rows of the first h heads and first d dims of each head, from a weight laid out as (H*D, hidden)."""
-        if (h, d, hidden) == (H, D, lin.in_features):
-            return lin.weight, lin.bias  # all of it (a stand-alone model)
-        w = sub(lin.weight, h, d, hidden, shape=(H, D, -1)).reshape(h * d, hidden)  # a view when d == D
-        b = sub(lin.bias, h, d, shape=(H, D)).reshape(h * d)
-        return w, b
+        if d == D:  # all of each head: the first h*d rows (the whole tensor in a stand-alone model)
+            return sub(lin.weight, h * d, hidden), sub(lin.bias, h * d)
+        w = sub(lin.weight, h, d, hidden, shape=(H, D, -1)).reshape(h * d, hidden)  # (c): a copy
+        return w, sub(lin.bias, h, d, shape=(H, D)).reshape(h * d)
 
     def forward(self, x, mask, H, D, arch, d, dropout, return_scores=False):
         B, T, C = x.shape  # C = arch.hidden
         h = arch.heads
-        q, k, v = (F.linear(x, *self.qkv_weights(lin, H, D, h, d, C)).view(B, T, h, d).transpose(1, 2)
+        q, k, v = (linear(x, *self.qkv_weights(lin, H, D, h, d, C)).view(B, T, h, d).transpose(1, 2)
                    for lin in (self.q, self.k, self.v))  # (B, h, T, d)
         scores = None
         if return_scores:  # the last layer's pre-softmax scores, kept for distillation (TinyBERT)
@@ -208,13 +274,13 @@ class Layer(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                dropout_p=dropout if self.training else 0.0)  # (B, h, T, d)
         y = y.transpose(1, 2).reshape(B, T, h * d)
-        whole = (C, h, d) == (self.o.out_features, H, D)  # a stand-alone model; else the columns of the kept rows
-        wo = self.o.weight if whole else sub(self.o.weight, C, h, d, shape=(-1, H, D)).reshape(C, h * d)
-        y = F.linear(y, wo, sub(self.o.bias, C))
+        wo = sub(self.o.weight, C, h * d) if d == D else \
+            sub(self.o.weight, C, h, d, shape=(-1, H, D)).reshape(C, h * d)  # the columns of the kept rows
+        y = linear(y, wo, sub(self.o.bias, C))
         x = F.layer_norm(x + F.dropout(y, dropout, self.training), (C,), sub(self.ln1.weight, C),
                          sub(self.ln1.bias, C), self.ln1.eps)
-        f = self.act(F.linear(x, sub(self.fc1.weight, arch.ffn, C), sub(self.fc1.bias, arch.ffn)))
-        f = F.linear(f, sub(self.fc2.weight, C, arch.ffn), sub(self.fc2.bias, C))
+        f = self.act(linear(x, sub(self.fc1.weight, arch.ffn, C), sub(self.fc1.bias, arch.ffn)))
+        f = linear(f, sub(self.fc2.weight, C, arch.ffn), sub(self.fc2.bias, C))
         x = F.layer_norm(x + F.dropout(f, dropout, self.training), (C,), sub(self.ln2.weight, C),
                          sub(self.ln2.bias, C), self.ln2.eps)
         return x, scores
@@ -261,8 +327,7 @@ class Bert(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        cfg = dict(cfg)
-        return cls(Arch.parse(cfg.pop("arch")), **cfg)
+        return cls(Arch.parse(cfg["arch"]), **{k: v for k, v in cfg.items() if k != "arch"})
 
     def check(self, arch):
         """Raise UserError unless `arch` is a sub-model of this one under its MHA strategy (Figure 3)."""
@@ -292,9 +357,9 @@ class Bert(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         pos = torch.arange(T, device=input_ids.device)
-        x = (F.embedding(input_ids, sub(self.word.weight, self.word.num_embeddings, C))
-             + F.embedding(pos, sub(self.position.weight, self.position.num_embeddings, C))
-             + F.embedding(token_type_ids, sub(self.token_type.weight, self.token_type.num_embeddings, C)))
+        x = (embedding(input_ids, sub(self.word.weight, self.word.num_embeddings, C))
+             + embedding(pos, sub(self.position.weight, self.position.num_embeddings, C))
+             + embedding(token_type_ids, sub(self.token_type.weight, self.token_type.num_embeddings, C)))
         x = F.layer_norm(x, (C,), sub(self.emb_ln.weight, C), sub(self.emb_ln.bias, C), self.emb_ln.eps)
         x = F.dropout(x, self.dropout, self.training)  # (B, T, C)
         if self.emb_proj is not None:
@@ -309,13 +374,11 @@ class Bert(nn.Module):
     def mlm_logits(self, hidden, arch=None):
         """Masked-LM logits (..., vocab) of hidden states (..., arch.hidden); pass only the masked positions."""
         C = self.check(arch).hidden
-        x = F.linear(hidden, sub(self.mlm_dense.weight, C, C), sub(self.mlm_dense.bias, C))
+        x = linear(hidden, sub(self.mlm_dense.weight, C, C), sub(self.mlm_dense.bias, C))
         x = F.layer_norm(self.layers[0].act(x), (C,), sub(self.mlm_ln.weight, C), sub(self.mlm_ln.bias, C),
                          self.mlm_ln.eps)
         W = sub(self.word.weight, self.word.num_embeddings, C)  # (vocab, C): the decoder, tied to the embedding
-        # x W^T computed as (W x^T)^T: the same product, but autograd then builds W's gradient row-major, as W's
-        # block lies in the SuperPLM (from x W^T it comes transposed: slower to multiply and to add into the block).
-        return (W @ x.reshape(-1, C).T).T.reshape(*x.shape[:-1], len(W)) + self.mlm_bias  # also for 0 positions
+        return linear(x, W) + self.mlm_bias
 
 
 @torch.no_grad()
@@ -356,9 +419,7 @@ class MLM(nn.Module):
 def learning_rate(step, total, peak, warmup):
     """§4.1: linear warm-up over the first `warmup` share of the steps, then linear decay to 0."""
     w = int(warmup * total)
-    if step < w:
-        return peak * (step + 1) / w
-    return peak * max(0.0, (total - step) / max(1, total - w))
+    return peak * (step + 1) / w if step < w else peak * max(0.0, (total - step) / max(1, total - w))
 
 
 def make_optimizer(params, lr, weight_decay=0.01, eps=1e-6):
@@ -375,10 +436,8 @@ def make_optimizer(params, lr, weight_decay=0.01, eps=1e-6):
 # ------------------------------------------------------------------------------------------- Hugging Face BERT folders
 
 HF_MODELING = Path(__file__).parent / "hf" / "modeling_autotinybert.py"  # transformers' classes for any qkv
-
 HF_AUTO_MAP = {f"AutoModel{task}": f"modeling_autotinybert.AutoTinyBert{task or 'Model'}"
                for task in ("", "ForMaskedLM", "ForSequenceClassification", "ForQuestionAnswering")}
-
 
 # Keys of the paper's released models' config.json (no model_type; BERT's fields + qkv_size) that BERT does not use
 AUTHORS_KEYS = {"emb_size", "cell", "structure", "pre_trained", "training"}
@@ -404,8 +463,7 @@ def read_pretrained(folder):
                   file=sys.stderr)
         config["model_type"] = "bert"
     if config.get("model_type") not in ("bert", "electra"):
-        raise UserError(f"{folder} holds a {config.get('model_type')!r} model: expected model_type 'bert' "
-                        "or 'electra'")
+        raise UserError(f"{folder} holds a {config.get('model_type')!r} model: expected model_type 'bert' or 'electra'")
     load = lambda f: load_file(f) if f.suffix == ".safetensors" else torch.load(f, "cpu", weights_only=True)
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).exists():
@@ -457,10 +515,8 @@ def save_pretrained(model, folder, head=None, **config_fields):
     if head:  # a fine-tuned model: its task head instead of the masked-LM head
         tensors = {k: v for k, v in tensors.items() if not k.startswith("cls.")} | head
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    Path(folder).mkdir(parents=True, exist_ok=True)
     atomic_write(Path(folder) / "model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
-    modeling = HF_MODELING.read_text()  # copied as text: the product never imports it
-    atomic_write(Path(folder) / HF_MODELING.name, lambda tmp: Path(tmp).write_text(modeling))
+    atomic_write(Path(folder) / HF_MODELING.name, lambda tmp: Path(tmp).write_text(HF_MODELING.read_text()))
     save_json(config, Path(folder) / "config.json")
 
 

@@ -52,8 +52,7 @@ def evolve(space, score, budget, generations=4, population=25, p_mutate=0.5, p_e
     """Algorithm 2: T = `generations` generations of S = `population` architectures of `space` within the latency
     `budget` (a Budget); returns every scored Candidate, best first. pm and pe are exclusive (Algorithm 2 does not
     say how they combine): mutate with probability pm, sample afresh with pe, else keep the parent (not rescored).
-    The defaults are the paper's; evolve_elite sets parents=k (by rank among the k best so far, not the roulette on
-    the previous generation), scale (a wider mutation) and window=w (only candidates >= w x the budget)."""
+    The defaults are the paper's; evolve_elite sets parents (by_rank), scale (mutate) and window (Budget.window)."""
     if not (0 <= p_mutate <= 1 and 0 <= p_explore <= 1 and p_mutate + p_explore <= 1):
         raise UserError(f"p_mutate={p_mutate} and p_explore={p_explore} must be probabilities summing to <= 1")
     evals, low, rng = Evaluations(score, budget, cache, on_generation), budget.window(window), random.Random(seed)
@@ -125,7 +124,6 @@ def free_dims(space):
 
 
 def with_values(space, values):
-    """An Arch from a dict of dimension values, qkv tied to heads when the space ties it."""
     if space.qkv is None:
         values = dict(values, qkv=space.head_dim * values["heads"])
     return Arch(**values)
@@ -274,8 +272,7 @@ class Evaluations:
         return arch in self.seen
 
     def __call__(self, archs, generation):
-        new = [a for a in archs if a not in self.cache]
-        # A generation's new architectures: shared out over workers when `score` can (Shared), else one by one.
+        new = [a for a in archs if a not in self.cache]  # shared out over the workers if `score` can (Shared)
         values = self.score.many(new) if hasattr(self.score, "many") else [self.score(a) for a in new]
         self.cache.update(zip(new, map(float, values)))
         out = [Candidate(arch, self.cache[arch], self.budget(arch), generation) for arch in archs]
@@ -341,11 +338,10 @@ class FinetuneScore:
         save_model(self.model, arch, self.tokenizer, folder)
         c, scores = self.cfg, {}
         for task, data in (("mnli", c.mnli_data), ("squad", c.squad_data)):
-            result = finetune.run(finetune.Config(task=task, model=str(folder), data=data, epochs=[c.ft_epochs],
-                                                  max_train_examples=c.ft_train_examples or None,
-                                                  max_eval_examples=c.ft_eval_examples or None, seed=c.seed,
-                                                  device=c.device, dtype=c.dtype))
-            scores[task] = result["score"]
+            scores[task] = finetune.run(finetune.Config(task=task, model=str(folder), data=data, epochs=[c.ft_epochs],
+                                                        max_train_examples=c.ft_train_examples or None,
+                                                        max_eval_examples=c.ft_eval_examples or None, seed=c.seed,
+                                                        device=c.device, dtype=c.dtype))["score"]
         shutil.rmtree(folder)
         self.metrics[arch] = dict(mnli_acc=scores["mnli"], squad_f1=scores["squad"])
         return (scores["mnli"] + scores["squad"]) / 2
@@ -419,11 +415,8 @@ class Shared:
 # ------------------------------------------------- the run folder: candidates.jsonl, scored.json, top.json, search.png
 
 def open_search(cfg, folder):
-    """(config, earlier candidates' records) of a search in `folder`. On --resume, parse_flags has already given cfg
-    the saved settings (only RESUMABLE ones may change), so replaying the same seeded search over these scores ends
-    as an uninterrupted search would."""
-    records = read_appended(folder.path / "candidates.jsonl")  # a torn last line (a killed run) is cut first
-    return cfg, {Arch.parse(r["arch"]): r for r in records}
+    """(cfg, the records of the candidates scored before): on --resume, parse_flags gave cfg the saved settings."""
+    return cfg, {Arch.parse(r["arch"]): r for r in read_appended(folder.path / "candidates.jsonl")}
 
 
 class SearchRecord:
@@ -431,8 +424,7 @@ class SearchRecord:
 
     def __init__(self, folder, command, latency, base_ms, metrics, bar, stop):
         self.folder, self.command, self.latency, self.base_ms = folder, command, latency, base_ms
-        self.metrics, self.bar, self.stop = metrics, bar, stop
-        self.path = folder.path / "candidates.jsonl"
+        self.metrics, self.bar, self.stop, self.path = metrics, bar, stop, folder.path / "candidates.jsonl"
 
     def rows(self, candidates):
         """The records of scored.json and top.json: a candidate with its speedup and its metrics."""
@@ -480,8 +472,7 @@ def search_figure(rows, top, target_speedup, path, title, ylabel):
 
 # --------------------------------------------------------------------------------------- settings and the command line
 
-PRESETS = {"default": {},
-           "tiny": dict(target="40x", superplm="runs/superplm-tiny", out="runs/search-tiny"),
+PRESETS = {"default": {}, "tiny": dict(target="40x", superplm="runs/superplm-tiny", out="runs/search-tiny"),
            "paper": dict(method="evolve", evaluator="finetune", ft_train_examples=0, ft_eval_examples=0)}
 
 
@@ -628,7 +619,6 @@ def main(argv=None):
         budget = Budget(space, predictor, parse_target(cfg.target, predictor.base_ms))
         seed_everything(cfg.seed)
         compute = resolve_compute(str(device), cfg.dtype, cfg.threads)
-        # Worker 0 first: it builds the mlm evaluator's cache, which the others then read.
         score = rank0_first(rank, world, partial(make_score, cfg, model, tokenizer, ckpt, compute))
         score.metrics.update({a: r.get("metrics", {}) for a, r in records.items()})
         if rank:  # the other workers score what worker 0's search asks for

@@ -12,8 +12,7 @@ averaged over the workers and one optimizer step updates the whole SuperPLM. A w
 
 The run folder (--out) holds checkpoint.pt (what later stages read, see load_superplm), metrics.jsonl, log.txt,
 config.json and the vocabulary; a stage-3 run also a Hugging Face BERT (model.safetensors). SIGINT or SIGTERM
-finishes the step, writes the checkpoint and prints the command that resumes.
-"""
+finishes the step, writes the checkpoint and prints the command that resumes."""
 
 import dataclasses
 import os
@@ -52,10 +51,8 @@ def flat_grads(params):
     """Give every parameter a .grad that is a view into one flat buffer: zeroing the buffer clears the gradients
     (Algorithm 1, line 5) and one all-reduce of it averages them all over the workers (line 11)."""
     flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
-    i = 0
-    for p in params:
-        p.grad = flat[i:i + p.numel()].view_as(p)
-        i += p.numel()
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
     return flat
 
 
@@ -263,9 +260,8 @@ def load_superplm(path, ckpt=None):
     ckpt = ckpt or torch_load(path)
     model = Bert.from_config(ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
-    space = saved_space(ckpt["space"])
     beside = path.parent / Path(ckpt["tokenizer"]).name  # the run folder may have moved
-    return model.eval(), space, str(beside if beside.exists() else ckpt["tokenizer"])
+    return model.eval(), saved_space(ckpt["space"]), str(beside if beside.exists() else ckpt["tokenizer"])
 
 
 def resume_superplm(cfg, folder, rank):
@@ -401,9 +397,8 @@ class Config(DataConfig):  # the corpus flags (--corpus, --tokenizer, --vocab-si
 
 
 # Small runs: BERT-S3's shape (Table 4) on the stdlib corpus, a learning rate that shows progress in minutes.
-PRESETS = {"paper": {},
-           "tiny": dict(superplm_arch="4-256-1024-4-256", vocab_size=4096, seq_len=64, batch_size=32, lr=1e-3,
-                        steps=600, save_every=100, log_every=20, out="runs/superplm-tiny")}
+PRESETS = {"paper": {}, "tiny": dict(superplm_arch="4-256-1024-4-256", vocab_size=4096, seq_len=64, batch_size=32,
+                                     lr=1e-3, steps=600, save_every=100, log_every=20, out="runs/superplm-tiny")}
 INHERITED = ("superplm_arch", "objective", "teacher", "corpus", "tokenizer", "vocab_size", "seq_len", "cache_dir",
              "batch_size", "lr", "sub_models", "dropout", "log_every", "save_every")  # what --init carries over
 

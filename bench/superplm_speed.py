@@ -2,10 +2,12 @@
 
 Part 1: forward + backward (masked LM, logits only at the masked positions) of sampled sub-models run through the
 8-768-3072-12-768 SuperPLM, against each one extracted and trained as a plain Bert, interleaved in one run; medians.
-Target: at most 1.10x the plain model's time. The optimizer step is timed apart: it updates the whole SuperPLM by
-design (fused AdamW where torch has it), while the plain model's step updates only its own parameters.
-Part 2: a full 8-768-3072-12-768 training step (forward, backward, AdamW) against transformers' BertForMaskedLM of
-the same shape (which computes logits at every position). Target: ratio <= 1.0.
+Target: a median of at most 1.05x the plain model's time over the sampled sub-models, none above 1.15x. The
+optimizer step is timed apart: it updates the whole SuperPLM by design (fused AdamW where torch has it), while the
+plain model's step updates only its own parameters.
+Part 2: a full 8-768-3072-12-768 training step as superplm.py takes it (gradients added into one buffer; forward,
+backward, AdamW) against transformers' BertForMaskedLM of the same shape (which computes logits at every position).
+Target: ratio <= 0.70.
 
     python bench/superplm_speed.py                 # CPU: small batches; on a GPU raise --batch-size
 """
@@ -32,7 +34,7 @@ class BenchConfig:
     batch_size: int = field(default=4, metadata={"help": "sequences per step", "aliases": ("batch",), "min": 1})
     seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
     vocab_size: int = field(default=30522, metadata={"help": "vocabulary (BERT's)"})
-    archs: int = field(default=4, metadata={"help": "sub-models sampled from PRETRAIN_SPACE"})
+    archs: int = field(default=8, metadata={"help": "sub-models sampled from PRETRAIN_SPACE"})
     repeats: int = field(default=5, metadata={"help": "timed repeats of each measurement (median reported)"})
     threads: int = field(default=0, metadata={"help": "torch threads; 0: torch's default"})
     full: bool = field(default=True, metadata={"help": "also part 2 (needs transformers)"})
@@ -54,11 +56,14 @@ def sync(device):
 
 
 def timed(fn, device):
+    """Seconds of fn(): on a GPU wall-clock time; on the CPU this process's CPU time, which does not count the
+    time other processes hold the core (a shared machine), while memory stalls and page faults still count."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     sync(device)
-    t = time.perf_counter()
+    t = clock()
     fn()
     sync(device)
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def fwd_bwd(model, batch, arch=None):
@@ -97,7 +102,8 @@ def part1(cfg, device, batch):
         ratios.append(med["super"] / med["plain"])
         print(f"{str(arch):<22}{tokens / med['super']:>16,.0f}{tokens / med['plain']:>14,.0f}{ratios[-1]:>8.3f}"
               f"{1e3 * med['super_step']:>15.1f}{1e3 * med['plain_step']:>15.1f}")
-    print(f"median ratio SuperPLM / plain: {statistics.median(ratios):.3f} (target <= 1.10)")
+    print(f"median ratio SuperPLM / plain: {statistics.median(ratios):.3f} (target <= 1.05), highest "
+          f"{max(ratios):.3f} (target <= 1.15)")
 
 
 def part2(cfg, device, batch):
@@ -107,11 +113,13 @@ def part2(cfg, device, batch):
     hf = BertForMaskedLM(BertConfig(vocab_size=cfg.vocab_size, hidden_size=a.hidden, num_hidden_layers=a.layers,
                                     num_attention_heads=a.heads, intermediate_size=a.ffn)).to(device).train()
     ours = Bert(a, vocab_size=cfg.vocab_size).to(device).train()
+    flat = flat_grads(list(ours.parameters()))  # as superplm.py trains: gradients in one buffer, added in place
     opts = {"ours": make_optimizer(ours.parameters(), 1e-5, 0.01), "hf": make_optimizer(hf.parameters(), 1e-5, 0.01)}
 
     def step_ours():
-        ours.zero_grad(set_to_none=True)
-        fwd_bwd(ours, batch)
+        flat.zero_()
+        with in_place_grads():
+            fwd_bwd(ours, batch)
         opts["ours"].step()
 
     def step_hf():
@@ -131,7 +139,7 @@ def part2(cfg, device, batch):
     print(f"{'model':<28}{'ms':>10}{'tok/s':>10}")
     for k, name in (("ours", "model.Bert"), ("hf", "transformers BertForMaskedLM")):
         print(f"{name:<28}{1e3 * med[k]:>10.1f}{tokens / med[k]:>10,.0f}")
-    print(f"ratio ours / transformers: {med['ours'] / med['hf']:.3f} (target <= 1.0)")
+    print(f"ratio ours / transformers: {med['ours'] / med['hf']:.3f} (target <= 0.70)")
 
 
 def main():

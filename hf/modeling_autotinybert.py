@@ -1,18 +1,16 @@
 """Stock transformers classes for this project's BERTs, whose Q/K/V width `qkv_size` may differ from hidden_size
 (paper Appendix A; e.g. 5-564-1054-8-512 of Table 4). model.save_pretrained copies this file beside an `auto_map` in
-config.json: AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True). The project never imports it.
-"""
+config.json: AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True). The project never imports it."""
 
 import torch.nn as nn
 from transformers.models.bert import modeling_bert as bert
 
 
 class QkvSize:
-    """Build the transformers class with attention of width config.qkv_size, then initialise as it would."""
+    """Build the transformers class with one head (BertSelfAttention insists that heads divide hidden_size; here they
+    need only divide qkv_size, e.g. 8 heads, hidden 564), widen its attention to qkv_size, initialise as it would."""
 
     def __init__(self, config, *args, **kwargs):
-        # BertSelfAttention insists that heads divide hidden_size; here they need only divide qkv_size (e.g. 8 heads,
-        # hidden 564). So the layers are built with one head, then widened to the real count.
         heads, config.num_attention_heads = config.num_attention_heads, 1
         try:
             super().__init__(config, *args, **kwargs)

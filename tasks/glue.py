@@ -1,7 +1,6 @@
 """GLUE for finetune.py (tasks/squad.py is SQuAD's sibling): where each task's fields live (GLUE), one split from
 glue_data/ with its quirks or from `datasets` (read_glue), [CLS] a [SEP] (b [SEP]) features (encode_glue), the §4.1
-dev metrics (compute_metrics), the task as fine-tuning needs it (glue_task), and GLUE's submission files.
-"""
+dev metrics (compute_metrics), the task as fine-tuning needs it (glue_task), and GLUE's submission files."""
 
 import sys
 from dataclasses import dataclass
@@ -165,8 +164,7 @@ def read_glue(task, stem, data_dir=None):
             labels[k] = float(value) if not t.labels else t.labels.index(value)
         except ValueError:
             raise UserError(f"{path} line {n}: label {value!r} is not one of {t.labels or 'numbers'}") from None
-    # the `index`/`id` column numbers the rows of a submission; files without one count their rows
-    id_col = col.get("index", col.get("id"))
+    id_col = col.get("index", col.get("id"))  # numbers a submission's rows; files without one count their rows
     ids = [cells[id_col] if id_col is not None else k for k, (_, cells) in enumerate(rows)]
     return Split(a, b, labels, ids)
 
@@ -201,7 +199,6 @@ def glue_task(task, data_dir, tokenizer, max_len=128, max_train=None, max_eval=N
             m = compute_metrics(task, labels_of(predict(feats)), split.labels)
             metrics.update({k + suffix: v for k, v in m.items() if not (suffix and k == "score")})
         return metrics, None
-
     return encode_glue(tokenizer, train, max_len), train.labels, evaluate
 
 

@@ -1,7 +1,6 @@
 """SQuAD v1.1 for finetune.py, scored by dev F1 (§4.1), as BERT's run_squad on a fast tokenizer's character offsets:
 the official JSON or `datasets`' copy (read_squad), windows of [CLS] question [SEP] context [SEP] labelled with the
-first gold answer (squad_windows), n-best decoding (decode), the official exact match and F1 (squad_scores).
-"""
+first gold answer (squad_windows), n-best decoding (decode), the official exact match and F1 (squad_scores)."""
 
 import json
 import re
@@ -136,5 +135,4 @@ def squad_task(tokenizer, data_dir=None, max_len=384, doc_stride=128, max_train=
         predictions = decode(dev, dev_w, predict(dev_feats))
         m = squad_scores(predictions, golds)
         return dict(m, score=m["f1"]), predictions
-
     return [(w.ids, w.types) for w in train_w], [[w.start, w.end] for w in train_w], evaluate

@@ -23,7 +23,7 @@ import dryrun  # noqa: E402
 
 # Host reads of CUDA values, by "phase step" (none listed: none). superplm.run reads only at its log steps (here
 # step 2 of 2): the statistics (one .tolist()) and whether a worker got a signal (one .item()). Step 1 reads nothing.
-READS = {"mlm 2": ["tolist", "item"], "kd 2": ["tolist", "item"],
+READS = {"mlm 2": ["tolist", "item"], "mlm-fp32 2": ["tolist", "item"], "kd 2": ["tolist", "item"],
          "finetune 0": ["item", "item"],  # an epoch of 3 steps: the loss at its last step, the epoch's mean
          "predict 0": ["cpu", "cpu"],  # one copy per evaluation (GLUE's logits, then SQuAD's) of 3 batches each
          "evaluator 1": ["tolist"]}  # one candidate scored on 3 batches
@@ -53,14 +53,15 @@ def test_the_training_step_fine_tuning_and_the_evaluator_run_on_fake_cuda(librar
     done, report = dry_run(library, tmp_path / "run")
     assert done.returncode == 0, done.stderr[-6000:]
     # torchrun's NCCL group: a long timeout (rank 0 prepares the corpus alone), and every call names cuda:0
-    assert report["init_process_group"] == [dict(backend="nccl", timeout_h=24.0, device_id="cuda:0")] * 2
-    assert report["barrier"] == [dict(device_ids=[0])] * 6  # per run: the run folder, the corpus, the end
+    assert report["init_process_group"] == [dict(backend="nccl", timeout_h=24.0, device_id="cuda:0")] * 3
+    assert report["barrier"] == [dict(device_ids=[0])] * 9  # per run: the run folder, the corpus, the end
     # the GPU paths: bf16 autocast on cuda:0, fused AdamW, batches pinned and prefetched, one GPU's RNG state saved
-    assert all(line.startswith("training 2-64-128-2-64") and "on 2 worker(s), cuda:0 bf16" in line
-               for line in report["log"])
-    assert report["compute"] == "cuda:0 bf16" and report["fused"] == [True, True, True]
-    assert report["prefetch"] == ["cuda:0", "cuda:0"]
-    assert report["saved"] == [dict(step=2, cuda_rng=[len(torch.Generator().get_state())])] * 2
+    assert [line.startswith("training 2-64-128-2-64") and line.split("on 2 worker(s), ")[1].split(": ")[0]
+            for line in report["log"]] == ["cuda:0 bf16", "cuda:0 fp32", "cuda:0 bf16"]
+    assert report["compute"] == "cuda:0 bf16" and report["fused"] == [True, True, True, True]
+    assert report["prefetch"] == ["cuda:0"] * 3
+    assert report["saved"] == [dict(step=2, cuda_rng=[len(torch.Generator().get_state())])] * 3
+    assert report["matmuls"].pop("mlm-fp32") == ["float32"]
     assert all("bfloat16" in dtypes for dtypes in report["matmuls"].values())
     assert set(report["matmuls"]) == {"mlm", "kd", "finetune", "predict", "evaluator"}
     assert report["predict"] == dict(glue=[6, 3], squad=[[n, n] for n in (10, 12, 9, 16, 11, 8)])

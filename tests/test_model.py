@@ -9,7 +9,7 @@ import torch
 
 from common import UserError
 from model import (BERT_BASE, KD_SPACE, PRETRAIN_SPACE, SUPERPLM, Arch, Bert, SearchSpace, extract, grid,
-                   in_place_grads, sub)
+                   embedding, in_place_grads, linear, sub)
 
 VOCAB = 97
 
@@ -141,7 +141,7 @@ def test_extracted_blocks_are_the_expected_sub_matrices(superplm):
 def test_in_place_slice_gradients_are_switched_on_explicitly_and_sum_as_autograd():
     """model.sub is plain slicing unless in_place_grads() is entered: a preallocated .grad alone changes nothing.
     Inside, a block's gradient is added into p.grad's block, exactly autograd's sum (two uses of one weight, as
-    the tied embedding and decoder, included); a frozen weight and a whole tensor stay plain autograd."""
+    the tied embedding and decoder, included), a whole tensor's too; a frozen weight stays plain autograd."""
     torch.manual_seed(0)
     p, frozen = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8)
     a, b = torch.randn(3, 4), torch.randn(2, 8)
@@ -154,7 +154,9 @@ def test_in_place_slice_gradients_are_switched_on_explicitly_and_sum_as_autograd
         p.grad = torch.zeros_like(p)  # as superplm.flat_grads leaves them
         with in_place_grads() if in_place else contextlib.nullcontext():
             kinds = {type(sub(p, 3, 4).grad_fn).__name__, type(sub(frozen, 3, 4)).__name__}
-            assert sub(p, 6, 8) is p
+            whole = sub(p, 6, 8)
+            assert (type(whole.grad_fn).__name__ == "_AddToGradBackward") if in_place else whole is p
+            assert sub(frozen, 6, 8) is frozen
             loss().backward()
         assert kinds == ({"_AddToGradBackward", "Tensor"} if in_place else {"SliceBackward0", "Tensor"})
         grads[in_place] = p.grad.clone()
@@ -162,6 +164,31 @@ def test_in_place_slice_gradients_are_switched_on_explicitly_and_sum_as_autograd
     with pytest.raises(RuntimeError), in_place_grads():
         raise RuntimeError  # the switch goes back off on the way out, an error included
     assert type(sub(p, 3, 4).grad_fn).__name__ == "SliceBackward0"
+
+
+def test_linear_and_embedding_compute_a_blocks_gradient_in_place_with_autograds_sums():
+    """model.linear multiplies a block's gradient into p.grad (addmm_) and model.embedding adds only the rows used,
+    summed per token first: bit for bit autograd's, whether or not the input needs a gradient; under autocast both
+    leave it to autograd (the matmul runs on a bf16 copy of the block)."""
+    torch.manual_seed(0)
+    w, b, emb = (torch.randn(*shape, requires_grad=True) for shape in ((6, 8), (6,), (10, 8)))
+    x, ids = torch.randn(2, 5, 4), torch.tensor([[3, 1, 3, 0, 3], [1, 9, 9, 3, 0]])  # repeated tokens
+    a, c = torch.randn(2, 5, 3), torch.randn(2, 5, 4)
+    grads, kinds = {}, {}
+    for in_place in (False, True):
+        for p in (w, b, emb):
+            p.grad = torch.zeros_like(p)
+        with in_place_grads() if in_place else contextlib.nullcontext():
+            y, e = linear(x, sub(w, 3, 4), sub(b, 3)), embedding(ids, sub(emb, 10, 4))
+            kinds[in_place] = (type(y.grad_fn).__name__, type(e.grad_fn).__name__)
+            ((y * a).sum() + (e * c).sum() ** 2).backward()
+            with torch.autocast("cpu", torch.bfloat16):
+                assert type(linear(x, sub(w, 3, 4), sub(b, 3)).grad_fn).__name__ != "_LinearIntoBackward"
+        grads[in_place] = [p.grad.clone() for p in (w, b, emb)]
+    assert kinds == {False: ("ViewBackward0", "EmbeddingBackward0"),
+                     True: ("_LinearIntoBackward", "_EmbeddingIntoBackward")}
+    assert all(torch.equal(g, h) for g, h in zip(grads[True], grads[False]))
+    assert grads[True][0][3:].abs().sum() == 0 and grads[True][0][:3, :4].abs().sum() > 0
 
 
 def test_archs_that_do_not_fit_are_rejected(superplm):

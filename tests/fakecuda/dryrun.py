@@ -240,17 +240,19 @@ def main(argv=None):
           patched(superplm, "prefetch", prefetch), patched(saver, "torch_save", torch_save),
           patched(torch.utils, "swap_tensors", mode.swap_tensors), patched(FakeTensor, "tolist", mode.tolist),
           patched(MLM, "forward", forward) if args.plant else nullcontext(), mode):
-        # 1. superplm.run: two steps, M = 3, bf16, for both objectives (rank 0 of 2)
+        # 1. superplm.run: two steps, M = 3, bf16, for both objectives (rank 0 of 2); and mlm in fp32, where
+        #    model.linear and model.embedding add the blocks' gradients in place
         models = {}
-        for objective in ["mlm"] + ["kd"] * (args.only is None):
-            mode.where = (objective, 0)
+        for name in ["mlm"] + ["mlm-fp32", "kd"] * (args.only is None):
+            objective, dtype = name.split("-")[0], "fp32" if name.endswith("fp32") else "bf16"
+            mode.where = (name, 0)
             flags = ["--corpus", str(corpus), "--cache-dir", str(work / "cache"), "--vocab-size", "300",
                      "--superplm-arch", str(ARCH), "--seq-len", "32", "--batch-size", "8", "--steps", "2",
-                     "--sub-models", "3", "--log-every", "2", "--save-every", "1000", "--dtype", "bf16",
-                     "--out", str(work / objective), "--objective", objective]
+                     "--sub-models", "3", "--log-every", "2", "--save-every", "1000", "--dtype", dtype,
+                     "--out", str(work / name), "--objective", objective]
             cfg = superplm.parse_config(flags + (["--teacher", str(teacher)] if objective == "kd" else []))
-            models[objective] = superplm.run(cfg, argv=flags)
-            report["log"].append((work / objective / "log.txt").read_text().splitlines()[0])
+            models[name] = superplm.run(cfg, argv=flags)
+            report["log"].append((work / name / "log.txt").read_text().splitlines()[0])
         if args.only:
             return finish(mode, report, args.report)
         compute = resolve_compute("auto", "bf16")
