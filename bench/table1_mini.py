@@ -292,11 +292,11 @@ def print_table(rows, info):
           f"scratch: {info['steps']['total']} steps; {info['batch_size']} x {info['seq_len']} tokens a step "
           f"({info['epoch_steps']} steps an epoch)")
     print("CPU min: of training (AutoTinyBERT: its share of the one-shot run, its search and its further training)")
-    print(f"{'target':16} {'model':19} {'archs (one per seed)':56} {'pred ms':>7} {'meas ms':>7} "
+    print(f"{'target':16} {'model':21} {'archs (one per seed)':56} {'pred ms':>7} {'meas ms':>7} "
           f"{'MLM loss':>15} {'task acc %':>12} {'CPU min':>7}")
     for r in rows:
         for m in r["models"]:
-            print(f"{r['target']:16} {m['model']:19} {' '.join(m['archs']):56} {np.mean(m['pred_ms']):7.2f} "
+            print(f"{r['target']:16} {m['model']:21} {' '.join(m['archs']):56} {np.mean(m['pred_ms']):7.2f} "
                   f"{np.mean(m['ms']):7.2f} {fmt(mean_sd(m['loss'])):>15} {fmt(mean_sd(m['acc']), 1):>12} "
                   f"{np.mean(m['cpu_s']) / 60:7.1f}")
         g, a = mean_sd(r["loss_gain"]), mean_sd(r["acc_gain"])
