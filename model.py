@@ -89,7 +89,9 @@ class SearchSpace:
     DIMS = ("layers", "hidden", "ffn", "heads", "qkv")
 
     def choices(self, dim):
-        return tuple(self.head_dim * h for h in self.heads) if dim == "qkv" and self.qkv is None else getattr(self, dim)
+        if dim == "qkv" and self.qkv is None:
+            return tuple(self.head_dim * h for h in self.heads)
+        return getattr(self, dim)
 
     def size(self):
         n = len(self.layers) * len(self.hidden) * len(self.ffn) * len(self.heads)
@@ -327,7 +329,8 @@ class Bert(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        return cls(Arch.parse(cfg["arch"]), **{k: v for k, v in cfg.items() if k != "arch"})
+        cfg = dict(cfg)
+        return cls(Arch.parse(cfg.pop("arch")), **cfg)
 
     def check(self, arch):
         """Raise UserError unless `arch` is a sub-model of this one under its MHA strategy (Figure 3)."""
@@ -419,7 +422,9 @@ class MLM(nn.Module):
 def learning_rate(step, total, peak, warmup):
     """§4.1: linear warm-up over the first `warmup` share of the steps, then linear decay to 0."""
     w = int(warmup * total)
-    return peak * (step + 1) / w if step < w else peak * max(0.0, (total - step) / max(1, total - w))
+    if step < w:
+        return peak * (step + 1) / w  # warm-up
+    return peak * max(0.0, (total - step) / max(1, total - w))  # decay
 
 
 def make_optimizer(params, lr, weight_decay=0.01, eps=1e-6):
